@@ -1,0 +1,11 @@
+// edgevlm._C: pybind11 bindings for the C++ fast paths.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void register_preprocess(py::module_& m);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "edgevlm C++ fast paths";
+  register_preprocess(m);
+}

@@ -1,0 +1,37 @@
+"""edgevlm: an edge-optimised runtime for multimodal LLMs of the SPHINX / BLIP-2 / BLIP-3 / LLaVA family.
+
+The facade is small: configs and presets, the typed errors, and (from :mod:`edgevlm.runtime`) the
+loaders. Heavy modules are imported lazily so that ``import edgevlm`` stays fast.
+"""
+
+from __future__ import annotations
+
+from .config import (
+    ConvNeXtConfig, DecoderConfig, EfficientNetConfig, EncoderConfig, LinearConnectorConfig, MLPConnectorConfig,
+    ModelConfig, QFormerConfig, QFormerConnectorConfig, ResamplerConnectorConfig, SphinxFusionConfig, TowerConfig,
+    ViewConfig, ViTConfig, WeightsRef,
+)
+from .errors import (
+    BackendUnavailableError, CheckpointError, ConfigError, EdgeVLMError, ImageDecodeError, ImageError,
+    ImageSizeError, ShapeError, UnknownPresetError, WeightsNotFoundError,
+)
+from .presets import get_preset, preset_names
+
+__version__ = "0.1.0"
+
+
+def load_vision_tower(source, **kwargs):
+    """See :func:`edgevlm.runtime.load_vision_tower`."""
+    from .runtime import load_vision_tower as _load
+
+    return _load(source, **kwargs)
+
+
+__all__ = [
+    "__version__", "load_vision_tower", "get_preset", "preset_names",
+    "ModelConfig", "TowerConfig", "DecoderConfig", "ViewConfig", "EncoderConfig", "ViTConfig", "ConvNeXtConfig",
+    "EfficientNetConfig", "QFormerConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
+    "ResamplerConnectorConfig", "SphinxFusionConfig", "WeightsRef",
+    "EdgeVLMError", "ConfigError", "UnknownPresetError", "ImageError", "ImageDecodeError", "ImageSizeError",
+    "CheckpointError", "WeightsNotFoundError", "ShapeError", "BackendUnavailableError",
+]

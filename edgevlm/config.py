@@ -1,0 +1,702 @@
+"""Frozen, validated configuration dataclasses for every component, with JSON round-tripping.
+
+A model is described by one :class:`ModelConfig`: a :class:`TowerConfig` (vision encoders, the
+connector that turns their features into LLM embeddings, and the view recipe) plus a
+:class:`DecoderConfig`. Configs validate themselves on construction and raise
+:class:`~edgevlm.errors.ConfigError` naming the offending field. Derived values (token counts,
+grids, widths) are properties, never stored, so they cannot drift from the fields they come from.
+
+Polymorphic fields (an encoder, a connector) are tagged by the class attribute ``kind`` and written
+to JSON as ``{"kind": ..., **fields}``. Named presets live in :mod:`edgevlm.presets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from .errors import ConfigError
+
+RGB = tuple[float, float, float]
+
+# Normalisation constants (see reference/architecture.md §1.2).
+CLIP_MEAN: RGB = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: RGB = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN: RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD: RGB = (0.229, 0.224, 0.225)
+HALF_MEAN: RGB = (0.5, 0.5, 0.5)  # SigLIP, and the [-1, 1] range of TF-Lite EfficientNets
+HALF_STD: RGB = (0.5, 0.5, 0.5)
+# SPHINX/LLaVA pad colour: the CLIP mean as uint8, int(m * 255) per channel.
+CLIP_MEAN_RGB8: tuple[int, int, int] = (122, 116, 104)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+               f"{type(obj).__name__}.{n} must be a positive int, got {v!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Weights locations
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class WeightsRef:
+    """Where a component's real weights live and which reader understands them.
+
+    ``format`` names a reader registered in :mod:`edgevlm.runtime.readers` (never guessed from the
+    file name). ``path`` is relative to the folder of the installed package ``package`` (located with
+    ``importlib.util.find_spec``, never imported), or absolute when ``package`` is empty.
+    """
+
+    format: str
+    path: str
+    package: str = ""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.format), "WeightsRef.format must name a reader")
+        _check(bool(self.path), "WeightsRef.path must not be empty")
+
+
+# --------------------------------------------------------------------------------------------
+# Vision encoders
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """Fields every vision encoder has. Subclasses define the architecture and output layout.
+
+    Output layout contract (what connectors rely on): an encoder returns tokens ``[N, tokens, width]``
+    where, if ``global_token`` is true, token 0 is a global token (a ViT class token) followed by the
+    ``grid`` in row-major order; CNN encoders return maps ``[N, width, grid_h, grid_w]``.
+    """
+
+    kind: ClassVar[str] = ""
+    name: str
+    image_size: int
+    mean: RGB = IMAGENET_MEAN
+    std: RGB = IMAGENET_STD
+    weights: WeightsRef | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and self.name.isidentifier(),
+               f"encoder name must be a Python identifier (it prefixes weight keys), got {self.name!r}")
+        _positive(self, "image_size")
+        _check(len(self.mean) == 3 and len(self.std) == 3, f"{self.name}: mean/std need 3 channels")
+        _check(all(s > 0 for s in self.std), f"{self.name}: std must be positive, got {self.std}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def width(self) -> int:  # overridden by a dataclass field in ViTConfig
+        raise NotImplementedError
+
+    @property
+    def global_token(self) -> bool:
+        return False
+
+    @property
+    def tokens(self) -> int:
+        gh, gw = self.grid
+        return int(self.global_token) + gh * gw
+
+
+MLP_ACTS = ("gelu", "quick_gelu", "gelu_tanh", "swiglu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViTConfig(EncoderConfig):
+    """A plain ViT covering CLIP/OpenCLIP, DINOv2, SigLIP and EVA (BLIP-2) variants.
+
+    ``feature_layer`` indexes the list [embeddings, block 1, ..., block depth] like transformers'
+    ``hidden_states``: -1 is the last block's output, -2 the penultimate (LLaVA), 0 the embeddings.
+    ``pos_grid`` is the side of the grid the position table was trained for; the table is
+    interpolated bicubically when the input grid differs (DINOv2 trains at 37x37).
+    """
+
+    kind: ClassVar[str] = "vit"
+    patch_size: int = 14
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    mlp_act: str = "gelu"
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    patch_bias: bool = True
+    class_token: bool = True
+    pre_norm: bool = False  # CLIP's ln_pre
+    layer_scale: bool = False  # DINOv2's per-channel residual scales
+    pos_grid: int = 0  # 0: trained at this config's own grid
+    feature_layer: int = -1
+    final_norm: bool = True
+    keep_class_token: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "patch_size", "width", "depth", "heads", "mlp_dim")
+        _check(self.width % self.heads == 0,
+               f"{self.name}: width {self.width} is not divisible by heads {self.heads}")
+        _check(self.image_size >= self.patch_size,
+               f"{self.name}: image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        _check(self.mlp_act in MLP_ACTS, f"{self.name}: mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
+        _check(-self.depth - 1 <= self.feature_layer <= self.depth,
+               f"{self.name}: feature_layer {self.feature_layer} outside [-{self.depth + 1}, {self.depth}]")
+        _check(self.pos_grid >= 0, f"{self.name}: pos_grid must be >= 0")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return (g, g)
+
+    @property
+    def trained_grid(self) -> int:
+        return self.pos_grid or self.grid[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def blocks_run(self) -> int:
+        """Number of transformer blocks actually evaluated for the selected feature layer."""
+        return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
+
+    @property
+    def global_token(self) -> bool:
+        return self.class_token and self.keep_class_token
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvNeXtConfig(EncoderConfig):
+    """ConvNeXt (transformers' ConvNextModel / timm layout). Output: the last stage's map.
+
+    ``final_norm`` applies a channel LayerNorm to the output map, as timm's head norm does in the
+    OpenCLIP ConvNeXt that SPHINX uses (transformers only normalises the pooled vector).
+    """
+
+    kind: ClassVar[str] = "convnext"
+    depths: tuple[int, ...] = (3, 3, 9, 3)
+    dims: tuple[int, ...] = (96, 192, 384, 768)
+    norm_eps: float = 1e-6
+    layer_scale: bool = True
+    final_norm: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(len(self.depths) == len(self.dims) and len(self.dims) > 0,
+               f"{self.name}: depths {self.depths} and dims {self.dims} must have the same non-zero length")
+        _check(all(d > 0 for d in self.depths) and all(d > 0 for d in self.dims),
+               f"{self.name}: depths and dims must be positive")
+        _check(self.image_size >= self.stride, f"{self.name}: image_size {self.image_size} < stride {self.stride}")
+
+    @property
+    def stride(self) -> int:
+        return 4 * 2 ** (len(self.dims) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.stride
+        return (g, g)
+
+    @property
+    def width(self) -> int:
+        return self.dims[-1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EfficientNetConfig(EncoderConfig):
+    """EfficientNet-Lite (no squeeze-excitation, ReLU6, fixed stem and head), TF 'same' padding.
+
+    ``feature`` picks the output map: ``"head"`` (after the 1x1 head conv, ``head_width`` channels)
+    or ``"blocks"`` (the last MBConv stage). ``num_classes`` keeps the ImageNet classifier for
+    checks; the tower never uses it.
+    """
+
+    kind: ClassVar[str] = "efficientnet"
+    width_mult: float = 1.0
+    depth_mult: float = 1.0
+    head_width: int = 1280
+    bn_eps: float = 1e-3
+    num_classes: int = 1000
+    feature: str = "head"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.width_mult > 0 and self.depth_mult > 0, f"{self.name}: multipliers must be positive")
+        _check(self.feature in ("head", "blocks"), f"{self.name}: feature must be 'head' or 'blocks'")
+        _check(self.num_classes >= 0, f"{self.name}: num_classes must be >= 0")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = math.ceil(self.image_size / 32)  # 'same' padding rounds up at each stride-2 stage
+        return (g, g)
+
+    @property
+    def width(self) -> int:
+        if self.feature == "head":
+            return self.head_width
+        return round_filters(320, self.width_mult)
+
+
+def round_filters(filters: int, width_mult: float, divisor: int = 8) -> int:
+    """EfficientNet channel rounding: scale, round to a multiple of ``divisor``, never drop >10 %."""
+    if width_mult == 1.0:
+        return filters
+    f = filters * width_mult
+    new = max(divisor, int(f + divisor / 2) // divisor * divisor)
+    if new < 0.9 * f:
+        new += divisor
+    return int(new)
+
+
+# --------------------------------------------------------------------------------------------
+# Connectors
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class QFormerConfig:
+    """BLIP-2 Q-Former, query path only: learned queries, self-attention in every layer,
+    cross-attention onto ``encoder``'s tokens every ``cross_attention_every`` layers, query FFN."""
+
+    encoder: str
+    encoder_width: int
+    num_queries: int = 32
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    cross_attention_every: int = 2
+    norm_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        _positive(self, "encoder_width", "num_queries", "hidden", "layers", "heads", "intermediate",
+                  "cross_attention_every")
+        _check(self.hidden % self.heads == 0, f"QFormer hidden {self.hidden} not divisible by heads {self.heads}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectorConfig:
+    kind: ClassVar[str] = ""
+    out_width: int
+
+    def __post_init__(self) -> None:
+        _positive(self, "out_width")
+
+    def encoder_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def tokens_per_view(self, tower: "TowerConfig") -> int:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearConnectorConfig(ConnectorConfig):
+    kind: ClassVar[str] = "linear"
+    encoder: str
+    in_width: int
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "in_width")
+
+    def encoder_names(self) -> tuple[str, ...]:
+        return (self.encoder,)
+
+    def tokens_per_view(self, tower: "TowerConfig") -> int:
+        return tower.encoder(self.encoder).tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPConnectorConfig(ConnectorConfig):
+    """LLaVA's ``mlp2x_gelu``: Linear(in, hidden) -> GELU -> Linear(hidden, out)."""
+
+    kind: ClassVar[str] = "mlp"
+    encoder: str
+    in_width: int
+    hidden: int
+    act: str = "gelu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "in_width", "hidden")
+        _check(self.act in ("gelu", "gelu_tanh", "quick_gelu"), f"MLP act {self.act!r} not supported")
+
+    def encoder_names(self) -> tuple[str, ...]:
+        return (self.encoder,)
+
+    def tokens_per_view(self, tower: "TowerConfig") -> int:
+        return tower.encoder(self.encoder).tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class QFormerConnectorConfig(ConnectorConfig):
+    """BLIP-2 / MiniGPT-4: Q-Former then one Linear(hidden -> out_width)."""
+
+    kind: ClassVar[str] = "qformer"
+    qformer: QFormerConfig
+
+    def encoder_names(self) -> tuple[str, ...]:
+        return (self.qformer.encoder,)
+
+    def tokens_per_view(self, tower: "TowerConfig") -> int:
+        return self.qformer.num_queries
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResamplerConnectorConfig(ConnectorConfig):
+    """BLIP-3 perceiver resampler: latents attend to concat(media, latents); media padding mask."""
+
+    kind: ClassVar[str] = "resampler"
+    encoder: str
+    in_width: int
+    depth: int = 6
+    heads: int = 16
+    head_dim: int = 96
+    num_latents: int = 128
+    ff_mult: int = 4
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "in_width", "depth", "heads", "head_dim", "num_latents", "ff_mult")
+
+    def encoder_names(self) -> tuple[str, ...]:
+        return (self.encoder,)
+
+    def tokens_per_view(self, tower: "TowerConfig") -> int:
+        return self.num_latents
+
+
+@dataclass(frozen=True, kw_only=True)
+class SphinxFusionConfig(ConnectorConfig):
+    """SPHINX mixing of encoders (reference/architecture.md §1.4).
+
+    Every encoder in ``encoders`` is brought to one layout, ``[global token] + grid x grid``
+    (ViT maps average-pooled or bicubically resized to the grid, CNN maps nearest-upsampled or
+    pooled, with the mean token as the CNN's global token), concatenated on channels and projected
+    by Linear+LayerNorm. Optional Q-Former tokens (Linear+LayerNorm) go in front, and a learned
+    start/end pair wraps every view: ``[s] qformer(Q) fused(1 + grid^2) [e]``.
+    """
+
+    kind: ClassVar[str] = "sphinx"
+    encoders: tuple[str, ...]
+    in_widths: tuple[int, ...]
+    grid: int = 16
+    qformer: QFormerConfig | None = None
+    separators: bool = True
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(len(self.encoders) > 0, "SphinxFusionConfig.encoders must name at least one encoder")
+        _check(len(self.encoders) == len(self.in_widths),
+               f"SphinxFusionConfig: {len(self.encoders)} encoders but {len(self.in_widths)} in_widths")
+        _check(len(set(self.encoders)) == len(self.encoders), f"duplicate encoder in fusion: {self.encoders}")
+        _positive(self, "grid")
+
+    @property
+    def fused_width(self) -> int:
+        return sum(self.in_widths)
+
+    def encoder_names(self) -> tuple[str, ...]:
+        return self.encoders + ((self.qformer.encoder,) if self.qformer else ())
+
+    def tokens_per_view(self, tower: "TowerConfig") -> int:
+        q = self.qformer.num_queries if self.qformer else 0
+        return 2 * int(self.separators) + q + 1 + self.grid * self.grid
+
+
+# --------------------------------------------------------------------------------------------
+# Views and the tower
+# --------------------------------------------------------------------------------------------
+
+VIEW_KINDS = ("pad_square", "stretch", "anyres")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewConfig:
+    """How one image becomes views (reference/architecture.md §1.2, §1.5, §3.2, §5.2).
+
+    - ``pad_square``: pad to a square with ``pad_rgb`` (image centred), bicubic resize; with
+      ``crop_grid = n > 0`` the square is resized to n x size, the global view is that canvas
+      resized to size, followed by the n x n crops in row-major order (TL, TR, BL, BR for n=2).
+    - ``stretch``: resize to size x size ignoring aspect (BLIP-2's processor).
+    - ``anyres``: a base view (stretch) followed by the tiles of the best grid in
+      ``anyres_grids`` (rows, cols), chosen as LLaVA-NeXT / BLIP-3 do; the image keeps its aspect on
+      a canvas filled with ``anyres_fill``.
+    """
+
+    kind: str = "pad_square"
+    crop_grid: int = 0
+    pad_rgb: tuple[int, int, int] = CLIP_MEAN_RGB8
+    anyres_grids: tuple[tuple[int, int], ...] = ()
+    anyres_fill: tuple[int, int, int] = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        _check(self.kind in VIEW_KINDS, f"ViewConfig.kind must be one of {VIEW_KINDS}, got {self.kind!r}")
+        _check(self.crop_grid >= 0, f"ViewConfig.crop_grid must be >= 0, got {self.crop_grid}")
+        _check(self.kind == "pad_square" or self.crop_grid == 0, "crop_grid applies to pad_square views only")
+        for rgb in (self.pad_rgb, self.anyres_fill):
+            _check(len(rgb) == 3 and all(0 <= c <= 255 for c in rgb), f"colour {rgb} must be 3 values in 0..255")
+        if self.kind == "anyres":
+            _check(len(self.anyres_grids) > 0, "anyres views need anyres_grids, e.g. ((1, 2), (2, 1), (2, 2))")
+            _check(all(len(g) == 2 and g[0] > 0 and g[1] > 0 for g in self.anyres_grids),
+                   f"anyres_grids must be positive (rows, cols) pairs, got {self.anyres_grids}")
+
+    @property
+    def max_views(self) -> int:
+        if self.kind == "pad_square":
+            return 1 + self.crop_grid ** 2 if self.crop_grid else 1
+        if self.kind == "stretch":
+            return 1
+        return 1 + max(r * c for r, c in self.anyres_grids)
+
+    @property
+    def fixed_views(self) -> bool:
+        return self.kind != "anyres"
+
+
+ENCODER_KINDS: dict[str, type[EncoderConfig]] = {c.kind: c for c in (ViTConfig, ConvNeXtConfig, EfficientNetConfig)}
+CONNECTOR_KINDS: dict[str, type[ConnectorConfig]] = {
+    c.kind: c for c in (LinearConnectorConfig, MLPConnectorConfig, QFormerConnectorConfig,
+                        ResamplerConnectorConfig, SphinxFusionConfig)
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TowerConfig:
+    """Vision encoders + connector + view recipe: images in, LLM-width embeddings out."""
+
+    encoders: tuple[EncoderConfig, ...]
+    connector: ConnectorConfig
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.encoders) > 0, "TowerConfig needs at least one encoder")
+        names = [e.name for e in self.encoders]
+        _check(len(set(names)) == len(names), f"duplicate encoder names in tower: {names}")
+        for n in self.connector.encoder_names():
+            _check(n in names, f"connector reads encoder {n!r}, but the tower has only {names}")
+        unused = [n for n in names if n not in self.connector.encoder_names()]
+        _check(not unused, f"encoders {unused} are not read by the connector")
+        self._check_widths()
+
+    def _check_widths(self) -> None:
+        c = self.connector
+        if isinstance(c, (LinearConnectorConfig, MLPConnectorConfig, ResamplerConnectorConfig)):
+            w = self.encoder(c.encoder).width
+            _check(c.in_width == w, f"{c.kind} connector in_width {c.in_width} != encoder {c.encoder!r} width {w}")
+        if isinstance(c, SphinxFusionConfig):
+            for n, w in zip(c.encoders, c.in_widths):
+                _check(self.encoder(n).width == w,
+                       f"fusion in_width for {n!r} is {w}, encoder width is {self.encoder(n).width}")
+        q = getattr(c, "qformer", None)
+        if q is not None:
+            w = self.encoder(q.encoder).width
+            _check(q.encoder_width == w, f"Q-Former encoder_width {q.encoder_width} != encoder {q.encoder!r} width {w}")
+
+    def encoder(self, name: str) -> EncoderConfig:
+        for e in self.encoders:
+            if e.name == name:
+                return e
+        raise ConfigError(f"no encoder named {name!r}; the tower has {[e.name for e in self.encoders]}")
+
+    @property
+    def out_width(self) -> int:
+        return self.connector.out_width
+
+    @property
+    def tokens_per_view(self) -> int:
+        return self.connector.tokens_per_view(self)
+
+    @property
+    def views_per_image(self) -> int:
+        """Views per image (the maximum for ``anyres``)."""
+        return self.views.max_views
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        """LLM positions one image occupies (the maximum for ``anyres``)."""
+        return self.views_per_image * self.tokens_per_view
+
+    def visual_tokens_for_views(self, n_views: int) -> int:
+        return n_views * self.tokens_per_view
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TowerConfig":
+        return from_dict(cls, data)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder and whole model
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """A LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # "none" | "linear" | "dynamic" | "llama3"
+    rope_scaling_factor: float = 1.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate", "max_seq_len")
+        _check(self.hidden % self.heads == 0, f"decoder hidden {self.hidden} not divisible by heads {self.heads}")
+        _check(self.heads % self.kv_heads == 0, f"decoder heads {self.heads} not a multiple of kv_heads {self.kv_heads}")
+        _check(self.rope_scaling in ("none", "linear", "dynamic", "llama3"),
+               f"rope_scaling {self.rope_scaling!r} not supported")
+        _check(self.rope_theta > 0 and self.rope_scaling_factor > 0, "rope_theta and rope_scaling_factor must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A whole VLM. ``image_placement``: ``after_bos`` (SPHINX) or ``placeholder`` (an ``<image>``
+    token in the prompt is replaced, as LLaVA and BLIP-3 do)."""
+
+    name: str
+    tower: TowerConfig
+    decoder: DecoderConfig
+    image_placement: str = "after_bos"
+    image_token: str = "<image>"
+    chat_format: str = "template"  # "template" (the checkpoint's jinja template) | "sphinx"
+
+    def __post_init__(self) -> None:
+        _check(self.image_placement in ("after_bos", "placeholder"),
+               f"image_placement must be 'after_bos' or 'placeholder', got {self.image_placement!r}")
+        _check(self.chat_format in ("template", "sphinx"), f"chat_format {self.chat_format!r} not supported")
+        _check(self.tower.out_width == self.decoder.hidden,
+               f"tower out_width {self.tower.out_width} != decoder hidden {self.decoder.hidden}")
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        return self.tower.visual_tokens_per_image
+
+    # JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic (de)serialisation
+# --------------------------------------------------------------------------------------------
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> JSON-able dict. Polymorphic classes carry their ``kind`` tag."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        kind = getattr(type(obj), "kind", None)
+        if kind:
+            out["kind"] = kind
+        for f in dataclasses.fields(obj):
+            out[f.name] = to_dict(getattr(obj, f.name))
+        return out
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+_POLY_BASES: dict[type, dict[str, type]] = {EncoderConfig: ENCODER_KINDS, ConnectorConfig: CONNECTOR_KINDS}
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Rebuild a dataclass from :func:`to_dict` output, converting lists back to tuples."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    if cls in _POLY_BASES:
+        kind = data.get("kind")
+        table = _POLY_BASES[cls]
+        if kind not in table:
+            raise ConfigError(f"{where}: unknown kind {kind!r}; known kinds: {sorted(table)}")
+        cls = table[kind]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = set(data) - known - {"kind"}
+    if extra:
+        raise ConfigError(f"{where}: unknown fields {sorted(extra)} for {cls.__name__}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items() if k in known}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # missing required fields
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+__all__ = [
+    "RGB", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD", "CLIP_MEAN_RGB8",
+    "WeightsRef", "EncoderConfig", "ViTConfig", "ConvNeXtConfig", "EfficientNetConfig", "round_filters",
+    "QFormerConfig", "ConnectorConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
+    "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "TowerConfig", "DecoderConfig", "ModelConfig",
+    "ENCODER_KINDS", "CONNECTOR_KINDS", "to_dict", "from_dict",
+]

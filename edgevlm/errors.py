@@ -1,0 +1,67 @@
+"""Typed errors raised at edgevlm's boundaries.
+
+Every error edgevlm raises on purpose derives from :class:`EdgeVLMError`, so callers that embed the
+runtime (a camera callback, say) can catch one type and keep going. Each subclass also derives from
+the closest built-in exception so that generic handlers (``except ValueError``) still work.
+
+Messages say what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+
+class EdgeVLMError(Exception):
+    """Base class of every error edgevlm raises deliberately."""
+
+
+class ConfigError(EdgeVLMError, ValueError):
+    """A configuration is inconsistent or names something that does not exist."""
+
+
+class UnknownPresetError(ConfigError, KeyError):
+    """A preset name is not in the preset table."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class ImageError(EdgeVLMError, ValueError):
+    """An image could not be decoded, or is of a size or mode the runtime refuses."""
+
+
+class ImageDecodeError(ImageError):
+    """The bytes are not a readable image (corrupt, truncated, or not an image at all)."""
+
+
+class ImageSizeError(ImageError):
+    """The image is empty, too large (decompression-bomb guard), or too thin to make a view."""
+
+
+class CheckpointError(EdgeVLMError, ValueError):
+    """A checkpoint is missing, corrupt, truncated, or does not match the configuration."""
+
+
+class WeightsNotFoundError(CheckpointError, FileNotFoundError):
+    """A weights file that a preset or checkpoint names is not installed."""
+
+
+class ShapeError(EdgeVLMError, ValueError):
+    """A tensor has a shape other than the one a component expects."""
+
+
+class BackendUnavailableError(EdgeVLMError, RuntimeError):
+    """An optional backend (C++ extension, ONNX Runtime, TensorRT, Triton) is not installed."""
+
+
+__all__ = [
+    "EdgeVLMError",
+    "ConfigError",
+    "UnknownPresetError",
+    "ImageError",
+    "ImageDecodeError",
+    "ImageSizeError",
+    "CheckpointError",
+    "WeightsNotFoundError",
+    "ShapeError",
+    "BackendUnavailableError",
+]

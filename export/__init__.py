@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export of the vision tower and projector (see the export issue)."""

@@ -1,0 +1,1 @@
+"""Training scripts kept for parity, and dataset generators (see the training issue)."""
