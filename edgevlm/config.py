@@ -330,6 +330,7 @@ class MLPConnectorConfig(ConnectorConfig):
     in_width: int
     hidden: int
     act: str = "gelu"
+    bias: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -387,8 +388,9 @@ class SphinxFusionConfig(ConnectorConfig):
     """SPHINX mixing of encoders (reference/architecture.md §1.4).
 
     Every encoder in ``encoders`` is brought to one layout, ``[global token] + grid x grid``
-    (ViT maps average-pooled or bicubically resized to the grid, CNN maps nearest-upsampled or
-    pooled, with the mean token as the CNN's global token), concatenated on channels and projected
+    (maps average-pooled when the source grid is a multiple of ``grid``, nearest-upsampled when
+    ``grid`` is a multiple of it, antialiased-bilinear otherwise; a ViT's class token, or else the
+    mean of the resized grid, is the global token), concatenated on channels and projected
     by Linear+LayerNorm. Optional Q-Former tokens (Linear+LayerNorm) go in front, and a learned
     start/end pair wraps every view: ``[s] qformer(Q) fused(1 + grid^2) [e]``.
     """

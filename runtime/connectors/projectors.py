@@ -1,0 +1,105 @@
+"""Token-wise projectors (linear, LLaVA's mlp2x_gelu) and the BLIP-2 Q-Former connector.
+
+All follow the connector contract of :mod:`edgevlm.runtime.connectors`:
+``forward(features, masks=None) -> [n_views, tower.tokens_per_view, out_width]``.
+This module also holds the small helpers every connector uses to read its encoders' features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgevlm.config import (
+    EncoderConfig, LinearConnectorConfig, MLPConnectorConfig, QFormerConnectorConfig, TowerConfig,
+)
+from edgevlm.errors import ConfigError, ShapeError
+
+from edgevlm.runtime.layers import activation
+from edgevlm.runtime.connectors.qformer import QFormer
+
+TOKEN_KINDS = ("vit",)  # encoders returning tokens [N, T, C]
+MAP_KINDS = ("convnext", "efficientnet")  # encoders returning maps [N, C, h, w]
+
+
+def encoder_features(features: dict[str, torch.Tensor], name: str, who: str) -> torch.Tensor:
+    try:
+        return features[name]
+    except KeyError:
+        raise ShapeError(f"{who} reads encoder {name!r}, but features has only {sorted(features)}") from None
+
+
+def check_layout(x: torch.Tensor, enc: EncoderConfig, who: str) -> None:
+    """Raise ShapeError unless ``x`` has the layout ``enc`` promises (tokens or map)."""
+    gh, gw = enc.grid
+    if enc.kind in TOKEN_KINDS:
+        want = ("N", enc.tokens, enc.width)
+        ok = x.ndim == 3 and tuple(x.shape[1:]) == want[1:]
+    elif enc.kind in MAP_KINDS:
+        want = ("N", enc.width, gh, gw)
+        ok = x.ndim == 4 and tuple(x.shape[1:]) == want[1:]
+    else:
+        raise ConfigError(f"{who}: encoder {enc.name!r} has kind {enc.kind!r}; known: {TOKEN_KINDS + MAP_KINDS}")
+    if not ok:
+        raise ShapeError(f"{who}: features of encoder {enc.name!r} ({enc.kind}) should be "
+                         f"[{', '.join(map(str, want))}], got {list(x.shape)}")
+
+
+def as_tokens(x: torch.Tensor, enc: EncoderConfig, who: str) -> torch.Tensor:
+    """Encoder output -> tokens ``[N, T, C]``; CNN maps are flattened row-major (T = h*w)."""
+    check_layout(x, enc, who)
+    if enc.kind in MAP_KINDS:
+        return x.flatten(2).transpose(1, 2)  # [N, C, h, w] -> [N, h*w, C]
+    return x
+
+
+def encoder_mask(masks: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+    return None if masks is None else masks.get(name)
+
+
+class LinearConnector(nn.Module):
+    """``proj``: Linear(in_width -> out_width) on every token of one encoder."""
+
+    def __init__(self, cfg: LinearConnectorConfig, tower_cfg: TowerConfig):
+        super().__init__()
+        self.cfg, self.enc = cfg, tower_cfg.encoder(cfg.encoder)
+        self.proj = nn.Linear(cfg.in_width, cfg.out_width, bias=cfg.bias)
+
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
+        # Token-wise: padded tokens are projected too; the mask only matters to attention-based connectors.
+        x = as_tokens(encoder_features(features, self.cfg.encoder, "linear connector"), self.enc, "linear connector")
+        return self.proj(x)  # [N, T, out_width]
+
+
+class MLPConnector(nn.Module):
+    """LLaVA's ``mlp2x_gelu``: ``fc2(act(fc1(x)))`` on every token (transformers: linear_1/linear_2)."""
+
+    def __init__(self, cfg: MLPConnectorConfig, tower_cfg: TowerConfig):
+        super().__init__()
+        self.cfg, self.enc = cfg, tower_cfg.encoder(cfg.encoder)
+        self.fc1 = nn.Linear(cfg.in_width, cfg.hidden, bias=cfg.bias)
+        self.act = activation(cfg.act)
+        self.fc2 = nn.Linear(cfg.hidden, cfg.out_width, bias=cfg.bias)
+
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
+        x = as_tokens(encoder_features(features, self.cfg.encoder, "mlp connector"), self.enc, "mlp connector")
+        return self.fc2(self.act(self.fc1(x)))  # [N, T, out_width]
+
+
+class QFormerConnector(nn.Module):
+    """BLIP-2 / MiniGPT-4: ``proj(qformer(tokens))``; ``proj`` is transformers' ``language_projection``."""
+
+    def __init__(self, cfg: QFormerConnectorConfig, tower_cfg: TowerConfig):
+        super().__init__()
+        self.cfg, self.enc = cfg, tower_cfg.encoder(cfg.qformer.encoder)
+        self.qformer = QFormer(cfg.qformer)
+        self.proj = nn.Linear(cfg.qformer.hidden, cfg.out_width)
+
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
+        name = self.cfg.qformer.encoder
+        x = as_tokens(encoder_features(features, name, "qformer connector"), self.enc, "qformer connector")
+        return self.proj(self.qformer(x, encoder_mask(masks, name)))  # [N, num_queries, out_width]
+
+
+__all__ = ["LinearConnector", "MLPConnector", "QFormerConnector", "as_tokens", "check_layout",
+           "encoder_features", "encoder_mask", "TOKEN_KINDS", "MAP_KINDS"]

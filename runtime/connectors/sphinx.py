@@ -1,0 +1,117 @@
+"""SPHINX mixing of visual encoders (reference/architecture.md §1.3-1.5).
+
+Per view::
+
+    for each encoder in cfg.encoders:            # brought to one layout, [global] + grid x grid
+        ViT tokens [N, T, C]  -> class token (or mean of the grid tokens) + grid map [N, C, gh, gw]
+        CNN map    [N, C, h, w]
+        map -> resize_grid(map, cfg.grid) -> row-major tokens [N, g*g, C]
+        CNN: global token = mean of the resized grid tokens (SPHINX's ConvNeXt "gap as cls token")
+    aligned = cat(encoders, dim=channels)                      # [N, 1 + g*g, sum(in_widths)]
+    fused   = visual_proj(aligned)  (Linear -> LayerNorm)      # [N, 1 + g*g, out]
+    qf      = qformer_proj(qformer(tokens))                    # [N, Q, out]       (if cfg.qformer)
+    out     = [start_img] qf fused [end_img]                   # [N, tokens_per_view, out]
+
+Parameter names match LLaMA2-Accessory's ``llama_ens*.py`` (``visual_proj.{0,1}``,
+``qformer_proj.{0,1}``, ``start_img``, ``end_img``) so SPHINX checkpoints map over directly; SPHINX's
+``qformer`` is a whole ``Blip2Model`` whose Q-Former converts with
+:func:`edgevlm.runtime.readers.hf_connectors.qformer_from_hf` (prefix ``qformer.qformer.``, query
+tokens ``qformer.query_tokens``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgevlm.config import EncoderConfig, SphinxFusionConfig, TowerConfig
+from edgevlm.errors import ShapeError
+from edgevlm.runtime.connectors.projectors import (
+    MAP_KINDS, as_tokens, check_layout, encoder_features, encoder_mask,
+)
+from edgevlm.runtime.connectors.qformer import QFormer
+
+
+def resize_grid(m: torch.Tensor, g: int) -> torch.Tensor:
+    """Resize a map ``[N, C, h, w]`` to ``[N, C, g, g]``.
+
+    Equal -> unchanged; a whole-multiple shrink -> average pooling (each output token is the mean of
+    the block it covers); a whole-multiple growth -> nearest repeat (SPHINX's ``repeat_interleave``
+    of ConvNeXt 8x8 -> 16x16); anything else -> antialiased bilinear (align_corners=False).
+    """
+    h, w = m.shape[-2:]
+    if (h, w) == (g, g):
+        return m
+    if h % g == 0 and w % g == 0:
+        return F.avg_pool2d(m, kernel_size=(h // g, w // g))
+    if g % h == 0 and g % w == 0:
+        return m.repeat_interleave(g // h, dim=-2).repeat_interleave(g // w, dim=-1)
+    return F.interpolate(m, size=(g, g), mode="bilinear", align_corners=False, antialias=True)
+
+
+def to_fusion_layout(x: torch.Tensor, enc: EncoderConfig, g: int, who: str = "sphinx fusion") -> torch.Tensor:
+    """One encoder's output -> ``[N, 1 + g*g, C]``: global token then the g x g grid, row-major."""
+    check_layout(x, enc, who)
+    gh, gw = enc.grid
+    if enc.kind in MAP_KINDS:
+        grid = resize_grid(x, g).flatten(2).transpose(1, 2)  # [N, g*g, C]
+        glob = grid.mean(dim=1, keepdim=True)  # [N, 1, C]
+    else:
+        n, _, c = x.shape
+        src = x[:, 1:] if enc.global_token else x  # [N, gh*gw, C]
+        # Without a class token the mean of the encoder's own grid stands in for it (DINO/SigLIP-style
+        # pooling); it equals the mean of the resized grid whenever the resize is a pool or a repeat.
+        glob = x[:, :1] if enc.global_token else src.mean(dim=1, keepdim=True)
+        m = src.transpose(1, 2).reshape(n, c, gh, gw)  # row-major tokens -> map
+        grid = resize_grid(m, g).flatten(2).transpose(1, 2)
+    return torch.cat([glob, grid], dim=1)
+
+
+class SphinxFusion(nn.Module):
+    """``forward(features, masks=None) -> [N, tokens_per_view, out_width]`` (see the module docstring)."""
+
+    def __init__(self, cfg: SphinxFusionConfig, tower_cfg: TowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encs = [tower_cfg.encoder(n) for n in cfg.encoders]
+        d = cfg.out_width
+        self.visual_proj = nn.Sequential(nn.Linear(cfg.fused_width, d), nn.LayerNorm(d, eps=cfg.norm_eps))
+        if cfg.qformer is not None:
+            self.qformer_enc = tower_cfg.encoder(cfg.qformer.encoder)
+            self.qformer = QFormer(cfg.qformer)
+            self.qformer_proj = nn.Sequential(nn.Linear(cfg.qformer.hidden, d), nn.LayerNorm(d, eps=cfg.norm_eps))
+        if cfg.separators:
+            # One shared pair wraps every view; torch.rand init as SPHINX (trained values replace it).
+            self.start_img = nn.Parameter(torch.rand(1, 1, d))
+            self.end_img = nn.Parameter(torch.rand(1, 1, d))
+
+    def aligned_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Channel concatenation of all fusion encoders, before ``visual_proj``: ``[N, 1 + g*g, sum(in_widths)]``."""
+        parts = [to_fusion_layout(encoder_features(features, e.name, "sphinx fusion"), e, self.cfg.grid)
+                 for e in self.encs]
+        n = {p.shape[0] for p in parts}
+        if len(n) != 1:
+            raise ShapeError(f"sphinx fusion: encoders returned different view counts "
+                             f"{dict(zip(self.cfg.encoders, (p.shape[0] for p in parts)))}")
+        dtype = self.visual_proj[0].weight.dtype
+        return torch.cat([p.to(dtype) for p in parts], dim=-1)
+
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
+        # Grid encoders see whole views, so masks only reach the Q-Former's cross-attention.
+        fused = self.visual_proj(self.aligned_tokens(features))  # [N, 1 + g*g, out]
+        n = fused.shape[0]
+        parts = [fused]
+        if self.cfg.qformer is not None:
+            name = self.cfg.qformer.encoder
+            x = as_tokens(encoder_features(features, name, "sphinx q-former"), self.qformer_enc, "sphinx q-former")
+            if x.shape[0] != n:
+                raise ShapeError(f"sphinx fusion: Q-Former encoder {name!r} has {x.shape[0]} views, the grid "
+                                 f"encoders {n}")
+            parts.insert(0, self.qformer_proj(self.qformer(x, encoder_mask(masks, name))))  # [N, Q, out]
+        if self.cfg.separators:
+            parts = [self.start_img.expand(n, -1, -1), *parts, self.end_img.expand(n, -1, -1)]
+        return torch.cat(parts, dim=1)  # [N, 2*sep + Q + 1 + g*g, out]
+
+
+__all__ = ["SphinxFusion", "resize_grid", "to_fusion_layout"]

@@ -1,0 +1,169 @@
+"""SPHINX fusion: layout alignment (class/mean token, repeat / pool / bilinear resize), projection,
+Q-Former placement and separators, against hand-written references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgevlm.config import ConvNeXtConfig, SphinxFusionConfig, TowerConfig, ViTConfig
+from edgevlm.errors import ShapeError
+from edgevlm.presets import get_preset
+from edgevlm.runtime.connectors import build_connector
+from edgevlm.runtime.connectors.sphinx import resize_grid
+
+
+def _features(tower, n):
+    return {e.name: torch.randn((n, e.tokens, e.width) if e.kind == "vit" else (n, e.width, *e.grid))
+            for e in tower.encoders}
+
+
+def _fusion(tower):
+    fusion = build_connector(tower.connector, tower).eval()
+    with torch.no_grad():  # non-default LayerNorms so the reference really checks them
+        for m in fusion.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape))
+    return fusion
+
+
+def _map(tokens, g):  # row-major grid tokens [N, g*g, C] -> [N, C, g, g]
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], g, g)
+
+
+def _tokens(m):  # [N, C, g, g] -> [N, g*g, C]
+    return m.flatten(2).transpose(1, 2)
+
+
+def test_tiny_preset_layout_and_fused_tokens():
+    tower = get_preset("tiny").tower  # vit 4x4 + cls, cnn 2x2 map -> 4x4, Q-Former (8 queries) over eva
+    fusion = _fusion(tower)
+    feats = _features(tower, 5)
+    with torch.no_grad():
+        out = fusion(feats)
+    assert out.shape == (5, 27, 64) and tower.tokens_per_view == 27
+
+    torch.testing.assert_close(out[:, 0], fusion.start_img[0].expand(5, -1), atol=0, rtol=0)
+    torch.testing.assert_close(out[:, -1], fusion.end_img[0].expand(5, -1), atol=0, rtol=0)
+
+    # Hand reference: SPHINX's ConvNeXt recipe (repeat_interleave 2x, mean as pseudo-CLS), CLS kept for the ViT.
+    vit, cnn = feats["vit"], feats["cnn"]
+    up = cnn.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)  # [5, 32, 4, 4]
+    cnn_tok = _tokens(up)
+    aligned = torch.cat([vit, torch.cat([cnn_tok.mean(1, keepdim=True), cnn_tok], 1)], dim=-1)  # [5, 17, 64]
+    lin, ln = fusion.visual_proj[0], fusion.visual_proj[1]
+    ref = F.layer_norm(aligned @ lin.weight.T + lin.bias, (64,), ln.weight, ln.bias, 1e-5)
+    torch.testing.assert_close(out[:, 1 + 8:1 + 8 + 17], ref, atol=1e-5, rtol=0)
+
+    with torch.no_grad():  # Q-Former tokens sit between start and the fused tokens
+        qf = fusion.qformer_proj(fusion.qformer(feats["eva"]))
+    torch.testing.assert_close(out[:, 1:9], qf, atol=1e-6, rtol=0)
+
+
+def test_sphinx_parameter_names():
+    names = set(_fusion(get_preset("tiny").tower).state_dict())
+    for k in ("visual_proj.0.weight", "visual_proj.0.bias", "visual_proj.1.weight", "qformer_proj.0.weight",
+              "qformer_proj.1.bias", "start_img", "end_img", "qformer.query_tokens"):
+        assert k in names, k
+
+
+def test_demo_preset_average_pools_the_vit_grid():
+    tower = get_preset("demo").tower  # DINOv2-S 16x16 + cls -> 8x8; EfficientNet 8x8 map unchanged
+    fusion = _fusion(tower)
+    feats = _features(tower, 2)
+    with torch.no_grad():
+        aligned = fusion.aligned_tokens(feats)
+        out = fusion(feats)
+    assert out.shape == (2, 67, 576)
+    assert aligned.shape == (2, 65, 384 + 1280)
+    dino, eff = feats["dinov2"], feats["effnet"]
+    pooled = _tokens(F.avg_pool2d(_map(dino[:, 1:], 16), 2))
+    torch.testing.assert_close(aligned[..., :384], torch.cat([dino[:, :1], pooled], 1), atol=1e-6, rtol=0)
+    eff_tok = _tokens(eff)
+    torch.testing.assert_close(aligned[..., 384:], torch.cat([eff_tok.mean(1, keepdim=True), eff_tok], 1),
+                               atol=1e-6, rtol=0)
+
+
+def _two_vit_tower(grid_a: int, target: int, class_a: bool):
+    a = ViTConfig(name="a", image_size=8 * grid_a, patch_size=8, width=12, depth=1, heads=2, mlp_dim=16,
+                  class_token=class_a)
+    b = ViTConfig(name="b", image_size=8 * target, patch_size=8, width=8, depth=1, heads=2, mlp_dim=16)
+    fusion = SphinxFusionConfig(encoders=("a", "b"), in_widths=(12, 8), grid=target, separators=False, out_width=16)
+    return TowerConfig(encoders=(a, b), connector=fusion)
+
+
+def test_bilinear_path_for_non_integer_ratios():
+    tower = _two_vit_tower(grid_a=7, target=4, class_a=True)  # 7x7 -> 4x4
+    fusion = _fusion(tower)
+    feats = _features(tower, 3)
+    with torch.no_grad():
+        aligned = fusion.aligned_tokens(feats)
+        out = fusion(feats)
+    a = feats["a"]
+    ref = F.interpolate(_map(a[:, 1:], 7), size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(aligned[..., :12], torch.cat([a[:, :1], _tokens(ref)], 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(aligned[..., 12:], feats["b"], atol=0, rtol=0)  # equal grids: untouched
+    assert out.shape == (3, 17, 16) and tower.tokens_per_view == 17  # no separators, no Q-Former
+
+
+def test_vit_without_class_token_gets_the_mean_token():
+    tower = _two_vit_tower(grid_a=4, target=4, class_a=False)
+    fusion = _fusion(tower)
+    feats = _features(tower, 2)
+    assert feats["a"].shape[1] == 16
+    with torch.no_grad():
+        aligned = fusion.aligned_tokens(feats)
+    a = feats["a"]
+    torch.testing.assert_close(aligned[:, 0, :12], a.mean(1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(aligned[:, 1:, :12], a, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("src,dst,how", [(4, 4, "same"), (8, 4, "pool"), (2, 6, "repeat"), (6, 4, "bilinear"),
+                                         (3, 4, "bilinear")])
+def test_resize_grid_rules(src, dst, how):
+    m = torch.randn(2, 3, src, src)
+    want = {"same": lambda: m,
+            "pool": lambda: F.avg_pool2d(m, src // dst),
+            "repeat": lambda: m.repeat_interleave(dst // src, -1).repeat_interleave(dst // src, -2),
+            "bilinear": lambda: F.interpolate(m, size=(dst, dst), mode="bilinear", align_corners=False,
+                                              antialias=True)}[how]()
+    torch.testing.assert_close(resize_grid(m, dst), want, atol=1e-6, rtol=0)
+
+
+def test_qformer_mask_reaches_the_qformer_only():
+    tower = get_preset("tiny").tower
+    fusion = _fusion(tower)
+    feats = _features(tower, 2)
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[:, 9:] = False
+    changed = dict(feats, eva=feats["eva"].clone())
+    changed["eva"][:, 9:] += 50.0
+    with torch.no_grad():
+        a, b = fusion(feats, {"eva": mask}), fusion(changed, {"eva": mask})
+        c = fusion(changed)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert (c - a)[:, 1:9].abs().max() > 1e-3  # unmasked, the change shows in the Q-Former tokens
+
+
+def test_shape_errors_name_the_encoder():
+    tower = get_preset("tiny").tower
+    fusion = _fusion(tower)
+    feats = _features(tower, 2)
+    with pytest.raises(ShapeError, match=r"'cnn'.*\[N, 32, 2, 2\]"):
+        fusion(dict(feats, cnn=torch.randn(2, 32, 4, 4)))
+    with pytest.raises(ShapeError, match="view counts"):
+        fusion(dict(feats, vit=torch.randn(3, 17, 32)))
+    with pytest.raises(ShapeError, match="reads encoder 'eva'"):
+        fusion({k: v for k, v in feats.items() if k != "eva"})
+
+
+def test_convnext_feeds_a_native_grid_unchanged():
+    # SPHINX-Tiny: ConvNeXt at 512 gives 16x16 natively; its tokens pass through, mean token first.
+    cnx = ConvNeXtConfig(name="cnx", image_size=128, depths=(1, 1, 1, 1), dims=(4, 8, 12, 16))  # 4x4 map
+    cfg = SphinxFusionConfig(encoders=("cnx",), in_widths=(16,), grid=4, out_width=8)
+    tower = TowerConfig(encoders=(cnx,), connector=cfg)
+    fusion = _fusion(tower)
+    m = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        aligned = fusion.aligned_tokens({"cnx": m})
+    torch.testing.assert_close(aligned, torch.cat([_tokens(m).mean(1, keepdim=True), _tokens(m)], 1))
