@@ -1,0 +1,345 @@
+"""The vision tower: every encoder, then the connector; and the public API around it.
+
+Two layers:
+
+* :class:`VisionTowerModel` is a plain ``nn.Module`` from views to visual embeddings. It is the
+  single source of truth for the math, and what export traces.
+* :class:`VisionTower` (what :func:`load_vision_tower` returns) adds preprocessing, device/dtype
+  handling and timings::
+
+      tower = load_vision_tower("demo")
+      emb = tower(images)                     # [n_images, visual_tokens, llm_width]
+      emb = tower.from_pixels(pixel_values)   # already-preprocessed views [n_views, 3, H, W]
+
+All views of all images go through each encoder in one batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgevlm.config import ModelConfig, TowerConfig
+from edgevlm.errors import CheckpointError, ConfigError, ShapeError, UnknownPresetError, WeightsNotFoundError
+from edgevlm.presets import PRESETS, get_preset
+
+from .connectors import build_connector
+from .vision import build_encoder
+
+TOWER_PREFIX = "tower."
+
+
+class VisionTowerModel(nn.Module):
+    """Encoders + connector. ``forward(views) -> [n_views, tokens_per_view, out_width]``."""
+
+    def __init__(self, config: TowerConfig):
+        super().__init__()
+        self.config = config
+        self.encoders = nn.ModuleDict({e.name: build_encoder(e) for e in config.encoders})
+        self.connector = build_connector(config.connector, config)
+
+    def encode(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run each encoder once over all views: [N, 3, R_e, R_e] -> tokens [N, T, C] or maps [N, C, h, w]."""
+        feats = {}
+        n = None
+        for e in self.config.encoders:
+            if e.name not in views:
+                raise ShapeError(f"no views for encoder {e.name!r}; got views for {sorted(views)}")
+            x = views[e.name]
+            if x.dim() != 4 or x.shape[1] != 3:
+                raise ShapeError(f"views for encoder {e.name!r} must be [N, 3, H, W], got {list(x.shape)}")
+            if n is not None and x.shape[0] != n:
+                raise ShapeError(f"encoder {e.name!r} got {x.shape[0]} views, the others {n}")
+            n = x.shape[0]
+            feats[e.name] = self.encoders[e.name](x)
+        return feats
+
+    def forward(self, views: dict[str, torch.Tensor],
+                masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.connector(self.encode(views), masks)  # [n_views, tokens_per_view, out_width]
+
+
+def group_by_image(per_view: torch.Tensor, views_per_image: list[int]) -> list[torch.Tensor]:
+    """[n_views, tpv, D] -> one [views_i * tpv, D] tensor per image (views in order, image-major)."""
+    if sum(views_per_image) != per_view.shape[0]:
+        raise ShapeError(f"{per_view.shape[0]} views but views_per_image sums to {sum(views_per_image)}")
+    return [chunk.reshape(-1, per_view.shape[-1]) for chunk in torch.split(per_view, views_per_image)]
+
+
+@dataclass
+class WeightsReport:
+    """Where each component's weights came from: 'checkpoint', a WeightsRef description, or 'random'."""
+
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def random(self) -> list[str]:
+        return [k for k, v in self.sources.items() if v == "random"]
+
+
+class VisionTower:
+    """Preprocessing + :class:`VisionTowerModel` on a device, with per-stage timings."""
+
+    def __init__(self, model: VisionTowerModel, *, device: torch.device, dtype: torch.dtype,
+                 preprocess_backend: str = "auto", threads: int | None = None,
+                 max_image_pixels: int | None = None, weights: WeightsReport | None = None):
+        from .image_io import DEFAULT_MAX_PIXELS
+        from .preprocess import Preprocessor
+
+        self.model = model.eval()
+        self.device = device
+        self.dtype = dtype
+        self.preprocessor = Preprocessor(model.config, backend=preprocess_backend, threads=threads)
+        self.max_image_pixels = max_image_pixels or DEFAULT_MAX_PIXELS
+        self.weights = weights or WeightsReport()
+        self.last_timings: dict[str, float] = {}
+
+    @property
+    def config(self) -> TowerConfig:
+        return self.model.config
+
+    # ---- images -> embeddings -------------------------------------------------------------
+    def _run(self, images) -> list[torch.Tensor]:
+        from .image_io import load_images
+
+        t0 = time.perf_counter()
+        arrays = load_images(images, max_pixels=self.max_image_pixels)
+        t1 = time.perf_counter()
+        pre = self.preprocessor(arrays)
+        t2 = time.perf_counter()
+        per_view = self._forward(pre.views, pre.token_masks)
+        t3 = time.perf_counter()
+        self.last_timings = {"decode_ms": (t1 - t0) * 1e3, "preprocess_ms": (t2 - t1) * 1e3,
+                             "vision_ms": (t3 - t2) * 1e3}
+        return group_by_image(per_view, pre.views_per_image)
+
+    @torch.inference_mode()
+    def _forward(self, views: dict[str, torch.Tensor], masks=None) -> torch.Tensor:
+        views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
+        if masks is not None:
+            masks = {k: v.to(self.device) for k, v in masks.items()}
+        out = self.model(views, masks)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
+
+    def __call__(self, images) -> torch.Tensor:
+        """Paths / PIL images / HWC uint8 arrays (one or a list) -> [n_images, visual_tokens, out_width].
+
+        With ``anyres`` views, images with different tile counts cannot share one tensor: use
+        :meth:`embed_each` for those.
+        """
+        per_image = self._run(images)
+        lengths = {t.shape[0] for t in per_image}
+        if len(lengths) > 1:
+            raise ShapeError(f"images produced different token counts {sorted(lengths)} (any-resolution views); "
+                             "use tower.embed_each(images) for a list of [tokens_i, width] tensors")
+        return torch.stack(per_image)
+
+    def embed_each(self, images) -> list[torch.Tensor]:
+        """Like ``__call__`` but returns one ``[tokens_i, width]`` tensor per image."""
+        return self._run(images)
+
+    def from_pixels(self, pixel_values: torch.Tensor | dict[str, torch.Tensor],
+                    views_per_image: list[int] | None = None) -> torch.Tensor:
+        """Already-preprocessed views -> [n_images, visual_tokens, out_width].
+
+        ``pixel_values`` is either a dict ``{encoder_name: [n_views, 3, R_e, R_e]}`` or one tensor
+        ``[n_views, 3, H, W]`` normalised for the tower's first encoder; other encoders then get it
+        re-normalised with their own mean/std and bicubically resized to their resolution, the way
+        SPHINX derives its DINOv2 and ConvNeXt inputs inside the model. ``views_per_image`` defaults
+        to the view recipe's fixed count.
+        """
+        if isinstance(pixel_values, dict):
+            views = pixel_values
+        else:
+            views = self._derive_views(pixel_values)
+        n_views = next(iter(views.values())).shape[0]
+        if views_per_image is None:
+            if not self.config.views.fixed_views:
+                raise ShapeError("any-resolution towers need views_per_image for from_pixels")
+            v = self.config.views_per_image
+            if n_views % v:
+                raise ShapeError(f"{n_views} views is not a multiple of {v} views per image")
+            views_per_image = [v] * (n_views // v)
+        per_view = self._forward(views)
+        return torch.stack(group_by_image(per_view, views_per_image))
+
+    def _derive_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ShapeError(f"pixel_values must be [n_views, 3, H, W], got {list(x.shape)}")
+        first = self.config.encoders[0]
+        out = {}
+        for e in self.config.encoders:
+            y = x
+            if (e.mean, e.std) != (first.mean, first.std):
+                fm = torch.tensor(first.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                fs = torch.tensor(first.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                em = torch.tensor(e.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                es = torch.tensor(e.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                y = (y * fs + fm - em) / es
+            if tuple(y.shape[-2:]) != (e.image_size, e.image_size):
+                y = F.interpolate(y, size=(e.image_size, e.image_size), mode="bicubic", align_corners=False)
+            out[e.name] = y
+        return out
+
+    # ---- introspection --------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "encoders": [{"name": e.name, "kind": e.kind, "image_size": e.image_size, "tokens": e.tokens,
+                          "width": e.width, "params": _count(self.model.encoders[e.name]),
+                          "weights": self.weights.sources.get(e.name, "?")} for e in c.encoders],
+            "connector": {"kind": c.connector.kind, "params": _count(self.model.connector),
+                          "weights": self.weights.sources.get("connector", "?")},
+            "views": {"kind": c.views.kind, "views_per_image": c.views_per_image},
+            "visual_tokens_per_image": c.visual_tokens_per_image,
+            "out_width": c.out_width,
+            "preprocess_backend": self.preprocessor.backend,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+
+def _count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+# ---- building and loading ----------------------------------------------------------------
+
+def build_tower_model(config: TowerConfig, state: dict[str, torch.Tensor] | None = None, *,
+                      allow_random: bool, seed: int = 0) -> tuple[VisionTowerModel, WeightsReport]:
+    """Build the module, fill it from encoders' WeightsRefs then ``state`` (tower-relative keys).
+
+    Parameters that neither source covers stay randomly initialised only when ``allow_random``;
+    otherwise that is a :class:`CheckpointError` listing them. Random init is seeded so that two
+    loads of a preset give identical towers.
+    """
+    from .readers import read_encoder_weights
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VisionTowerModel(config)
+    report = WeightsReport()
+    covered: set[str] = set()
+    refs: dict[str, str] = {}
+    for e in config.encoders:
+        if e.weights is not None:
+            enc_state = read_encoder_weights(e.weights, e)
+            _load_strict(model.encoders[e.name], enc_state, f"encoder {e.name!r} ({e.weights.format})")
+            covered.update(f"encoders.{e.name}.{k}" for k in enc_state)
+            refs[e.name] = f"{e.weights.format}:{e.weights.path}"
+    state = state or {}
+    if state:
+        own = model.state_dict()
+        unexpected = sorted(set(state) - set(own))
+        if unexpected:
+            raise CheckpointError(f"checkpoint has {len(unexpected)} tensors this tower does not, e.g. {unexpected[:4]}")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise CheckpointError(f"tensor {k!r}: checkpoint shape {list(v.shape)}, model expects {list(own[k].shape)}")
+        model.load_state_dict(state, strict=False)
+        covered.update(state)
+    all_keys = list(model.state_dict())
+    missing = [k for k in all_keys if k not in covered]
+    for part in [e.name for e in config.encoders] + ["connector"]:
+        prefix = "connector." if part == "connector" else f"encoders.{part}."
+        keys = [k for k in all_keys if k.startswith(prefix)]
+        if keys and all(k in state for k in keys):
+            report.sources[part] = "checkpoint"
+        elif part in refs:
+            report.sources[part] = refs[part]
+        elif not keys:
+            report.sources[part] = "none"
+        else:
+            report.sources[part] = "random" if not any(k in covered for k in keys) else "partial"
+    if missing and not allow_random:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tower tensors, e.g. {missing[:4]}")
+    return model, report
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what}: weights do not fit the module: {e}") from None
+
+
+# transformers model_type -> "module:function" returning (TowerConfig, tower state dict)
+TRANSFORMERS_TOWERS: dict[str, str] = {
+    "llava": "edgevlm.runtime.readers.hf_models:read_llava_tower",
+    "blip-2": "edgevlm.runtime.readers.hf_models:read_blip2_tower",
+}
+
+
+def resolve_tower_source(source: Any) -> tuple[TowerConfig, dict[str, torch.Tensor], bool]:
+    """-> (tower config, tower-relative state dict, whether random init is acceptable)."""
+    import importlib
+
+    from .checkpoint import is_checkpoint_dir, load_checkpoint
+    from .readers.safetensors_io import read_json
+
+    if isinstance(source, ModelConfig):
+        return source.tower, {}, True
+    if isinstance(source, TowerConfig):
+        return source, {}, True
+    if isinstance(source, str) and source in PRESETS:
+        return get_preset(source).tower, {}, True
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        path = Path(source)
+        if is_checkpoint_dir(path):
+            cfg, state = load_checkpoint(path)
+            tower_state = {k[len(TOWER_PREFIX):]: v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
+            return cfg.tower, tower_state, False
+        if (path / "config.json").is_file():
+            model_type = read_json(path / "config.json").get("model_type")
+            if model_type not in TRANSFORMERS_TOWERS:
+                raise CheckpointError(f"{path}: transformers model_type {model_type!r} has no vision-tower reader; "
+                                      f"supported: {sorted(TRANSFORMERS_TOWERS)}")
+            module, fn = TRANSFORMERS_TOWERS[model_type].split(":")
+            cfg, state = getattr(importlib.import_module(module), fn)(path)
+            return cfg, state, False
+        raise WeightsNotFoundError(f"{path}: neither an edgevlm checkpoint (edgevlm.json) nor a transformers "
+                                   "folder (config.json)")
+    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
+        raise CheckpointError(f"{source}: expected a preset name or a checkpoint folder, got a file")
+    raise UnknownPresetError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+
+
+def load_vision_tower(source: Any, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                      preprocess_backend: str = "auto", threads: int | None = None,
+                      max_image_pixels: int | None = None, seed: int = 0) -> VisionTower:
+    """Load a vision tower from a preset name, an edgevlm checkpoint folder, a transformers LLaVA /
+    BLIP-2 folder, or a config object.
+
+    Presets build real encoders where their config names real weights (``demo``) and random weights
+    elsewhere; ``tower.weights.sources`` says which is which. Checkpoints must cover every tensor.
+    """
+    config, state, allow_random = resolve_tower_source(source)
+    model, report = build_tower_model(config, state, allow_random=allow_random, seed=seed)
+    dev = torch.device(device)
+    dt = _dtype(dtype)
+    model = model.to(dev, dt)
+    return VisionTower(model, device=dev, dtype=dt, preprocess_backend=preprocess_backend, threads=threads,
+                       max_image_pixels=max_image_pixels, weights=report)
+
+
+def _dtype(d: str | torch.dtype) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if d not in table:
+        raise ConfigError(f"dtype {d!r} not supported; use one of {sorted(table)}")
+    return table[d]
+
+
+__all__ = ["VisionTowerModel", "VisionTower", "WeightsReport", "build_tower_model", "load_vision_tower",
+           "resolve_tower_source", "group_by_image", "TRANSFORMERS_TOWERS"]
