@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from edgevlm.config import EncoderConfig, WeightsRef
-from edgevlm.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from edgevlm.errors import CheckpointError, ConfigError, EdgeVLMError, WeightsNotFoundError
 
 # format name -> "module:function"; each function takes (path, encoder_config) and returns the
 # encoder's state dict in edgevlm's key names.
@@ -63,7 +63,7 @@ def read_encoder_weights(ref: WeightsRef, config: EncoderConfig) -> dict[str, to
     reader = _resolve(ENCODER_WEIGHT_FORMATS[ref.format])
     try:
         return reader(path, config)
-    except CheckpointError:
+    except EdgeVLMError:  # already typed (e.g. BackendUnavailableError when onnx is missing)
         raise
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: could not read {ref.format!r} weights ({type(e).__name__}: {e})") from None

@@ -19,6 +19,10 @@ from .hf_vision import vit_from_hf
 from .safetensors_io import find_prefix, load_safetensors_dir, read_json
 
 
+def _not_language_model(key: str) -> bool:
+    return "language_model" not in key and not key.startswith("lm_head")
+
+
 def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in state.items()}
 
@@ -27,7 +31,7 @@ def read_llava_tower(path: str | Path) -> tuple[TowerConfig, dict[str, torch.Ten
     """LlavaForConditionalGeneration: CLIP tower at ``vision_feature_layer`` -> mlp2x_gelu projector."""
     path = Path(path)
     hf = read_json(path / "config.json")
-    state = load_safetensors_dir(path)
+    state = load_safetensors_dir(path, keep=_not_language_model)
     layer = hf.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise CheckpointError(f"{path}: vision_feature_layer {layer!r} (several layers) is not supported; "
@@ -55,7 +59,7 @@ def read_blip2_tower(path: str | Path) -> tuple[TowerConfig, dict[str, torch.Ten
     """Blip2ForConditionalGeneration / Blip2Model: EVA ViT -> Q-Former -> language_projection."""
     path = Path(path)
     hf = read_json(path / "config.json")
-    state = load_safetensors_dir(path)
+    state = load_safetensors_dir(path, keep=_not_language_model)
     vision_cfg = hf.get("vision_config") or {}
     vision_cfg = {"model_type": "blip_2_vision_model", **vision_cfg}
     prefix = find_prefix(state, ["model.vision_model.", "vision_model."], "embeddings.patch_embedding.weight")

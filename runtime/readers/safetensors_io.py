@@ -10,6 +10,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,37 +50,43 @@ def _check_header(path: Path) -> None:
         raise CheckpointError(f"{path}: tensors need {8 + n + end} bytes but the file has {size} (truncated)")
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load every tensor of one ``.safetensors`` file onto the CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+KeyFilter = Callable[[str], bool]
+
+
+def load_safetensors(path: str | os.PathLike, keep: KeyFilter | None = None) -> dict[str, torch.Tensor]:
+    """Load the tensors of one ``.safetensors`` file onto the CPU (only those ``keep`` accepts)."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"no such safetensors file: {path}")
     _check_header(path)
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: could not read safetensors ({e})") from None
 
 
-def load_safetensors_dir(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a transformers-style folder: ``model.safetensors`` or shards listed in its index."""
+def load_safetensors_dir(folder: str | os.PathLike, keep: KeyFilter | None = None) -> dict[str, torch.Tensor]:
+    """Load a transformers-style folder: ``model.safetensors`` or shards listed in its index.
+
+    ``keep`` selects keys, so reading a vision tower out of a whole VLM does not load its LLM."""
     folder = Path(folder)
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.is_file():
-        return load_safetensors(single)
+        return load_safetensors(single, keep)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        wanted = {k: v for k, v in weight_map.items() if keep is None or keep(k)}
         out: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            out.update(load_safetensors(folder / shard))
-        missing = set(weight_map) - set(out)
+        for shard in sorted(set(wanted.values())):
+            out.update(load_safetensors(folder / shard, keep))
+        missing = set(wanted) - set(out)
         if missing:
             raise CheckpointError(f"{index}: shards lack {len(missing)} listed tensors, e.g. {sorted(missing)[:3]}")
         return out
