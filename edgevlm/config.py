@@ -29,8 +29,11 @@ CLIP_MEAN: RGB = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: RGB = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN: RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD: RGB = (0.229, 0.224, 0.225)
-HALF_MEAN: RGB = (0.5, 0.5, 0.5)  # SigLIP, and the [-1, 1] range of TF-Lite EfficientNets
+HALF_MEAN: RGB = (0.5, 0.5, 0.5)  # SigLIP
 HALF_STD: RGB = (0.5, 0.5, 0.5)
+# TF EfficientNet-Lite's inception-style input, (x_uint8 - 127) / 128, on [0, 1] pixels.
+LITE_MEAN: RGB = (127 / 255, 127 / 255, 127 / 255)
+LITE_STD: RGB = (128 / 255, 128 / 255, 128 / 255)
 # SPHINX/LLaVA pad colour: the CLIP mean as uint8, int(m * 255) per channel.
 CLIP_MEAN_RGB8: tuple[int, int, int] = (122, 116, 104)
 
@@ -696,7 +699,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 __all__ = [
-    "RGB", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD", "CLIP_MEAN_RGB8",
+    "RGB", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD", "LITE_MEAN", "LITE_STD", "CLIP_MEAN_RGB8",
     "WeightsRef", "EncoderConfig", "ViTConfig", "ConvNeXtConfig", "EfficientNetConfig", "round_filters",
     "QFormerConfig", "ConnectorConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
     "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "TowerConfig", "DecoderConfig", "ModelConfig",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from .config import (
-    CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD,
+    CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD,
     ConvNeXtConfig, DecoderConfig, EfficientNetConfig, MLPConnectorConfig, ModelConfig, QFormerConfig,
     QFormerConnectorConfig, ResamplerConnectorConfig, SphinxFusionConfig, TowerConfig, ViewConfig, ViTConfig,
     WeightsRef,
@@ -63,7 +63,7 @@ def convnext_xxl(name: str = "convnext", image_size: int = 256) -> ConvNeXtConfi
 
 
 def efficientnet_lite0(name: str = "effnet", image_size: int = 256, weights: WeightsRef | None = None):
-    return EfficientNetConfig(name=name, image_size=image_size, mean=HALF_MEAN, std=HALF_STD, weights=weights)
+    return EfficientNetConfig(name=name, image_size=image_size, mean=LITE_MEAN, std=LITE_STD, weights=weights)
 
 
 def blip2_qformer(encoder: str, encoder_width: int) -> QFormerConfig:
