@@ -1,0 +1,431 @@
+"""From a conversation to the token ids and embedding positions the decoder consumes.
+
+Three steps, each usable alone:
+
+1. **Flatten** messages. OpenAI-style content parts (``[{"type": "image"}, {"type": "text", "text": "Hi"}]``)
+   become one string: parts in order, joined by ``"\\n"``, an image part written as the image token
+   (``"<image>\\nHi"``), or dropped when the model places images after BOS (SPHINX), whose text
+   never mentions them. ``None`` content is ``""``.
+2. **Render** the prompt text: the checkpoint's jinja chat template in a sandbox
+   (:func:`render_chat_template`), SPHINX's fixed format (:func:`sphinx_prompt`), or
+   :data:`DEFAULT_CHAT_TEMPLATE` when the checkpoint has no template. :class:`ChatFormat` picks
+   one from ``ModelConfig.chat_format`` and knows the stop strings.
+3. **Place images** (:func:`build_multimodal_ids`): text is split at each image token and the pieces
+   encoded separately, so the image token is never tokenised as text; the result lists text and
+   image segments and builds ``inputs_embeds`` from a token-embedding function and image embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..errors import ConfigError, EdgeVLMError, ShapeError
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+SPHINX_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SPHINX_STOP = "\n###"
+
+# Used when chat_format="template" and the checkpoint ships no template: plain text, no special
+# tokens (so it works with any vocabulary), one turn per line; generation stops at the next "\nUser:".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+DEFAULT_STOP = "\nUser:"
+
+# Special tokens that end a turn in common chat vocabularies; generation stops on any the vocabulary has.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+IMAGE_SLOT_ID = -1  # fills image positions in MultimodalPrompt.input_ids; never a valid embedding row
+
+
+class ChatTemplateError(ConfigError):
+    """A chat template does not parse, tries something the sandbox forbids, or raised an error itself."""
+
+
+class PromptError(EdgeVLMError, ValueError):
+    """Messages are malformed, or the prompt's image placeholders do not match the images given."""
+
+
+# ---------------------------------------------------------------------------------------------
+# messages
+# ---------------------------------------------------------------------------------------------
+
+_IMAGE_PARTS = ("image", "image_url", "input_image")
+_TEXT_PARTS = ("text", "input_text")
+
+
+def flatten_messages(messages: Sequence[dict], image_token: str | None) -> list[dict[str, Any]]:
+    """Plain copies of ``messages`` whose content is a string (rule in the module docstring).
+
+    ``image_token=None`` drops image parts. Extra keys of a message are kept (copied).
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise PromptError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    out = []
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise PromptError(f"message {n} must be a dict with a string 'role', got {m!r:.80}")
+        content = m.get("content")
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, (list, tuple)):
+            parts = []
+            for p in content:
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind in _TEXT_PARTS and isinstance(p.get("text"), str):
+                    parts.append(p["text"])
+                elif kind in _IMAGE_PARTS:
+                    if image_token is not None:
+                        parts.append(image_token)
+                else:
+                    raise PromptError(f"message {n}: content part {p!r:.80} is not a text or image part")
+            text = "\n".join(parts)
+        else:
+            raise PromptError(f"message {n}: content must be a string or a list of parts, got {type(content).__name__}")
+        out.append({**m, "content": text})
+    return out
+
+
+def count_images(messages: Sequence[dict], image_token: str) -> int:
+    """Image parts plus image tokens written in string content."""
+    return sum(m["content"].count(image_token) for m in flatten_messages(messages, image_token))
+
+
+def _insert_placeholders(messages: list[dict], n_images: int, image_token: str) -> list[dict]:
+    """LLaVA's convention for prompts that name no image: ``"<image>\\n" * n`` at the start of the
+    first user message."""
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            return [*messages[:i], {**m, "content": (image_token + "\n") * n_images + m["content"]}, *messages[i + 1:]]
+    raise PromptError(f"{n_images} image(s) given but the conversation has no user message to attach them to")
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------
+
+class _TemplateRaised(Exception):
+    pass
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generation(jinja2.ext.Extension):
+        # transformers' {% generation %} marks assistant text for training masks; rendering ignores it.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise _TemplateRaised(str(message))
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes <, >, & for HTML; chat templates (and transformers) want plain JSON
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class _Namespace(jinja2.utils.Namespace):
+        # the sandbox blocks reading "_x" attributes; refuse storing them too (as transformers does)
+        def __setitem__(self, name, value):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with '_'")
+            super().__setitem__(name, value)
+
+    class _Sandbox(ImmutableSandboxedEnvironment):
+        # jinja returns a silent Undefined for an unsafe attribute (``x.__class__`` prints ""); a
+        # template reaching for Python internals is hostile or broken, so refuse it loudly instead.
+        def unsafe_undefined(self, obj, attribute):
+            raise jinja2.exceptions.SecurityError(
+                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    # Immutable sandbox: no attribute starting with "_", no calls that mutate lists/dicts, no
+    # access to Python objects beyond the plain data we pass. trim/lstrip_blocks as transformers.
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       namespace=_Namespace)
+    return env.from_string(template)
+
+
+def _plain(v: Any) -> Any:
+    # Templates see plain data only: no caller objects whose methods the sandbox would expose.
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    item = getattr(v, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(v, "ndim", 1) == 0:
+        return _plain(item())
+    return None  # images, tensors and other objects: a template has no use for them
+
+
+def render_chat_template(template: str, messages: Sequence[dict], add_generation_prompt: bool = True,
+                         bos_token: str = "", eos_token: str = "", *, max_chars: int = 1 << 22, **extra) -> str:
+    """Render a (possibly untrusted) jinja chat template as transformers' ``apply_chat_template``.
+
+    ``messages`` are passed as given (content parts included; see :func:`flatten_messages`).
+    ``extra`` (``tools``, ``documents``, ``enable_thinking``...) become template variables.
+    Raises :class:`ChatTemplateError` naming the problem; output over ``max_chars`` is refused.
+    """
+    import jinja2
+
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"chat template must be a string, got {type(template).__name__}")
+    ctx = _plain({"messages": list(messages), "add_generation_prompt": bool(add_generation_prompt),
+                  "bos_token": bos_token, "eos_token": eos_token, **extra})
+    try:
+        compiled = _compile(template)
+        out, size = [], 0
+        for chunk in compiled.generate(**ctx):  # streamed so a runaway loop is cut off early
+            out.append(chunk)
+            size += len(chunk)
+            if size > max_chars:
+                raise ChatTemplateError(f"chat template output exceeds {max_chars} characters")
+        return "".join(out)
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise ChatTemplateError(f"chat template refused by the sandbox: {e}") from None
+    except _TemplateRaised as e:
+        raise ChatTemplateError(f"chat template raised an error for these messages: {e}") from None
+    except Exception as e:  # UndefinedError, TypeError in template expressions, recursion...
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+def sphinx_prompt(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """SPHINX's conversation format (LLaMA2-Accessory ``conv_v1_2``, reference/architecture.md §1.6).
+
+    ``system + "\\n\\n###" + " Human: {q}\\n###" + " Assistant: {a}\\n###" ...`` then ``" Assistant:"``.
+    A leading system message replaces the default system text. Image parts are dropped: SPHINX
+    places images after BOS, not in the text.
+    """
+    msgs = flatten_messages(messages, None)
+    system = SPHINX_SYSTEM
+    if msgs and msgs[0]["role"] == "system":
+        system, msgs = msgs[0]["content"], msgs[1:]
+    out = [system, "\n\n###"]
+    for n, m in enumerate(msgs):
+        role = {"user": "Human", "assistant": "Assistant"}.get(m["role"])
+        if role is None:
+            raise PromptError(f"SPHINX prompts take user/assistant turns after one optional system message; "
+                              f"message {n} has role {m['role']!r}")
+        out.append(f" {role}: {m['content']}\n###")
+    if add_generation_prompt:
+        out.append(" Assistant:")
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a model's conversations become prompt text: ``kind`` = ``"template"`` | ``"sphinx"``."""
+
+    kind: str = "template"
+    template: str | None = None  # the checkpoint's; None -> DEFAULT_CHAT_TEMPLATE
+    bos_token: str = ""
+    eos_token: str = ""
+    image_placement: str = "after_bos"
+    image_token: str = "<image>"
+    template_vars: dict = field(default_factory=dict)  # extra variables for the template
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("template", "sphinx"):
+            raise ConfigError(f"chat format must be 'template' or 'sphinx', got {self.kind!r}")
+        if self.image_placement not in ("after_bos", "placeholder"):
+            raise ConfigError(f"image_placement must be 'after_bos' or 'placeholder', got {self.image_placement!r}")
+
+    @classmethod
+    def from_config(cls, config: "ModelConfig", tokenizer: Tokenizer) -> "ChatFormat":
+        """From a ``ModelConfig`` (chat_format, image_placement, image_token) and the model's tokenizer."""
+        return cls(kind=config.chat_format, template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
+                   eos_token=tokenizer.eos_token, image_placement=config.image_placement, image_token=config.image_token)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Text that ends the answer (cut it off); checkpoint templates rely on stop ids instead."""
+        if self.kind == "sphinx":
+            return (SPHINX_STOP,)
+        return () if self.template else (DEFAULT_STOP,)
+
+    def stop_ids(self, tokenizer: Tokenizer) -> frozenset[int]:
+        """EOS, the checkpoint's end-of-turn ids, and the well-known end-of-turn special tokens it has."""
+        known = (tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)
+        return tokenizer.stop_ids | {i for i in known if i is not None and i in tokenizer.special_ids}
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True, n_images: int = 0) -> str:
+        """Prompt text. With ``placeholder`` placement and ``n_images`` > 0 but no image named in the
+        messages, ``n_images`` image tokens go at the start of the first user message."""
+        if self.kind == "sphinx":
+            return sphinx_prompt(messages, add_generation_prompt)
+        placeholder = self.image_placement == "placeholder"
+        msgs = flatten_messages(messages, self.image_token if placeholder else None)
+        if placeholder and n_images and not any(self.image_token in m["content"] for m in msgs):
+            msgs = _insert_placeholders(msgs, n_images, self.image_token)
+        return render_chat_template(self.template or DEFAULT_CHAT_TEMPLATE, msgs, add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token, **self.template_vars)
+
+    def build(self, tokenizer: Tokenizer, messages: Sequence[dict], tokens_per_image: Sequence[int] = (),
+              add_generation_prompt: bool = True) -> "MultimodalPrompt":
+        """``render`` + :func:`build_multimodal_ids`: one call from messages to positions."""
+        text = self.render(messages, add_generation_prompt, n_images=len(tokens_per_image))
+        return build_multimodal_ids(tokenizer, text, len(tokens_per_image), tokens_per_image,
+                                    self.image_placement, self.image_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# image placement
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MultimodalPrompt:
+    """A prompt as ordered segments: ``("text", (id, ...))`` and ``("image", i)`` (image ``i`` fills
+    ``tokens_per_image[i]`` consecutive positions). Positions are 0..length-1 in segment order."""
+
+    segments: tuple[tuple[str, Any], ...]
+    tokens_per_image: tuple[int, ...]
+
+    def _len(self, seg: tuple[str, Any]) -> int:
+        return len(seg[1]) if seg[0] == "text" else self.tokens_per_image[seg[1]]
+
+    @property
+    def length(self) -> int:
+        return sum(self._len(s) for s in self.segments)
+
+    @property
+    def input_ids(self) -> list[int]:
+        """All positions; image positions hold IMAGE_SLOT_ID (-1), so they cannot be embedded by mistake."""
+        out: list[int] = []
+        for kind, v in self.segments:
+            out.extend(v if kind == "text" else [IMAGE_SLOT_ID] * self.tokens_per_image[v])
+        return out
+
+    @property
+    def text_ids(self) -> list[int]:
+        return [i for kind, v in self.segments if kind == "text" for i in v]
+
+    @property
+    def image_spans(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` positions of image 0, 1, ..."""
+        spans, pos = {}, 0
+        for seg in self.segments:
+            if seg[0] == "image":
+                spans[seg[1]] = (pos, pos + self._len(seg))
+            pos += self._len(seg)
+        return [spans[i] for i in sorted(spans)]
+
+    def embed(self, embed_tokens: Callable, image_embeds: Sequence):
+        """``inputs_embeds [1, T, D]`` for the decoder's prefill.
+
+        ``embed_tokens``: LongTensor ``[1, N]`` -> ``[1, N, D]`` (the decoder's token embedding), called
+        once on all text ids. ``image_embeds[i]``: ``[tokens_per_image[i], D]`` (or ``[1, T_i, D]``), cast
+        to the text embeddings' dtype and device.
+        """
+        import torch
+
+        if len(image_embeds) != len(self.tokens_per_image):
+            raise ShapeError(f"expected {len(self.tokens_per_image)} image embeddings, got {len(image_embeds)}")
+        text = torch.tensor([self.text_ids], dtype=torch.long)  # [1, N_text]
+        text_emb = embed_tokens(text)  # [1, N_text, D]
+        if text_emb.dim() != 3 or text_emb.shape[:2] != text.shape:
+            raise ShapeError(f"embed_tokens must map [1, {text.shape[1]}] to [1, {text.shape[1]}, D], "
+                             f"got {tuple(text_emb.shape)}")
+        d = text_emb.shape[-1]
+        pieces, t = [], 0
+        for kind, v in self.segments:
+            if kind == "text":
+                pieces.append(text_emb[0, t:t + len(v)])  # [n, D]
+                t += len(v)
+                continue
+            img = image_embeds[v]
+            img = img[0] if img.dim() == 3 and img.shape[0] == 1 else img
+            want = (self.tokens_per_image[v], d)
+            if tuple(img.shape) != want:
+                raise ShapeError(f"image {v} embeddings: expected shape {want}, got {tuple(image_embeds[v].shape)}")
+            pieces.append(img.to(dtype=text_emb.dtype, device=text_emb.device))
+        return torch.cat(pieces, dim=0).unsqueeze(0)  # [1, T, D]
+
+
+def build_multimodal_ids(tokenizer: Tokenizer, prompt_text: str, n_images: int, tokens_per_image: Sequence[int],
+                         placement: str, image_token: str = "<image>", add_bos: bool | None = None) -> MultimodalPrompt:
+    """Token ids and image positions for one prompt.
+
+    - ``after_bos`` (SPHINX): all image blocks, in order, right after the first token when it is BOS,
+      else at position 0. Image tokens written in the text are removed (there must be none, or one
+      per image).
+    - ``placeholder`` (LLaVA, BLIP-3): image ``i`` replaces the ``i``-th image token. With none in the
+      text, the blocks go where ``after_bos`` would put them (the start of a raw prompt;
+      :meth:`ChatFormat.render` puts placeholders at the start of the first user turn instead).
+
+    The text is split at each image token and the pieces encoded separately: BOS only on the first
+    piece, later pieces as continuations (no SentencePiece prefix space). A BOS the template wrote
+    itself is not doubled.
+    """
+    if placement not in ("after_bos", "placeholder"):
+        raise ConfigError(f"image placement must be 'after_bos' or 'placeholder', got {placement!r}")
+    tpi = tuple(int(t) for t in tokens_per_image)
+    if len(tpi) != n_images or any(t <= 0 for t in tpi):
+        raise PromptError(f"tokens_per_image must hold {n_images} positive counts, got {list(tokens_per_image)}")
+    if not image_token:
+        raise ConfigError("image_token must be a non-empty string")
+    if not isinstance(prompt_text, str):
+        raise PromptError(f"prompt_text must be a string, got {type(prompt_text).__name__}")
+    pieces = prompt_text.split(image_token)
+    found = len(pieces) - 1
+    if found and found != n_images:
+        raise PromptError(f"the prompt has {found} {image_token!r} placeholder(s) but {n_images} image(s) were given")
+
+    if placement == "after_bos" or not found:
+        ids = _dedupe_bos(tokenizer, tokenizer.encode("".join(pieces), add_bos))
+        head = 1 if ids and ids[0] == tokenizer.bos_id else 0
+        segs = [("text", tuple(ids[:head])), *(("image", i) for i in range(n_images)), ("text", tuple(ids[head:]))]
+    else:
+        segs = []
+        for j, piece in enumerate(pieces):
+            ids = (_dedupe_bos(tokenizer, tokenizer.encode(piece, add_bos)) if j == 0
+                   else tokenizer.encode(piece, continuation=True))
+            segs.append(("text", tuple(ids)))
+            if j < n_images:
+                segs.append(("image", j))
+    prompt = MultimodalPrompt(tuple(s for s in segs if s[0] == "image" or s[1]), tpi)
+    if prompt.length == 0:
+        raise PromptError("the prompt is empty: no text tokens and no images")
+    return prompt
+
+
+def _dedupe_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    # A template that writes {{ bos_token }} plus a tokenizer that adds BOS would give two.
+    if len(ids) >= 2 and ids[0] == ids[1] == tokenizer.bos_id:
+        return ids[1:]
+    return ids
+
+
+__all__ = [
+    "ChatFormat", "ChatTemplateError", "PromptError", "MultimodalPrompt", "build_multimodal_ids",
+    "render_chat_template", "sphinx_prompt", "flatten_messages", "count_images", "SPHINX_SYSTEM", "SPHINX_STOP",
+    "DEFAULT_CHAT_TEMPLATE", "DEFAULT_STOP", "END_OF_TURN_TOKENS", "IMAGE_SLOT_ID",
+]
