@@ -12,8 +12,8 @@ from .config import (
     ViewConfig, ViTConfig, WeightsRef,
 )
 from .errors import (
-    BackendUnavailableError, CheckpointError, ConfigError, EdgeVLMError, ImageDecodeError, ImageError,
-    ImageSizeError, ShapeError, UnknownPresetError, WeightsNotFoundError,
+    BackendUnavailableError, ChatTemplateError, CheckpointError, ConfigError, EdgeVLMError, ImageDecodeError,
+    ImageError, ImageSizeError, PromptError, ShapeError, TokenizerError, UnknownPresetError, WeightsNotFoundError,
 )
 from .presets import get_preset, preset_names
 
@@ -33,5 +33,6 @@ __all__ = [
     "EfficientNetConfig", "QFormerConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
     "ResamplerConnectorConfig", "SphinxFusionConfig", "WeightsRef",
     "EdgeVLMError", "ConfigError", "UnknownPresetError", "ImageError", "ImageDecodeError", "ImageSizeError",
-    "CheckpointError", "WeightsNotFoundError", "ShapeError", "BackendUnavailableError",
+    "CheckpointError", "WeightsNotFoundError", "ShapeError", "BackendUnavailableError", "ChatTemplateError",
+    "PromptError", "TokenizerError",
 ]

@@ -25,6 +25,18 @@ class UnknownPresetError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ChatTemplateError(ConfigError):
+    """A chat template does not parse, tries something the sandbox forbids, or raised an error itself."""
+
+
+class PromptError(EdgeVLMError, ValueError):
+    """Messages are malformed, or the prompt's image placeholders do not match the images given."""
+
+
+class TokenizerError(EdgeVLMError, ValueError):
+    """Text or ids given to a tokenizer are unusable (lone surrogates, ids outside the vocabulary)."""
+
+
 class ImageError(EdgeVLMError, ValueError):
     """An image could not be decoded, or is of a size or mode the runtime refuses."""
 
@@ -57,6 +69,9 @@ __all__ = [
     "EdgeVLMError",
     "ConfigError",
     "UnknownPresetError",
+    "ChatTemplateError",
+    "PromptError",
+    "TokenizerError",
     "ImageError",
     "ImageDecodeError",
     "ImageSizeError",

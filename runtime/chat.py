@@ -23,7 +23,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..errors import ConfigError, EdgeVLMError, ShapeError
+from ..errors import ChatTemplateError, ConfigError, PromptError, ShapeError
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -49,14 +49,6 @@ DEFAULT_STOP = "\nUser:"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 IMAGE_SLOT_ID = -1  # fills image positions in MultimodalPrompt.input_ids; never a valid embedding row
-
-
-class ChatTemplateError(ConfigError):
-    """A chat template does not parse, tries something the sandbox forbids, or raised an error itself."""
-
-
-class PromptError(EdgeVLMError, ValueError):
-    """Messages are malformed, or the prompt's image placeholders do not match the images given."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,13 +31,9 @@ from typing import Any, Iterable
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from ..errors import BackendUnavailableError, CheckpointError, EdgeVLMError, WeightsNotFoundError
+from ..errors import BackendUnavailableError, CheckpointError, TokenizerError, WeightsNotFoundError
 
 SPIECE_SPACE = "\u2581"  # "▁": SentencePiece's visible space
-
-
-class TokenizerError(EdgeVLMError, ValueError):
-    """Text or ids given to a tokenizer are unusable (lone surrogates, ids outside the vocabulary)."""
 
 
 def _byte_alphabet() -> dict[int, str]:
