@@ -556,7 +556,14 @@ class TowerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
-    """A LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+    """A LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+    RoPE scaling follows transformers' ``rope_type``: ``linear`` divides the frequencies by
+    ``rope_scaling_factor``; ``dynamic`` (NTK) raises the base once a sequence grows past
+    ``rope_original_len``; ``llama3`` rescales low/medium frequencies with ``rope_low_freq_factor``,
+    ``rope_high_freq_factor`` and ``rope_original_max_len`` (Llama 3.1's 1.0 / 4.0 / 8192).
+    ``max_seq_len`` is the context this runtime allows (the largest KV cache).
+    """
 
     vocab_size: int
     hidden: int
@@ -568,20 +575,40 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rope_scaling: str = "none"  # "none" | "linear" | "dynamic" | "llama3"
     rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 0  # dynamic/llama3: the pre-training context; 0 means max_seq_len
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    head_dim_override: int = 0  # 0: hidden // heads; set when a checkpoint says otherwise (Mistral-Nemo)
+    attention_bias: bool = False  # biases on q/k/v/o projections (LlamaConfig.attention_bias)
+    mlp_bias: bool = False  # biases on gate/up/down projections (LlamaConfig.mlp_bias)
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate", "max_seq_len")
-        _check(self.hidden % self.heads == 0, f"decoder hidden {self.hidden} not divisible by heads {self.heads}")
+        _check(isinstance(self.head_dim_override, int) and self.head_dim_override >= 0,
+               f"decoder head_dim_override must be an int >= 0, got {self.head_dim_override!r}")
+        if self.head_dim_override == 0:
+            _check(self.hidden % self.heads == 0, f"decoder hidden {self.hidden} not divisible by heads {self.heads}")
+        _check(self.head_dim % 2 == 0, f"decoder head_dim {self.head_dim} must be even for RoPE")
         _check(self.heads % self.kv_heads == 0, f"decoder heads {self.heads} not a multiple of kv_heads {self.kv_heads}")
         _check(self.rope_scaling in ("none", "linear", "dynamic", "llama3"),
                f"rope_scaling {self.rope_scaling!r} not supported")
         _check(self.rope_theta > 0 and self.rope_scaling_factor > 0, "rope_theta and rope_scaling_factor must be > 0")
+        _check(self.rope_original_max_len >= 0, "rope_original_max_len must be >= 0")
+        if self.rope_scaling == "llama3":
+            _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                   f"llama3 rope needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                   f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_dim_override or self.hidden // self.heads
+
+    @property
+    def rope_original_len(self) -> int:
+        """The context length the RoPE scaling is relative to (dynamic NTK, llama3)."""
+        return self.rope_original_max_len or self.max_seq_len
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,257 @@
+"""The generation loop: prefill once, then decode one token at a time over a KV cache.
+
+A Pipeline drives it with prompt ids, or with prompt embeddings in which image embeddings were
+already spliced (``decoder.embed(ids)`` with rows replaced)::
+
+    cache = decoder.new_cache(max_len=2048)
+    stream = generate_tokens(decoder, cache, prompt_embeds=embeds, gen_cfg=GenerationConfig(...))
+    matcher = StopStringMatcher(["</answer>"])
+    for tok in stream:                              # token ids, stop ids never yielded
+        text, stopped = matcher.feed(detok.piece(tok))
+        ...; if stopped: break                      # breaking out ends generation
+    stream.stats                                    # prefill ms, per-token decode ms, stop reason
+
+The prompt continues whatever ``cache`` holds when ``continue_cache=True`` (multi-turn reuse: truncate
+the cache to the shared prefix and pass only the new tokens); by default the cache is reset first.
+When generation ends the cache holds the prompt and every yielded token except the last one (it was
+never fed back), i.e. ``stats.prompt_tokens + stats.new_tokens - 1`` positions after the prefix.
+
+Stop *strings* depend on detokenisation, which is the caller's; :class:`StopStringMatcher` does the
+text side. Batch size is 1.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from edgevlm.errors import ConfigError, ShapeError
+
+from .decoder import LlamaDecoder
+from .kv_cache import ContextLengthError, KVCache
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """Sampling settings. ``temperature == 0`` is greedy (top_k/top_p ignored); ``top_k == 0`` and
+    ``top_p == 1`` disable those filters; ``seed=None`` draws a fresh seed per call."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+class Sampler:
+    """Picks the next token from logits ``[B, V]`` -> ids ``[B]``.
+
+    Sampling order follows transformers' warpers: temperature, then top-k, then top-p (nucleus: the
+    smallest set of most likely tokens whose probability reaches ``top_p``; the top token always
+    stays). Draws come from a private ``torch.Generator`` so a seed reproduces a run exactly and
+    nothing else's randomness is disturbed.
+    """
+
+    def __init__(self, cfg: GenerationConfig, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(cfg.seed if cfg.seed is not None else random.randrange(2**63))
+
+    @property
+    def greedy(self) -> bool:
+        return self.cfg.temperature == 0
+
+    def filtered_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled logits with filtered-out tokens at -inf (fp32), ``[B, V]``."""
+        x = logits.float() / self.cfg.temperature
+        if 0 < self.cfg.top_k < x.shape[-1]:
+            kth = torch.topk(x, self.cfg.top_k, dim=-1).values[..., -1:]  # [B, 1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.cfg.top_p < 1:
+            sorted_x, order = torch.sort(x, dim=-1, descending=True)
+            probs = sorted_x.softmax(-1)
+            # drop a token when the tokens above it already reach top_p
+            drop = probs.cumsum(-1) - probs >= self.cfg.top_p
+            drop[..., 0] = False
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return x
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.greedy:
+            return logits.argmax(-1)
+        probs = self.filtered_logits(logits).softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_prefix: int = 0  # positions already in the cache before this prompt
+    new_tokens: int = 0  # tokens yielded
+    prefill_ms: float = 0.0  # prompt forward + first sample (time to first token)
+    decode_ms: list[float] = field(default_factory=list)  # one entry per decode step
+    stop_reason: str = ""  # "stop_token" | "max_new_tokens" | "callback" | "closed" (caller stopped iterating)
+    stop_token: int | None = None
+
+    @property
+    def mean_decode_ms(self) -> float:
+        return sum(self.decode_ms) / len(self.decode_ms) if self.decode_ms else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1000.0 / self.mean_decode_ms if self.decode_ms else 0.0
+
+
+class TokenStream(Iterator[int]):
+    """The iterator :func:`generate_tokens` returns: yields token ids, exposes ``stats`` (filled as it
+    runs) and ``tokens`` (everything yielded so far). ``close()`` (or dropping it) ends generation."""
+
+    def __init__(self, gen: Iterator[int], stats: GenerationStats) -> None:
+        self._gen, self.stats, self.tokens = gen, stats, []
+
+    def __next__(self) -> int:
+        tok = next(self._gen)
+        self.tokens.append(tok)
+        return tok
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+def _check_prompt(model: LlamaDecoder, cache: KVCache, prompt_ids, prompt_embeds) -> torch.Tensor:
+    """-> embeddings [1, T, D] on the model's device and dtype."""
+    if (prompt_ids is None) == (prompt_embeds is None):
+        raise ShapeError("pass exactly one of prompt_ids [T] / [1, T] and prompt_embeds [T, D] / [1, T, D]")
+    if cache.batch != 1:
+        raise ShapeError(f"generate_tokens runs batch 1; the KV cache was built for batch {cache.batch}")
+    if prompt_ids is not None:
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ShapeError(f"prompt_ids must be [T] or [1, T] with T > 0, got {tuple(ids.shape)}")
+        vocab = model.cfg.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:  # an embedding lookup out of range would crash CUDA
+            raise ShapeError(f"prompt_ids must lie in [0, {vocab}), got min {int(ids.min())} max {int(ids.max())}")
+        with torch.inference_mode():
+            return model.embed(ids.to(model.device))
+    emb = prompt_embeds[None] if prompt_embeds.dim() == 2 else prompt_embeds
+    if emb.dim() != 3 or emb.shape[0] != 1 or emb.shape[1] == 0 or emb.shape[2] != model.cfg.hidden:
+        raise ShapeError(f"prompt_embeds must be [T, {model.cfg.hidden}] or [1, T, {model.cfg.hidden}] with T > 0, "
+                         f"got {tuple(prompt_embeds.shape)}")
+    return emb.to(device=model.device, dtype=model.dtype)
+
+
+def generate_tokens(model: LlamaDecoder, cache: KVCache, prompt_ids: torch.Tensor | Sequence[int] | None = None,
+                    prompt_embeds: torch.Tensor | None = None, gen_cfg: GenerationConfig = GenerationConfig(),
+                    on_token: Callable[[int], bool | None] | None = None, *,
+                    continue_cache: bool = False) -> TokenStream:
+    """Stream generated token ids. Checks happen here, before anything runs:
+
+    - the prompt (ids or embeddings, batch 1) is well formed;
+    - cached prefix + prompt + ``max_new_tokens`` fits both the KV cache and ``max_seq_len``
+      (:class:`~edgevlm.runtime.kv_cache.ContextLengthError`, a ShapeError, naming both lengths).
+
+    Generation stops at a token in ``stop_token_ids`` (not yielded), after ``max_new_tokens``, when
+    ``on_token(id)`` returns True (that token is yielded first), or when the caller stops iterating.
+    """
+    if not continue_cache:
+        cache.reset()
+    x = _check_prompt(model, cache, prompt_ids, prompt_embeds)  # [1, T, D]
+    prefix, t = cache.length, x.shape[1]
+    need = prefix + t + gen_cfg.max_new_tokens
+    limits = ((cache.max_len, "the KV cache size max_len"), (model.cfg.max_seq_len, "the decoder's max_seq_len"))
+    for limit, what in limits:
+        if need > limit:
+            raise ContextLengthError(
+                f"prompt of {t} tokens" + (f" after {prefix} cached" if prefix else "") +
+                f" + max_new_tokens {gen_cfg.max_new_tokens} = {need} positions exceeds {what} {limit}; "
+                "shorten the prompt or lower max_new_tokens")
+    stats = GenerationStats(prompt_tokens=t, cached_prefix=prefix)
+    sampler = Sampler(gen_cfg, device=model.device)
+    stops = set(gen_cfg.stop_token_ids)
+
+    @torch.inference_mode()
+    def step(**inputs) -> int:
+        # one forward + sample; inference_mode is entered per step so it never leaks into the
+        # caller's code between yields.
+        logits = model(cache=cache, last_only=True, **inputs)[:, -1]  # [1, V]
+        return int(sampler(logits)[0])  # int() waits for the device, so timings are real
+
+    def run() -> Iterator[int]:
+        stats.stop_reason = "closed"
+        t0 = time.perf_counter()
+        tok = step(inputs_embeds=x)
+        stats.prefill_ms = (time.perf_counter() - t0) * 1e3
+        while True:
+            if tok in stops:
+                stats.stop_reason, stats.stop_token = "stop_token", tok
+                return
+            stats.new_tokens += 1
+            yield tok
+            if on_token is not None and on_token(tok):
+                stats.stop_reason = "callback"
+                return
+            if stats.new_tokens >= gen_cfg.max_new_tokens:
+                stats.stop_reason = "max_new_tokens"
+                return
+            t0 = time.perf_counter()
+            tok = step(input_ids=torch.tensor([[tok]], device=model.device))
+            stats.decode_ms.append((time.perf_counter() - t0) * 1e3)
+
+    return TokenStream(run(), stats)
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text without ever emitting part of one.
+
+    ``feed(piece)`` returns ``(text, stopped)``: ``text`` is safe to show now; anything that could be
+    the start of a stop string is held back (``held``) until the next piece settles it. When a stop
+    string completes, ``text`` ends right before it, ``stopped`` is True and ``matched`` names it.
+    At the natural end of generation ``flush()`` returns the held text.
+    """
+
+    def __init__(self, stop_strings: Sequence[str]) -> None:
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.held = ""
+        self.matched: str | None = None
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        if self.matched is not None:
+            return "", True
+        buf = self.held + piece
+        hits = [(i, s) for s in self.stop_strings if (i := buf.find(s)) >= 0]
+        if hits:
+            i, self.matched = min(hits)
+            self.held = ""
+            return buf[:i], True
+        keep = 0  # longest tail of buf that is a proper prefix of some stop string
+        for s in self.stop_strings:
+            for n in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:n]):
+                    keep = n
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+__all__ = ["GenerationConfig", "Sampler", "GenerationStats", "TokenStream", "generate_tokens", "StopStringMatcher"]
