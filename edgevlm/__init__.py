@@ -36,3 +36,15 @@ __all__ = [
     "CheckpointError", "WeightsNotFoundError", "ShapeError", "BackendUnavailableError", "ChatTemplateError",
     "PromptError", "TokenizerError",
 ]
+
+
+def load(source, device="cpu", dtype="float32", **kwargs):
+    """Load a :class:`~edgevlm.runtime.pipeline.Pipeline`: a preset name, an edgevlm checkpoint folder,
+    a transformers folder (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
+    See :func:`edgevlm.runtime.loader.load` for the options."""
+    from .runtime.loader import load as _load
+
+    return _load(source, device=device, dtype=dtype, **kwargs)
+
+
+__all__ += ["load"]

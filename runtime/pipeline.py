@@ -1,0 +1,209 @@
+"""The user-facing Pipeline: images + prompt -> text, with per-stage timings.
+
+::
+
+    pipe = edgevlm.load("demo")
+    out = pipe.generate(image, "What is on the table?", max_new_tokens=64)
+    out.text, out.token_ids, out.timings
+    for piece in pipe.stream(image, "Describe the scene."): print(piece, end="")
+
+Data flow per call: images -> vision tower (preprocess, encoders, connector) -> visual embeddings
+spliced into the prompt's embeddings at the chat format's image positions -> prefill into a static
+KV cache -> decode loop (sampler, stop ids) -> streaming detokeniser (stop strings).
+
+One Pipeline serves one generation at a time; calls from several threads are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgevlm.errors import PromptError
+
+from .chat import ChatFormat, build_multimodal_ids
+from .decoder import LlamaDecoder
+from .generate import GenerationConfig, StopStringMatcher, generate_tokens
+from .kv_cache import KVCache
+from .tokenizer import Tokenizer
+from .tower import VisionTower
+
+
+@dataclass
+class GenerateOutput:
+    """What :meth:`Pipeline.generate` returns.
+
+    ``timings`` (milliseconds): ``decode_image`` (file/array decoding), ``preprocess`` (views),
+    ``vision`` (encoders + connector), ``prefill`` (prompt forward + first token = time to first
+    token after the image stages), ``decode_per_token`` (mean), ``total``.
+    """
+
+    text: str
+    token_ids: list[int]
+    timings: dict[str, float]
+    prompt_tokens: int = 0
+    visual_tokens: int = 0
+    stop_reason: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """A decoder, its tokenizer and chat format, and optionally a vision tower."""
+
+    def __init__(self, decoder: LlamaDecoder, tokenizer: Tokenizer, chat: ChatFormat, *,
+                 tower: VisionTower | None = None, name: str = "", max_context: int = 2048,
+                 sources: dict[str, str] | None = None):
+        self.decoder = decoder.eval()
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.tower = tower
+        self.name = name
+        self.max_context = min(int(max_context), decoder.cfg.max_seq_len)
+        self.sources = dict(sources or {})
+        self._cache: KVCache | None = None
+        self._lock = threading.Lock()
+        self.last_output: GenerateOutput | None = None
+
+    # ---- prompt assembly -------------------------------------------------------------------
+    def _images(self, image) -> list:
+        if image is None:
+            return []
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if images and self.tower is None:
+            raise PromptError(f"model {self.name or '(text-only)'} has no vision tower; pass image=None")
+        return images
+
+    def _messages(self, prompt, system: str | None) -> list[dict]:
+        if isinstance(prompt, str):
+            msgs = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
+            msgs = [dict(m) for m in prompt]
+        else:
+            raise PromptError("prompt must be a string or a list of chat messages ({'role': ..., 'content': ...})")
+        if system is not None:
+            msgs = [{"role": "system", "content": system}] + [m for m in msgs if m.get("role") != "system"]
+        return msgs
+
+    def _prepare(self, image, prompt, raw: bool, system: str | None) -> tuple[torch.Tensor, dict[str, float], int]:
+        """-> (inputs_embeds [1, T, D], image-stage timings, visual positions)."""
+        images = self._images(image)
+        timings: dict[str, float] = {}
+        embeds: list[torch.Tensor] = []
+        if images:
+            embeds = self.tower.embed_each(images)  # one [T_i, D] per image
+            t = self.tower.last_timings
+            timings = {"decode_image": t["decode_ms"], "preprocess": t["preprocess_ms"], "vision": t["vision_ms"]}
+        tpi = [e.shape[0] for e in embeds]
+        if raw:
+            if not isinstance(prompt, str):
+                raise PromptError("raw=True needs the prompt as one string")
+            mp = build_multimodal_ids(self.tokenizer, prompt, len(tpi), tpi, self.chat.image_placement,
+                                      self.chat.image_token)
+        else:
+            mp = self.chat.build(self.tokenizer, self._messages(prompt, system), tpi)
+        x = mp.embed(self.decoder.embed, embeds)  # [1, T, D]
+        return x, timings, sum(tpi)
+
+    def _cache_for(self) -> KVCache:
+        if self._cache is None:
+            self._cache = self.decoder.new_cache(batch=1, max_len=self.max_context)
+        return self._cache
+
+    # ---- generation ------------------------------------------------------------------------
+    def stream(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
+               system: str | None = None) -> Iterator[str]:
+        """Yield the answer's text pieces as they are decoded. After the loop, ``pipe.last_output``
+        holds the full :class:`GenerateOutput` (ids, timings, stop reason)."""
+        with self._lock:
+            t_start = time.perf_counter()
+            x, timings, n_visual = self._prepare(image, prompt, raw, system)
+            gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed, stop_token_ids=tuple(sorted(self.chat.stop_ids(self.tokenizer))))
+            tokens = generate_tokens(self.decoder, self._cache_for(), prompt_embeds=x, gen_cfg=gen)
+            detok = self.tokenizer.stream_decoder(skip_special=True)
+            stops = StopStringMatcher(tuple(self.chat.stop_strings) + tuple(stop))
+            parts: list[str] = []
+            stopped = False
+            try:
+                vocab = self.tokenizer.vocab_size
+                for tok in tokens:
+                    # Embedding tables are often padded past the tokenizer's vocabulary; such rows
+                    # have no text, so they contribute nothing to the answer (the id is kept).
+                    text, stopped = stops.feed(detok.feed(tok) if tok < vocab else "")
+                    if text:
+                        parts.append(text)
+                        yield text
+                    if stopped:
+                        break
+                if not stopped:
+                    tail, _ = stops.feed(detok.flush())
+                    tail += stops.flush()
+                    if tail:
+                        parts.append(tail)
+                        yield tail
+            finally:
+                tokens.close()
+                s = tokens.stats
+                timings.update({"prefill": s.prefill_ms, "decode_per_token": s.mean_decode_ms,
+                                "total": (time.perf_counter() - t_start) * 1e3})
+                self.last_output = GenerateOutput(
+                    text="".join(parts), token_ids=list(tokens.tokens), timings=timings,
+                    prompt_tokens=s.prompt_tokens, visual_tokens=n_visual,
+                    stop_reason="stop_string" if stopped else s.stop_reason,
+                    info={"decode_tokens_per_s": s.decode_tokens_per_s})
+
+    def generate(self, image, prompt, **kwargs) -> GenerateOutput:
+        """Run to completion; see :meth:`stream` for the arguments. ``image`` may be None, one image
+        (path, PIL image, HWC uint8 array) or a list; ``raw=True`` sends ``prompt`` verbatim."""
+        for _ in self.stream(image, prompt, **kwargs):
+            pass
+        assert self.last_output is not None
+        return self.last_output
+
+    # ---- introspection ---------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        params = sum(p.numel() for p in self.decoder.parameters())
+        dec_bytes = sum(p.numel() * p.element_size() for p in self.decoder.parameters())
+        c = self.decoder.cfg
+        kv_bytes = 2 * c.layers * c.kv_heads * c.head_dim * self.max_context * self.decoder.dtype.itemsize
+        out: dict[str, Any] = {
+            "name": self.name,
+            "decoder": {"layers": c.layers, "hidden": c.hidden, "heads": c.heads, "kv_heads": c.kv_heads,
+                        "vocab": c.vocab_size, "params": params, "weights_bytes": dec_bytes,
+                        "dtype": str(self.decoder.dtype).replace("torch.", ""), "device": str(self.decoder.device),
+                        "weights": self.sources.get("decoder", "?")},
+            "kv_cache": {"max_context": self.max_context, "bytes": kv_bytes},
+            "tokenizer": {"vocab": self.tokenizer.vocab_size, "bos": self.tokenizer.bos_id,
+                          "eos": self.tokenizer.eos_id, "source": self.sources.get("tokenizer", "?")},
+            "chat": {"format": self.chat.kind, "image_placement": self.chat.image_placement,
+                     "template": "checkpoint" if self.chat.template else "default"},
+            "vision": self.tower.info() if self.tower is not None else None,
+            "backends": backends(),
+        }
+        return out
+
+
+def backends() -> dict[str, str]:
+    """Which optional backends and extensions this process can use (shown by ``edgevlm info``)."""
+    import importlib.util
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda or "no"}
+    try:
+        from edgevlm import _C  # noqa: F401
+
+        out["cpp_ext"] = "built"
+    except ImportError as e:
+        out["cpp_ext"] = f"missing ({e})"
+    for mod in ("onnxruntime", "tensorrt", "triton"):
+        out[mod] = "installed" if importlib.util.find_spec(mod) else "not installed"
+    out["cuda_available"] = str(torch.cuda.is_available())
+    return out
+
+
+__all__ = ["Pipeline", "GenerateOutput", "backends"]
