@@ -1,0 +1,201 @@
+"""The Pipeline end to end: transformers parity for whole LLaVA / Llama folders (greedy tokens and
+logits), the real SmolLM2 demo decoder, streaming, bad input, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import edgevlm
+from edgevlm import CheckpointError, PromptError, ShapeError
+from edgevlm.runtime.chat import build_multimodal_ids
+from edgevlm.runtime.generate import GenerationConfig, generate_tokens
+from edgevlm.runtime.readers import resolve_weights_path
+from edgevlm.presets import SMOLLM2_GGUF
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+VOCAB = 300  # 3 specials + 256 bytes + <image> + spare rows
+IMAGE_ID = 259
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def write_byte_tokenizer(folder) -> None:
+    """A byte-level tokenizer.json (no merges) with <s>, </s> and <image> specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<s>", "</s>", "<image>"])
+    assert tk.token_to_id("<image>") == IMAGE_ID
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": TEMPLATE}))
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name.lower() and name.endswith("weight") else 0.1 * noise)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    cfg = transformers.LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=80, intermediate_size=96,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=40, patch_size=4),
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512),
+        image_token_index=IMAGE_ID, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    _randomize(model, 7)
+    folder = tmp_path_factory.mktemp("llava_full")
+    model.save_pretrained(folder)
+    write_byte_tokenizer(folder)
+    return model, folder
+
+
+def test_llava_folder_greedy_tokens_and_logits_match_transformers(llava):
+    model, folder = llava
+    pipe = edgevlm.load(folder)
+    assert pipe.tower is not None and pipe.chat.image_placement == "placeholder"
+    img = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    from edgevlm.runtime.image_io import load_images
+
+    px = pipe.tower.preprocessor(load_images([img])).views["clip"]  # the same pixels go to both
+    emb = pipe.tower.from_pixels(px)[0]  # [100, 64]
+    mp = build_multimodal_ids(pipe.tokenizer, "<s>user: <image>\nWhat is this?\nassistant:", 1, [emb.shape[0]],
+                              "placeholder")
+    ids = torch.tensor([[IMAGE_ID if i < 0 else i for i in mp.input_ids]])
+    assert (ids == IMAGE_ID).sum() == 100
+
+    x = mp.embed(pipe.decoder.embed, [emb])
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, pixel_values=px).logits[0, -1]
+        ours_logits = pipe.decoder(inputs_embeds=x)[0, -1]
+    assert (ours_logits - ref_logits).abs().max().item() <= 1e-4
+
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    ours = list(generate_tokens(pipe.decoder, pipe.decoder.new_cache(max_len=256), prompt_embeds=x,
+                                gen_cfg=GenerationConfig(max_new_tokens=32)))
+    assert len(ref) == 32 and ours == ref
+
+
+def test_llava_pipeline_generate_runs_on_images(llava):
+    _, folder = llava
+    pipe = edgevlm.load(folder)
+    img = np.random.default_rng(1).integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+    out = pipe.generate(img, "Describe.", max_new_tokens=5)
+    assert out.visual_tokens == 100 and out.prompt_tokens > 100
+    assert {"preprocess", "vision", "prefill", "total"} <= set(out.timings)
+    assert 1 <= len(out.token_ids) <= 5
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    _randomize(model, 8)
+    folder = tmp_path_factory.mktemp("llama_full")
+    model.save_pretrained(folder)
+    write_byte_tokenizer(folder)
+    return model, folder
+
+
+def test_llama_folder_raw_prompt_matches_transformers_generate(llama):
+    model, folder = llama
+    pipe = edgevlm.load(folder)
+    out = pipe.generate(None, "Hello, edge!", raw=True, max_new_tokens=32)
+    ids = torch.tensor([pipe.tokenizer.encode("Hello, edge!")])
+    assert ids[0, 0].item() == 1  # BOS added, as the tokenizer config says
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, max_new_tokens=32, do_sample=False, eos_token_id=2,
+                             pad_token_id=0)[0, ids.shape[1]:].tolist()
+    ref = ref[: ref.index(2)] if 2 in ref else ref  # the pipeline stops at EOS and does not return it
+    assert out.token_ids == ref
+    assert out.prompt_tokens == ids.shape[1]
+
+
+def test_context_overflow_and_text_only_errors(llama):
+    _, folder = llama
+    pipe = edgevlm.load(folder, max_context=64)
+    with pytest.raises(ShapeError, match=r"exceeds the KV cache size max_len 64"):
+        pipe.generate(None, "x" * 100, raw=True, max_new_tokens=8)
+    with pytest.raises(PromptError, match="no vision tower"):
+        pipe.generate(np.zeros((8, 8, 3), np.uint8), "hi")
+    # the pipeline is still usable after refusing bad input
+    assert pipe.generate(None, "ok", raw=True, max_new_tokens=2).token_ids
+
+
+def test_unsupported_transformers_folder(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    write_byte_tokenizer(tmp_path)
+    with pytest.raises(CheckpointError, match="supported: \\['llama', 'llava', 'mistral'\\]"):
+        edgevlm.load(tmp_path)
+
+
+# ---- the real demo decoder -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo():
+    try:
+        resolve_weights_path(SMOLLM2_GGUF)
+    except edgevlm.WeightsNotFoundError as e:
+        pytest.skip(f"real weights not installed: {e}")
+    return edgevlm.load("demo")
+
+
+def test_demo_answers_paris_and_streams(demo):
+    out = demo.generate(None, "What is the capital of France?", max_new_tokens=32)
+    assert "Paris" in out.text
+    assert out.stop_reason == "stop_token"
+    pieces = list(demo.stream(None, "What is the capital of France?", max_new_tokens=32))
+    assert "".join(pieces) == out.text and len(pieces) > 3
+    assert demo.last_output.token_ids == out.token_ids
+
+
+def test_demo_image_positions(demo):
+    from importlib import resources
+
+    img = str(resources.files("edgevlm") / "assets" / "chelsea.jpg")
+    out = demo.generate(img, "What is in the picture?", max_new_tokens=3)
+    assert out.visual_tokens == 67
+    assert out.timings["vision"] > 0 and out.timings["preprocess"] > 0
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+
+def test_cli_run_json_and_errors(capsys, llama):
+    from edgevlm.cli import main
+
+    _, folder = llama
+    assert main(["run", "Hi", "--model", str(folder), "--raw", "--json", "--max-new-tokens", "4"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) >= {"text", "token_ids", "timings_ms", "stop_reason"} and len(doc["token_ids"]) <= 4
+    assert main(["run", "Hi", "--model", "no-such-model"]) == 2
+    assert "UnknownPresetError" in capsys.readouterr().err
+
+
+def test_cli_info_preset_sizes_without_loading(capsys):
+    from edgevlm.cli import main
+
+    assert main(["info", "sphinx-1k", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["vision"]["visual_tokens_per_image"] == 1455
+    assert doc["decoder"]["params"] > 13e9  # LLaMA-2-13B shape, sized on the meta device
+    assert "cpp_ext" in doc["backends"]
