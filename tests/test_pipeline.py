@@ -199,3 +199,24 @@ def test_cli_info_preset_sizes_without_loading(capsys):
     assert doc["vision"]["visual_tokens_per_image"] == 1455
     assert doc["decoder"]["params"] > 13e9  # LLaMA-2-13B shape, sized on the meta device
     assert "cpp_ext" in doc["backends"]
+
+
+def test_edgevlm_checkpoint_round_trip_through_load(tmp_path):
+    from edgevlm.presets import get_preset
+    from edgevlm.runtime.checkpoint import save_checkpoint
+
+    pipe = edgevlm.load("tiny")
+    state = {f"tower.{k}": v for k, v in pipe.tower.model.state_dict().items()}
+    state.update({f"decoder.{k}": v for k, v in pipe.decoder.state_dict().items()})
+    save_checkpoint(tmp_path / "ckpt", get_preset("tiny"), state)
+    back = edgevlm.load(tmp_path / "ckpt")
+    assert back.sources["decoder"] == "checkpoint"
+    img = np.random.default_rng(2).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    a = pipe.generate(img, "hi", max_new_tokens=6)
+    b = back.generate(img, "hi", max_new_tokens=6)
+    assert a.token_ids == b.token_ids and a.visual_tokens == 135
+
+    no_decoder = {k: v for k, v in state.items() if k.startswith("tower.")}
+    save_checkpoint(tmp_path / "towers_only", get_preset("tiny"), no_decoder)
+    with pytest.raises(CheckpointError, match="no decoder"):
+        edgevlm.load(tmp_path / "towers_only")
