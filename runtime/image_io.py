@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -149,7 +150,9 @@ def _open(src: Any, what: str, max_pixels: int, max_aspect: float) -> np.ndarray
         fp = io.BytesIO(bytes(src))
     with fp:
         try:
-            im = Image.open(fp, formats=ALLOWED_FORMATS)  # reads the header only
+            with warnings.catch_warnings():  # our max_pixels check below is the policy, not PIL's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(fp, formats=ALLOWED_FORMATS)  # reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageSizeError(f"{what}: refused by PIL's decompression-bomb guard ({e})") from e
         except Exception as e:  # untrusted bytes: any plugin failure means "not a readable image"

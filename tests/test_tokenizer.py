@@ -164,8 +164,10 @@ def test_smollm_roundtrip_fuzz(tok, oracle, s):
     kept = bytes(b for b in s.encode("utf-8") if b not in missing)
     ids = tok.encode(s)
     assert tok.decode(ids) == kept.decode("utf-8", errors="replace")
-    assert ids == oracle(s)
     if kept == s.encode("utf-8"):
+        # With a dropped byte the neighbours may merge ('*\x16:' -> '*:'), which the oracle's
+        # piece-by-piece rule does not model; on every other text the two must agree exactly.
+        assert ids == oracle(s)
         assert tok.decode(ids) == s
 
 
