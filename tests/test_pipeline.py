@@ -15,6 +15,7 @@ from edgevlm.runtime.chat import build_multimodal_ids
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 from edgevlm.runtime.readers import resolve_weights_path
 from edgevlm.presets import SMOLLM2_GGUF
+from helpers import randomize_params
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -41,12 +42,6 @@ def write_byte_tokenizer(folder) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": TEMPLATE}))
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name.lower() and name.endswith("weight") else 0.1 * noise)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def llava(tmp_path_factory):
         image_token_index=IMAGE_ID, vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
-    _randomize(model, 7)
+    randomize_params(model, 7)
     folder = tmp_path_factory.mktemp("llava_full")
     model.save_pretrained(folder)
     write_byte_tokenizer(folder)
@@ -110,7 +105,7 @@ def llama(tmp_path_factory):
                                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    _randomize(model, 8)
+    randomize_params(model, 8)
     folder = tmp_path_factory.mktemp("llama_full")
     model.save_pretrained(folder)
     write_byte_tokenizer(folder)

