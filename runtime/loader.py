@@ -90,7 +90,7 @@ def _random_decoder(cfg, dtype, device, seed: int) -> LlamaDecoder:
 
 def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allow_random: bool, dtype, device,
                        tokenizer_dir: Path | None, preprocess_backend: str, max_context: int, seed: int,
-                       tower_override: VisionTower | None = None) -> Pipeline:
+                       max_image_pixels: int | None = None, tower_override: VisionTower | None = None) -> Pipeline:
     sources: dict[str, str] = {}
     dec_state = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
     gguf_model = None
@@ -125,21 +125,25 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
         tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
         model, report = build_tower_model(cfg.tower, tower_state, allow_random=allow_random, seed=seed)
         tower = VisionTower(model.to(device, dtype), device=torch.device(device), dtype=dtype,
-                            preprocess_backend=preprocess_backend, weights=report)
+                            preprocess_backend=preprocess_backend, max_image_pixels=max_image_pixels,
+                            weights=report)
     return Pipeline(decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), tower=tower, name=cfg.name,
                     max_context=max_context, sources=sources)
 
 
 def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
-         preprocess_backend: str = "auto", max_context: int = 2048, seed: int = 0) -> Pipeline:
+         preprocess_backend: str = "auto", max_context: int = 2048, max_image_pixels: int | None = None,
+         seed: int = 0) -> Pipeline:
     """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
     (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
 
     ``max_context`` sizes the static KV cache (positions of prompt + answer); it is capped at the
-    decoder's own limit.
+    decoder's own limit. ``max_image_pixels`` refuses larger images before decoding them (default
+    64 MP, see :mod:`edgevlm.runtime.image_io`).
     """
     dt, dev = _dtype(dtype), torch.device(device)
-    common = dict(dtype=dt, device=dev, preprocess_backend=preprocess_backend, max_context=max_context, seed=seed)
+    common = dict(dtype=dt, device=dev, preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
+                  max_image_pixels=max_image_pixels)
     if isinstance(source, ModelConfig):
         return _from_model_config(source, {}, allow_random=True, tokenizer_dir=None, **common)
     if isinstance(source, str) and source in PRESETS:
@@ -148,7 +152,7 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
     if path is not None and path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: only .gguf files load directly; other checkpoints are folders")
-        return _load_gguf(path, dt, dev, max_context)
+        return _load_gguf(path, dt, dev, max_context)  # text-only: no image limits apply
     if path is not None and path.is_dir():
         if is_checkpoint_dir(path):
             cfg, state = load_checkpoint(path)
@@ -172,7 +176,8 @@ def _load_gguf(path: Path, dtype, device, max_context: int) -> Pipeline:
                     sources={"decoder": str(path), "tokenizer": str(path)})
 
 
-def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_context, seed) -> Pipeline:
+def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_context, seed,
+                       max_image_pixels) -> Pipeline:
     from .readers.hf_llama import SUPPORTED_MODEL_TYPES, read_llama_dir
 
     hf = read_json(path / "config.json")
@@ -188,7 +193,8 @@ def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_con
     if model_type == "llava":
         from .tower import load_vision_tower
 
-        tower = load_vision_tower(path, device=device, dtype=dtype, preprocess_backend=preprocess_backend)
+        tower = load_vision_tower(path, device=device, dtype=dtype, preprocess_backend=preprocess_backend,
+                                  max_image_pixels=max_image_pixels)
         dec_cfg, dec_state = read_llama_dir(path)  # the language model inside the LLaVA folder
         image_token = tokenizer.id_to_token(hf.get("image_token_id", hf.get("image_token_index", -1))) or "<image>"
         cfg = ModelConfig(name=path.name, tower=tower.config, decoder=dec_cfg, image_placement="placeholder",
@@ -196,7 +202,7 @@ def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_con
         return _from_model_config(cfg, {f"decoder.{k}": v for k, v in dec_state.items()}, allow_random=False,
                                   tokenizer_dir=path, dtype=dtype, device=device,
                                   preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
-                                  tower_override=tower)
+                                  max_image_pixels=max_image_pixels, tower_override=tower)
     raise CheckpointError(f"{path}: transformers model_type {model_type!r} is not supported; supported: "
                           f"{sorted((*SUPPORTED_MODEL_TYPES, 'llava'))}")
 

@@ -215,3 +215,10 @@ def test_edgevlm_checkpoint_round_trip_through_load(tmp_path):
     save_checkpoint(tmp_path / "towers_only", get_preset("tiny"), no_decoder)
     with pytest.raises(CheckpointError, match="no decoder"):
         edgevlm.load(tmp_path / "towers_only")
+
+
+def test_pixel_limit_is_enforced_through_load():
+    pipe = edgevlm.load("tiny", max_image_pixels=1000)
+    with pytest.raises(edgevlm.ImageSizeError, match="1000"):
+        pipe.generate(np.zeros((40, 40, 3), np.uint8), "hi", max_new_tokens=2)
+    assert pipe.generate(np.zeros((30, 30, 3), np.uint8), "hi", max_new_tokens=2).visual_tokens == 135
