@@ -262,6 +262,16 @@ class LlamaDecoder(nn.Module):
         of a chunk after a reused prefix, or one decode step); their K/V are written and the length
         advances. ``positions`` ``[T]`` or ``[B, T]`` (RoPE only) default to ``cache.length`` onward.
         """
+        x = self.hidden_states(input_ids, inputs_embeds, positions, cache)  # [B, T, D]
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # [B, T or 1, V]
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states ``[B, T, D]`` that ``lm_head`` turns into logits. Training
+        applies ``lm_head`` only where a loss is taken: a 49k-entry vocabulary makes full logits the
+        largest tensor of a step."""
         x = self._inputs(input_ids, inputs_embeds)  # [B, T, D]
         b, t, _ = x.shape
         start = 0
@@ -282,9 +292,7 @@ class LlamaDecoder(nn.Module):
             x = layer(x, cos, sin, mask, cache, start)
         if cache is not None:
             cache.commit(start + t)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # [B, T or 1, V]
+        return self.norm(x)
 
 
 def _fill_tied_lm_head(module, state_dict, prefix, *args) -> None:

@@ -98,12 +98,23 @@ class SphinxFusion(nn.Module):
         return torch.cat([p.to(dtype) for p in parts], dim=-1)
 
     def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
+        return self.from_aligned(self.aligned_tokens(features), features, masks)
+
+    def from_aligned(self, aligned: torch.Tensor, features: dict[str, torch.Tensor] | None = None,
+                     masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Everything after :meth:`aligned_tokens`: ``[N, 1 + g*g, sum(in_widths)]`` -> ``[N, tokens_per_view, out]``.
+
+        Training with frozen encoders caches ``aligned`` once per image and runs only this part;
+        ``features`` is needed only for the Q-Former's encoder tokens.
+        """
         # Grid encoders see whole views, so masks only reach the Q-Former's cross-attention.
-        fused = self.visual_proj(self.aligned_tokens(features))  # [N, 1 + g*g, out]
+        fused = self.visual_proj(aligned)  # [N, 1 + g*g, out]
         n = fused.shape[0]
         parts = [fused]
         if self.cfg.qformer is not None:
             name = self.cfg.qformer.encoder
+            if features is None:
+                raise ShapeError(f"sphinx fusion with a Q-Former needs the features of encoder {name!r}")
             x = as_tokens(encoder_features(features, name, "sphinx q-former"), self.qformer_enc, "sphinx q-former")
             if x.shape[0] != n:
                 raise ShapeError(f"sphinx fusion: Q-Former encoder {name!r} has {x.shape[0]} views, the grid "
