@@ -12,7 +12,7 @@ from .config import (
     ViewConfig, ViTConfig, WeightsRef,
 )
 from .errors import (
-    BackendUnavailableError, ChatTemplateError, CheckpointError, ConfigError, EdgeVLMError, ImageDecodeError,
+    BackendUnavailableError, BoxFormatError, ChatTemplateError, CheckpointError, ConfigError, EdgeVLMError, ImageDecodeError,
     ImageError, ImageSizeError, PromptError, ShapeError, TokenizerError, UnknownPresetError, WeightsNotFoundError,
 )
 from .presets import get_preset, preset_names
@@ -34,7 +34,7 @@ __all__ = [
     "ResamplerConnectorConfig", "SphinxFusionConfig", "WeightsRef",
     "EdgeVLMError", "ConfigError", "UnknownPresetError", "ImageError", "ImageDecodeError", "ImageSizeError",
     "CheckpointError", "WeightsNotFoundError", "ShapeError", "BackendUnavailableError", "ChatTemplateError",
-    "PromptError", "TokenizerError",
+    "PromptError", "TokenizerError", "BoxFormatError",
 ]
 
 

@@ -37,6 +37,13 @@ class TokenizerError(EdgeVLMError, ValueError):
     """Text or ids given to a tokenizer are unusable (lone surrogates, ids outside the vocabulary)."""
 
 
+class BoxFormatError(EdgeVLMError, TypeError, ValueError):
+    """A box helper got something other than text / four finite numbers / a sane decimal count.
+
+    Derives from both TypeError (non-str text) and ValueError (bad values) so generic handlers work.
+    """
+
+
 class ImageError(EdgeVLMError, ValueError):
     """An image could not be decoded, or is of a size or mode the runtime refuses."""
 
@@ -72,6 +79,7 @@ __all__ = [
     "ChatTemplateError",
     "PromptError",
     "TokenizerError",
+    "BoxFormatError",
     "ImageError",
     "ImageDecodeError",
     "ImageSizeError",
