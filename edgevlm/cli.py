@@ -1,4 +1,4 @@
-"""The ``edgevlm`` command line: ``run``, ``info``, ``demo``.
+"""The ``edgevlm`` command line: ``run``, ``info``, ``demo``, ``train ...``, ``eval``.
 
 Subcommands are small functions registered in :data:`COMMANDS`; each takes parsed arguments and
 returns an exit code. Errors that edgevlm raises on purpose print one line and exit with 2; anything
@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
                       help="image preprocessing backend (default: auto = C++ when built)")
     demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+    from edgevlm.train.cli import add_parsers  # `train ...` and `eval`
+
+    add_parsers(sub)
     return p
 
 
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return (getattr(args, "func", None) or COMMANDS[args.command])(args)
     except EdgeVLMError as e:
         print(f"edgevlm {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

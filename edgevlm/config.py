@@ -611,6 +611,32 @@ class DecoderConfig:
         return self.rope_original_max_len or self.max_seq_len
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters on the decoder's linear layers: ``W + (alpha / rank) * B @ A``.
+
+    Applied from outside the model (a module swap, :mod:`edgevlm.runtime.lora`); merged into the
+    dense weights for inference and export, so a LoRA-tuned model runs exactly like any other.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank")
+        _check(self.alpha > 0, f"LoRA alpha must be > 0, got {self.alpha}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(bool(self.targets) and not bad, f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {bad}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A whole VLM. ``image_placement``: ``after_bos`` (SPHINX) or ``placeholder`` (an ``<image>``
@@ -626,6 +652,10 @@ class ModelConfig:
     # for either; "transformers" for a LlamaForCausalLM folder; "tokenizer-json" for a tokenizer folder).
     decoder_weights: WeightsRef | None = None
     tokenizer: WeightsRef | None = None
+    # Trained tensors layered over the component weights above (format "safetensors"; keys
+    # tower.* and decoder.*, LoRA factors included), e.g. the demo's trained projector and adapters.
+    weights: WeightsRef | None = None
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         _check(self.image_placement in ("after_bos", "placeholder"),
@@ -734,5 +764,6 @@ __all__ = [
     "WeightsRef", "EncoderConfig", "ViTConfig", "ConvNeXtConfig", "EfficientNetConfig", "round_filters",
     "QFormerConfig", "ConnectorConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
     "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "TowerConfig", "DecoderConfig", "ModelConfig",
+    "LoRAConfig", "LORA_TARGETS",
     "ENCODER_KINDS", "CONNECTOR_KINDS", "to_dict", "from_dict",
 ]

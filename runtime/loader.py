@@ -21,9 +21,10 @@ from edgevlm.presets import PRESETS, get_preset
 from .chat import ChatFormat
 from .checkpoint import is_checkpoint_dir, load_checkpoint
 from .decoder import LlamaDecoder
+from .lora import LORA_SUFFIXES, merge_lora_weights
 from .pipeline import Pipeline
 from .readers import resolve_weights_path
-from .readers.safetensors_io import read_json
+from .readers.safetensors_io import load_safetensors, read_json
 from .tokenizer import BYTE_TO_CHAR, Tokenizer
 from .tower import _dtype, build_tower_model, VisionTower
 
@@ -92,7 +93,12 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
                        tokenizer_dir: Path | None, preprocess_backend: str, max_context: int, seed: int,
                        max_image_pixels: int | None = None, tower_override: VisionTower | None = None) -> Pipeline:
     sources: dict[str, str] = {}
-    dec_state = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
+    if cfg.weights is not None:  # trained tensors shipped beside the config (the checkpoint's own win)
+        state = {**load_safetensors(resolve_weights_path(cfg.weights)), **state}
+        sources["trained"] = f"{cfg.weights.format}:{cfg.weights.path}"
+    dec_all = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
+    lora_state = {k: v for k, v in dec_all.items() if k.endswith(LORA_SUFFIXES)}
+    dec_state = {k: v for k, v in dec_all.items() if not k.endswith(LORA_SUFFIXES)}
     gguf_model = None
     if dec_state:
         decoder = LlamaDecoder.from_state(cfg.decoder, dec_state, dtype=dtype, device=device)
@@ -108,6 +114,13 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
         sources["decoder"] = "random"
     else:
         raise CheckpointError("checkpoint has no decoder.* tensors and its config names no decoder_weights")
+    if lora_state:
+        if cfg.lora is None:
+            raise CheckpointError("checkpoint holds LoRA factors but its config has no `lora` section")
+        n = merge_lora_weights(decoder, lora_state, cfg.lora)
+        sources["decoder"] += f" + LoRA r={cfg.lora.rank} merged into {n} layers"
+    elif cfg.lora is not None and not allow_random:
+        raise CheckpointError(f"config asks for LoRA r={cfg.lora.rank} but the checkpoint has no lora_A/lora_B tensors")
 
     if cfg.tokenizer is not None:
         tokenizer = _tokenizer_from_ref(cfg.tokenizer, gguf_model)

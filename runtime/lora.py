@@ -1,0 +1,116 @@
+"""LoRA adapters on the decoder, applied and merged from outside the model.
+
+Training swaps the targeted ``nn.Linear`` modules for :class:`LoRALinear` (frozen base + trainable
+``lora_A [r, in]`` and ``lora_B [out, r]``); inference and export merge ``W += scale * B @ A`` back into
+plain ``nn.Linear`` weights, so a tuned model runs (and quantises, and exports) exactly like any
+other. Checkpoints store only the factors, under the module path of the layer they adapt:
+``layers.3.attn.q_proj.lora_A`` / ``.lora_B``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from edgevlm.config import LoRAConfig
+from edgevlm.errors import CheckpointError
+
+LORA_SUFFIXES = (".lora_A", ".lora_B")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * (x @ A^T) @ B^T``; ``B`` starts at zero so training starts from the base model."""
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float):
+        super().__init__()
+        self.base = base
+        self.scale = scale
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device,
+                                               dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device,
+                                               dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+
+    def merged(self) -> nn.Linear:
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.base.weight + self.scale * (self.lora_B @ self.lora_A))
+            if self.base.bias is not None:
+                out.bias.copy_(self.base.bias)
+        return out
+
+
+def _targets(model: nn.Module, cfg: LoRAConfig) -> list[tuple[nn.Module, str, str]]:
+    """(parent module, attribute, full name) of every Linear whose attribute name is a target."""
+    found = []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if attr in cfg.targets and isinstance(child, (nn.Linear, LoRALinear)):
+                found.append((module, attr, f"{name}.{attr}" if name else attr))
+    return found
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Swap the targeted Linear layers for :class:`LoRALinear` in place; returns their names.
+    Base weights are frozen; only the factors require grad."""
+    names = []
+    for parent, attr, name in _targets(model, cfg):
+        child = getattr(parent, attr)
+        if isinstance(child, LoRALinear):
+            continue
+        child.weight.requires_grad_(False)
+        if child.bias is not None:
+            child.bias.requires_grad_(False)
+        setattr(parent, attr, LoRALinear(child, cfg.rank, cfg.scale))
+        names.append(name)
+    return names
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` with its merged ``nn.Linear`` (in place; returns ``model``)."""
+    for module in list(model.modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, attr, child.merged())
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA factors, keyed ``<layer path>.lora_A`` / ``.lora_B``."""
+    return {k: v.detach() for k, v in model.state_dict().items() if k.endswith(LORA_SUFFIXES)}
+
+
+def merge_lora_weights(model: nn.Module, factors: dict[str, torch.Tensor], cfg: LoRAConfig) -> int:
+    """Add ``scale * B @ A`` from ``factors`` into the dense Linear weights of ``model`` in place (the
+    runtime path: no wrapper modules). Every targeted layer must have both factors of rank
+    ``cfg.rank``; returns the number of layers merged."""
+    modules = dict(model.named_modules())
+    layers = sorted({k[: -len(".lora_A")] for k in factors if k.endswith(".lora_A")} |
+                    {k[: -len(".lora_B")] for k in factors if k.endswith(".lora_B")})
+    expected = {name for _, _, name in _targets(model, cfg)}
+    if set(layers) != expected:
+        missing, extra = sorted(expected - set(layers)), sorted(set(layers) - expected)
+        raise CheckpointError(f"LoRA factors do not match targets {cfg.targets}: missing {missing[:3]} "
+                              f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")
+    for name in layers:
+        lin = modules[name]
+        a, b = factors.get(name + ".lora_A"), factors.get(name + ".lora_B")
+        if a is None or b is None:
+            raise CheckpointError(f"LoRA layer {name!r} lacks {'lora_A' if a is None else 'lora_B'}")
+        want_a, want_b = (cfg.rank, lin.in_features), (lin.out_features, cfg.rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise CheckpointError(f"LoRA layer {name!r}: factors {tuple(a.shape)} / {tuple(b.shape)}, "
+                                  f"expected {want_a} / {want_b}")
+        with torch.no_grad():
+            delta = (b.to(torch.float32) @ a.to(torch.float32)) * cfg.scale
+            lin.weight.add_(delta.to(lin.weight.dtype).to(lin.weight.device))
+    return len(layers)
+
+
+__all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_state_dict", "merge_lora_weights", "LORA_SUFFIXES"]

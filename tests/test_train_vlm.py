@@ -1,0 +1,134 @@
+"""LoRA from outside the model, the VLM trainer on the tiny preset (loss goes down, resume is exact),
+and parity: the exported checkpoint through ``edgevlm.load`` gives the training model's logits."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import edgevlm
+from edgevlm.config import LoRAConfig
+from edgevlm.errors import CheckpointError
+from edgevlm.presets import get_preset
+from edgevlm.runtime.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, merge_lora_weights
+from edgevlm.train.data import build_split
+from edgevlm.train.vlm import TrainConfig, VLMTrainer
+
+
+# ---- LoRA ----------------------------------------------------------------------------------
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(12, 8)
+        self.up_proj = nn.Linear(12, 20, bias=False)
+        self.other = nn.Linear(12, 12)
+
+
+def test_lora_apply_merge_and_runtime_merge_agree():
+    torch.manual_seed(0)
+    m, x = _Toy(), torch.randn(5, 12)
+    ref_q, ref_up = m.q_proj(x), m.up_proj(x)
+    cfg = LoRAConfig(rank=3, alpha=6.0, targets=("q_proj", "up_proj"))
+    assert sorted(apply_lora(m, cfg)) == ["q_proj", "up_proj"]
+    assert isinstance(m.q_proj, LoRALinear) and isinstance(m.other, nn.Linear)
+    assert torch.equal(m.q_proj(x), ref_q)  # B starts at zero
+    with torch.no_grad():
+        for p in (m.q_proj.lora_B, m.up_proj.lora_B):
+            p.normal_()
+    wrapped = m.q_proj(x), m.up_proj(x)
+    assert not torch.allclose(wrapped[0], ref_q)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == [
+        "q_proj.lora_A", "q_proj.lora_B", "up_proj.lora_A", "up_proj.lora_B", "other.weight", "other.bias"]
+
+    factors = lora_state_dict(m)
+    dense = _Toy()
+    dense.load_state_dict({k.replace(".base", ""): v for k, v in m.state_dict().items() if "lora_" not in k})
+    assert merge_lora_weights(dense, factors, cfg) == 2
+    merge_lora(m)
+    assert isinstance(m.q_proj, nn.Linear) and not isinstance(m.q_proj, LoRALinear)
+    for a, b, w in ((m.q_proj(x), dense.q_proj(x), wrapped[0]), (m.up_proj(x), dense.up_proj(x), wrapped[1])):
+        assert torch.allclose(a, w, atol=1e-5) and torch.allclose(b, w, atol=1e-5)
+
+    with pytest.raises(CheckpointError, match="missing"):
+        merge_lora_weights(_Toy(), {k: v for k, v in factors.items() if "up_proj" not in k}, cfg)
+    with pytest.raises(CheckpointError, match="expected"):
+        merge_lora_weights(_Toy(), {**factors, "q_proj.lora_A": torch.zeros(4, 12)}, cfg)
+
+
+# ---- the trainer on the tiny preset --------------------------------------------------------
+
+def _tiny_trainer(steps: int, **kw) -> VLMTrainer:
+    cfg = get_preset("tiny")
+    pipe = edgevlm.load(cfg)
+    samples = build_split("train", n_scenes=12, n_digits=4, seed=0)
+    tc = TrainConfig(stage="stage2", steps=steps, batch_size=4, lr=1e-2, lora_rank=4, lora_lr=1e-2, warmup=2,
+                     text_batch=1, text_len=24, autocast="none", save_every=3, **kw)
+    text = itertools.repeat([list(range(3, 27))])  # a fixed "text" batch: bytes 0..23
+    return VLMTrainer(cfg, tc, tower_model=pipe.tower.model, decoder=pipe.decoder, tokenizer=pipe.tokenizer,
+                      preprocessor=pipe.tower.preprocessor, samples=samples, text_source=text)
+
+
+def test_trainer_lowers_loss_and_freezes_what_it_should():
+    tr = _tiny_trainer(40, tasks=("color", "shape", "count", "digit"))  # short answers: learnable in 40 steps
+    trainable = {n for n, p in tr.decoder.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any(p.requires_grad for p in tr.tower.encoders.parameters())
+    frozen_before = {k: v.clone() for k, v in tr.tower.encoders.state_dict().items()}
+    fixed = tr.batch_indices(0)
+    with torch.no_grad():
+        before = tr.vlm_loss(fixed).item()
+    hist = [tr.step() for _ in range(40)]
+    with torch.no_grad():
+        after = tr.vlm_loss(fixed).item()
+    assert after < 0.7 * before, (before, after)
+    assert all("loss_text" in h for h in hist)  # text batches ride along whenever LoRA trains
+    assert all(torch.equal(v, tr.tower.encoders.state_dict()[k]) for k, v in frozen_before.items())
+
+
+def test_resume_is_exact(tmp_path):
+    straight = _tiny_trainer(6)
+    straight.train(tmp_path / "a", progress=False)
+
+    first = _tiny_trainer(6)
+    first.cfg = replace(first.cfg, steps=3)  # stop half way, as an interrupted run would
+    first.train(tmp_path / "b", progress=False)
+    resumed = _tiny_trainer(6)
+    resumed.train(tmp_path / "b", progress=False)
+    assert resumed.step_n == 6
+    a, b = straight.trainable_state(), resumed.trainable_state()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+    other = _tiny_trainer(6, seed=1)
+    with pytest.raises(CheckpointError, match="different training config"):
+        other.train(tmp_path / "b", progress=False)
+
+
+def test_exported_checkpoint_matches_training_logits(tmp_path):
+    tr = _tiny_trainer(5)
+    tr.train(tmp_path / "run", progress=False)
+    ckpt = tr.export(tmp_path / "ckpt", half=False)
+    pipe = edgevlm.load(ckpt)
+    assert "LoRA r=4 merged" in pipe.sources["decoder"]
+
+    ex = tr.examples[0]
+    img = build_split("train", n_scenes=12, n_digits=4, seed=0)[0].image
+    with torch.no_grad():
+        # training side: cached features -> connector -> LoRA-wrapped decoder (unmerged)
+        feats = {k: v[ex.image].float() for k, v in tr.features.items()}  # one image: [V, ...]
+        vis = tr.connector.from_aligned(feats.pop("aligned"), feats).reshape(1, -1, 64)
+        x_train = ex.prompt.embed(tr.decoder.embed, [vis[0]])
+        logits_train = tr.decoder(inputs_embeds=x_train)[0]
+        # runtime side: the image through the loaded pipeline's tower, merged decoder
+        emb = pipe.tower([img])[0]
+        x_rt = ex.prompt.embed(pipe.decoder.embed, [emb])
+        logits_rt = pipe.decoder(inputs_embeds=x_rt)[0]
+    assert (x_train - x_rt).abs().max().item() <= 1e-4
+    assert (logits_train - logits_rt).abs().max().item() <= 1e-4

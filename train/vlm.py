@@ -1,0 +1,367 @@
+"""Training a VLM's connector (and LoRA adapters) on frozen encoders, with the runtime's own modules.
+
+Stages (the SPHINX recipe, at CPU scale):
+
+* ``stage1`` — vision-language alignment: captions only; the connector trains, encoders and LLM are
+  frozen. With ``unfreeze_llm`` the whole LLM trains too and a text-only batch of real English is
+  added to every step (SPHINX's joint LAION + RefinedWeb loss) so it keeps its long-text ability.
+* ``stage2`` — instruction tuning on every task template (caption, short VQA, counting, grounding with
+  ``[x1,y1,x2,y2]`` boxes, digits): connector + LoRA adapters on the decoder, text batches mixed in.
+
+The model is not a copy: it is the runtime's :class:`~edgevlm.runtime.tower.VisionTowerModel` (its
+connector) and :class:`~edgevlm.runtime.decoder.LlamaDecoder` with LoRA applied from outside, prompts
+are built by the runtime's :class:`~edgevlm.runtime.chat.ChatFormat`, so an exported checkpoint gives
+the runtime exactly the logits training saw. Frozen encoders run once per image: their outputs (for
+SPHINX fusion, the channel-aligned tokens before ``visual_proj``) are cached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from edgevlm.config import LORA_TARGETS, LoRAConfig, ModelConfig
+from edgevlm.errors import CheckpointError, ConfigError
+from edgevlm.runtime.chat import ChatFormat, MultimodalPrompt
+from edgevlm.runtime.checkpoint import save_checkpoint
+from edgevlm.runtime.lora import LORA_SUFFIXES, apply_lora, lora_state_dict
+from edgevlm.runtime.readers.safetensors_io import load_safetensors
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "stage2"  # "stage1" | "stage2"
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 1e-3  # connector
+    lora_lr: float = 5e-4
+    llm_lr: float = 2e-5  # only with unfreeze_llm
+    lora_rank: int = 8  # 0: no adapters
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    unfreeze_llm: bool = False
+    text_batch: int = 2  # text-only sequences per step whenever a decoder weight trains
+    text_len: int = 96
+    warmup: int = 20
+    tasks: tuple[str, ...] = ()  # empty: the stage's default (stage1: caption; stage2: all)
+    n_scenes: int = 1500
+    n_digits: int = 600
+    seed: int = 0
+    save_every: int = 100
+    weight_decay: float = 0.0
+    # bf16 autocast for the forward/backward matmuls (weights and optimiser stay fp32). On CPUs with
+    # AVX512-BF16 this is ~4x the fp32 matmul rate; "none" trains in plain fp32.
+    autocast: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("stage1", "stage2"):
+            raise ConfigError(f"stage must be 'stage1' or 'stage2', got {self.stage!r}")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ConfigError("steps and batch_size must be positive")
+        if self.lora_rank < 0:
+            raise ConfigError("lora_rank must be >= 0")
+        if self.autocast not in ("bf16", "none"):
+            raise ConfigError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+
+    @property
+    def trains_decoder(self) -> bool:
+        return self.unfreeze_llm or (self.stage == "stage2" and self.lora_rank > 0)
+
+
+@dataclass
+class Example:
+    """One (image, question, answer) turned into positions: the prompt's segments (image slot
+    included) followed by the answer ids, which carry the loss."""
+
+    image: int  # row in the feature cache
+    prompt: MultimodalPrompt
+    target: list[int]
+    task: str = ""
+
+    @property
+    def length(self) -> int:
+        return self.prompt.length + len(self.target)
+
+
+def make_example(tokenizer, chat: ChatFormat, image_row: int, question: str, answer: str, visual_tokens: int,
+                 task: str = "") -> Example:
+    prompt = chat.build(tokenizer, [{"role": "user", "content": question}], [visual_tokens])
+    end = sorted(chat.stop_ids(tokenizer))  # the answer ends with the model's end-of-turn token
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else end[0]
+    return Example(image_row, prompt, tokenizer.encode(answer, add_bos=False) + [eos], task)
+
+
+# ---- feature cache -------------------------------------------------------------------------
+
+@torch.inference_mode()
+def encode_images(tower_model, preprocessor, images: list[np.ndarray], batch: int = 16,
+                  desc: str = "encoding images") -> dict[str, torch.Tensor]:
+    """Frozen-encoder features per image, kept in fp32 so training sees exactly what the runtime
+    computes: ``"aligned"`` ``[n, V, 1 + g^2, C]`` (SPHINX fusion's tokens before ``visual_proj``) and,
+    when the fusion has a Q-Former, its encoder's tokens ``[n, V, T, C_q]``."""
+    conn = tower_model.connector
+    if not hasattr(conn, "from_aligned"):
+        raise ConfigError(f"feature caching needs a SPHINX-fusion connector, got {type(conn).__name__}")
+    qf = conn.cfg.qformer.encoder if conn.cfg.qformer is not None else None
+    out: dict[str, list[torch.Tensor]] = {"aligned": [], **({qf: []} if qf else {})}
+    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False):
+        pre = preprocessor(images[i: i + batch])
+        n, v = len(pre.views_per_image), pre.views_per_image[0]
+        feats = tower_model.encode(pre.views)
+        out["aligned"].append(conn.aligned_tokens(feats).reshape(n, v, -1, conn.cfg.fused_width))
+        if qf:
+            out[qf].append(feats[qf].reshape(n, v, *feats[qf].shape[1:]))
+    return {k: torch.cat(t) for k, t in out.items()}
+
+
+# ---- the trainer ---------------------------------------------------------------------------
+
+class VLMTrainer:
+    """Holds the runtime modules, the cached features, the examples and the optimiser."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, *, tower_model, decoder, tokenizer,
+                 preprocessor, samples, init_state: dict[str, torch.Tensor] | None = None,
+                 text_source=None):
+        self.model_cfg, self.cfg = model_cfg, train_cfg
+        self.tower, self.decoder, self.tokenizer = tower_model, decoder, tokenizer
+        self.chat = ChatFormat.from_config(model_cfg, tokenizer)
+        torch.manual_seed(train_cfg.seed)
+        for p in list(self.tower.parameters()) + list(self.decoder.parameters()):
+            p.requires_grad_(False)
+        self.lora_cfg = None
+        if train_cfg.lora_rank > 0 and (train_cfg.stage == "stage2" or _has_lora(init_state)):
+            self.lora_cfg = LoRAConfig(rank=train_cfg.lora_rank, alpha=train_cfg.lora_alpha,
+                                       targets=train_cfg.lora_targets)
+            apply_lora(self.decoder, self.lora_cfg)
+        if init_state:
+            self.load_trainable(init_state)
+        self.connector = self.tower.connector
+        for p in self.connector.parameters():
+            p.requires_grad_(True)
+        if train_cfg.unfreeze_llm:
+            for name, p in self.decoder.named_parameters():
+                p.requires_grad_(True)
+        elif train_cfg.stage == "stage1":  # adapters carried over from an init stay frozen in stage 1
+            for p in self.decoder.parameters():
+                p.requires_grad_(False)
+
+        tasks = train_cfg.tasks or (("caption",) if train_cfg.stage == "stage1" else ())
+        samples = [s for s in samples if not tasks or s.task in tasks]
+        if not samples:
+            raise ConfigError(f"no training samples for tasks {tasks}")
+        rows: dict[int, int] = {}
+        images = []
+        for s in samples:  # samples of one image share the array object: encode it once
+            if id(s.image) not in rows:
+                rows[id(s.image)] = len(images)
+                images.append(s.image)
+        t0 = time.perf_counter()
+        self.features = encode_images(self.tower, preprocessor, images)
+        self.encode_s = time.perf_counter() - t0
+        vt = model_cfg.tower.tokens_per_view * self.features["aligned"].shape[1]
+        self.examples = [make_example(tokenizer, self.chat, rows[id(s.image)], s.question, s.answer, vt, s.task)
+                         for s in samples]
+        self.text = text_source
+        self.step_n = 0
+        self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=train_cfg.weight_decay)
+        self.history: list[dict[str, float]] = []
+
+    # -- parameters -------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict]:
+        c = self.cfg
+        groups = [{"params": [p for p in self.connector.parameters() if p.requires_grad], "lr": c.lr, "name": "connector"}]
+        lora = [p for n, p in self.decoder.named_parameters() if p.requires_grad and ("lora_A" in n or "lora_B" in n)]
+        dense = [p for n, p in self.decoder.named_parameters() if p.requires_grad and "lora_" not in n]
+        if lora:
+            groups.append({"params": lora, "lr": c.lora_lr, "name": "lora"})
+        if dense:
+            groups.append({"params": dense, "lr": c.llm_lr, "name": "llm"})
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        return groups
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint must carry: the connector, and LoRA factors or the whole decoder."""
+        out = {f"tower.connector.{k}": v.detach().clone() for k, v in self.connector.state_dict().items()}
+        if self.cfg.unfreeze_llm:
+            out.update({f"decoder.{k}": v.detach().clone() for k, v in self.decoder.state_dict().items()})
+        else:
+            out.update({f"decoder.{k}": v.clone() for k, v in lora_state_dict(self.decoder).items()})
+        return out
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs to rebuild the model: the trained tensors plus every frozen tensor
+        that no WeightsRef in the config can supply (random-weight presets, encoders without refs)."""
+        out = self.trainable_state()
+        for enc in self.model_cfg.tower.encoders:
+            if enc.weights is None:
+                out.update({f"tower.encoders.{enc.name}.{k}": v.detach().clone()
+                            for k, v in self.tower.encoders[enc.name].state_dict().items()})
+        if self.model_cfg.decoder_weights is None and not self.cfg.unfreeze_llm:
+            out.update({f"decoder.{k.replace('.base.', '.')}": v.detach().clone()
+                        for k, v in self.decoder.state_dict().items() if not k.endswith(LORA_SUFFIXES)})
+        return out
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        conn = {k[len("tower.connector."):]: v for k, v in state.items() if k.startswith("tower.connector.")}
+        if conn:
+            self.tower.connector.load_state_dict(conn, strict=True)
+        dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+        if dec:
+            missing, unexpected = self.decoder.load_state_dict(dec, strict=False)
+            if unexpected:
+                raise CheckpointError(f"init checkpoint has decoder tensors this model lacks: {unexpected[:3]}")
+
+    # -- one step ---------------------------------------------------------------------------
+    def _lr_factor(self) -> float:
+        s, w, n = self.step_n, self.cfg.warmup, self.cfg.steps
+        if s < w:
+            return (s + 1) / w
+        return 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, n - w)))  # cosine to zero
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Deterministic from (seed, step): resuming at step s sees exactly the batches it would have."""
+        n, b = len(self.examples), self.cfg.batch_size
+        per_epoch = max(1, n // b)
+        epoch, k = divmod(step, per_epoch)
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+        return order[k * b: (k + 1) * b].tolist()
+
+    def vlm_loss(self, idx: list[int]) -> torch.Tensor:
+        ex = [self.examples[i] for i in idx]
+        rows = [e.image for e in ex]
+        feats = {k: t[rows].flatten(0, 1) for k, t in self.features.items()}  # [B*V, ...]
+        aligned = feats.pop("aligned")
+        b = len(ex)
+        visual = self.connector.from_aligned(aligned, feats)  # [B*V, tokens_per_view, D]
+        visual = visual.reshape(b, -1, visual.shape[-1])  # [B, V*tokens_per_view, D]
+        seqs, labels = [], []
+        for e, vis in zip(ex, visual):
+            prompt = e.prompt.embed(self.decoder.embed, [vis])[0]  # [P, D]
+            tgt = self.decoder.embed(torch.tensor([e.target]))[0]  # [A, D]
+            seqs.append(torch.cat([prompt, tgt]))
+            lab = torch.full((e.length,), IGNORE, dtype=torch.long)
+            lab[e.prompt.length - 1: e.length - 1] = torch.tensor(e.target)  # position p predicts token p+1
+            labels.append(lab)
+        return self._lm_loss(seqs, labels)
+
+    def text_loss(self) -> torch.Tensor:
+        chunks = next(self.text)
+        seqs = [self.decoder.embed(torch.tensor([c]))[0] for c in chunks]
+        labels = [torch.tensor(c[1:] + [IGNORE]) for c in chunks]
+        return self._lm_loss(seqs, labels)
+
+    def _lm_loss(self, seqs: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+        t = max(s.shape[0] for s in seqs)
+        t = -(-t // 16) * 16  # few distinct shapes: oneDNN builds (and caches) kernels per shape
+        x = torch.zeros(len(seqs), t, seqs[0].shape[-1], dtype=seqs[0].dtype)
+        y = torch.full((len(seqs), t), IGNORE, dtype=torch.long)
+        for i, (s, lab) in enumerate(zip(seqs, labels)):  # right padding: causal attention never sees it
+            x[i, : s.shape[0]] = s
+            y[i, : lab.shape[0]] = lab
+        h = self.decoder.hidden_states(inputs_embeds=x)  # [B, T, D]
+        keep = y != IGNORE
+        logits = self.decoder.lm_head(h[keep])  # [n_targets, V]: only where a loss is taken
+        return F.cross_entropy(logits.float(), y[keep])
+
+    def step(self) -> dict[str, float]:
+        f = self._lr_factor()
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss_vlm = self.vlm_loss(self.batch_indices(self.step_n))
+            loss = loss_vlm
+            out = {"loss_vlm": loss_vlm.item()}
+            if self.cfg.trains_decoder and self.text is not None and self.cfg.text_batch > 0:
+                loss_text = self.text_loss()
+                loss = loss + loss_text
+                out["loss_text"] = loss_text.item()
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        self.step_n += 1
+        out["lr_factor"] = f
+        return out
+
+    def _autocast(self):
+        import contextlib
+
+        if self.cfg.autocast == "bf16":
+            return torch.autocast(self.decoder.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- the loop, checkpoints --------------------------------------------------------------
+    def train(self, out_dir: Path, *, resume: bool = True, progress: bool = True) -> list[dict[str, float]]:
+        out_dir = Path(out_dir)
+        state_dir = out_dir / "resume"
+        if resume and (state_dir / "trainer.json").is_file():
+            self._restore(state_dir)
+        bar = tqdm(total=self.cfg.steps, initial=self.step_n, desc=f"{self.cfg.stage}", unit="step",
+                   disable=not progress)
+        ema = None
+        while self.step_n < self.cfg.steps:
+            rec = self.step()
+            rec["step"] = self.step_n
+            self.history.append(rec)
+            ema = rec["loss_vlm"] if ema is None else 0.9 * ema + 0.1 * rec["loss_vlm"]
+            bar.set_postfix(loss=f"{ema:.3f}", **({"text": f"{rec['loss_text']:.2f}"} if "loss_text" in rec else {}))
+            bar.update(1)
+            if self.step_n % self.cfg.save_every == 0 or self.step_n == self.cfg.steps:
+                self._save_resume(state_dir)
+        bar.close()
+        return self.history
+
+    def _save_resume(self, state_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        tmp = state_dir.with_name(state_dir.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, str(tmp / "trainable.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": self.step_n, "train_config": asdict(self.cfg),
+                                                      "history": self.history}))
+        if state_dir.exists():
+            import shutil
+
+            shutil.rmtree(state_dir)
+        tmp.rename(state_dir)
+
+    def _restore(self, state_dir: Path) -> None:
+        meta = json.loads((state_dir / "trainer.json").read_text())
+        saved = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["train_config"].items()})
+        if replace(saved, steps=self.cfg.steps, save_every=self.cfg.save_every) != self.cfg:
+            raise CheckpointError(f"{state_dir}: resume state was made with a different training config; "
+                                  "remove it or use another output folder")
+        self.load_trainable(load_safetensors(state_dir / "trainable.safetensors"))
+        self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+        self.step_n, self.history = int(meta["step"]), list(meta["history"])
+
+    # -- export -----------------------------------------------------------------------------
+    def export(self, path: Path, *, overwrite: bool = True, half: bool = True) -> Path:
+        """An edgevlm checkpoint: the model config (with its LoRA section) + the trained tensors.
+        Frozen parts keep pointing at their WeightsRefs. ``half`` stores fp16 (a few MB)."""
+        state = self.export_state()
+        if half:
+            state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+        cfg = replace(self.model_cfg, lora=self.lora_cfg, weights=None)
+        meta = {"stage": self.cfg.stage, "steps": str(self.step_n), "train_config": json.dumps(asdict(self.cfg))}
+        return save_checkpoint(path, cfg, state, metadata=meta, overwrite=overwrite)
+
+
+def _has_lora(state: dict[str, torch.Tensor] | None) -> bool:
+    return bool(state) and any(k.endswith(LORA_SUFFIXES) for k in state)
+
+
+__all__ = ["TrainConfig", "Example", "make_example", "encode_images", "VLMTrainer", "IGNORE"]
