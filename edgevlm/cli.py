@@ -223,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from edgevlm.errors import EdgeVLMError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "delegate", False):  # `train mix|qformer|flip` parse their own options
+        args.rest = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return (getattr(args, "func", None) or COMMANDS[args.command])(args)
     except EdgeVLMError as e:

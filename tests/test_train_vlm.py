@@ -132,3 +132,21 @@ def test_exported_checkpoint_matches_training_logits(tmp_path):
         logits_rt = pipe.decoder(inputs_embeds=x_rt)[0]
     assert (x_train - x_rt).abs().max().item() <= 1e-4
     assert (logits_train - logits_rt).abs().max().item() <= 1e-4
+
+
+def test_train_cli_qformer_and_flip_smoke(tmp_path, capsys):
+    """`edgevlm train qformer|flip` run a few steps end to end from files and write their weights."""
+    from safetensors.torch import save_file
+
+    from edgevlm.cli import main
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na blue square\na green triangle\na yellow circle\n")
+    save_file({"image": torch.randn(4, 17, 32)}, str(tmp_path / "feats.safetensors"))
+    save_file({"pixels": torch.randn(4, 3, 32, 32)}, str(tmp_path / "pix.safetensors"))
+    assert main(["train", "qformer", "--features", str(tmp_path / "feats.safetensors"), "--captions", str(captions),
+                 "--out", str(tmp_path / "qf"), "--steps", "3", "--batch-size", "4"]) == 0
+    assert (tmp_path / "qf" / "qformer.safetensors").is_file()
+    assert main(["train", "flip", "--images", str(tmp_path / "pix.safetensors"), "--captions", str(captions),
+                 "--out", str(tmp_path / "flip"), "--steps", "3", "--batch-size", "4", "--mask-ratio", "0.75"]) == 0
+    assert (tmp_path / "flip" / "vit.safetensors").is_file()

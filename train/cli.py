@@ -151,9 +151,9 @@ def add_parsers(sub) -> None:
     for name, module, what in (("qformer", "qformer_pretrain", "BLIP-2 Q-Former pre-training (ITC, ITM, ITG)"),
                                ("flip", "flip", "FLIP masked image-encoder training"),
                                ("mix", "mix", "weight mixing of two checkpoints")):
+        # Options go to the module's own parser (``edgevlm train mix --help`` shows them).
         p = tsub.add_parser(name, help=what, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+        p.set_defaults(func=_delegate(module), delegate=True)
 
     ev = sub.add_parser("eval", help="held-out metrics of a model (scenes, digits) and its text perplexity")
     ev.add_argument("--model", default="demo", help="preset, checkpoint folder, ... (default: demo)")

@@ -47,7 +47,8 @@ class QFormerAttention(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x [N, Q, hidden], kv [N, S, kv_width], mask [N, 1, 1, S] bool or None
+        # x [N, Q, hidden], kv [N, S, kv_width], mask [N, 1, 1|Q, S] bool (True = may attend) or None;
+        # per-query rows are how Q-Former pre-training applies its ITC/ITM/ITG masks.
         n, q_len, hidden = x.shape
         s = kv.shape[1]
         hd = hidden // self.heads
@@ -71,12 +72,16 @@ class QFormerLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.norm_eps)
 
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """The query feed-forward with its post-norm: ``[N, Q, hidden] -> [N, Q, hidden]``."""
+        return self.ffn_norm(self.fc2(self.act(self.fc1(x))) + x)
+
     def forward(self, x: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
         # x [N, Q, hidden]; queries see each other without a mask (no text, no padding among queries)
         x = self.self_attn(x, x)
         if self.cross_attn is not None:
             x = self.cross_attn(x, image, image_mask)
-        return self.ffn_norm(self.fc2(self.act(self.fc1(x))) + x)
+        return self.ffn(x)
 
 
 class QFormer(nn.Module):
@@ -95,6 +100,10 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(
             QFormerLayer(cfg, cross=(i % cfg.cross_attention_every == 0)) for i in range(cfg.layers))
 
+    def initial_queries(self, n: int) -> torch.Tensor:
+        """The normalised learned queries for ``n`` items: ``[N, Q, hidden]`` (LN is per token, so expand after)."""
+        return self.ln_query(self.query_tokens).expand(n, -1, -1)
+
     def forward(self, image_tokens: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         if image_tokens.ndim != 3 or image_tokens.shape[-1] != cfg.encoder_width:
@@ -103,7 +112,7 @@ class QFormer(nn.Module):
         n, t, _ = image_tokens.shape
         mask = bool_key_mask(image_mask, n, t, f"Q-Former mask for {cfg.encoder!r}")
         image_tokens = image_tokens.to(self.query_tokens.dtype)
-        x = self.ln_query(self.query_tokens).expand(n, -1, -1)  # [N, Q, hidden]; LN is per token, so expand after
+        x = self.initial_queries(n)  # [N, Q, hidden]
         for layer in self.layers:
             x = layer(x, image_tokens, mask)
         return x
