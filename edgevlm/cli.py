@@ -124,50 +124,74 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---- demo ------------------------------------------------------------------------------------
 
+# Bundled examples (held-out renders from edgevlm.train.data, and a real photo) with the answers the
+# generator knows to be true; boxes are pixel edges (x1, y1, x2, y2) in the original image.
+DEMO_QUESTIONS = [
+    ("scene_a.png", "Describe the image briefly.", "A blue circle, a yellow triangle and a green triangle on a table."),
+    ("scene_a.png", "How many triangles are there?", "2"),
+    ("scene_a.png", "What color is the circle?", "blue"),
+    ("scene_a.png", "Where is the yellow triangle? Answer with a bounding box.", (148, 179, 212, 243)),
+    ("scene_b.png", "How many objects are on the table?", "3"),
+    ("scene_b.png", "What shape is the blue object?", "square"),
+    ("scene_b.png", "Where is the green triangle? Answer with a bounding box.", (122, 76, 187, 141)),
+    ("digit.png", "What digit is shown?", "9"),
+    ("chelsea.jpg", "Describe the image briefly.", None),
+]
+
+
+def _check_answer(text: str, expected, h: int, w: int) -> str:
+    from edgevlm.runtime.boxes import box_from_pixels, box_to_pixels, iou, parse_boxes
+
+    if expected is None:
+        return ""
+    if isinstance(expected, tuple):
+        boxes = parse_boxes(text)
+        if not boxes:
+            return "  (no box parsed)"
+        px = tuple(round(v) for v in box_to_pixels(boxes[0], h, w))
+        overlap = iou(boxes[0], box_from_pixels(*expected, h, w))
+        return f"  -> pixels {px}, IoU {overlap:.2f} with the true box {'✓' if overlap >= 0.5 else '✗'}"
+    ok = text.strip().rstrip(".").lower() == str(expected).rstrip(".").lower()
+    return "  ✓" if ok else f"  ✗ (expected: {expected})"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default model's real parts, end to end, with per-stage timings."""
+    """The embedded default model end to end: a text question, bundled scenes, a digit, a real photo."""
+    import numpy as np
     import torch
 
     import edgevlm
-    from edgevlm.runtime.image_io import load_images
+    from edgevlm.runtime.image_io import load_image
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print("edgevlm demo — model 'demo': DINOv2-S + EfficientNet-Lite0 -> SPHINX-style fusion -> SmolLM2-135M-Instruct")
     pipe = edgevlm.load("demo", preprocess_backend=args.preprocess)
-    sources = pipe.info()["vision"]
-    print(f"  decoder: {pipe.sources['decoder']}")
-    for e in sources["encoders"]:
-        print(f"  encoder {e['name']}: {e['weights']}")
-    print(f"  connector: {sources['connector']['weights']}")
+    vision = pipe.info()["vision"]
+    print(f"  decoder:   {pipe.sources['decoder']}")
+    for e in vision["encoders"]:
+        print(f"  encoder:   {e['name']} <- {e['weights']}")
+    trained = vision["connector"]["weights"] == "checkpoint"
+    print(f"  connector: {pipe.sources.get('trained', 'random (not trained)') if trained else 'random (not trained)'}")
 
     question = "What is the capital of France?"
-    print(f"\n[text] {question}\n  ", end="")
-    for piece in pipe.stream(None, question, max_new_tokens=48):
-        print(piece, end="", flush=True)
-    print(f"\n  [{_timings_line(pipe.last_output.timings)}]")
+    out = pipe.generate(None, question, max_new_tokens=48)
+    print(f"\n[text] {question}\n  {out.text}\n  [{_timings_line(out.timings)}]")
 
-    tower = pipe.tower
-    images = [_asset("chelsea.jpg"), _asset("astronaut.jpg")]
-    tower(images)  # warm-up: the first call pays for thread pools and allocations
-    emb = tower(images)
-    t = tower.last_timings
-    print(f"\n[vision] {len(images)} real photos -> visual embeddings {list(emb.shape)} "
-          f"({tower.config.visual_tokens_per_image} LLM positions per image)")
-    print(f"  [decode {t['decode_ms']:.1f} ms | preprocess ({tower.preprocessor.backend}) {t['preprocess_ms']:.1f} ms"
-          f" | vision tower {t['vision_ms']:.1f} ms for {len(images)} images]")
-    # The CNN is a real ImageNet classifier: its own head shows the encoder sees the photos.
-    labels = open(_asset("imagenet_labels.txt")).read().splitlines()
-    pre = tower.preprocessor(load_images(images))
-    with torch.inference_mode():
-        probs = tower.model.encoders["effnet"].classify(pre.views["effnet"]).softmax(-1)
-    for path, p in zip(images, probs):
-        top = p.topk(3)
-        guesses = ", ".join(f"{labels[i]} {v:.0%}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"  EfficientNet-Lite0 head on {path.rsplit('/', 1)[-1]}: {guesses}")
-    if tower.weights.random:
-        print(f"\nnote: the {', '.join(tower.weights.random)} weights are random — the projector is not trained "
-              "yet, so\n      answers about images are not meaningful until the trained demo checkpoint lands.")
+    pipe.generate(_asset("scene_a.png"), "Warm-up.", max_new_tokens=1)  # first call pays for thread pools
+    current = None
+    for name, q, expected in DEMO_QUESTIONS:
+        img = load_image(_asset(name))
+        if name != current:
+            kind = "real photo" if name.endswith(".jpg") else "bundled example"
+            print(f"\n[{name}] {img.shape[1]}x{img.shape[0]} {kind}")
+            current = name
+        out = pipe.generate(img, q, max_new_tokens=48)
+        print(f"  Q: {q}\n  A: {out.text}{_check_answer(out.text, expected, *img.shape[:2]) if trained else ''}")
+        print(f"     [{_timings_line(out.timings)}]")
+    if not trained:
+        print("\nnote: the projector weights are random (no trained demo checkpoint is installed), so the "
+              "answers about images are not meaningful.")
     return 0
 
 

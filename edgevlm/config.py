@@ -405,6 +405,10 @@ class SphinxFusionConfig(ConnectorConfig):
     qformer: QFormerConfig | None = None
     separators: bool = True
     norm_eps: float = 1e-5
+    # A learned 2-D position table added to the fused tokens (initialised with sin-cos). Not in
+    # SPHINX, whose LLM learns positions from sequence order at scale; a small model trained briefly
+    # needs it to ground objects.
+    pos_embed: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

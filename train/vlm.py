@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from edgevlm.config import LORA_TARGETS, LoRAConfig, ModelConfig
+from edgevlm.config import LORA_TARGETS, LoRAConfig, ModelConfig, to_dict
 from edgevlm.errors import CheckpointError, ConfigError
 from edgevlm.runtime.chat import ChatFormat, MultimodalPrompt
 from edgevlm.runtime.checkpoint import save_checkpoint
@@ -62,6 +62,9 @@ class TrainConfig:
     # bf16 autocast for the forward/backward matmuls (weights and optimiser stay fp32). On CPUs with
     # AVX512-BF16 this is ~4x the fp32 matmul rate; "none" trains in plain fp32.
     autocast: str = "bf16"
+    # Several questions about one image in one multi-turn sequence (LLaVA-style): the image and the
+    # system prompt are paid once for all of them. Falls back to single turns when the template can't.
+    pack: bool = True
 
     def __post_init__(self) -> None:
         if self.stage not in ("stage1", "stage2"):
@@ -80,25 +83,57 @@ class TrainConfig:
 
 @dataclass
 class Example:
-    """One (image, question, answer) turned into positions: the prompt's segments (image slot
-    included) followed by the answer ids, which carry the loss."""
+    """A conversation about one image, as positions: ``sequence`` covers it all (image slot included)
+    and ``labels`` holds ``(p, id)`` pairs — position ``p`` predicts answer token ``id`` at ``p + 1``."""
 
     image: int  # row in the feature cache
-    prompt: MultimodalPrompt
-    target: list[int]
-    task: str = ""
+    sequence: MultimodalPrompt
+    labels: list[tuple[int, int]]
+    tasks: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
-        return self.prompt.length + len(self.target)
+        return self.sequence.length
 
 
-def make_example(tokenizer, chat: ChatFormat, image_row: int, question: str, answer: str, visual_tokens: int,
-                 task: str = "") -> Example:
-    prompt = chat.build(tokenizer, [{"role": "user", "content": question}], [visual_tokens])
-    end = sorted(chat.stop_ids(tokenizer))  # the answer ends with the model's end-of-turn token
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else end[0]
-    return Example(image_row, prompt, tokenizer.encode(answer, add_bos=False) + [eos], task)
+def _end_of_turn(tokenizer, chat: ChatFormat) -> int:
+    return tokenizer.eos_id if tokenizer.eos_id is not None else sorted(chat.stop_ids(tokenizer))[0]
+
+
+def make_example(tokenizer, chat: ChatFormat, image_row: int, qa: list[tuple[str, str]], visual_tokens: int,
+                 tasks: tuple[str, ...] = ()) -> Example:
+    """One example from ``qa`` pairs about one image.
+
+    A single pair is the prompt exactly as the runtime builds it plus the answer and end-of-turn id.
+    Several pairs become one multi-turn conversation rendered by the chat template (the image stays
+    in the first user turn): the visual tokens and the system prompt are paid once for several
+    answers. Packing needs a template that ends assistant turns with a stop token (ChatML does); with
+    any other template the pairs are refused here and the caller keeps them single-turn.
+    """
+    eot = _end_of_turn(tokenizer, chat)
+    if len(qa) == 1:
+        q, a = qa[0]
+        prompt = chat.build(tokenizer, [{"role": "user", "content": q}], [visual_tokens])
+        target = tokenizer.encode(a, add_bos=False) + [eot]
+        seq = MultimodalPrompt(prompt.segments + (("text", tuple(target)),), prompt.tokens_per_image)
+        p0 = prompt.length - 1
+        return Example(image_row, seq, [(p0 + i, t) for i, t in enumerate(target)], tasks)
+    msgs: list[dict] = []
+    starts = []
+    for q, a in qa:
+        msgs.append({"role": "user", "content": q})
+        starts.append(chat.build(tokenizer, msgs, [visual_tokens]).length)  # where the answer begins
+        msgs.append({"role": "assistant", "content": a})
+    seq = chat.build(tokenizer, msgs, [visual_tokens], add_generation_prompt=False)
+    ids = seq.input_ids
+    labels = []
+    for start, (_, a) in zip(starts, qa):
+        target = tokenizer.encode(a, add_bos=False) + [eot]
+        if ids[start: start + len(target)] != target:
+            raise ConfigError("this chat template does not end assistant turns with the end-of-turn token "
+                              "right after the answer; train with pack=False")
+        labels += [(start - 1 + i, t) for i, t in enumerate(target)]
+    return Example(image_row, seq, labels, tasks)
 
 
 # ---- feature cache -------------------------------------------------------------------------
@@ -124,6 +159,38 @@ def encode_images(tower_model, preprocessor, images: list[np.ndarray], batch: in
     return {k: torch.cat(t) for k, t in out.items()}
 
 
+def cached_features(tower_model, preprocessor, images: list[np.ndarray], model_cfg: ModelConfig,
+                    path: Path | None) -> dict[str, torch.Tensor]:
+    """:func:`encode_images`, stored at ``path`` and reused while the images and tower config match
+    (the key hashes every pixel and the tower's config, so a stale file is never used)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    # Only what shapes the cached tensors: the encoders, the views, and the fusion's grid layout
+    # (not its trainable parts, so changing the projector keeps the cache).
+    t = model_cfg.tower
+    what = {"encoders": [to_dict(e) for e in t.encoders], "views": to_dict(t.views),
+            "fusion": [list(t.connector.encoders), t.connector.grid]}
+    h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
+    for im in images:
+        h.update(np.ascontiguousarray(im).data)
+    key = h.hexdigest()
+    if path is not None and Path(path).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return {k: f.get_tensor(k) for k in f.keys()}
+    feats = encode_images(tower_model, preprocessor, images)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        save_file(feats, str(tmp), metadata={"key": key})
+        tmp.replace(path)
+    return feats
+
+
 # ---- the trainer ---------------------------------------------------------------------------
 
 class VLMTrainer:
@@ -131,7 +198,7 @@ class VLMTrainer:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, *, tower_model, decoder, tokenizer,
                  preprocessor, samples, init_state: dict[str, torch.Tensor] | None = None,
-                 text_source=None):
+                 text_source=None, feature_cache: Path | None = None):
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.tower, self.decoder, self.tokenizer = tower_model, decoder, tokenizer
         self.chat = ChatFormat.from_config(model_cfg, tokenizer)
@@ -155,10 +222,6 @@ class VLMTrainer:
             for p in self.decoder.parameters():
                 p.requires_grad_(False)
 
-        tasks = train_cfg.tasks or (("caption",) if train_cfg.stage == "stage1" else ())
-        samples = [s for s in samples if not tasks or s.task in tasks]
-        if not samples:
-            raise ConfigError(f"no training samples for tasks {tasks}")
         rows: dict[int, int] = {}
         images = []
         for s in samples:  # samples of one image share the array object: encode it once
@@ -166,15 +229,39 @@ class VLMTrainer:
                 rows[id(s.image)] = len(images)
                 images.append(s.image)
         t0 = time.perf_counter()
-        self.features = encode_images(self.tower, preprocessor, images)
+        # Every image of the split is cached, not only this stage's tasks, so later stages reuse the file.
+        self.features = cached_features(self.tower, preprocessor, images, model_cfg, feature_cache)
         self.encode_s = time.perf_counter() - t0
+        tasks = train_cfg.tasks or (("caption",) if train_cfg.stage == "stage1" else ())
+        samples = [s for s in samples if not tasks or s.task in tasks]
+        if not samples:
+            raise ConfigError(f"no training samples for tasks {tasks}")
         vt = model_cfg.tower.tokens_per_view * self.features["aligned"].shape[1]
-        self.examples = [make_example(tokenizer, self.chat, rows[id(s.image)], s.question, s.answer, vt, s.task)
-                         for s in samples]
+        self.examples = self._examples(samples, rows, vt)
         self.text = text_source
         self.step_n = 0
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=train_cfg.weight_decay)
         self.history: list[dict[str, float]] = []
+
+    def _examples(self, samples, rows: dict[int, int], vt: int) -> list[Example]:
+        """Single-turn examples, or with ``pack`` one shuffled conversation per image."""
+        tok, chat = self.tokenizer, self.chat
+        if not self.cfg.pack:
+            return [make_example(tok, chat, rows[id(s.image)], [(s.question, s.answer)], vt, (s.task,))
+                    for s in samples]
+        by_image: dict[int, list] = {}
+        for s in samples:
+            by_image.setdefault(id(s.image), []).append(s)
+        out = []
+        rng = np.random.default_rng(self.cfg.seed)
+        for key, group in by_image.items():
+            group = [group[i] for i in rng.permutation(len(group))]  # no fixed task order to lean on
+            qa, tasks = [(s.question, s.answer) for s in group], tuple(s.task for s in group)
+            try:
+                out.append(make_example(tok, chat, rows[key], qa, vt, tasks))
+            except ConfigError:  # the template cannot pack: keep this image's questions single-turn
+                out += [make_example(tok, chat, rows[key], [(s.question, s.answer)], vt, (s.task,)) for s in group]
+        return out
 
     # -- parameters -------------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
@@ -247,11 +334,10 @@ class VLMTrainer:
         visual = visual.reshape(b, -1, visual.shape[-1])  # [B, V*tokens_per_view, D]
         seqs, labels = [], []
         for e, vis in zip(ex, visual):
-            prompt = e.prompt.embed(self.decoder.embed, [vis])[0]  # [P, D]
-            tgt = self.decoder.embed(torch.tensor([e.target]))[0]  # [A, D]
-            seqs.append(torch.cat([prompt, tgt]))
+            seqs.append(e.sequence.embed(self.decoder.embed, [vis])[0])  # [L, D]
             lab = torch.full((e.length,), IGNORE, dtype=torch.long)
-            lab[e.prompt.length - 1: e.length - 1] = torch.tensor(e.target)  # position p predicts token p+1
+            pos, ids = zip(*e.labels)
+            lab[list(pos)] = torch.tensor(ids)  # position p predicts token p + 1
             labels.append(lab)
         return self._lm_loss(seqs, labels)
 
@@ -364,4 +450,4 @@ def _has_lora(state: dict[str, torch.Tensor] | None) -> bool:
     return bool(state) and any(k.endswith(LORA_SUFFIXES) for k in state)
 
 
-__all__ = ["TrainConfig", "Example", "make_example", "encode_images", "VLMTrainer", "IGNORE"]
+__all__ = ["TrainConfig", "Example", "make_example", "encode_images", "cached_features", "VLMTrainer", "IGNORE"]

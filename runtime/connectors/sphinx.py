@@ -68,6 +68,22 @@ def to_fusion_layout(x: torch.Tensor, enc: EncoderConfig, g: int, who: str = "sp
     return torch.cat([glob, grid], dim=1)
 
 
+def sincos_2d(g: int, d: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table ``[1, 1 + g*g, d]``: row 0 (the global token) is zero, then the grid
+    row-major; half the channels encode y, half x, at geometric frequencies."""
+    q = d // 4
+    freq = 1.0 / (10000 ** (torch.arange(q, dtype=torch.float32) / max(1, q)))  # [q]
+    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):  # [g*g]
+        ang = coord[:, None] * freq[None]  # [g*g, q]
+        parts += [ang.sin(), ang.cos()]
+    table = torch.cat(parts, dim=1)  # [g*g, 4q]
+    table = F.pad(table, (0, d - table.shape[1]))
+    return torch.cat([torch.zeros(1, d), table])[None]  # [1, 1 + g*g, d]
+
+
 class SphinxFusion(nn.Module):
     """``forward(features, masks=None) -> [N, tokens_per_view, out_width]`` (see the module docstring)."""
 
@@ -81,6 +97,8 @@ class SphinxFusion(nn.Module):
             self.qformer_enc = tower_cfg.encoder(cfg.qformer.encoder)
             self.qformer = QFormer(cfg.qformer)
             self.qformer_proj = nn.Sequential(nn.Linear(cfg.qformer.hidden, d), nn.LayerNorm(d, eps=cfg.norm_eps))
+        if cfg.pos_embed:
+            self.pos_embed = nn.Parameter(sincos_2d(cfg.grid, d) * 0.1)  # [1, 1 + g*g, out]
         if cfg.separators:
             # One shared pair wraps every view; torch.rand init as SPHINX (trained values replace it).
             self.start_img = nn.Parameter(torch.rand(1, 1, d))
@@ -109,6 +127,8 @@ class SphinxFusion(nn.Module):
         """
         # Grid encoders see whole views, so masks only reach the Q-Former's cross-attention.
         fused = self.visual_proj(aligned)  # [N, 1 + g*g, out]
+        if self.cfg.pos_embed:
+            fused = fused + self.pos_embed
         n = fused.shape[0]
         parts = [fused]
         if self.cfg.qformer is not None:
@@ -125,4 +145,4 @@ class SphinxFusion(nn.Module):
         return torch.cat(parts, dim=1)  # [N, 2*sep + Q + 1 + g*g, out]
 
 
-__all__ = ["SphinxFusion", "resize_grid", "to_fusion_layout"]
+__all__ = ["SphinxFusion", "resize_grid", "to_fusion_layout", "sincos_2d"]
