@@ -9,6 +9,7 @@ other. Checkpoints store only the factors, under the module path of the layer th
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,7 +34,11 @@ class LoRALinear(nn.Module):
                                                dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    enabled = True  # toggled by :func:`lora_disabled` to run the base model through the same modules
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
 
     def merged(self) -> nn.Linear:
@@ -81,6 +86,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Run ``model`` as its base (adapters bypassed) inside the block: the frozen reference that a
+    distillation loss compares the adapted model with, without a second copy of the weights."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA factors, keyed ``<layer path>.lora_A`` / ``.lora_B``."""
     return {k: v.detach() for k, v in model.state_dict().items() if k.endswith(LORA_SUFFIXES)}
@@ -113,4 +132,5 @@ def merge_lora_weights(model: nn.Module, factors: dict[str, torch.Tensor], cfg: 
     return len(layers)
 
 
-__all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_state_dict", "merge_lora_weights", "LORA_SUFFIXES"]
+__all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_disabled", "lora_state_dict", "merge_lora_weights",
+           "LORA_SUFFIXES"]

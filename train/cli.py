@@ -22,8 +22,9 @@ from pathlib import Path
 
 # The shipped demo model was trained with exactly these settings (see README "Training the demo").
 DEMO_DATA = dict(n_scenes=1500, n_digits=600, seed=0)
-DEMO_STAGE1 = dict(stage="stage1", steps=150, batch_size=8, lr=1e-3, lora_rank=0)
-DEMO_STAGE2 = dict(stage="stage2", steps=560, batch_size=4, lr=1e-3, lora_rank=8, lora_lr=1e-3, text_batch=2, pack=True)
+DEMO_STAGE1 = dict(stage="stage1", steps=100, batch_size=8, lr=3e-3, lora_rank=0)
+DEMO_STAGE2 = dict(stage="stage2", steps=600, batch_size=4, lr=3e-3, lora_rank=8, lora_lr=2e-3, text_batch=2,
+                   pack=True, text_objective="kl_base")
 DEMO_EVAL = dict(n_scenes=60, n_digits=60, seed=0)
 
 
@@ -106,7 +107,6 @@ def cmd_eval(args) -> int:
     import torch
 
     import edgevlm
-    from edgevlm.presets import PRESETS, get_preset
 
     from .data import build_split
     from .evaluate import evaluate_samples, perplexity
@@ -122,8 +122,9 @@ def cmd_eval(args) -> int:
     metrics.update({"perplexity": ppl, "perplexity_tokens": n_tok})
     paris = pipe.generate(None, "What is the capital of France?", max_new_tokens=32).text
     metrics["paris"] = "Paris" in paris
-    if args.model in PRESETS and (get_preset(args.model).lora or get_preset(args.model).weights):
-        base = edgevlm.load(replace(get_preset(args.model), weights=None, lora=None))
+    base_cfg = _untuned_config(args.model)
+    if base_cfg is not None:  # the same LLM before tuning: what the adapters cost on general text
+        base = edgevlm.load(base_cfg)
         metrics["perplexity_base"] = perplexity(base.decoder, base.tokenizer, text)[0]
         metrics["perplexity_change"] = metrics["perplexity"] / metrics["perplexity_base"] - 1
     doc = {"model": str(args.model), "n": len(samples), "metrics": metrics, "paris_answer": paris}
@@ -138,6 +139,23 @@ def cmd_eval(args) -> int:
     if args.csv:
         _append_eval_row(Path(args.csv), args, metrics)
     return 0
+
+
+def _untuned_config(model: str):
+    """The model's config without its trained layers (LoRA, shipped weights) when its decoder comes
+    from a WeightsRef, else None (nothing to compare with)."""
+    from edgevlm.presets import PRESETS, get_preset
+    from edgevlm.runtime.checkpoint import is_checkpoint_dir, load_checkpoint_config
+
+    if model in PRESETS:
+        cfg = get_preset(model)
+    elif is_checkpoint_dir(model):
+        cfg = load_checkpoint_config(model)
+    else:
+        return None
+    if cfg.decoder_weights is None or (cfg.lora is None and cfg.weights is None):
+        return None
+    return replace(cfg, lora=None, weights=None)
 
 
 def _append_eval_row(path: Path, args, metrics: dict) -> None:

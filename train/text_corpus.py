@@ -1,43 +1,51 @@
 """Real English text available offline, for text-only training batches and perplexity checks.
 
-The source is Python's own documentation as shipped in the standard library (``pydoc_data.topics``:
-~460 kB of prose and examples about the language), read at run time rather than copied into this
-repository. A fixed set of topics is held out for perplexity; the rest feeds the text-only batches
-that SPHINX mixes into every step so an unfrozen LLM keeps its long-text ability.
+Two sources from two domains, so that the text mixed into training cannot flatter the check:
+
+* **training batches** — Python's own documentation as shipped in the standard library
+  (``pydoc_data.topics``, ~460 kB of prose and examples), the text SPHINX-style joint training mixes
+  into every step so an unfrozen or adapted LLM keeps its long-text ability;
+* **perplexity** — scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``, ~43 kB of
+  prose about real data sets), read in a fixed order.
+
+Both are read at run time from installed packages, never copied into this repository.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
-# Held out from training: prose-heavy topics, together well over 2,000 tokens.
-HELDOUT_TOPICS = ("execmodel", "exceptions", "naming", "import", "typesseq")
+from edgevlm.errors import WeightsNotFoundError
+
+HELDOUT_FILES = ("iris", "wine_data", "breast_cancer", "diabetes", "digits", "linnerud", "california_housing",
+                 "covtype", "kddcup99", "lfw", "olivetti_faces", "rcv1", "species_distributions",
+                 "twenty_newsgroups")
 
 
-def _topics() -> dict[str, str]:
-    import pydoc_data.topics
-
-    return dict(pydoc_data.topics.topics)
-
-
-def heldout_text(min_chars: int = 12_000) -> str:
-    """The fixed evaluation text: the held-out topics in order, cut at a paragraph boundary."""
-    topics = _topics()
-    text = "\n\n".join(topics[t].strip() for t in HELDOUT_TOPICS if t in topics)
-    if len(text) < min_chars:
-        raise RuntimeError(f"pydoc_data.topics has only {len(text)} characters of held-out text")
-    cut = text.find("\n\n", min_chars)
-    return text[: cut if cut > 0 else len(text)]
+def heldout_text() -> str:
+    """The fixed evaluation text (about 10k SmolLM2 tokens), the files of :data:`HELDOUT_FILES` in order."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsNotFoundError("the perplexity text comes from scikit-learn's dataset descriptions; "
+                                   "install scikit-learn (it is in edgevlm's [dev] extra)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "descr"
+    parts = [(folder / f"{name}.rst").read_text(encoding="utf-8").strip()
+             for name in HELDOUT_FILES if (folder / f"{name}.rst").is_file()]
+    if len(parts) < len(HELDOUT_FILES) // 2:
+        raise WeightsNotFoundError(f"{folder} lacks most of the expected dataset descriptions")
+    return "\n\n".join(parts)
 
 
 def training_paragraphs() -> list[str]:
-    """Paragraphs of the non-held-out topics (each at least 200 characters), in a fixed order."""
+    """Paragraphs of Python's documentation topics (each at least 200 characters), in a fixed order."""
+    import pydoc_data.topics
+
     out = []
-    for name, body in sorted(_topics().items()):
-        if name in HELDOUT_TOPICS:
-            continue
+    for _, body in sorted(pydoc_data.topics.topics.items()):
         out.extend(p.strip() for p in body.split("\n\n") if len(p.strip()) >= 200)
     return out
 
@@ -56,4 +64,4 @@ def text_batches(tokenizer, seq_len: int, batch_size: int, seed: int) -> Iterato
         yield [ids_arr[s: s + seq_len].tolist() for s in starts]
 
 
-__all__ = ["HELDOUT_TOPICS", "heldout_text", "training_paragraphs", "text_batches"]
+__all__ = ["HELDOUT_FILES", "heldout_text", "training_paragraphs", "text_batches"]

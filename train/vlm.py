@@ -32,7 +32,7 @@ from edgevlm.config import LORA_TARGETS, LoRAConfig, ModelConfig, to_dict
 from edgevlm.errors import CheckpointError, ConfigError
 from edgevlm.runtime.chat import ChatFormat, MultimodalPrompt
 from edgevlm.runtime.checkpoint import save_checkpoint
-from edgevlm.runtime.lora import LORA_SUFFIXES, apply_lora, lora_state_dict
+from edgevlm.runtime.lora import LORA_SUFFIXES, apply_lora, lora_disabled, lora_state_dict
 from edgevlm.runtime.readers.safetensors_io import load_safetensors
 
 IGNORE = -100
@@ -65,6 +65,10 @@ class TrainConfig:
     # Several questions about one image in one multi-turn sequence (LLaVA-style): the image and the
     # system prompt are paid once for all of them. Falls back to single turns when the template can't.
     pack: bool = True
+    # What the text-only batches teach: "lm" (next-token loss on the text, SPHINX's recipe, used when the
+    # whole LLM trains) or "kl_base" (stay close to the untuned LLM's predictions on the text: the
+    # adapters may only change what images need, and general text keeps its perplexity).
+    text_objective: str = "kl_base"
 
     def __post_init__(self) -> None:
         if self.stage not in ("stage1", "stage2"):
@@ -73,6 +77,8 @@ class TrainConfig:
             raise ConfigError("steps and batch_size must be positive")
         if self.lora_rank < 0:
             raise ConfigError("lora_rank must be >= 0")
+        if self.text_objective not in ("lm", "kl_base"):
+            raise ConfigError(f"text_objective must be 'lm' or 'kl_base', got {self.text_objective!r}")
         if self.autocast not in ("bf16", "none"):
             raise ConfigError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
 
@@ -343,9 +349,15 @@ class VLMTrainer:
 
     def text_loss(self) -> torch.Tensor:
         chunks = next(self.text)
-        seqs = [self.decoder.embed(torch.tensor([c]))[0] for c in chunks]
-        labels = [torch.tensor(c[1:] + [IGNORE]) for c in chunks]
-        return self._lm_loss(seqs, labels)
+        x = torch.stack([self.decoder.embed(torch.tensor(c)) for c in chunks])  # [B, T, D], equal lengths
+        if self.cfg.text_objective == "lm" or self.lora_cfg is None or self.cfg.unfreeze_llm:
+            h = self.decoder.hidden_states(inputs_embeds=x)[:, :-1]  # position p predicts token p + 1
+            y = torch.tensor([c[1:] for c in chunks])
+            return F.cross_entropy(self.decoder.lm_head(h).flatten(0, 1).float(), y.flatten())
+        with torch.no_grad(), lora_disabled(self.decoder):
+            ref = F.log_softmax(self.decoder(inputs_embeds=x).float(), dim=-1)  # the untuned LLM
+        logp = F.log_softmax(self.decoder(inputs_embeds=x).float(), dim=-1)
+        return F.kl_div(logp, ref, log_target=True, reduction="batchmean") / x.shape[1]  # per token
 
     def _lm_loss(self, seqs: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
         t = max(s.shape[0] for s in seqs)

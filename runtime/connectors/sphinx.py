@@ -98,7 +98,7 @@ class SphinxFusion(nn.Module):
             self.qformer = QFormer(cfg.qformer)
             self.qformer_proj = nn.Sequential(nn.Linear(cfg.qformer.hidden, d), nn.LayerNorm(d, eps=cfg.norm_eps))
         if cfg.pos_embed:
-            self.pos_embed = nn.Parameter(sincos_2d(cfg.grid, d) * 0.1)  # [1, 1 + g*g, out]
+            self.pos_embed = nn.Parameter(sincos_2d(cfg.grid, d))  # [1, 1 + g*g, out], unit scale like the LN output
         if cfg.separators:
             # One shared pair wraps every view; torch.rand init as SPHINX (trained values replace it).
             self.start_img = nn.Parameter(torch.rand(1, 1, d))
