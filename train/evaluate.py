@@ -31,7 +31,7 @@ def perplexity(decoder, tokenizer, text: str, window: int = 512) -> tuple[float,
     return math.exp(nll / n), n
 
 
-def evaluate_samples(pipe, samples: Sequence, *, max_new_tokens: int = 40, progress: bool = True,
+def evaluate_samples(pipe, samples: Sequence, *, max_new_tokens: int = 80, progress: bool = True,
                      desc: str = "evaluating") -> tuple[dict[str, float], list[dict]]:
     """Greedy answers for ``samples`` -> (aggregate metrics, per-sample records)."""
     from .metrics import aggregate, score

