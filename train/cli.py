@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -80,6 +81,17 @@ def cmd_demo(args) -> int:
     minutes = (time.perf_counter() - t0) / 60
     print(f"trained in {minutes:.1f} min -> {s2}")
     print(f"ship it: cp {s2}/model.safetensors edgevlm/assets/demo/model.safetensors")
+    if args.csv:
+        logs = [json.loads((out / stage / "log.json").read_text()) for stage in ("stage1", "stage2")]
+        _append_row(Path(args.csv), {
+            "out": str(out), "overrides": json.dumps(_overrides(args)) if _overrides(args) else "",
+            # encode_seconds is ~0 when the feature cache already existed; seconds cover this invocation only
+            # (a resumed run reports the resumed part)
+            "encode_s": round(logs[0]["encode_seconds"] + logs[1]["encode_seconds"], 1),
+            "stage1_s": round(logs[0]["seconds"], 1), "stage2_s": round(logs[1]["seconds"], 1),
+            "stage1_steps": logs[0]["train_config"]["steps"], "stage2_steps": logs[1]["train_config"]["steps"],
+            "stage2_final_loss": round(sum(r["loss_vlm"] for r in logs[1]["history"][-20:]) / 20, 4),
+            "total_min": round(minutes, 2)})
     return 0
 
 
@@ -159,6 +171,12 @@ def _untuned_config(model: str):
 
 
 def _append_eval_row(path: Path, args, metrics: dict) -> None:
+    _append_row(path, {"model": args.model, "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
+                       **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}})
+
+
+def _append_row(path: Path, fields: dict) -> None:
+    """Append ``fields`` to a CSV after the columns every result row carries: when, which commit, where."""
     import csv
     import platform
     import subprocess
@@ -172,16 +190,21 @@ def _append_eval_row(path: Path, args, metrics: dict) -> None:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     row = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-           "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "model": args.model, "n_scenes": args.n_scenes, "n_digits": args.n_digits,
-           "seed": args.seed, **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}}
-    new = not path.is_file()
+           "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, **fields}
+    rows, columns = [], list(row)
+    if path.is_file():  # keep earlier rows; a column added since then widens the table instead of shifting it
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or []) + [k for k in row if k not in (reader.fieldnames or [])]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
+        w.writeheader()
+        w.writerows([*rows, row])
+    tmp.replace(path)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -200,6 +223,7 @@ def add_parsers(sub) -> None:
     tsub = train.add_subparsers(dest="train_command", required=True)
     demo = tsub.add_parser("demo", help="the shipped demo model's whole recipe: stage 1 then stage 2")
     _add_train_args(demo)
+    demo.add_argument("--csv", default=None, help="append a row (machine, versions, commit, stage times) to this CSV")
     demo.set_defaults(func=cmd_demo)
     for name, what in (("stage1", "vision-language alignment on captions (connector only)"),
                        ("stage2", "instruction tuning on all tasks (connector + LoRA)")):
