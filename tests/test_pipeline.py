@@ -160,8 +160,13 @@ def test_demo_answers_paris_and_streams(demo):
     assert "Paris" in out.text
     assert out.stop_reason == "stop_token"
     pieces = list(demo.stream(None, "What is the capital of France?", max_new_tokens=32))
-    assert "".join(pieces) == out.text and len(pieces) > 3
+    assert "".join(pieces) == out.text
     assert demo.last_output.token_ids == out.token_ids
+    # a raw continuation runs to the token limit, so streaming must deliver it piece by piece
+    prompt = "Paris is the capital of France. It is known for"
+    full = demo.generate(None, prompt, raw=True, max_new_tokens=12)
+    pieces = list(demo.stream(None, prompt, raw=True, max_new_tokens=12))
+    assert len(pieces) > 3 and "".join(pieces) == full.text and full.stop_reason == "max_new_tokens"
 
 
 def test_demo_image_positions(demo):
