@@ -69,7 +69,8 @@ def _tiny_trainer(steps: int, **kw) -> VLMTrainer:
     samples = build_split("train", n_scenes=12, n_digits=4, seed=0)
     tc = TrainConfig(stage="stage2", steps=steps, batch_size=4, lr=1e-2, lora_rank=4, lora_lr=1e-2, warmup=2,
                      text_batch=1, text_len=24, autocast="none", save_every=3, **kw)
-    text = itertools.repeat([list(range(3, 27))])  # a fixed "text" batch: bytes 0..23
+    # A different "text" window every step, so a resumed run must continue the stream where it stopped.
+    text = ([[3 + (i + j) % 60 for j in range(24)]] for i in itertools.count())
     return VLMTrainer(cfg, tc, tower_model=pipe.tower.model, decoder=pipe.decoder, tokenizer=pipe.tokenizer,
                       preprocessor=pipe.tower.preprocessor, samples=samples, text_source=text)
 

@@ -85,8 +85,8 @@ def cmd_demo(args) -> int:
         logs = [json.loads((out / stage / "log.json").read_text()) for stage in ("stage1", "stage2")]
         _append_row(Path(args.csv), {
             "out": str(out), "overrides": json.dumps(_overrides(args)) if _overrides(args) else "",
-            # encode_seconds is ~0 when the feature cache already existed; seconds cover this invocation only
-            # (a resumed run reports the resumed part)
+            # encode_seconds is ~0 when the feature cache already existed and is part of stage1_s; the stage
+            # times cover this invocation only (a resumed run reports the resumed part)
             "encode_s": round(logs[0]["encode_seconds"] + logs[1]["encode_seconds"], 1),
             "stage1_s": round(logs[0]["seconds"], 1), "stage2_s": round(logs[1]["seconds"], 1),
             "stage1_steps": logs[0]["train_config"]["steps"], "stage2_steps": logs[1]["train_config"]["steps"],
@@ -210,11 +210,14 @@ def _append_row(path: Path, fields: dict) -> None:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (resumable; re-running continues)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--lora-rank", dest="lora_rank", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    # Unset options keep the demo recipe's value (DEMO_STAGE1 / DEMO_STAGE2); `train demo` applies a set one
+    # to both stages.
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="images per step")
+    p.add_argument("--lr", type=float, default=None, help="connector learning rate")
+    p.add_argument("--lora-rank", dest="lora_rank", type=int, default=None, help="LoRA rank (0: no LoRA)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed: initialisation and batch order (default: 0; the data keep theirs)")
 
 
 def add_parsers(sub) -> None:

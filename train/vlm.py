@@ -245,6 +245,7 @@ class VLMTrainer:
         vt = model_cfg.tower.tokens_per_view * self.features["aligned"].shape[1]
         self.examples = self._examples(samples, rows, vt)
         self.text = text_source
+        self.text_used = 0  # batches taken from text_source: a resumed run skips as many to see the same text
         self.step_n = 0
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=train_cfg.weight_decay)
         self.history: list[dict[str, float]] = []
@@ -349,6 +350,7 @@ class VLMTrainer:
 
     def text_loss(self) -> torch.Tensor:
         chunks = next(self.text)
+        self.text_used += 1
         x = torch.stack([self.decoder.embed(torch.tensor(c)) for c in chunks])  # [B, T, D], equal lengths
         if self.cfg.text_objective == "lm" or self.lora_cfg is None or self.cfg.unfreeze_llm:
             h = self.decoder.hidden_states(inputs_embeds=x)[:, :-1]  # position p predicts token p + 1
@@ -428,8 +430,8 @@ class VLMTrainer:
         tmp.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.trainable_state().items()}, str(tmp / "trainable.safetensors"))
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": self.step_n, "train_config": asdict(self.cfg),
-                                                      "history": self.history}))
+        (tmp / "trainer.json").write_text(json.dumps({"step": self.step_n, "text_used": self.text_used,
+                                                      "train_config": asdict(self.cfg), "history": self.history}))
         if state_dir.exists():
             import shutil
 
@@ -445,6 +447,12 @@ class VLMTrainer:
         self.load_trainable(load_safetensors(state_dir / "trainable.safetensors"))
         self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
         self.step_n, self.history = int(meta["step"]), list(meta["history"])
+        self.text_used = int(meta.get("text_used", 0))
+        if self.text_used and self.text is None:
+            raise CheckpointError(f"{state_dir}: the run being resumed mixed in text batches; "
+                                  "pass the same text source")
+        for _ in range(self.text_used):  # the text stream is an iterator: replay it to where the run stopped
+            next(self.text)
 
     # -- export -----------------------------------------------------------------------------
     def export(self, path: Path, *, overwrite: bool = True, half: bool = True) -> Path:
