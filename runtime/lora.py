@@ -45,7 +45,8 @@ class LoRALinear(nn.Module):
         out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
                         device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.base.weight + self.scale * (self.lora_B @ self.lora_A))
+            w = self.base.weight.double() + self.scale * (self.lora_B.double() @ self.lora_A.double())
+            out.weight.copy_(w.to(out.weight.dtype))  # rounded once, like merge_lora_weights
             if self.base.bias is not None:
                 out.bias.copy_(self.base.bias)
         return out
@@ -126,9 +127,10 @@ def merge_lora_weights(model: nn.Module, factors: dict[str, torch.Tensor], cfg: 
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise CheckpointError(f"LoRA layer {name!r}: factors {tuple(a.shape)} / {tuple(b.shape)}, "
                                   f"expected {want_a} / {want_b}")
-        with torch.no_grad():
-            delta = (b.to(torch.float32) @ a.to(torch.float32)) * cfg.scale
-            lin.weight.add_(delta.to(lin.weight.dtype).to(lin.weight.device))
+        with torch.no_grad():  # in float64, so the merged weight is W + s*B@A rounded once
+            w = lin.weight.detach().to("cpu", torch.float64)
+            merged = w + (b.to(torch.float64) @ a.to(torch.float64)) * cfg.scale
+            lin.weight.copy_(merged.to(lin.weight.dtype))
     return len(layers)
 
 

@@ -58,4 +58,5 @@ def test_training_model_and_runtime_agree(shipped):
         with torch.no_grad():
             logits.append(pipe.decoder(inputs_embeds=prompt.embed(pipe.decoder.embed, [emb]))[0])
     err = (logits[0] - logits[1]).abs().max().item()
+    print(f"max |logit difference| {err:.2e}")
     assert err <= 1e-4, err
