@@ -13,9 +13,10 @@ from torch import nn
 
 import edgevlm
 from edgevlm.config import LoRAConfig
-from edgevlm.errors import CheckpointError
+from edgevlm.errors import CheckpointError, ConfigError
 from edgevlm.presets import get_preset
-from edgevlm.runtime.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, merge_lora_weights
+from edgevlm.runtime.lora import (LoRALinear, apply_lora, lora_disabled, lora_state_dict, merge_lora,
+                                  merge_lora_weights)
 from edgevlm.train.data import build_split
 from edgevlm.train.vlm import TrainConfig, VLMTrainer
 
@@ -61,6 +62,22 @@ def test_lora_apply_merge_and_runtime_merge_agree():
         merge_lora_weights(_Toy(), {**factors, "q_proj.lora_A": torch.zeros(4, 12)}, cfg)
 
 
+def test_lora_disabled_runs_the_base_and_restores():
+    torch.manual_seed(0)
+    m, x = _Toy(), torch.randn(5, 12)
+    base = m.q_proj(x)
+    apply_lora(m, LoRAConfig(rank=2, alpha=4.0, targets=("q_proj",)))
+    with torch.no_grad():
+        m.q_proj.lora_B.normal_()
+    adapted = m.q_proj(x)
+    with lora_disabled(m):
+        assert torch.equal(m.q_proj(x), base)
+    assert torch.equal(m.q_proj(x), adapted) and not torch.allclose(adapted, base)
+    with pytest.raises(RuntimeError), lora_disabled(m):  # an error inside the block still re-enables
+        raise RuntimeError
+    assert torch.equal(m.q_proj(x), adapted)
+
+
 # ---- the trainer on the tiny preset --------------------------------------------------------
 
 def _tiny_trainer(steps: int, **kw) -> VLMTrainer:
@@ -90,6 +107,16 @@ def test_trainer_lowers_loss_and_freezes_what_it_should():
     assert after < 0.7 * before, (before, after)
     assert all("loss_text" in h for h in hist)  # text batches ride along whenever LoRA trains
     assert all(torch.equal(v, tr.tower.encoders.state_dict()[k]) for k, v in frozen_before.items())
+
+
+def test_text_objectives():
+    kl = _tiny_trainer(2)
+    assert kl.text_loss().item() == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at zero: adapted == base
+    lm = _tiny_trainer(2, text_objective="lm")
+    loss = lm.text_loss().item()
+    assert 1.0 < loss < 20.0  # a next-token cross-entropy of an untrained tiny LM over a large vocabulary
+    with pytest.raises(ConfigError, match="text_objective"):
+        TrainConfig(stage="stage2", text_objective="mse")
 
 
 def test_resume_is_exact(tmp_path):
