@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from edgevlm.config import ModelConfig, WeightsRef
-from edgevlm.errors import CheckpointError, UnknownPresetError, WeightsNotFoundError
+from edgevlm.errors import CheckpointError, ConfigError, UnknownPresetError, WeightsNotFoundError
 from edgevlm.presets import PRESETS, get_preset
 
 from .chat import ChatFormat
 from .checkpoint import is_checkpoint_dir, load_checkpoint
 from .decoder import LlamaDecoder
+from .embed_cache import EmbeddingCache
 from .lora import LORA_SUFFIXES, merge_lora_weights
 from .pipeline import Pipeline
 from .readers import resolve_weights_path
@@ -146,14 +147,27 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
 
 def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
          preprocess_backend: str = "auto", max_context: int = 2048, max_image_pixels: int | None = None,
-         seed: int = 0) -> Pipeline:
+         seed: int = 0, reuse_prefix: bool = True, embedding_cache_bytes: int = 64 << 20) -> Pipeline:
     """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
     (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
 
     ``max_context`` sizes the static KV cache (positions of prompt + answer); it is capped at the
     decoder's own limit. ``max_image_pixels`` refuses larger images before decoding them (default
-    64 MP, see :mod:`edgevlm.runtime.image_io`).
+    64 MP, see :mod:`edgevlm.runtime.image_io`). ``reuse_prefix`` keeps the last conversation's KV
+    cache so a follow-up prefills only its new tokens; ``embedding_cache_bytes`` bounds the image
+    embeddings kept by content (0 turns that cache and its per-image hashing off).
     """
+    if embedding_cache_bytes < 0:
+        raise ConfigError(f"embedding_cache_bytes must be >= 0, got {embedding_cache_bytes}")
+    pipe = _load(source, device, dtype, preprocess_backend=preprocess_backend, max_context=max_context,
+                 max_image_pixels=max_image_pixels, seed=seed)
+    pipe.reuse_prefix = bool(reuse_prefix)
+    if pipe.tower is not None:
+        pipe.tower.embedding_cache = EmbeddingCache(embedding_cache_bytes)
+    return pipe
+
+
+def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_pixels, seed) -> Pipeline:
     dt, dev = _dtype(dtype), torch.device(device)
     common = dict(dtype=dt, device=dev, preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
                   max_image_pixels=max_image_pixels)

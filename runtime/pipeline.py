@@ -12,10 +12,15 @@ spliced into the prompt's embeddings at the chat format's image positions -> pre
 KV cache -> decode loop (sampler, stop ids) -> streaming detokeniser (stop strings).
 
 One Pipeline serves one generation at a time; calls from several threads are serialised by a lock.
+
+Between calls the Pipeline keeps what it computed: the KV cache of the last conversation (a follow-up
+whose prompt starts with the previous prompt and answer prefills only the new tokens) and the tower's
+embeddings of recent images (the same picture again skips the vision stages). ``reset()`` drops both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,15 +43,17 @@ from .tower import VisionTower
 class GenerateOutput:
     """What :meth:`Pipeline.generate` returns.
 
-    ``timings`` (milliseconds): ``decode_image`` (file/array decoding), ``preprocess`` (views),
-    ``vision`` (encoders + connector), ``prefill`` (prompt forward + first token = time to first
-    token after the image stages), ``decode_per_token`` (mean), ``total``.
+    ``timings`` (milliseconds): ``decode_image`` (file/array decoding, content hashing), ``preprocess``
+    (views), ``vision`` (encoders + connector; ~0 for images the tower remembers), ``prefill`` (forward
+    of the positions not reused from the last call + first token = time to first token after the image
+    stages), ``decode_per_token`` (mean), ``total``.
     """
 
     text: str
     token_ids: list[int]
     timings: dict[str, float]
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # the whole prompt, visual positions included
+    cached_tokens: int = 0  # of those, reused from the previous call's KV cache (not prefilled again)
     visual_tokens: int = 0
     stop_reason: str = ""
     info: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +64,7 @@ class Pipeline:
 
     def __init__(self, decoder: LlamaDecoder, tokenizer: Tokenizer, chat: ChatFormat, *,
                  tower: VisionTower | None = None, name: str = "", max_context: int = 2048,
-                 sources: dict[str, str] | None = None):
+                 sources: dict[str, str] | None = None, reuse_prefix: bool = True):
         self.decoder = decoder.eval()
         self.tokenizer = tokenizer
         self.chat = chat
@@ -66,6 +73,8 @@ class Pipeline:
         self.max_context = min(int(max_context), decoder.cfg.max_seq_len)
         self.sources = dict(sources or {})
         self._cache: KVCache | None = None
+        self.reuse_prefix = reuse_prefix
+        self._cache_keys: list = []  # one key per position held in the KV cache (see _position_keys)
         self._lock = threading.Lock()
         self.last_output: GenerateOutput | None = None
 
@@ -89,8 +98,9 @@ class Pipeline:
             msgs = [{"role": "system", "content": system}] + [m for m in msgs if m.get("role") != "system"]
         return msgs
 
-    def _prepare(self, image, prompt, raw: bool, system: str | None) -> tuple[torch.Tensor, dict[str, float], int]:
-        """-> (inputs_embeds [1, T, D], image-stage timings, visual positions)."""
+    def _prepare(self, image, prompt, raw: bool,
+                 system: str | None) -> tuple[torch.Tensor, dict[str, float], int, list]:
+        """-> (inputs_embeds [1, T, D], image-stage timings, visual positions, position keys)."""
         images = self._images(image)
         timings: dict[str, float] = {}
         embeds: list[torch.Tensor] = []
@@ -107,12 +117,32 @@ class Pipeline:
         else:
             mp = self.chat.build(self.tokenizer, self._messages(prompt, system), tpi)
         x = mp.embed(self.decoder.embed, embeds)  # [1, T, D]
-        return x, timings, sum(tpi)
+        return x, timings, sum(tpi), _position_keys(mp, embeds)
 
     def _cache_for(self) -> KVCache:
         if self._cache is None:
             self._cache = self.decoder.new_cache(batch=1, max_len=self.max_context)
         return self._cache
+
+    def _reusable(self, keys: list) -> int:
+        """How many leading positions of a prompt with ``keys`` the KV cache already holds; at least
+        one position is always left to prefill, since its logits start the answer."""
+        if not self.reuse_prefix:
+            return 0
+        old, n = self._cache_keys, 0
+        limit = min(len(old), len(keys) - 1)
+        while n < limit and old[n] == keys[n]:
+            n += 1
+        return n
+
+    def reset(self) -> None:
+        """Forget the cached conversation and image embeddings (the next call computes everything)."""
+        with self._lock:
+            self._cache_keys = []
+            if self._cache is not None:
+                self._cache.reset()
+            if self.tower is not None:
+                self.tower.embedding_cache.clear()
 
     # ---- generation ------------------------------------------------------------------------
     def stream(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -122,10 +152,15 @@ class Pipeline:
         holds the full :class:`GenerateOutput` (ids, timings, stop reason)."""
         with self._lock:
             t_start = time.perf_counter()
-            x, timings, n_visual = self._prepare(image, prompt, raw, system)
+            x, timings, n_visual, keys = self._prepare(image, prompt, raw, system)
             gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    seed=seed, stop_token_ids=tuple(sorted(self.chat.stop_ids(self.tokenizer))))
-            tokens = generate_tokens(self.decoder, self._cache_for(), prompt_embeds=x, gen_cfg=gen)
+            cache = self._cache_for()
+            reused = self._reusable(keys)
+            cache.truncate(min(reused, cache.length))
+            self._cache_keys = self._cache_keys[:reused]
+            tokens = generate_tokens(self.decoder, cache, prompt_embeds=x[:, reused:], gen_cfg=gen,
+                                     continue_cache=True)
             detok = self.tokenizer.stream_decoder(skip_special=True)
             stops = StopStringMatcher(tuple(self.chat.stop_strings) + tuple(stop))
             parts: list[str] = []
@@ -149,12 +184,14 @@ class Pipeline:
                         yield tail
             finally:
                 tokens.close()
+                # what the cache now holds: the prompt, then the answer tokens that were fed back
+                self._cache_keys = (keys + list(tokens.tokens))[:cache.length]
                 s = tokens.stats
                 timings.update({"prefill": s.prefill_ms, "decode_per_token": s.mean_decode_ms,
                                 "total": (time.perf_counter() - t_start) * 1e3})
                 self.last_output = GenerateOutput(
                     text="".join(parts), token_ids=list(tokens.tokens), timings=timings,
-                    prompt_tokens=s.prompt_tokens, visual_tokens=n_visual,
+                    prompt_tokens=len(keys), cached_tokens=reused, visual_tokens=n_visual,
                     stop_reason="stop_string" if stopped else s.stop_reason,
                     info={"decode_tokens_per_s": s.decode_tokens_per_s})
 
@@ -187,6 +224,21 @@ class Pipeline:
             "backends": backends(),
         }
         return out
+
+
+def _position_keys(mp, embeds: Sequence[torch.Tensor]) -> list:
+    """One comparable key per prompt position: the token id, or (digest of the image's embedding, index)
+    for a visual position -- so two prompts share a cached prefix only where the same tokens and the same
+    visual embeddings stand at the same positions."""
+    digests = [hashlib.sha1(e.detach().to("cpu").contiguous().view(torch.uint8).numpy().data).hexdigest()
+               for e in embeds]
+    keys: list = []
+    for kind, v in mp.segments:
+        if kind == "text":
+            keys.extend(v)
+        else:
+            keys.extend((digests[v], j) for j in range(mp.tokens_per_image[v]))
+    return keys
 
 
 def backends() -> dict[str, str]:

@@ -89,7 +89,9 @@ class VisionTower:
 
     def __init__(self, model: VisionTowerModel, *, device: torch.device, dtype: torch.dtype,
                  preprocess_backend: str = "auto", threads: int | None = None,
-                 max_image_pixels: int | None = None, weights: WeightsReport | None = None):
+                 max_image_pixels: int | None = None, weights: WeightsReport | None = None,
+                 embedding_cache_bytes: int = 64 << 20):
+        from .embed_cache import EmbeddingCache
         from .image_io import DEFAULT_MAX_PIXELS
         from .preprocess import Preprocessor
 
@@ -100,6 +102,9 @@ class VisionTower:
         self.max_image_pixels = max_image_pixels or DEFAULT_MAX_PIXELS
         self.weights = weights or WeightsReport()
         self.last_timings: dict[str, float] = {}
+        # Same picture again (a follow-up question) -> same embedding without running the tower;
+        # embedding_cache_bytes=0 turns it off, hashing included.
+        self.embedding_cache = EmbeddingCache(embedding_cache_bytes)
 
     @property
     def config(self) -> TowerConfig:
@@ -109,16 +114,27 @@ class VisionTower:
     def _run(self, images) -> list[torch.Tensor]:
         from .image_io import load_images
 
+        from .embed_cache import image_digest
+
         t0 = time.perf_counter()
         arrays = load_images(images, max_pixels=self.max_image_pixels)
-        t1 = time.perf_counter()
-        pre = self.preprocessor(arrays)
-        t2 = time.perf_counter()
-        per_view = self._forward(pre.views, pre.token_masks)
-        t3 = time.perf_counter()
+        cache = self.embedding_cache
+        keys = [image_digest(a) for a in arrays] if cache.enabled else []
+        out = [cache.get(k) for k in keys] if keys else [None] * len(arrays)
+        todo = [i for i, e in enumerate(out) if e is None]
+        t1 = t2 = t3 = time.perf_counter()
+        if todo:
+            pre = self.preprocessor([arrays[i] for i in todo])
+            t2 = time.perf_counter()
+            per_view = self._forward(pre.views, pre.token_masks)
+            t3 = time.perf_counter()
+            for i, emb in zip(todo, group_by_image(per_view, pre.views_per_image)):
+                out[i] = emb
+                if keys:
+                    cache.put(keys[i], emb)
         self.last_timings = {"decode_ms": (t1 - t0) * 1e3, "preprocess_ms": (t2 - t1) * 1e3,
-                             "vision_ms": (t3 - t2) * 1e3}
-        return group_by_image(per_view, pre.views_per_image)
+                             "vision_ms": (t3 - t2) * 1e3, "cached_images": len(arrays) - len(todo)}
+        return out
 
     @torch.inference_mode()
     def _forward(self, views: dict[str, torch.Tensor], masks=None) -> torch.Tensor:

@@ -137,6 +137,33 @@ def test_context_overflow_and_text_only_errors(llama):
     assert pipe.generate(None, "ok", raw=True, max_new_tokens=2).token_ids
 
 
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_follow_up_prefills_only_new_tokens(llama):
+    _, folder = llama
+    pipe, fresh = edgevlm.load(folder), edgevlm.load(folder, reuse_prefix=False)
+    enc = pipe.tokenizer.encode
+    first = pipe.generate(None, "Hello, edge!", raw=True, max_new_tokens=12)
+    # what the cache holds now: the prompt, then every answer token but the last (never fed back)
+    held = enc("Hello, edge!") + first.token_ids[:-1]
+    for prompt in ("Hello, edge! And then?", "Hello, edge!", "Help", "Help", "Quite different"):
+        out = pipe.generate(None, prompt, raw=True, max_new_tokens=6)
+        ref = fresh.generate(None, prompt, raw=True, max_new_tokens=6)
+        ids = enc(prompt)
+        assert out.cached_tokens == min(_common_prefix(held, ids), len(ids) - 1), prompt  # >= 1 token prefilled
+        assert ref.cached_tokens == 0 and out.prompt_tokens == ref.prompt_tokens == len(ids)
+        assert out.token_ids == ref.token_ids, prompt
+        held = ids + out.token_ids[:-1]
+    assert out.cached_tokens == 1  # BOS only
+    pipe.reset()
+    assert pipe.generate(None, "Help", raw=True, max_new_tokens=2).cached_tokens == 0
+
+
 def test_unsupported_transformers_folder(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     write_byte_tokenizer(tmp_path)
@@ -167,6 +194,27 @@ def test_demo_answers_paris_and_streams(demo):
     full = demo.generate(None, prompt, raw=True, max_new_tokens=12)
     pieces = list(demo.stream(None, prompt, raw=True, max_new_tokens=12))
     assert len(pieces) > 3 and "".join(pieces) == full.text and full.stop_reason == "max_new_tokens"
+
+
+def test_demo_follow_up_reencodes_nothing(demo):
+    from importlib import resources
+
+    img = str(resources.files("edgevlm") / "assets" / "scene_a.png")
+    demo.reset()
+    first = demo.generate(img, "How many objects are there?", max_new_tokens=8)
+    assert demo.tower.last_timings["cached_images"] == 0
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many objects are there?"}]},
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "What color is the circle?"}]
+    out = demo.generate(img, chat, max_new_tokens=8)
+    assert demo.tower.last_timings["cached_images"] == 1 and out.timings["vision"] < 1.0  # ms: no tower run
+    new_tokens = out.prompt_tokens - out.cached_tokens
+    assert out.cached_tokens >= first.prompt_tokens and new_tokens < 25, (out.cached_tokens, out.prompt_tokens)
+    # the same conversation from scratch: same answer, and its logits agree with the reused prefix's
+    fresh = edgevlm.load("demo", reuse_prefix=False)
+    ref = fresh.generate(img, chat, max_new_tokens=8)
+    assert ref.cached_tokens == 0 and ref.prompt_tokens == out.prompt_tokens
+    assert out.token_ids == ref.token_ids
 
 
 def test_demo_image_positions(demo):

@@ -1,0 +1,72 @@
+"""Visual embeddings remembered by image content, so asking again about the same picture skips the
+vision tower.
+
+Keys are SHA-1 digests of the decoded pixels (shape included), taken after decoding, so a path, a PIL
+image and an array of the same picture share one entry. SHA-1 because CPUs with SHA extensions hash a
+1920x1080 RGB frame in about 3 ms -- small beside the tower, but not free: a camera loop whose frames
+never repeat can turn the cache off (``capacity_bytes=0``), which also skips the hashing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+
+def image_digest(array: np.ndarray) -> str:
+    """Content key of a decoded HWC uint8 image."""
+    h = hashlib.sha1(repr((array.shape, str(array.dtype))).encode())
+    h.update(np.ascontiguousarray(array).data)
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """Least-recently-used map digest -> embedding tensor, bounded by the tensors' total bytes."""
+
+    def __init__(self, capacity_bytes: int = 64 << 20):
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.capacity_bytes = int(capacity_bytes)
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        t = self._items.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return t
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.capacity_bytes:  # would evict everything and still not fit
+            return
+        if key in self._items:
+            old = self._items.pop(key)
+            self.nbytes -= old.numel() * old.element_size()
+        self._items[key] = value
+        self.nbytes += size
+        while self.nbytes > self.capacity_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+__all__ = ["EmbeddingCache", "image_digest"]
