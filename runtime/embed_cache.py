@@ -23,6 +23,14 @@ def image_digest(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """Content key of a tensor's values (its bytes as stored; dtype and shape included)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha1(repr((tuple(t.shape), str(t.dtype))).encode())
+    h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 class EmbeddingCache:
     """Least-recently-used map digest -> embedding tensor, bounded by the tensors' total bytes."""
 
@@ -69,4 +77,4 @@ class EmbeddingCache:
         self.nbytes = 0
 
 
-__all__ = ["EmbeddingCache", "image_digest"]
+__all__ = ["EmbeddingCache", "image_digest", "tensor_digest"]

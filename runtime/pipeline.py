@@ -20,7 +20,6 @@ embeddings of recent images (the same picture again skips the vision stages). ``
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +32,7 @@ from edgevlm.errors import PromptError
 
 from .chat import ChatFormat, build_multimodal_ids
 from .decoder import LlamaDecoder
+from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
 from .kv_cache import KVCache
 from .tokenizer import Tokenizer
@@ -230,8 +230,7 @@ def _position_keys(mp, embeds: Sequence[torch.Tensor]) -> list:
     """One comparable key per prompt position: the token id, or (digest of the image's embedding, index)
     for a visual position -- so two prompts share a cached prefix only where the same tokens and the same
     visual embeddings stand at the same positions."""
-    digests = [hashlib.sha1(e.detach().to("cpu").contiguous().view(torch.uint8).numpy().data).hexdigest()
-               for e in embeds]
+    digests = [tensor_digest(e) for e in embeds]
     keys: list = []
     for kind, v in mp.segments:
         if kind == "text":

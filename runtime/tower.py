@@ -31,6 +31,7 @@ from edgevlm.errors import CheckpointError, ConfigError, ShapeError, UnknownPres
 from edgevlm.presets import PRESETS, get_preset
 
 from .connectors import build_connector
+from .embed_cache import EmbeddingCache, image_digest
 from .vision import build_encoder
 
 TOWER_PREFIX = "tower."
@@ -91,7 +92,6 @@ class VisionTower:
                  preprocess_backend: str = "auto", threads: int | None = None,
                  max_image_pixels: int | None = None, weights: WeightsReport | None = None,
                  embedding_cache_bytes: int = 64 << 20):
-        from .embed_cache import EmbeddingCache
         from .image_io import DEFAULT_MAX_PIXELS
         from .preprocess import Preprocessor
 
@@ -113,8 +113,6 @@ class VisionTower:
     # ---- images -> embeddings -------------------------------------------------------------
     def _run(self, images) -> list[torch.Tensor]:
         from .image_io import load_images
-
-        from .embed_cache import image_digest
 
         t0 = time.perf_counter()
         arrays = load_images(images, max_pixels=self.max_image_pixels)

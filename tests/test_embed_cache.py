@@ -56,3 +56,13 @@ def test_tower_reuses_and_can_turn_off(tmp_path):
     assert off.tower.last_timings["cached_images"] == 0 and len(off.tower.embedding_cache) == 0
     with pytest.raises(edgevlm.ConfigError, match="embedding_cache_bytes"):
         edgevlm.load("tiny", embedding_cache_bytes=-5)
+
+
+def test_tensor_digest_follows_values_dtype_and_shape():
+    from edgevlm.runtime.embed_cache import tensor_digest
+
+    t = torch.arange(12, dtype=torch.float32).view(3, 4)
+    assert tensor_digest(t) == tensor_digest(t.clone())
+    assert tensor_digest(t) != tensor_digest(t.view(4, 3))
+    assert tensor_digest(t) != tensor_digest(t.to(torch.bfloat16))
+    assert tensor_digest(t.t()) == tensor_digest(t.t().contiguous())  # layout does not matter, values do
