@@ -35,7 +35,7 @@ def _load(args):
     import edgevlm
 
     return edgevlm.load(args.model, device=args.device, dtype=args.dtype, preprocess_backend=args.preprocess,
-                        max_context=args.max_context)
+                        max_context=args.max_context, quant=args.quant)
 
 
 # ---- run -------------------------------------------------------------------------------------
@@ -114,6 +114,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     size = d.get("weights_bytes", d.get("fp32_bytes", 0))
     print(f"  decoder {d['layers']} layers x {d['hidden']}  {d['params'] / 1e6:.1f}M params  {_fmt_bytes(size)}"
           f"  weights: {d['weights']}")
+    if "quantization" in d:
+        print(f"  quantization: {d['quantization']}")
     if "kv_cache" in info:
         print(f"  KV cache: {info['kv_cache']['max_context']} positions, {_fmt_bytes(info['kv_cache']['bytes'])}")
         print(f"  tokenizer: {info['tokenizer']['vocab']} tokens ({info['tokenizer']['source']}); "
@@ -166,9 +168,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print("edgevlm demo — model 'demo': DINOv2-S + EfficientNet-Lite0 -> SPHINX-style fusion -> SmolLM2-135M-Instruct")
-    pipe = edgevlm.load("demo", preprocess_backend=args.preprocess)
+    pipe = edgevlm.load("demo", preprocess_backend=args.preprocess, quant=args.quant)
     vision = pipe.info()["vision"]
-    print(f"  decoder:   {pipe.sources['decoder']}")
+    print(f"  decoder:   {pipe.sources['decoder']}; quantization: {pipe.info()['decoder']['quantization']}")
     for e in vision["encoders"]:
         print(f"  encoder:   {e['name']} <- {e['weights']}")
     trained = vision["connector"]["weights"] == "checkpoint"
@@ -201,6 +203,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+QUANT_HELP = ("decoder weights: auto (a GGUF file keeps its own Q8_0/Q4_0/Q4_1 blocks), none (float), int8 "
+              "(per channel), int4 (group 32), int4-g64, int4-g128, int8-g32 (default: auto)")
+
 COMMANDS = {"run": cmd_run, "info": cmd_info, "demo": cmd_demo}
 
 
@@ -210,6 +215,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
                    help="image preprocessing backend (default: auto = C++ when built)")
     p.add_argument("--max-context", type=int, default=2048, help="KV cache positions (default: 2048)")
+    p.add_argument("--quant", default="auto", help=QUANT_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
                       help="image preprocessing backend (default: auto = C++ when built)")
     demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--quant", default="auto", help=QUANT_HELP)
 
     from edgevlm.train.cli import add_parsers  # `train ...` and `eval`
 

@@ -641,6 +641,46 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+QUANT_SCHEMES = ("int8", "int4")
+QUANT_GROUPS = (32, 64, 128)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Weight-only quantisation of the decoder's linear layers, applied to a finished model
+    (:func:`edgevlm.runtime.quant.quantize_decoder`).
+
+    ``int8``: symmetric, one scale per output channel (``group=0``) or per ``group`` inputs.
+    ``int4``: asymmetric (scale and zero point in fp16) per ``group`` inputs, the GGUF Q4_1 recipe.
+    ``lm_head`` also quantises the output projection (with tied embeddings the embedding table
+    itself stays float: a lookup reads one row per token).
+    """
+
+    scheme: str
+    group: int = 0
+    lm_head: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.scheme in QUANT_SCHEMES, f"QuantConfig.scheme must be one of {QUANT_SCHEMES}, got {self.scheme!r}")
+        allowed = ((0,) if self.scheme == "int8" else ()) + QUANT_GROUPS
+        _check(self.group in allowed, f"QuantConfig.group for {self.scheme} must be one of {allowed}, got {self.group!r}")
+
+    @classmethod
+    def named(cls, name: str) -> "QuantConfig":
+        """``int8`` (per channel), ``int4`` (group 32), or ``int4-g64`` / ``int4-g128`` / ``int8-g32``."""
+        scheme, _, g = name.partition("-g")
+        try:
+            group = int(g) if g else (0 if scheme == "int8" else 32)
+        except ValueError:
+            raise ConfigError(f"quantisation {name!r} not understood; use int8, int4, int4-g32, int4-g64, "
+                              "int4-g128 or int8-g32") from None
+        return cls(scheme=scheme, group=group)
+
+    @property
+    def label(self) -> str:
+        return self.scheme + (f"-g{self.group}" if self.group else "")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A whole VLM. ``image_placement``: ``after_bos`` (SPHINX) or ``placeholder`` (an ``<image>``
@@ -768,6 +808,6 @@ __all__ = [
     "WeightsRef", "EncoderConfig", "ViTConfig", "ConvNeXtConfig", "EfficientNetConfig", "round_filters",
     "QFormerConfig", "ConnectorConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
     "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "TowerConfig", "DecoderConfig", "ModelConfig",
-    "LoRAConfig", "LORA_TARGETS",
+    "LoRAConfig", "LORA_TARGETS", "QuantConfig", "QUANT_SCHEMES", "QUANT_GROUPS",
     "ENCODER_KINDS", "CONNECTOR_KINDS", "to_dict", "from_dict",
 ]

@@ -33,6 +33,7 @@ from edgevlm.errors import ConfigError, ShapeError
 
 from .decoder import LlamaDecoder
 from .kv_cache import ContextLengthError, KVCache
+from .quant import kernel_threads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,8 +191,9 @@ def generate_tokens(model: LlamaDecoder, cache: KVCache, prompt_ids: torch.Tenso
     def step(**inputs) -> int:
         # one forward + sample; inference_mode is entered per step so it never leaks into the
         # caller's code between yields.
-        logits = model(cache=cache, last_only=True, **inputs)[:, -1]  # [1, V]
-        return int(sampler(logits)[0])  # int() waits for the device, so timings are real
+        with kernel_threads(model):
+            logits = model(cache=cache, last_only=True, **inputs)[:, -1]  # [1, V]
+            return int(sampler(logits)[0])  # int() waits for the device, so timings are real
 
     def run() -> Iterator[int]:
         stats.stop_reason = "closed"

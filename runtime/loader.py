@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from edgevlm.config import ModelConfig, WeightsRef
+from edgevlm.config import ModelConfig, QuantConfig, WeightsRef
 from edgevlm.errors import CheckpointError, ConfigError, UnknownPresetError, WeightsNotFoundError
 from edgevlm.presets import PRESETS, get_preset
 
@@ -24,6 +24,7 @@ from .decoder import LlamaDecoder
 from .embed_cache import EmbeddingCache
 from .lora import LORA_SUFFIXES, merge_lora_weights
 from .pipeline import Pipeline
+from .quant import quantize_decoder
 from .readers import resolve_weights_path
 from .readers.safetensors_io import load_safetensors, read_json
 from .tokenizer import BYTE_TO_CHAR, Tokenizer
@@ -92,7 +93,9 @@ def _random_decoder(cfg, dtype, device, seed: int) -> LlamaDecoder:
 
 def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allow_random: bool, dtype, device,
                        tokenizer_dir: Path | None, preprocess_backend: str, max_context: int, seed: int,
-                       max_image_pixels: int | None = None, tower_override: VisionTower | None = None) -> Pipeline:
+                       max_image_pixels: int | None = None,
+                       tower_override: VisionTower | None = None) -> tuple[Pipeline, dict | None]:
+    """-> (pipeline, the GGUF file's raw blocks when the decoder is that file unmodified, else None)."""
     sources: dict[str, str] = {}
     if cfg.weights is not None:  # trained tensors shipped beside the config (the checkpoint's own win)
         state = {**load_safetensors(resolve_weights_path(cfg.weights)), **state}
@@ -115,7 +118,9 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
         sources["decoder"] = "random"
     else:
         raise CheckpointError("checkpoint has no decoder.* tensors and its config names no decoder_weights")
+    native = gguf_model.raw if gguf_model is not None else None
     if lora_state:
+        native = None  # merged LoRA changes the weights: the file's blocks no longer describe them
         if cfg.lora is None:
             raise CheckpointError("checkpoint holds LoRA factors but its config has no `lora` section")
         n = merge_lora_weights(decoder, lora_state, cfg.lora)
@@ -142,12 +147,13 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
                             preprocess_backend=preprocess_backend, max_image_pixels=max_image_pixels,
                             weights=report)
     return Pipeline(decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), tower=tower, name=cfg.name,
-                    max_context=max_context, sources=sources)
+                    max_context=max_context, sources=sources), native
 
 
 def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
-         preprocess_backend: str = "auto", max_context: int = 2048, max_image_pixels: int | None = None,
-         seed: int = 0, reuse_prefix: bool = True, embedding_cache_bytes: int = 64 << 20) -> Pipeline:
+         quant: str | QuantConfig | None = "auto", preprocess_backend: str = "auto", max_context: int = 2048,
+         max_image_pixels: int | None = None, seed: int = 0, reuse_prefix: bool = True,
+         embedding_cache_bytes: int = 64 << 20) -> Pipeline:
     """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
     (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
 
@@ -156,18 +162,40 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
     64 MP, see :mod:`edgevlm.runtime.image_io`). ``reuse_prefix`` keeps the last conversation's KV
     cache so a follow-up prefills only its new tokens; ``embedding_cache_bytes`` bounds the image
     embeddings kept by content (0 turns that cache and its per-image hashing off).
+
+    ``quant`` picks the decoder's weight format: ``"auto"`` keeps a GGUF file's own Q8_0/Q4_0/Q4_1
+    blocks (repacked bit-exactly; nothing else is quantised), ``"none"``/None runs float weights,
+    ``"int8"`` (per channel), ``"int4"`` (group 32), ``"int4-g64"``, ``"int4-g128"``, ``"int8-g32"``
+    or a :class:`~edgevlm.config.QuantConfig` quantise the float weights (a GGUF model is then
+    dequantised first). See :mod:`edgevlm.runtime.quant`.
     """
     if embedding_cache_bytes < 0:
         raise ConfigError(f"embedding_cache_bytes must be >= 0, got {embedding_cache_bytes}")
-    pipe = _load(source, device, dtype, preprocess_backend=preprocess_backend, max_context=max_context,
-                 max_image_pixels=max_image_pixels, seed=seed)
+    qcfg = _quant_config(quant)  # bad names fail before any weights are read
+    pipe, native = _load(source, device, dtype, preprocess_backend=preprocess_backend, max_context=max_context,
+                         max_image_pixels=max_image_pixels, seed=seed)
+    if qcfg is not None:
+        quantize_decoder(pipe.decoder, qcfg)
+    elif quant == "auto" and native is not None:
+        quantize_decoder(pipe.decoder, gguf_raw=native)
     pipe.reuse_prefix = bool(reuse_prefix)
     if pipe.tower is not None:
         pipe.tower.embedding_cache = EmbeddingCache(embedding_cache_bytes)
     return pipe
 
 
-def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_pixels, seed) -> Pipeline:
+def _quant_config(quant) -> QuantConfig | None:
+    if isinstance(quant, QuantConfig):
+        return quant
+    if quant is None or quant in ("auto", "none"):
+        return None
+    if not isinstance(quant, str):
+        raise ConfigError(f"quant must be 'auto', 'none', a scheme name or a QuantConfig, got {type(quant).__name__}")
+    return QuantConfig.named(quant)
+
+
+def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_pixels,
+          seed) -> tuple[Pipeline, dict | None]:
     dt, dev = _dtype(dtype), torch.device(device)
     common = dict(dtype=dt, device=dev, preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
                   max_image_pixels=max_image_pixels)
@@ -191,7 +219,7 @@ def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_p
     raise UnknownPresetError(f"{source!r} is neither a preset ({', '.join(PRESETS)}), a folder, nor a .gguf file")
 
 
-def _load_gguf(path: Path, dtype, device, max_context: int) -> Pipeline:
+def _load_gguf(path: Path, dtype, device, max_context: int) -> tuple[Pipeline, dict]:
     from .readers.gguf_reader import read_gguf
 
     g = read_gguf(path)
@@ -200,11 +228,11 @@ def _load_gguf(path: Path, dtype, device, max_context: int) -> Pipeline:
     chat = ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
                       eos_token=tokenizer.eos_token)
     return Pipeline(decoder, tokenizer, chat, name=path.stem, max_context=max_context,
-                    sources={"decoder": str(path), "tokenizer": str(path)})
+                    sources={"decoder": str(path), "tokenizer": str(path)}), g.raw
 
 
 def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_context, seed,
-                       max_image_pixels) -> Pipeline:
+                       max_image_pixels) -> tuple[Pipeline, None]:
     from .readers.hf_llama import SUPPORTED_MODEL_TYPES, read_llama_dir
 
     hf = read_json(path / "config.json")
@@ -216,7 +244,7 @@ def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_con
         chat = ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
                           eos_token=tokenizer.eos_token)
         return Pipeline(decoder, tokenizer, chat, name=path.name, max_context=max_context,
-                        sources={"decoder": str(path), "tokenizer": str(path)})
+                        sources={"decoder": str(path), "tokenizer": str(path)}), None
     if model_type == "llava":
         from .tower import load_vision_tower
 

@@ -205,8 +205,13 @@ class Pipeline:
 
     # ---- introspection ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        params = sum(p.numel() for p in self.decoder.parameters())
-        dec_bytes = sum(p.numel() * p.element_size() for p in self.decoder.parameters())
+        from .quant import QuantLinear, describe
+
+        qlins = [m for m in self.decoder.modules() if isinstance(m, QuantLinear)]
+        tied = self.decoder.cfg.tie_embeddings  # a quantised lm_head is a copy of the embedding, not more parameters
+        params = sum(p.numel() for p in self.decoder.parameters()) + sum(
+            m.in_features * m.out_features for m in qlins if not (tied and m is self.decoder.lm_head))
+        dec_bytes = sum(t.numel() * t.element_size() for t in (*self.decoder.parameters(), *self.decoder.buffers()))
         c = self.decoder.cfg
         kv_bytes = 2 * c.layers * c.kv_heads * c.head_dim * self.max_context * self.decoder.dtype.itemsize
         out: dict[str, Any] = {
@@ -214,7 +219,7 @@ class Pipeline:
             "decoder": {"layers": c.layers, "hidden": c.hidden, "heads": c.heads, "kv_heads": c.kv_heads,
                         "vocab": c.vocab_size, "params": params, "weights_bytes": dec_bytes,
                         "dtype": str(self.decoder.dtype).replace("torch.", ""), "device": str(self.decoder.device),
-                        "weights": self.sources.get("decoder", "?")},
+                        "weights": self.sources.get("decoder", "?"), "quantization": describe(self.decoder)},
             "kv_cache": {"max_context": self.max_context, "bytes": kv_bytes},
             "tokenizer": {"vocab": self.tokenizer.vocab_size, "bos": self.tokenizer.bos_id,
                           "eos": self.tokenizer.eos_id, "source": self.sources.get("tokenizer", "?")},

@@ -126,7 +126,7 @@ def cmd_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = edgevlm.load(args.model)
+    pipe = edgevlm.load(args.model, quant=args.quant)
     samples = build_split("heldout", args.n_scenes, args.n_digits, seed=args.seed)
     metrics, records = evaluate_samples(pipe, samples, max_new_tokens=args.max_new_tokens)
     text = heldout_text()
@@ -171,7 +171,7 @@ def _untuned_config(model: str):
 
 
 def _append_eval_row(path: Path, args, metrics: dict) -> None:
-    _append_row(path, {"model": args.model, "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
+    _append_row(path, {"model": args.model, "quant": args.quant, "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
                        **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}})
 
 
@@ -250,6 +250,8 @@ def add_parsers(sub) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=80,
                     help="answer length limit; a box list takes about 21 tokens per box (default: 80)")
     ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--quant", default="auto", help="decoder weights: auto, none, int8, int4, int4-g64, ... "
+                    "(as `edgevlm run --quant`; the untuned baseline perplexity stays float)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--records", default=None, help="write every question, answer and prediction to this JSON file")
     ev.add_argument("--csv", default=None, help="append a result row (machine, versions, commit, metrics) to this CSV")
