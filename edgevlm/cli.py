@@ -35,7 +35,7 @@ def _load(args):
     import edgevlm
 
     return edgevlm.load(args.model, device=args.device, dtype=args.dtype, preprocess_backend=args.preprocess,
-                        max_context=args.max_context, quant=args.quant)
+                        max_context=args.max_context, quant=args.quant, kv_cache=args.kv_cache)
 
 
 # ---- run -------------------------------------------------------------------------------------
@@ -117,7 +117,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "quantization" in d:
         print(f"  quantization: {d['quantization']}")
     if "kv_cache" in info:
-        print(f"  KV cache: {info['kv_cache']['max_context']} positions, {_fmt_bytes(info['kv_cache']['bytes'])}")
+        print(f"  KV cache: {info['kv_cache']['max_context']} positions, {info['kv_cache']['dtype']}, "
+              f"{_fmt_bytes(info['kv_cache']['bytes'])}")
         print(f"  tokenizer: {info['tokenizer']['vocab']} tokens ({info['tokenizer']['source']}); "
               f"chat: {info['chat']['format']} ({info['chat']['template']} template), images {info['chat']['image_placement']}")
     print("  backends: " + ", ".join(f"{k} {val}" for k, val in info["backends"].items()))
@@ -216,6 +217,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="image preprocessing backend (default: auto = C++ when built)")
     p.add_argument("--max-context", type=int, default=2048, help="KV cache positions (default: 2048)")
     p.add_argument("--quant", default="auto", help=QUANT_HELP)
+    p.add_argument("--kv-cache", default="float", choices=["float", "int8"],
+                   help="KV cache storage: float (the weights' dtype) or int8 (a quarter of the memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:

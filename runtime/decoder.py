@@ -36,7 +36,7 @@ from torch import nn
 from edgevlm.config import DecoderConfig
 from edgevlm.errors import CheckpointError, ShapeError
 
-from .kv_cache import ContextLengthError, KVCache
+from .kv_cache import ContextLengthError, Int8KVCache, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -238,8 +238,10 @@ class LlamaDecoder(nn.Module):
         """Token ids ``[B, T]`` -> embeddings ``[B, T, D]`` (the caller may splice image embeddings in)."""
         return self.embed_tokens(ids)
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache.for_config(self.cfg, batch=batch, max_len=max_len, dtype=self.dtype, device=self.device)
+    def new_cache(self, batch: int = 1, max_len: int | None = None, kv_int8: bool = False) -> KVCache:
+        """A static KV cache for this decoder; ``kv_int8`` stores it as int8 (:class:`Int8KVCache`)."""
+        cls = Int8KVCache if kv_int8 else KVCache
+        return cls.for_config(self.cfg, batch=batch, max_len=max_len, dtype=self.dtype, device=self.device)
 
     def _inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):

@@ -36,10 +36,12 @@ class KVCache:
                         ("head_dim", head_dim)):
             if not isinstance(v, int) or v <= 0:
                 raise ShapeError(f"KVCache {name} must be a positive int, got {v!r}")
-        shape = (layers, batch, kv_heads, max_len, head_dim)
+        self._allocate((layers, batch, kv_heads, max_len, head_dim), dtype, device)
+        self.length = 0
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S_max, Dh]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S_max, Dh]
-        self.length = 0
 
     @classmethod
     def for_config(cls, cfg: DecoderConfig, batch: int = 1, max_len: int | None = None,
@@ -78,6 +80,11 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype ``write`` returns (what attention computes in)."""
+        return self.k.dtype
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def reset(self) -> None:
@@ -124,4 +131,53 @@ class KVCache:
                 f"max_len={self.max_len}, head_dim={self.head_dim}, length={self.length}, dtype={self.k.dtype})")
 
 
-__all__ = ["KVCache", "ContextLengthError"]
+class Int8KVCache(KVCache):
+    """K/V stored as int8 with one fp32 scale per (layer, row, head, position): a quarter of an fp32
+    cache's memory (plus 1/16 for scales at head_dim 64), for long contexts on small devices.
+
+    Each new K/V vector is quantised symmetrically (``scale = max|x| / 127``) when written; ``write``
+    returns the cached prefix dequantised to ``dtype``. That dequantisation is a pass over the prefix
+    per layer per step, so this cache trades time for memory on CPU; it changes no shapes, so
+    prefix reuse and truncation work as with :class:`KVCache`.
+    """
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+        self._dtype = dtype
+        self.k = torch.zeros(shape, dtype=torch.int8, device=device)  # [L, B, Hkv, S_max, Dh]
+        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.k_scale = torch.zeros(*shape[:-1], 1, dtype=torch.float32, device=device)  # [L, B, Hkv, S_max, 1]
+        self.v_scale = torch.zeros(*shape[:-1], 1, dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * (self.k.numel() + self.k_scale.numel() * 4)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.float().abs().amax(-1, keepdim=True) / 127.0  # [B, Hkv, T, 1]
+        q = torch.round(x.float() / scale.clamp_min(1e-30)).clamp_(-127, 127).to(torch.int8)
+        return q, scale
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, t, d = k.shape
+        if (b, h, d) != (self.batch, self.kv_heads, self.head_dim) or v.shape != k.shape:
+            raise ShapeError(f"KV cache holds [batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}]"
+                             f" entries, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+        end = start + t
+        if end > self.max_len:
+            raise ContextLengthError(f"KV cache overflow: writing positions {start}..{end} exceeds the cache size "
+                                     f"max_len={self.max_len}")
+        for store, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = self._quantize(x)
+            store[layer, :, :, start:end] = q
+            scales[layer, :, :, start:end] = s
+        k_all = (self.k[layer, :, :, :end].float() * self.k_scale[layer, :, :, :end]).to(self._dtype)
+        v_all = (self.v[layer, :, :, :end].float() * self.v_scale[layer, :, :, :end]).to(self._dtype)
+        return k_all, v_all  # [B, Hkv, end, Dh]
+
+
+__all__ = ["KVCache", "Int8KVCache", "ContextLengthError"]

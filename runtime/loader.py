@@ -22,7 +22,7 @@ from .chat import ChatFormat
 from .checkpoint import is_checkpoint_dir, load_checkpoint
 from .decoder import LlamaDecoder
 from .embed_cache import EmbeddingCache
-from .lora import LORA_SUFFIXES, merge_lora_weights
+from .lora import LORA_SUFFIXES, attach_lora, merge_lora_weights
 from .pipeline import Pipeline
 from .quant import quantize_decoder
 from .readers import resolve_weights_path
@@ -94,8 +94,10 @@ def _random_decoder(cfg, dtype, device, seed: int) -> LlamaDecoder:
 def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allow_random: bool, dtype, device,
                        tokenizer_dir: Path | None, preprocess_backend: str, max_context: int, seed: int,
                        max_image_pixels: int | None = None,
-                       tower_override: VisionTower | None = None) -> tuple[Pipeline, dict | None]:
-    """-> (pipeline, the GGUF file's raw blocks when the decoder is that file unmodified, else None)."""
+                       tower_override: VisionTower | None = None,
+                       merge_lora: bool = True) -> tuple[Pipeline, dict | None, tuple | None]:
+    """-> (pipeline, the GGUF file's raw blocks when the decoder holds that file's weights, the LoRA
+    (factors, config) left unmerged when ``merge_lora`` is False, else None)."""
     sources: dict[str, str] = {}
     if cfg.weights is not None:  # trained tensors shipped beside the config (the checkpoint's own win)
         state = {**load_safetensors(resolve_weights_path(cfg.weights)), **state}
@@ -119,7 +121,12 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
     else:
         raise CheckpointError("checkpoint has no decoder.* tensors and its config names no decoder_weights")
     native = gguf_model.raw if gguf_model is not None else None
-    if lora_state:
+    unmerged = None
+    if lora_state and not merge_lora:
+        if cfg.lora is None:
+            raise CheckpointError("checkpoint holds LoRA factors but its config has no `lora` section")
+        unmerged = (lora_state, cfg.lora)
+    elif lora_state:
         native = None  # merged LoRA changes the weights: the file's blocks no longer describe them
         if cfg.lora is None:
             raise CheckpointError("checkpoint holds LoRA factors but its config has no `lora` section")
@@ -147,13 +154,13 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
                             preprocess_backend=preprocess_backend, max_image_pixels=max_image_pixels,
                             weights=report)
     return Pipeline(decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), tower=tower, name=cfg.name,
-                    max_context=max_context, sources=sources), native
+                    max_context=max_context, sources=sources), native, unmerged
 
 
 def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
          quant: str | QuantConfig | None = "auto", preprocess_backend: str = "auto", max_context: int = 2048,
          max_image_pixels: int | None = None, seed: int = 0, reuse_prefix: bool = True,
-         embedding_cache_bytes: int = 64 << 20) -> Pipeline:
+         embedding_cache_bytes: int = 64 << 20, kv_cache: str = "float") -> Pipeline:
     """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
     (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
 
@@ -167,18 +174,33 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
     blocks (repacked bit-exactly; nothing else is quantised), ``"none"``/None runs float weights,
     ``"int8"`` (per channel), ``"int4"`` (group 32), ``"int4-g64"``, ``"int4-g128"``, ``"int8-g32"``
     or a :class:`~edgevlm.config.QuantConfig` quantise the float weights (a GGUF model is then
-    dequantised first). See :mod:`edgevlm.runtime.quant`.
+    dequantised first). See :mod:`edgevlm.runtime.quant`. ``kv_cache="int8"`` stores the KV cache as
+    int8 with a scale per vector (:class:`~edgevlm.runtime.kv_cache.Int8KVCache`): a quarter of the
+    memory, a dequantising pass per step.
     """
+    if kv_cache not in ("float", "int8"):
+        raise ConfigError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
     if embedding_cache_bytes < 0:
         raise ConfigError(f"embedding_cache_bytes must be >= 0, got {embedding_cache_bytes}")
     qcfg = _quant_config(quant)  # bad names fail before any weights are read
-    pipe, native = _load(source, device, dtype, preprocess_backend=preprocess_backend, max_context=max_context,
-                         max_image_pixels=max_image_pixels, seed=seed)
+    # With quantisation ahead, LoRA stays unmerged (see lora.LoRASide) and is attached afterwards.
+    pipe, native, lora = _load(source, device, dtype, preprocess_backend=preprocess_backend,
+                               max_context=max_context, max_image_pixels=max_image_pixels, seed=seed,
+                               merge_lora=qcfg is None and quant != "auto")
+    quantized = qcfg is not None or (quant == "auto" and native is not None)
     if qcfg is not None:
         quantize_decoder(pipe.decoder, qcfg)
-    elif quant == "auto" and native is not None:
+    elif quantized:
         quantize_decoder(pipe.decoder, gguf_raw=native)
+    if lora is not None:
+        if quantized:
+            n = attach_lora(pipe.decoder, *lora)
+            pipe.sources["decoder"] += f" + LoRA r={lora[1].rank} beside {n} quantised layers"
+        else:  # nothing was quantised after all (auto on float weights): merge, as without quant
+            n = merge_lora_weights(pipe.decoder, *lora)
+            pipe.sources["decoder"] += f" + LoRA r={lora[1].rank} merged into {n} layers"
     pipe.reuse_prefix = bool(reuse_prefix)
+    pipe.kv_int8 = kv_cache == "int8"
     if pipe.tower is not None:
         pipe.tower.embedding_cache = EmbeddingCache(embedding_cache_bytes)
     return pipe
@@ -194,11 +216,11 @@ def _quant_config(quant) -> QuantConfig | None:
     return QuantConfig.named(quant)
 
 
-def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_pixels,
-          seed) -> tuple[Pipeline, dict | None]:
+def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_pixels, seed,
+          merge_lora: bool = True) -> tuple[Pipeline, dict | None, tuple | None]:
     dt, dev = _dtype(dtype), torch.device(device)
     common = dict(dtype=dt, device=dev, preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
-                  max_image_pixels=max_image_pixels)
+                  max_image_pixels=max_image_pixels, merge_lora=merge_lora)
     if isinstance(source, ModelConfig):
         return _from_model_config(source, {}, allow_random=True, tokenizer_dir=None, **common)
     if isinstance(source, str) and source in PRESETS:
@@ -207,7 +229,7 @@ def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_p
     if path is not None and path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: only .gguf files load directly; other checkpoints are folders")
-        return _load_gguf(path, dt, dev, max_context)  # text-only: no image limits apply
+        return (*_load_gguf(path, dt, dev, max_context), None)  # text-only: no image limits apply
     if path is not None and path.is_dir():
         if is_checkpoint_dir(path):
             cfg, state = load_checkpoint(path)
@@ -232,7 +254,7 @@ def _load_gguf(path: Path, dtype, device, max_context: int) -> tuple[Pipeline, d
 
 
 def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_context, seed,
-                       max_image_pixels) -> tuple[Pipeline, None]:
+                       max_image_pixels, merge_lora: bool = True) -> tuple[Pipeline, None, None]:
     from .readers.hf_llama import SUPPORTED_MODEL_TYPES, read_llama_dir
 
     hf = read_json(path / "config.json")
@@ -244,7 +266,7 @@ def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_con
         chat = ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
                           eos_token=tokenizer.eos_token)
         return Pipeline(decoder, tokenizer, chat, name=path.name, max_context=max_context,
-                        sources={"decoder": str(path), "tokenizer": str(path)}), None
+                        sources={"decoder": str(path), "tokenizer": str(path)}), None, None
     if model_type == "llava":
         from .tower import load_vision_tower
 

@@ -74,6 +74,7 @@ class Pipeline:
         self.sources = dict(sources or {})
         self._cache: KVCache | None = None
         self.reuse_prefix = reuse_prefix
+        self.kv_int8 = False  # set by load(kv_cache="int8") before the first call
         self._cache_keys: list = []  # one key per position held in the KV cache (see _position_keys)
         self._lock = threading.Lock()
         self.last_output: GenerateOutput | None = None
@@ -121,7 +122,7 @@ class Pipeline:
 
     def _cache_for(self) -> KVCache:
         if self._cache is None:
-            self._cache = self.decoder.new_cache(batch=1, max_len=self.max_context)
+            self._cache = self.decoder.new_cache(batch=1, max_len=self.max_context, kv_int8=self.kv_int8)
         return self._cache
 
     def _reusable(self, keys: list) -> int:
@@ -213,14 +214,16 @@ class Pipeline:
             m.in_features * m.out_features for m in qlins if not (tied and m is self.decoder.lm_head))
         dec_bytes = sum(t.numel() * t.element_size() for t in (*self.decoder.parameters(), *self.decoder.buffers()))
         c = self.decoder.cfg
-        kv_bytes = 2 * c.layers * c.kv_heads * c.head_dim * self.max_context * self.decoder.dtype.itemsize
+        per = 1 + 4 / c.head_dim if self.kv_int8 else self.decoder.dtype.itemsize  # int8 values + fp32 scale per vector
+        kv_bytes = int(2 * c.layers * c.kv_heads * c.head_dim * self.max_context * per)
         out: dict[str, Any] = {
             "name": self.name,
             "decoder": {"layers": c.layers, "hidden": c.hidden, "heads": c.heads, "kv_heads": c.kv_heads,
                         "vocab": c.vocab_size, "params": params, "weights_bytes": dec_bytes,
                         "dtype": str(self.decoder.dtype).replace("torch.", ""), "device": str(self.decoder.device),
                         "weights": self.sources.get("decoder", "?"), "quantization": describe(self.decoder)},
-            "kv_cache": {"max_context": self.max_context, "bytes": kv_bytes},
+            "kv_cache": {"max_context": self.max_context, "bytes": kv_bytes,
+                         "dtype": "int8" if self.kv_int8 else str(self.decoder.dtype).replace("torch.", "")},
             "tokenizer": {"vocab": self.tokenizer.vocab_size, "bos": self.tokenizer.bos_id,
                           "eos": self.tokenizer.eos_id, "source": self.sources.get("tokenizer", "?")},
             "chat": {"format": self.chat.kind, "image_placement": self.chat.image_placement,

@@ -19,6 +19,10 @@ if [ "$DEV" = "--dev" ]; then
   $PIP install -qq -e ".[dev]"
   # Reference model code for the EfficientNet parity test (its declared dependencies are unneeded).
   $PIP install -qq --no-deps efficientnet-lite-pytorch==0.1.0
+  # Triton runs the GPU kernels' tests on CPU in its interpreter (TRITON_INTERPRET=1); x86-64 Linux only.
+  if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+    $PIP install -qq triton==3.9.0
+  fi
 else
   $PIP install -qq -e ".[onnx]"
 fi

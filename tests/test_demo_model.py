@@ -39,9 +39,9 @@ def test_shipped_weights_are_small_and_complete(shipped):
 
 
 def test_training_model_and_runtime_agree(shipped):
-    runtime = edgevlm.load("demo")
+    runtime = edgevlm.load("demo", quant="none")  # float: the runtime's quantised default is tested in test_quant
     # the training-time model: base preset, LoRA wrappers applied from outside, trained tensors loaded
-    train = edgevlm.load(replace(CFG, weights=None, lora=None))
+    train = edgevlm.load(replace(CFG, weights=None, lora=None), quant="none")
     apply_lora(train.decoder, CFG.lora)
     train.tower.model.connector.load_state_dict(
         {k[len("tower.connector."):]: v for k, v in shipped.items() if k.startswith("tower.connector.")}, strict=True)

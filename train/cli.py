@@ -39,7 +39,7 @@ def _components(model: str, threads: int):
     if threads:
         torch.set_num_threads(threads)
     cfg = replace(get_preset(model), weights=None, lora=None)
-    pipe = edgevlm.load(cfg)
+    pipe = edgevlm.load(cfg, quant="none")  # training needs float nn.Linear layers (a GGUF decoder would keep its blocks)
     return cfg, pipe.tower.model, pipe.decoder, pipe.tokenizer, pipe.tower.preprocessor
 
 
@@ -136,7 +136,7 @@ def cmd_eval(args) -> int:
     metrics["paris"] = "Paris" in paris
     base_cfg = _untuned_config(args.model)
     if base_cfg is not None:  # the same LLM before tuning: what the adapters cost on general text
-        base = edgevlm.load(base_cfg)
+        base = edgevlm.load(base_cfg, quant="none")  # the float reference, whatever --quant says
         metrics["perplexity_base"] = perplexity(base.decoder, base.tokenizer, text)[0]
         metrics["perplexity_change"] = metrics["perplexity"] / metrics["perplexity_base"] - 1
     doc = {"model": str(args.model), "n": len(samples), "metrics": metrics, "paris_answer": paris}
