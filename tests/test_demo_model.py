@@ -39,7 +39,7 @@ def test_shipped_weights_are_small_and_complete(shipped):
 
 
 def test_training_model_and_runtime_agree(shipped):
-    runtime = edgevlm.load("demo", quant="none")  # float: the runtime's quantised default is tested in test_quant
+    runtime = edgevlm.load("demo", quant="none")  # float; the quantised default: test_pipeline.test_quantised_demo_default
     # the training-time model: base preset, LoRA wrappers applied from outside, trained tensors loaded
     train = edgevlm.load(replace(CFG, weights=None, lora=None), quant="none")
     apply_lora(train.decoder, CFG.lora)
