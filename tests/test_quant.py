@@ -317,3 +317,14 @@ def test_kv_cache_option_validated():
     assert pipe.info()["kv_cache"]["dtype"] == "int8"
     out = pipe.generate(None, "hello", max_new_tokens=4)
     assert len(out.token_ids) == 4
+
+
+@needs_smollm
+def test_info_command_shows_active_quantisation(smol_path, capsys):
+    from edgevlm.cli import main
+
+    assert main(["info", str(smol_path), "--quant", "int4"]) == 0
+    out = capsys.readouterr().out
+    assert "quantization: int4-g32 x211" in out and "MB packed" in out
+    assert main(["info", str(smol_path)]) == 0
+    assert "quantization: gguf Q4_1 x210, gguf Q8_0 x1" in capsys.readouterr().out
