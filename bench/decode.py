@@ -8,7 +8,8 @@ variants; ``gguf`` runs its own Q4_1/Q8_0 blocks); (b) a random TinyLlama-1.1B-s
 Variants: edgevlm ``fp32`` / ``int8`` (per channel) / ``int4`` (group 32) / ``gguf`` (SmolLM2 only);
 transformers ``generate`` in fp32 and after torch's int8 dynamic quantisation
 (``quantize_dynamic``, fbgemm); optimum's ONNX Runtime export (``ORTModelForCausalLM``, SmolLM2 only:
-optimum-onnx pins transformers 4.x, so it runs from its own interpreter, ``--ort-python``).
+optimum-onnx pins transformers 4.x, so it runs from its own interpreter, ``--ort-python``; make one
+with ``scripts/setup_ort_peer.sh``).
 
 Method: greedy, batch 1, ``--prompt`` real-text tokens (SmolLM2) or random ids (TinyLlama), then
 ``--new`` tokens; best of ``--repeat``. transformers' TTFT is ``generate(max_new_tokens=1)``; its
@@ -18,7 +19,8 @@ that size (the last-level cache is 32 MB, so small models read faster than DRAM)
 bound; beside each prefill figure: achieved GFLOP/s (2 x params x tokens) and the fp32 matmul peak
 measured here.
 
-    python bench/decode.py --threads 2 --out bench/results/decode.csv
+    scripts/setup_ort_peer.sh .venv-ort
+    python bench/decode.py --threads 2 --repeat 5 --ort-python .venv-ort/bin/python --out bench/results/decode.csv
 """
 
 from __future__ import annotations
