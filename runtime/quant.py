@@ -251,6 +251,10 @@ class QuantLinear(nn.Module):
                           0 if self.bias is None else self.bias.data_ptr())
         return self._args
 
+    # torch.compile must not trace into these: the kernel is an opaque call on raw pointers and the
+    # fused modules cache by tensor identity. (Compiling a quantised decoder does not pay off anyway:
+    # README, "Quantised decoding".)
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
         if x.shape[-1] != k:
@@ -283,6 +287,7 @@ class FusedQuantLinear(QuantLinear):
         self.part_sources = [p.source for p in parts]
         self._last: tuple | None = None
 
+    @torch.compiler.disable
     def output_for(self, x: torch.Tensor) -> torch.Tensor:
         # Same tensor object, not modified since (inference tensors keep no version counter; the
         # decoder never writes to a projection's input between the q/k/v calls).
@@ -308,6 +313,7 @@ class QuantSlice(nn.Module):
     def extra_repr(self) -> str:
         return f"rows {self.start}:{self.stop} of a fused {self.fused.source} matrix"
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.output_for(x)[..., self.start:self.stop]
 
