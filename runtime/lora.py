@@ -158,8 +158,14 @@ class LoRASide(nn.Module):
 
 
 def attach_lora(model: nn.Module, factors: dict[str, torch.Tensor], cfg: LoRAConfig) -> int:
-    """Wrap every targeted projection of ``model`` (float or quantised) in :class:`LoRASide` with the
-    factors of ``factors``; same checks as :func:`merge_lora_weights`. Returns the number of layers."""
+    """Add the adapters of ``factors`` beside every targeted projection of ``model`` (float or
+    quantised); same checks as :func:`merge_lora_weights`. Returns the number of layers.
+
+    Projections that are slices of one fused quantised matrix (q/k/v, gate/up) get one side path on
+    the fused module: stacked ``A`` and a block-diagonal ``B``, two matmuls instead of two per slice.
+    Others are wrapped in :class:`LoRASide`."""
+    from .quant import QuantSlice
+
     layers = sorted({k.rsplit(".", 1)[0] for k in factors if k.endswith(LORA_SUFFIXES)})
     modules = dict(model.named_modules())
     expected = {n for n in modules if n.rsplit(".", 1)[-1] in cfg.targets and n.startswith("layers.")}
@@ -167,6 +173,7 @@ def attach_lora(model: nn.Module, factors: dict[str, torch.Tensor], cfg: LoRACon
         missing, extra = sorted(expected - set(layers)), sorted(set(layers) - expected)
         raise CheckpointError(f"LoRA factors do not match targets {cfg.targets}: missing {missing[:3]} "
                               f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")
+    checked = []
     for name in layers:
         mod = modules[name]
         a, b = factors.get(name + ".lora_A"), factors.get(name + ".lora_B")
@@ -176,9 +183,22 @@ def attach_lora(model: nn.Module, factors: dict[str, torch.Tensor], cfg: LoRACon
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise CheckpointError(f"LoRA layer {name!r}: factors {tuple(a.shape)} / {tuple(b.shape)}, "
                                   f"expected {want_a} / {want_b}")
-        parent_name, attr = name.rsplit(".", 1)
-        setattr(modules[parent_name], attr, LoRASide(mod, a, b, cfg.scale))
-    return len(layers)
+        checked.append((name, mod, a, b))
+    fused: dict[int, list] = {}
+    for name, mod, a, b in checked:  # everything checked: now change the model
+        if isinstance(mod, QuantSlice):
+            fused.setdefault(id(mod.fused), []).append((mod, a, b))
+        else:
+            parent_name, attr = name.rsplit(".", 1)
+            setattr(modules[parent_name], attr, LoRASide(mod, a, b, cfg.scale))
+    for parts in fused.values():
+        target = parts[0][0].fused
+        a_all = torch.cat([a.float() for _, a, _ in parts])  # [parts * r, in]
+        b_all = torch.zeros(target.out_features, a_all.shape[0])  # block-diagonal: each slice sees its own A
+        for i, (sl, _, b) in enumerate(parts):
+            b_all[sl.start:sl.stop, i * cfg.rank:(i + 1) * cfg.rank] = b.float() * cfg.scale
+        target.set_side_path(a_all, b_all)
+    return len(checked)
 
 
 __all__ = ["LoRALinear", "LoRASide", "attach_lora", "apply_lora", "merge_lora", "lora_disabled", "lora_state_dict", "merge_lora_weights",

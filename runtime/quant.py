@@ -251,10 +251,9 @@ class QuantLinear(nn.Module):
                           0 if self.bias is None else self.bias.data_ptr())
         return self._args
 
-    # torch.compile must not trace into these: the kernel is an opaque call on raw pointers and the
-    # fused modules cache by tensor identity. (Compiling a quantised decoder does not pay off anyway:
-    # README, "Quantised decoding".)
-    @torch.compiler.disable
+    # Not for torch.compile: the kernel is an opaque call on raw pointers and the fused modules cache
+    # by tensor identity. (Compiling did not pay off: README, "Quantised decoding"; and wrapping these
+    # in torch.compiler.disable costs more per call than the rest of this method.)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
         if x.shape[-1] != k:
@@ -286,8 +285,18 @@ class FusedQuantLinear(QuantLinear):
         self.splits = [p.n for p in parts]
         self.part_sources = [p.source for p in parts]
         self._last: tuple | None = None
+        self.register_buffer("side_A", None)
+        self.register_buffer("side_B", None)
 
-    @torch.compiler.disable
+    def set_side_path(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """A float low-rank term added to every output: ``y += (x @ a^T) @ b^T`` with ``a [r, K]``,
+        ``b [N, r]`` (how LoRA adapters stay exact beside quantised weights; see lora.attach_lora)."""
+        if a.shape[1] != self.in_features or b.shape != (self.out_features, a.shape[0]):
+            raise ShapeError(f"side path a {tuple(a.shape)} / b {tuple(b.shape)} does not fit "
+                             f"[{self.out_features}, {self.in_features}]")
+        self.side_A, self.side_B = a.float().contiguous(), b.float().contiguous()
+        self._last = None
+
     def output_for(self, x: torch.Tensor) -> torch.Tensor:
         # Same tensor object, not modified since (inference tensors keep no version counter; the
         # decoder never writes to a projection's input between the q/k/v calls).
@@ -296,6 +305,8 @@ class FusedQuantLinear(QuantLinear):
         if last is not None and last[0] is x and last[1] == version:
             return last[2]
         y = super().forward(x)
+        if self.side_A is not None:
+            y = y + F.linear(F.linear(x.float(), self.side_A), self.side_B).to(y.dtype)
         self._last = (x, version, y)
         return y
 
@@ -313,7 +324,6 @@ class QuantSlice(nn.Module):
     def extra_repr(self) -> str:
         return f"rows {self.start}:{self.stop} of a fused {self.fused.source} matrix"
 
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.output_for(x)[..., self.start:self.stop]
 

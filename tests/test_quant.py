@@ -275,7 +275,9 @@ def test_lora_stays_beside_quantised_layers_and_matches_float_merge():
     side = Q.quantize_decoder(_copy(base.eval()), QuantConfig.named("int8"))
     n = attach_lora(side, factors, lcfg)
     assert n == len(factors) // 2
-    assert isinstance(side.layers[0].attn.q_proj, LoRASide)
+    assert isinstance(side.layers[0].attn.o_proj, LoRASide)  # a whole matrix: wrapped
+    assert side.layers[0].attn.qkv.side_A.shape == (3 * 4, 64)  # slices of a fused one: one side path
+    assert isinstance(side.layers[0].attn.q_proj, Q.QuantSlice)
     ids = torch.randint(0, 128, (1, 9), generator=g)
     with torch.inference_mode():
         a, b = ref.eval()(input_ids=ids), side(input_ids=ids)
