@@ -166,13 +166,10 @@ void block_portable(const Weights& w, const Acts& a, int rb, int m0, int mt, flo
 // ---- AVX-512 VNNI path ---------------------------------------------------------------------------
 #ifdef EVLM_X86
 #define EVLM_V4 __attribute__((target("arch=x86-64-v4,avx512vnni")))
-// Decode streams each weight byte once; the hardware prefetcher alone left the int8 path at ~75 % of
-// a plain sum's read rate, so pull the stream in explicitly this far ahead (T0 at 4 KB was best of
-// T0/T1/NTA x 1/4/8 KB here; int4 then reads ~60 GB/s when the machine gives ~80, int8 stays ~45).
-#ifndef EVLM_PREFETCH
-#define EVLM_PREFETCH 4096
-#endif
-constexpr int kPrefetch = EVLM_PREFETCH;
+// Decode streams each weight byte once, so the stream is prefetched explicitly this far ahead. Measured
+// here: 2 KB vs 4 KB vs none made no difference that this shared machine's noise did not swamp (the
+// int8 path reads 30-49 GB/s depending on the moment, int4 up to ~60); kept as a tuning knob.
+int g_prefetch = 2048;  // bytes; EDGEVLM_QGEMM_PREFETCH overrides it (read once, with the kernel set)
 
 template <int BITS, int MT>
 EVLM_V4 void block_vnni_t(const Weights& w, const Acts& a, int rb, int m0, float* tmp) {
@@ -193,7 +190,7 @@ EVLM_V4 void block_vnni_t(const Weights& w, const Acts& a, int rb, int m0, float
       if (BITS == 8) {
         const uint8_t* p = w.qw + (size_t(rb) * (K / 4) + size_t(b) * 8) * 64;
         for (int c = 0; c < 8; ++c) {
-          if (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(p + c * 64 + kPrefetch), _MM_HINT_T0);
+          if (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(p + c * 64 + g_prefetch), _MM_HINT_T0);
           const __m512i wv = _mm512_loadu_si512(p + c * 64);
           for (int i = 0; i < MT; ++i) {
             int32_t x4;
@@ -210,7 +207,7 @@ EVLM_V4 void block_vnni_t(const Weights& w, const Acts& a, int rb, int m0, float
       } else {
         const uint8_t* p = w.qw + (size_t(rb) * (K / 8) + size_t(b) * 4) * 64;
         for (int c = 0; c < 4; ++c) {
-          if (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(p + c * 64 + kPrefetch), _MM_HINT_T0);
+          if (MT == 1) _mm_prefetch(reinterpret_cast<const char*>(p + c * 64 + g_prefetch), _MM_HINT_T0);
           const __m512i v = _mm512_loadu_si512(p + c * 64);
           const __m512i lo = _mm512_and_si512(v, low4);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
@@ -274,6 +271,9 @@ const KernelSet* g_set = nullptr;
 const KernelSet& kernel_set() {
   if (!g_set) {
     g_set = &kPortable;
+#ifdef EVLM_X86
+    if (const char* pf = std::getenv("EDGEVLM_QGEMM_PREFETCH")) g_prefetch = std::clamp(std::atoi(pf), 0, 1 << 16);
+#endif
 #ifdef EVLM_X86
     const char* env = std::getenv("EDGEVLM_QGEMM");
     const bool want_portable = env && std::string(env) == "portable";
