@@ -109,17 +109,21 @@ class KVCache:
 
         Returns views ``[B, Hkv, start + T, Dh]`` of everything cached for that layer so far.
         """
+        end = self._check_write(start, k, v)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def _check_write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Shape and room checks of a write; returns its end position."""
         b, h, t, d = k.shape
         if (b, h, d) != (self.batch, self.kv_heads, self.head_dim) or v.shape != k.shape:
             raise ShapeError(f"KV cache holds [batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}]"
                              f" entries, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-        end = start + t
-        if end > self.max_len:
-            raise ContextLengthError(f"KV cache overflow: writing positions {start}..{end} exceeds the cache size "
-                                     f"max_len={self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if start + t > self.max_len:
+            raise ContextLengthError(f"KV cache overflow: writing positions {start}..{start + t} exceeds the cache "
+                                     f"size max_len={self.max_len}")
+        return start + t
 
     def commit(self, length: int) -> None:
         if not 0 <= length <= self.max_len:
@@ -163,14 +167,7 @@ class Int8KVCache(KVCache):
         return q, scale
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, t, d = k.shape
-        if (b, h, d) != (self.batch, self.kv_heads, self.head_dim) or v.shape != k.shape:
-            raise ShapeError(f"KV cache holds [batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}]"
-                             f" entries, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-        end = start + t
-        if end > self.max_len:
-            raise ContextLengthError(f"KV cache overflow: writing positions {start}..{end} exceeds the cache size "
-                                     f"max_len={self.max_len}")
+        end = self._check_write(start, k, v)
         for store, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             q, s = self._quantize(x)
             store[layer, :, :, start:end] = q

@@ -111,28 +111,38 @@ def merge_lora_weights(model: nn.Module, factors: dict[str, torch.Tensor], cfg: 
     """Add ``scale * B @ A`` from ``factors`` into the dense Linear weights of ``model`` in place (the
     runtime path: no wrapper modules). Every targeted layer must have both factors of rank
     ``cfg.rank``; returns the number of layers merged."""
-    modules = dict(model.named_modules())
-    layers = sorted({k[: -len(".lora_A")] for k in factors if k.endswith(".lora_A")} |
-                    {k[: -len(".lora_B")] for k in factors if k.endswith(".lora_B")})
     expected = {name for _, _, name in _targets(model, cfg)}
-    if set(layers) != expected:
-        missing, extra = sorted(expected - set(layers)), sorted(set(layers) - expected)
-        raise CheckpointError(f"LoRA factors do not match targets {cfg.targets}: missing {missing[:3]} "
-                              f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")
-    for name in layers:
-        lin = modules[name]
-        a, b = factors.get(name + ".lora_A"), factors.get(name + ".lora_B")
-        if a is None or b is None:
-            raise CheckpointError(f"LoRA layer {name!r} lacks {'lora_A' if a is None else 'lora_B'}")
-        want_a, want_b = (cfg.rank, lin.in_features), (lin.out_features, cfg.rank)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise CheckpointError(f"LoRA layer {name!r}: factors {tuple(a.shape)} / {tuple(b.shape)}, "
-                                  f"expected {want_a} / {want_b}")
+    checked = _checked_factors(model, factors, cfg, expected)
+    for _, lin, a, b in checked:  # every layer checked first: a bad one changes nothing
         with torch.no_grad():  # in float64, so the merged weight is W + s*B@A rounded once
             w = lin.weight.detach().to("cpu", torch.float64)
             merged = w + (b.to(torch.float64) @ a.to(torch.float64)) * cfg.scale
             lin.weight.copy_(merged.to(lin.weight.dtype))
-    return len(layers)
+    return len(checked)
+
+
+def _checked_factors(model: nn.Module, factors: dict[str, torch.Tensor], cfg: LoRAConfig,
+                     expected: set[str]) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
+    """(layer name, module, A, B) for every adapted layer, after checking that ``factors`` covers
+    exactly ``expected`` with both factors of rank ``cfg.rank`` in the module's shapes."""
+    modules = dict(model.named_modules())
+    layers = sorted({k.rsplit(".", 1)[0] for k in factors if k.endswith(LORA_SUFFIXES)})
+    if set(layers) != expected:
+        missing, extra = sorted(expected - set(layers)), sorted(set(layers) - expected)
+        raise CheckpointError(f"LoRA factors do not match targets {cfg.targets}: missing {missing[:3]} "
+                              f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")
+    checked = []
+    for name in layers:
+        mod = modules[name]
+        a, b = factors.get(name + ".lora_A"), factors.get(name + ".lora_B")
+        if a is None or b is None:
+            raise CheckpointError(f"LoRA layer {name!r} lacks {'lora_A' if a is None else 'lora_B'}")
+        want_a, want_b = (cfg.rank, mod.in_features), (mod.out_features, cfg.rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise CheckpointError(f"LoRA layer {name!r}: factors {tuple(a.shape)} / {tuple(b.shape)}, "
+                                  f"expected {want_a} / {want_b}")
+        checked.append((name, mod, a, b))
+    return checked
 
 
 class LoRASide(nn.Module):
@@ -166,24 +176,10 @@ def attach_lora(model: nn.Module, factors: dict[str, torch.Tensor], cfg: LoRACon
     Others are wrapped in :class:`LoRASide`."""
     from .quant import QuantSlice
 
-    layers = sorted({k.rsplit(".", 1)[0] for k in factors if k.endswith(LORA_SUFFIXES)})
     modules = dict(model.named_modules())
+    # by name: after quantisation a target may be a QuantLinear, a QuantSlice or still an nn.Linear
     expected = {n for n in modules if n.rsplit(".", 1)[-1] in cfg.targets and n.startswith("layers.")}
-    if set(layers) != expected:
-        missing, extra = sorted(expected - set(layers)), sorted(set(layers) - expected)
-        raise CheckpointError(f"LoRA factors do not match targets {cfg.targets}: missing {missing[:3]} "
-                              f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")
-    checked = []
-    for name in layers:
-        mod = modules[name]
-        a, b = factors.get(name + ".lora_A"), factors.get(name + ".lora_B")
-        if a is None or b is None:
-            raise CheckpointError(f"LoRA layer {name!r} lacks {'lora_A' if a is None else 'lora_B'}")
-        want_a, want_b = (cfg.rank, mod.in_features), (mod.out_features, cfg.rank)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise CheckpointError(f"LoRA layer {name!r}: factors {tuple(a.shape)} / {tuple(b.shape)}, "
-                                  f"expected {want_a} / {want_b}")
-        checked.append((name, mod, a, b))
+    checked = _checked_factors(model, factors, cfg, expected)
     fused: dict[int, list] = {}
     for name, mod, a, b in checked:  # everything checked: now change the model
         if isinstance(mod, QuantSlice):
