@@ -230,7 +230,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", packed.zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self.threads = 0  # 0: the thread count torch has (see kernel_threads)
-        self._args: tuple | None = None
+        self._args: tuple | None = None  # kernel pointers, checked (see _kernel_args)
 
     @property
     def packed(self) -> Packed:
@@ -244,10 +244,28 @@ class QuantLinear(nn.Module):
         self._args = None
         return super()._apply(fn, recurse)
 
+    def __setattr__(self, name, value):  # a buffer replaced (load_state_dict(assign=True)): re-check it
+        if name in ("qweight", "scales", "zeros", "bias"):
+            self.__dict__["_args"] = None
+        super().__setattr__(name, value)
+
     def _kernel_args(self) -> tuple:
+        """Raw pointers for the kernel, checked again whenever a buffer is replaced or moved: the C++
+        side trusts dtype, layout and size."""
         if self._args is None:
+            n16, k, g = -(-self.out_features // LANES) * LANES, self.in_features, self.group
+            want = [("qweight", self.qweight, torch.uint8, n16 * k // (1 if self.bits == 8 else 2)),
+                    ("scales", self.scales, torch.float32 if self.bits == 8 else torch.float16, n16 * k // g)]
+            if self.bits == 4:
+                want.append(("zeros", self.zeros, torch.float16, n16 * k // g))
+            if self.bias is not None:
+                want.append(("bias", self.bias, torch.float32, self.out_features))
+            for name, t, dtype, numel in want:
+                if t is None or t.dtype != dtype or t.numel() != numel or not t.is_contiguous():
+                    got = "None" if t is None else f"{t.dtype} x {t.numel()}{'' if t.is_contiguous() else ', strided'}"
+                    raise ShapeError(f"QuantLinear {name}: expected contiguous {dtype} x {numel}, got {got}")
             self._args = (self.qweight.data_ptr(), self.out_features, self.scales.data_ptr(),
-                          0 if self.zeros is None else self.zeros.data_ptr(), self.group,
+                          0 if self.zeros is None else self.zeros.data_ptr(), g,
                           0 if self.bias is None else self.bias.data_ptr())
         return self._args
 
@@ -285,6 +303,7 @@ class FusedQuantLinear(QuantLinear):
         self.splits = [p.n for p in parts]
         self.part_sources = [p.source for p in parts]
         self._last: tuple | None = None
+        self._served = 0
         self.register_buffer("side_A", None)
         self.register_buffer("side_B", None)
 
@@ -303,11 +322,14 @@ class FusedQuantLinear(QuantLinear):
         version = None if x.is_inference() else x._version
         last = self._last
         if last is not None and last[0] is x and last[1] == version:
+            self._served += 1
+            if self._served == len(self.splits):  # every slice has its part: do not hold a prompt's
+                self._last = None                 # activations until the next call
             return last[2]
         y = super().forward(x)
         if self.side_A is not None:
             y = y + F.linear(F.linear(x.float(), self.side_A), self.side_B).to(y.dtype)
-        self._last = (x, version, y)
+        self._last, self._served = (x, version, y), 1
         return y
 
 

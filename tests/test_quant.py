@@ -330,3 +330,21 @@ def test_info_command_shows_active_quantisation(smol_path, capsys):
     assert "quantization: int4-g32 x211" in out and "MB packed" in out
     assert main(["info", str(smol_path)]) == 0
     assert "quantization: gguf Q4_1 x210, gguf Q8_0 x1" in capsys.readouterr().out
+
+
+def test_replaced_buffers_are_checked_before_the_kernel_reads_them(small_decoder):
+    lin = Q.QuantLinear(Q.quantize_int4(torch.randn(32, 64), 32))
+    x = torch.randn(2, 64)
+    ref = lin(x)
+    lin.scales = lin.scales.float()  # a wrong dtype swapped in (e.g. load_state_dict(assign=True))
+    with pytest.raises(EdgeVLMError, match="scales: expected contiguous torch.float16"):
+        lin(x)
+    lin.scales = lin.scales.half()
+    assert torch.equal(lin(x), ref)
+
+
+def test_fused_module_does_not_keep_activations(small_decoder):
+    dec = Q.quantize_decoder(_copy(small_decoder), QuantConfig.named("int8"))
+    with torch.inference_mode():
+        dec(input_ids=torch.randint(0, 256, (1, 40)))
+    assert all(m._last is None for m in dec.modules() if isinstance(m, Q.FusedQuantLinear))
