@@ -8,7 +8,6 @@ presets get seeded random weights (for shapes and benchmarks) and a byte-level t
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

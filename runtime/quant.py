@@ -41,7 +41,6 @@ from edgevlm.errors import CheckpointError, ConfigError, ShapeError
 
 LANES = 16  # rows per row block
 ACT_BLOCK = 32  # activation quantisation block (inputs), also the smallest weight group
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _pad_rows(t: torch.Tensor, n16: int) -> torch.Tensor:
@@ -507,4 +506,4 @@ def describe(decoder: nn.Module) -> str:
 
 __all__ = ["Packed", "QuantLinear", "FusedQuantLinear", "QuantSlice", "kernel_threads", "quantize_int8", "quantize_int4", "from_gguf", "pack_int8_codes",
            "pack_int4_codes", "unpack_codes", "dequantize", "quantize_activations", "qgemm_reference",
-           "quantize_decoder", "summary", "describe", "cpu_kernels", "LINEAR_NAMES"]
+           "quantize_decoder", "summary", "describe", "cpu_kernels"]
