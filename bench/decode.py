@@ -26,7 +26,6 @@ measured here.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import importlib.util
 import json
@@ -42,6 +41,7 @@ import torch
 
 import edgevlm
 from edgevlm.config import DecoderConfig, QuantConfig
+from edgevlm.results import append_rows
 from edgevlm.runtime import quant as Q
 from edgevlm.runtime.decoder import LlamaDecoder
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
@@ -337,13 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["fp32_peak_gflops"] = f"{float(r['fp32_peak_gflops']):.0f}"
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not out.is_file()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new_file:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(out, [{k: r.get(k, "") for k in FIELDS} for r in rows], FIELDS)
     print(f"{len(rows)} rows -> {out}")
     return 0
 

@@ -27,7 +27,6 @@ device, torch/triton/tensorrt versions. ``import tensorrt`` is tried and its out
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import importlib.util
 import statistics
@@ -46,6 +45,7 @@ from edgevlm.kernels.int4_gemv import (TritonInt4Linear, dequantize_triton, int4
                                        pack_for_triton, swap_linears_for_triton)
 from edgevlm.runtime.cuda_graph import GraphedDecodeStep
 from edgevlm.runtime.decoder import LlamaDecoder, RMSNorm
+from edgevlm.results import append_rows
 from edgevlm.runtime.quant import quantize_int4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,23 +291,6 @@ def run_model(name: str, args, read_gbs: float, base: dict) -> list[dict]:
     return rows
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append to a CSV; a column added since the file was written widens it instead of shifting rows."""
-    old, columns = [], list(FIELDS)
-    if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old = list(reader)
-            columns = list(reader.fieldnames or []) + [c for c in FIELDS if c not in (reader.fieldnames or [])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, restval="")
-        w.writeheader()
-        w.writerows([*old, *rows])
-    tmp.replace(path)
-
-
 def print_table(rows: list[dict]) -> None:
     cols = ["model", "variant", "tok_s", "bound_tok_s", "frac_of_bound", "mb_per_token", "max_abs_diff", "argmax_agree"]
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
@@ -348,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             model_rows = [{**base, "model": name, "variant": "load",
                            "notes": f"FAILED {type(e).__name__}: {e}".replace("\n", " ")[:300]}]
-        append_rows(args.out, model_rows)  # after each model, so a later crash keeps these
+        append_rows(args.out, model_rows, FIELDS)  # after each model, so a later crash keeps these
         rows += model_rows
     print_table(rows)
     print(f"\nrows appended to {args.out}")

@@ -31,3 +31,15 @@ def test_new_column_widens_old_file_without_shifting(tmp_path):
     assert rows[0] == {**{k: "" for k in rows[0]}, "timestamp": "2026-01-01", "commit": "abc", "metric": "0.1"}
     assert rows[1]["metric"] == "0.2" and rows[1]["extra"] == "x"
     assert not (tmp_path / "rows.csv.tmp").exists()
+
+
+def test_bench_rows_keep_the_header_order_and_widen(tmp_path):
+    from edgevlm.results import append_rows
+
+    path = tmp_path / "bench.csv"
+    append_rows(path, [{"b": 2, "a": 1}], ["a", "b"])  # the header follows `columns`, not the dict
+    append_rows(path, [{"a": 3, "b": 4, "c": 5}], ["a", "b"])
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["a", "b", "c"]
+        assert list(reader) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"}]

@@ -177,12 +177,13 @@ def _append_eval_row(path: Path, args, metrics: dict) -> None:
 
 def _append_row(path: Path, fields: dict) -> None:
     """Append ``fields`` to a CSV after the columns every result row carries: when, which commit, where."""
-    import csv
     import platform
     import subprocess
     from datetime import datetime, timezone
 
     import torch
+
+    from edgevlm.results import append_rows
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -192,19 +193,7 @@ def _append_row(path: Path, fields: dict) -> None:
     row = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, **fields}
-    rows, columns = [], list(row)
-    if path.is_file():  # keep earlier rows; a column added since then widens the table instead of shifting it
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = list(reader.fieldnames or []) + [k for k in row if k not in (reader.fieldnames or [])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, restval="")
-        w.writeheader()
-        w.writerows([*rows, row])
-    tmp.replace(path)
+    append_rows(path, [row])
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
