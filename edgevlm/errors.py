@@ -72,6 +72,26 @@ class BackendUnavailableError(EdgeVLMError, RuntimeError):
     """An optional backend (C++ extension, ONNX Runtime, TensorRT, Triton) is not installed."""
 
 
+class ExportError(EdgeVLMError, RuntimeError):
+    """An export (ONNX graph, TensorRT engine, manifest) could not be made or used."""
+
+
+class ExportValidationError(ExportError):
+    """An exported graph's output differs from eager PyTorch by more than the tolerance."""
+
+    def __init__(self, message: str, *, output: str = "", error: float = float("nan"), tolerance: float = 0.0):
+        super().__init__(message)
+        self.output, self.error, self.tolerance = output, error, tolerance
+
+
+class CorruptExportError(ExportError):
+    """An export folder's manifest or one of its files is unreadable or does not match its recorded hash."""
+
+
+class StaleExportError(ExportError):
+    """An export was made from other weights, or an engine for another GPU / TensorRT version."""
+
+
 __all__ = [
     "EdgeVLMError",
     "ConfigError",
@@ -87,4 +107,8 @@ __all__ = [
     "WeightsNotFoundError",
     "ShapeError",
     "BackendUnavailableError",
+    "ExportError",
+    "ExportValidationError",
+    "CorruptExportError",
+    "StaleExportError",
 ]

@@ -159,7 +159,8 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
 def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
          quant: str | QuantConfig | None = "auto", preprocess_backend: str = "auto", max_context: int = 2048,
          max_image_pixels: int | None = None, seed: int = 0, reuse_prefix: bool = True,
-         embedding_cache_bytes: int = 64 << 20, kv_cache: str = "float") -> Pipeline:
+         embedding_cache_bytes: int = 64 << 20, kv_cache: str = "float", vision_backend: str = "torch",
+         vision_export: str | os.PathLike | None = None, vision_precision: str = "fp32") -> Pipeline:
     """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
     (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
 
@@ -176,7 +177,14 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
     dequantised first). See :mod:`edgevlm.runtime.quant`. ``kv_cache="int8"`` stores the KV cache as
     int8 with a scale per vector (:class:`~edgevlm.runtime.kv_cache.Int8KVCache`): a quarter of the
     memory, a dequantising pass per step.
+
+    ``vision_backend`` runs the vision tower + connector eagerly (``"torch"``) or as an exported graph:
+    ``"onnxruntime"`` or ``"tensorrt"``. ``vision_export`` is a folder written by ``edgevlm export``; it
+    must come from the same tower weights (and, for TensorRT, this GPU and TensorRT version), else
+    :class:`~edgevlm.errors.StaleExportError`. Without it the tower is exported at ``vision_precision``
+    into ``$EDGEVLM_CACHE`` (default ``~/.cache/edgevlm``) on first use and reused after.
     """
+    _check_vision_backend(vision_backend, vision_export, vision_precision)
     if kv_cache not in ("float", "int8"):
         raise ConfigError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
     if embedding_cache_bytes < 0:
@@ -202,7 +210,36 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
     pipe.kv_int8 = kv_cache == "int8"
     if pipe.tower is not None:
         pipe.tower.embedding_cache = EmbeddingCache(embedding_cache_bytes)
+    if vision_backend != "torch":
+        _use_exported_tower(pipe, vision_backend, vision_export, vision_precision, source)
     return pipe
+
+
+VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def _check_vision_backend(backend, folder, precision) -> None:
+    from edgevlm.export.contract import check_precision
+
+    if backend not in VISION_BACKENDS:
+        raise ConfigError(f"vision_backend must be one of {', '.join(VISION_BACKENDS)}, got {backend!r}")
+    if backend == "torch" and folder is not None:
+        raise ConfigError("vision_export is read by the onnxruntime / tensorrt vision backends; "
+                          "pass vision_backend too")
+    check_precision(precision)
+
+
+def _use_exported_tower(pipe: Pipeline, backend: str, folder, precision: str, source) -> None:
+    from edgevlm.export.api import cached_export, open_export
+
+    if pipe.tower is None:
+        raise ConfigError(f"vision_backend={backend!r}, but model {pipe.name!r} has no vision tower")
+    model = pipe.tower.model
+    if folder is None:
+        folder = cached_export(model, backend=backend, precision=precision, name=str(source))
+    runner, manifest = open_export(folder, backend=backend, model=model)
+    pipe.tower.use_runner(runner, backend)
+    pipe.sources["vision_backend"] = f"{backend} {manifest.precision} ({folder})"
 
 
 def _quant_config(quant) -> QuantConfig | None:

@@ -56,7 +56,7 @@ class VisionTowerModel(nn.Module):
             x = views[e.name]
             if x.dim() != 4 or x.shape[1] != 3:
                 raise ShapeError(f"views for encoder {e.name!r} must be [N, 3, H, W], got {list(x.shape)}")
-            if n is not None and x.shape[0] != n:
+            if n is not None and not torch.jit.is_tracing() and x.shape[0] != n:
                 raise ShapeError(f"encoder {e.name!r} got {x.shape[0]} views, the others {n}")
             n = x.shape[0]
             feats[e.name] = self.encoders[e.name](x)
@@ -105,6 +105,15 @@ class VisionTower:
         # Same picture again (a follow-up question) -> same embedding without running the tower;
         # embedding_cache_bytes=0 turns it off, hashing included.
         self.embedding_cache = EmbeddingCache(embedding_cache_bytes)
+        # What runs encoders + connector: the eager model, or an exported graph's runner with the same
+        # call (edgevlm.export.open_export); ``backend`` names it.
+        self.runner = self.model
+        self.backend = "torch"
+
+    def use_runner(self, runner, backend: str) -> None:
+        """Run encoders + connector with ``runner(views, masks) -> [n_views, tokens, width]`` from now on."""
+        self.runner, self.backend = runner, backend
+        self.embedding_cache.clear()  # embeddings from the previous backend differ in the last bits
 
     @property
     def config(self) -> TowerConfig:
@@ -139,7 +148,9 @@ class VisionTower:
         views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
         if masks is not None:
             masks = {k: v.to(self.device) for k, v in masks.items()}
-        out = self.model(views, masks)
+        out = self.runner(views, masks)
+        if out.device != self.device or out.dtype != self.dtype:  # an engine's output lives where it runs
+            out = out.to(self.device, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
@@ -217,6 +228,7 @@ class VisionTower:
             "visual_tokens_per_image": c.visual_tokens_per_image,
             "out_width": c.out_width,
             "preprocess_backend": self.preprocessor.backend,
+            "backend": self.backend,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }

@@ -40,13 +40,17 @@ def resize_grid(m: torch.Tensor, g: int) -> torch.Tensor:
     the block it covers); a whole-multiple growth -> nearest repeat (SPHINX's ``repeat_interleave``
     of ConvNeXt 8x8 -> 16x16); anything else -> antialiased bilinear (align_corners=False).
     """
-    h, w = m.shape[-2:]
+    # Spatial sizes are fixed by the encoder's resolution; int() keeps them constants when traced.
+    h, w = (int(d) for d in m.shape[-2:])
     if (h, w) == (g, g):
         return m
     if h % g == 0 and w % g == 0:
         return F.avg_pool2d(m, kernel_size=(h // g, w // g))
     if g % h == 0 and g % w == 0:
-        return m.repeat_interleave(g // h, dim=-2).repeat_interleave(g // w, dim=-1)
+        # Broadcast-and-reshape rather than repeat_interleave, which ONNX export turns into a broken Concat.
+        n, c = m.shape[:2]
+        ry, rx = g // h, g // w
+        return m[:, :, :, None, :, None].expand(n, c, h, ry, w, rx).reshape(n, c, g, g)
     return F.interpolate(m, size=(g, g), mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -108,7 +112,9 @@ class SphinxFusion(nn.Module):
         """Channel concatenation of all fusion encoders, before ``visual_proj``: ``[N, 1 + g*g, sum(in_widths)]``."""
         parts = [to_fusion_layout(encoder_features(features, e.name, "sphinx fusion"), e, self.cfg.grid)
                  for e in self.encs]
-        n = {p.shape[0] for p in parts}
+        # Under tracing a size is a tensor, so the set would not collapse; the graph's inputs share one
+        # dynamic axis there anyway.
+        n = {int(p.shape[0]) for p in parts} if not torch.jit.is_tracing() else {0}
         if len(n) != 1:
             raise ShapeError(f"sphinx fusion: encoders returned different view counts "
                              f"{dict(zip(self.cfg.encoders, (p.shape[0] for p in parts)))}")
@@ -136,7 +142,7 @@ class SphinxFusion(nn.Module):
             if features is None:
                 raise ShapeError(f"sphinx fusion with a Q-Former needs the features of encoder {name!r}")
             x = as_tokens(encoder_features(features, name, "sphinx q-former"), self.qformer_enc, "sphinx q-former")
-            if x.shape[0] != n:
+            if not torch.jit.is_tracing() and x.shape[0] != n:
                 raise ShapeError(f"sphinx fusion: Q-Former encoder {name!r} has {x.shape[0]} views, the grid "
                                  f"encoders {n}")
             parts.insert(0, self.qformer_proj(self.qformer(x, encoder_mask(masks, name))))  # [N, Q, out]

@@ -1,0 +1,230 @@
+"""Export a vision tower to a folder, and open an export folder as a tower backend.
+
+::
+
+    manifest = export_tower("demo", to="onnx", precision="int8", out="exports/demo-int8")
+    runner = open_export("exports/demo-int8", backend="onnxruntime", tower=model)  # checks it first
+
+An export folder holds the graph(s), ``manifest.json`` (see :mod:`.manifest`) and, for TensorRT, the
+engine and its timing cache. It is written to a hidden sibling folder and renamed into place only
+after validation passed, so a failed or interrupted export leaves nothing behind at ``out``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from edgevlm.errors import ConfigError, ExportError, StaleExportError
+from edgevlm.runtime.tower import VisionTowerModel, build_tower_model, resolve_tower_source
+
+from .contract import OUTPUT_NAME, ExportContract, check_precision
+from .manifest import (
+    MANIFEST, Manifest, check_source, file_entry, now, read_manifest, tool_versions, tower_digest, write_manifest,
+)
+from .onnx_export import DEFAULT_OPSET, export_onnx
+from .validate import validate
+
+BACKENDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}  # vision backend -> export target it reads
+
+
+def validation_batches(contract: ExportContract, images: list) -> list[dict[str, torch.Tensor]]:
+    """Real images -> view batches: all of them at once (up to the profile's maximum), then one alone,
+    so both ends of the dynamic axis are checked."""
+    from edgevlm.runtime.preprocess import Preprocessor
+
+    pre = Preprocessor(contract.tower_config())
+    k = min(len(images), contract.max_images)
+    return [pre(images[:k]).views, pre(images[k - 1:k]).views]
+
+
+def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", precision: str = "fp32",
+                 source_name: str = "", max_images: int = 4, calib_dir: str | Path | None = None,
+                 calib_images: int = 24, opset: int = DEFAULT_OPSET, overwrite: bool = False,
+                 workspace_mb: int | None = None, dla_core: int | None = None,
+                 progress: bool = True, weights: dict | None = None) -> Manifest:
+    """Export a built tower model; see :func:`export_tower` for the arguments."""
+    from tqdm.auto import tqdm
+
+    from .quantize import calibration_images, convert_fp16, quantize_int8, view_batches
+
+    check_precision(precision, to)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass overwrite=True (--force) to replace it")
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).to("cpu", torch.float32)  # export traces fp32 on the CPU; leave the caller's as is
+    model = model.eval()
+    contract = ExportContract.for_tower(model.config, max_images=max_images)
+    steps = ["export fp32 ONNX", "validate fp32"]
+    if precision == "int8":
+        steps += ["calibrate + quantize int8"]
+    if precision == "fp16" and to == "onnx":
+        steps += ["convert fp16"]
+    if to == "tensorrt":
+        steps += ["build TensorRT engine"]
+    if precision != "fp32" or to == "tensorrt":
+        steps += [f"validate {precision}"]
+    bar = tqdm(total=len(steps), desc=f"export {source_name or 'tower'}", unit="step", disable=not progress)
+
+    def step(i: int) -> None:
+        bar.set_postfix_str(steps[i])
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        images = calibration_images(n=5)  # bundled real photos for validation
+        vbatches = validation_batches(contract, images)
+        step(0)
+        fp32 = export_onnx(model, contract, tmp / "tower.fp32.onnx", opset=opset)
+        bar.update()
+        step(1)
+        from .ort_runner import OrtTowerRunner
+
+        checks = {"fp32": validate(OrtTowerRunner(fp32, contract), model, vbatches, "fp32", output=OUTPUT_NAME,
+                                   what="ONNX Runtime fp32 graph")}
+        bar.update()
+        graph, extra = fp32, {}
+        i = 2
+        if precision == "int8":
+            step(i)
+            feeds = view_batches(model.config, contract, calibration_images(calib_images, calib_dir))
+            graph = tmp / "tower.int8.onnx"
+            extra["quantization"] = quantize_int8(fp32, graph, feeds, symmetric=to == "tensorrt")
+            extra["quantization"]["calibration_images"] = calib_images
+            bar.update()
+            i += 1
+        if precision == "fp16" and to == "onnx":
+            step(i)
+            graph = tmp / "tower.fp16.onnx"
+            extra["conversion"] = convert_fp16(fp32, graph)
+            bar.update()
+            i += 1
+        files = {"graph": file_entry(tmp, graph.name)}
+        device = None
+        run: Callable | None = None
+        if to == "tensorrt":
+            from .tensorrt import TrtTowerRunner, build_engine, device_key
+
+            step(i)
+            device = device_key()
+            engine = tmp / f"tower.{precision}.engine"
+            cache = tmp / "timing.cache"
+            extra["engine"] = build_engine(graph, contract, precision, engine, workspace_mb=workspace_mb,
+                                           timing_cache=cache, dla_core=dla_core)
+            files.update(engine=file_entry(tmp, engine.name), timing_cache=file_entry(tmp, cache.name))
+            run = TrtTowerRunner(engine, contract)
+            bar.update()
+            i += 1
+        elif precision != "fp32":
+            run = OrtTowerRunner(graph, contract)
+        if run is not None:
+            step(i)
+            what = f"{'TensorRT' if to == 'tensorrt' else 'ONNX Runtime'} {precision}"
+            checks[precision] = validate(run, model, vbatches, precision, output=OUTPUT_NAME, what=what)
+            bar.update()
+        if graph != fp32:  # the fp32 graph was a means to an end; keep only what the manifest lists
+            fp32.unlink()
+        manifest = Manifest(target=to, precision=precision, contract=contract, files=files,
+                            source={"name": source_name, "tower_sha256": tower_digest(model), "weights": weights or {}},
+                            tools={**tool_versions(), "opset": str(opset)},
+                            validation={"images": [f"{len(images)} bundled photos"], **checks, **extra},
+                            device=device, created=now())
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def export_tower(source: Any, *, out: str | Path, to: str = "onnx", precision: str = "fp32", **kw) -> Manifest:
+    """Export the vision tower + connector of ``source`` (a preset name, an edgevlm checkpoint folder,
+    a transformers LLaVA / BLIP-2 folder, or a config) to ``out``.
+
+    ``to``: ``"onnx"`` or ``"tensorrt"`` (needs ``tensorrt`` and a CUDA GPU). ``precision``: ``"fp32"``,
+    ``"fp16"`` or ``"int8"`` (static quantization calibrated on ``calib_images`` real images: a folder
+    ``calib_dir`` first, then the bundled photos, then demo scenes). ``max_images`` bounds the
+    dynamic number of images for TensorRT's profile (ONNX Runtime takes any number). Every export is
+    validated against eager PyTorch on real images before it is written
+    (:class:`~edgevlm.errors.ExportValidationError` otherwise). ``workspace_mb`` and ``dla_core``
+    are TensorRT builder options (Jetson).
+    """
+    config, state, allow_random = resolve_tower_source(source)
+    model, report = build_tower_model(config, state, allow_random=allow_random)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else getattr(config, "name", "tower")
+    return export_model(model, out=out, to=to, precision=precision, source_name=name, weights=report.sources, **kw)
+
+
+def open_export(folder: str | Path, *, backend: str, model: VisionTowerModel | None = None,
+                threads: int | None = None):
+    """Check an export folder and return a runner ``(views, masks=None) -> embeddings``.
+
+    With ``model`` (the tower the runtime loaded), the export must have been made from the same
+    weights (:class:`~edgevlm.errors.StaleExportError` otherwise). A TensorRT engine must match this
+    GPU and TensorRT version. Files are re-hashed (:class:`~edgevlm.errors.CorruptExportError`).
+    """
+    folder = Path(folder)
+    if backend not in BACKENDS:
+        raise ConfigError(f"vision backend must be one of {sorted(BACKENDS)} for an export, got {backend!r}")
+    manifest = read_manifest(folder)
+    if manifest.target != BACKENDS[backend]:
+        raise ConfigError(f"{folder} holds a {manifest.target!r} export; vision_backend={backend!r} needs "
+                          f"--to {BACKENDS[backend]}")
+    if model is not None:
+        check_source(manifest, tower_digest(model), folder)
+        if model.config.to_dict() != manifest.contract.tower:
+            raise StaleExportError(f"{folder}: exported for another tower configuration; re-export")
+    if backend == "onnxruntime":
+        from .ort_runner import OrtTowerRunner
+
+        return OrtTowerRunner(manifest.path(folder, "graph"), manifest.contract, threads=threads), manifest
+    from .tensorrt import TrtTowerRunner, check_engine_device, device_key
+
+    check_engine_device(manifest.device, device_key(), folder)
+    return TrtTowerRunner(manifest.path(folder, "engine"), manifest.contract), manifest
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEVLM_CACHE") or Path.home() / ".cache" / "edgevlm")
+
+
+def cached_export(model: VisionTowerModel, *, backend: str, precision: str = "fp32", name: str = "",
+                  progress: bool = True) -> Path:
+    """The export of ``model`` for ``backend`` under :func:`cache_dir`, made on first use.
+
+    Keyed by the weights' digest, precision and (for TensorRT) GPU and TensorRT version, so a
+    changed checkpoint or a new GPU gets a new folder instead of a stale engine.
+    """
+    target = BACKENDS.get(backend)
+    if target is None:
+        raise ConfigError(f"vision backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    key = f"{tower_digest(model)[:16]}-{target}-{precision}"
+    if target == "tensorrt":
+        import hashlib
+
+        from .tensorrt import device_key
+
+        key += "-" + hashlib.sha256(repr(sorted(device_key().items())).encode()).hexdigest()[:12]
+    folder = cache_dir() / "exports" / key
+    if (folder / MANIFEST).is_file():
+        try:
+            read_manifest(folder)
+            return folder
+        except ExportError:  # a corrupt cache entry is rebuilt, not trusted
+            pass
+    export_model(model, out=folder, to=target, precision=precision, source_name=name, overwrite=True,
+                 progress=progress)
+    return folder
+
+
+__all__ = ["export_tower", "export_model", "open_export", "cached_export", "cache_dir", "BACKENDS"]

@@ -1,0 +1,68 @@
+"""Vision tower + projector -> one ONNX graph, named by the contract.
+
+The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is used: it needs no
+package beyond torch, exports this tower in about a second, and scopes node names by module path
+(``/tower/encoders/dinov2/blocks.3/attn/MatMul``), which stay stable while the model code does.
+The tower's Python-side checks that read sizes are written so that tracing records one dynamic
+``views`` axis and constant spatial sizes (see ``runtime/connectors/sphinx.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgevlm.errors import BackendUnavailableError, ExportError
+from edgevlm.runtime.tower import VisionTowerModel
+
+from .contract import ExportContract
+
+DEFAULT_OPSET = 18
+
+
+class TowerGraph(nn.Module):
+    """Positional-input face of :class:`VisionTowerModel` for tracing: one tensor per encoder."""
+
+    def __init__(self, tower: VisionTowerModel, encoder_names: list[str]):
+        super().__init__()
+        self.tower = tower
+        self.encoder_names = list(encoder_names)
+
+    def forward(self, *views: torch.Tensor) -> torch.Tensor:
+        return self.tower(dict(zip(self.encoder_names, views)))
+
+
+def export_onnx(model: VisionTowerModel, contract: ExportContract, path: str | Path, *,
+                opset: int = DEFAULT_OPSET) -> Path:
+    """Trace ``model`` (fp32, CPU) into ``path``; example inputs have two images so that no size
+    in the graph can be mistaken for a batch of one."""
+    try:
+        import onnx
+    except ImportError:
+        raise BackendUnavailableError("exporting needs the onnx package: pip install 'edgevlm[onnx]'") from None
+    path = Path(path)
+    model = model.float().eval()
+    shapes = contract.example_shapes(images=2)
+    gen = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(shapes[n], generator=gen) for n in contract.input_names)
+    graph = TowerGraph(model, contract.encoder_names).eval()
+    with warnings.catch_warnings():
+        # The tower turns spatial sizes into constants on purpose (fixed by the contract); the tracer
+        # warns about every such int().
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", message=r".*dynamo=False.*")
+        try:
+            torch.onnx.export(graph, example, str(path), input_names=contract.input_names,
+                              output_names=contract.output_names, dynamic_axes=contract.dynamic_axes(),
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        except Exception as e:  # exporter errors are many types; name the model and keep the cause
+            raise ExportError(f"ONNX export of the vision tower failed: {type(e).__name__}: {e}") from e
+    onnx.checker.check_model(str(path))
+    return path
+
+
+__all__ = ["export_onnx", "TowerGraph", "DEFAULT_OPSET"]

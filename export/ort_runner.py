@@ -1,0 +1,77 @@
+"""Run an exported tower with ONNX Runtime, behind the same call as the eager model.
+
+``runner(views, masks) -> [views, tokens_per_view, out_width]`` with ``views`` the preprocessed
+``{encoder: [N, 3, R, R]}`` dict the preprocessor makes, so :class:`~edgevlm.runtime.tower.VisionTower`
+swaps backends without changing anything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgevlm.errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
+
+from .contract import ExportContract
+
+CPU_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def ort_session(path: str | Path, *, threads: int | None = None, providers: tuple[str, ...] | None = None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError("the onnxruntime vision backend needs onnxruntime: "
+                                      "pip install 'edgevlm[onnx]' (or onnxruntime-gpu)") from None
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's business
+    available = ort.get_available_providers()
+    wanted = [p for p in (providers or CPU_PROVIDERS) if p in available]
+    if not wanted:
+        raise BackendUnavailableError(f"none of the execution providers {list(providers or CPU_PROVIDERS)} is "
+                                      f"available; this onnxruntime has {available}")
+    try:
+        return ort.InferenceSession(str(path), so, providers=wanted)
+    except Exception as e:  # ORT raises its own pybind types for unreadable / invalid graphs
+        raise ExportError(f"{path}: ONNX Runtime could not load the graph: {e}") from e
+
+
+class OrtTowerRunner:
+    """``(views, masks=None) -> torch.Tensor`` backed by an ONNX Runtime session."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, contract: ExportContract, *, threads: int | None = None,
+                 providers: tuple[str, ...] | None = None):
+        self.contract = contract
+        self.session = ort_session(path, threads=threads, providers=providers)
+        got = [i.name for i in self.session.get_inputs()]
+        if got != contract.input_names:
+            raise ExportError(f"{path}: graph inputs {got} do not match the manifest's {contract.input_names}")
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if masks is not None:
+            raise ConfigError("token masks (any-resolution views) are not part of exported towers")
+        feed, n = {}, None
+        for name, spec in zip(self.contract.encoder_names, self.contract.inputs):
+            if name not in views:
+                raise ShapeError(f"no views for encoder {name!r}; got views for {sorted(views)}")
+            x = views[name]
+            n = x.shape[0] if n is None else n
+            want = spec.concrete(n)
+            if tuple(x.shape) != want:
+                raise ShapeError(f"views for encoder {name!r}: expected {list(want)}, got {list(x.shape)}")
+            feed[spec.name] = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        out = self.session.run(self.contract.output_names, feed)[0]
+        return torch.from_numpy(out)
+
+
+__all__ = ["OrtTowerRunner", "ort_session"]

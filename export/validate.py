@@ -1,0 +1,64 @@
+"""Exported graph vs eager PyTorch on the same real images, with a typed error when they differ.
+
+fp32 graphs must match within an absolute 1e-4 everywhere. Reduced precisions cannot, so they are
+judged by the relative RMS error over the whole output (``||out - ref|| / ||ref||``) and the lowest
+per-token cosine similarity, and the numbers go into the manifest as the accuracy delta.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgevlm.errors import ExportValidationError
+
+# precision -> (metric, bound)
+TOLERANCES: dict[str, tuple[str, float]] = {
+    "fp32": ("max_abs", 1e-4),
+    "fp16": ("rel_rms", 2e-2),
+    "int8": ("rel_rms", 0.1),
+}
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    diff = out - ref
+    cos = (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-30)
+    return {"max_abs": float(np.abs(diff).max()),
+            "rel_rms": float(np.sqrt((diff ** 2).sum() / max((ref ** 2).sum(), 1e-30))),
+            "min_cosine": float(cos.min())}
+
+
+def validate(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: torch.nn.Module,
+             batches: list[dict[str, torch.Tensor]], precision: str, *, output: str, what: str) -> dict:
+    """Run ``run`` and ``model`` on every batch of views; raise :class:`ExportValidationError` naming
+    ``output`` and the error when the precision's bound is exceeded, else return the worst numbers."""
+    metric, bound = TOLERANCES[precision]
+    worst: dict[str, float] = {"max_abs": 0.0, "rel_rms": 0.0, "min_cosine": 1.0}
+    views_seen = 0
+    model = model.float().eval()
+    for views in batches:
+        with torch.inference_mode():
+            ref = model({k: v.float() for k, v in views.items()}).numpy()
+        got = run(views).detach().to("cpu", torch.float32).numpy()
+        if got.shape != ref.shape:
+            raise ExportValidationError(f"{what}: output {output!r} has shape {list(got.shape)}, eager "
+                                        f"{list(ref.shape)}", output=output)
+        if not np.isfinite(got).all():
+            raise ExportValidationError(f"{what}: output {output!r} has non-finite values", output=output)
+        c = compare(got, ref)
+        worst = {"max_abs": max(worst["max_abs"], c["max_abs"]), "rel_rms": max(worst["rel_rms"], c["rel_rms"]),
+                 "min_cosine": min(worst["min_cosine"], c["min_cosine"])}
+        views_seen += ref.shape[0]
+    if worst[metric] > bound:
+        raise ExportValidationError(
+            f"{what}: output {output!r} differs from eager PyTorch: {metric} {worst[metric]:.3g} > {bound:g} "
+            f"(max_abs {worst['max_abs']:.3g}, rel_rms {worst['rel_rms']:.3g}, min cosine {worst['min_cosine']:.5f})",
+            output=output, error=worst[metric], tolerance=bound)
+    return {**worst, "metric": metric, "bound": bound, "views": views_seen, "batches": len(batches)}
+
+
+__all__ = ["validate", "compare", "TOLERANCES"]
