@@ -1,4 +1,4 @@
-"""The ``edgevlm`` command line: ``run``, ``info``, ``demo``, ``train ...``, ``eval``.
+"""The ``edgevlm`` command line: ``run``, ``info``, ``demo``, ``export``, ``train ...``, ``eval``.
 
 Subcommands are small functions registered in :data:`COMMANDS`; each takes parsed arguments and
 returns an exit code. Errors that edgevlm raises on purpose print one line and exit with 2; anything
@@ -35,7 +35,22 @@ def _load(args):
     import edgevlm
 
     return edgevlm.load(args.model, device=args.device, dtype=args.dtype, preprocess_backend=args.preprocess,
-                        max_context=args.max_context, quant=args.quant, kv_cache=args.kv_cache)
+                        max_context=args.max_context, quant=args.quant, kv_cache=args.kv_cache,
+                        **vision_kwargs(args))
+
+
+def vision_kwargs(args) -> dict:
+    return {"vision_backend": args.vision_backend, "vision_export": args.vision_export,
+            "vision_precision": args.vision_precision}
+
+
+def add_vision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vision-backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="run the vision tower eagerly (torch, default) or as an exported graph")
+    p.add_argument("--vision-export", default=None,
+                   help="export folder from `edgevlm export` (default: export into ~/.cache/edgevlm on first use)")
+    p.add_argument("--vision-precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="precision of the export made on first use when --vision-export is not given")
 
 
 # ---- run -------------------------------------------------------------------------------------
@@ -169,13 +184,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print("edgevlm demo — model 'demo': DINOv2-S + EfficientNet-Lite0 -> SPHINX-style fusion -> SmolLM2-135M-Instruct")
-    pipe = edgevlm.load("demo", preprocess_backend=args.preprocess, quant=args.quant)
+    pipe = edgevlm.load("demo", preprocess_backend=args.preprocess, quant=args.quant, **vision_kwargs(args))
     vision = pipe.info()["vision"]
     print(f"  decoder:   {pipe.sources['decoder']}; quantization: {pipe.info()['decoder']['quantization']}")
     for e in vision["encoders"]:
         print(f"  encoder:   {e['name']} <- {e['weights']}")
     trained = vision["connector"]["weights"] == "checkpoint"
     print(f"  connector: {pipe.sources.get('trained', 'random (not trained)') if trained else 'random (not trained)'}")
+    if "vision_backend" in pipe.sources:
+        print(f"  vision:    {pipe.sources['vision_backend']}")
 
     question = "What is the capital of France?"
     out = pipe.generate(None, question, max_new_tokens=48)
@@ -219,6 +236,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="auto", help=QUANT_HELP)
     p.add_argument("--kv-cache", default="float", choices=["float", "int8"],
                    help="KV cache storage: float (the weights' dtype) or int8 (a quarter of the memory)")
+    add_vision_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,9 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="image preprocessing backend (default: auto = C++ when built)")
     demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     demo.add_argument("--quant", default="auto", help=QUANT_HELP)
+    add_vision_args(demo)
 
+    from edgevlm.export.cli import add_parser as add_export
     from edgevlm.train.cli import add_parsers  # `train ...` and `eval`
 
+    add_export(sub)
     add_parsers(sub)
     return p
 

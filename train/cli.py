@@ -126,7 +126,9 @@ def cmd_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = edgevlm.load(args.model, quant=args.quant)
+    from edgevlm.cli import vision_kwargs
+
+    pipe = edgevlm.load(args.model, quant=args.quant, **vision_kwargs(args))
     samples = build_split("heldout", args.n_scenes, args.n_digits, seed=args.seed)
     metrics, records = evaluate_samples(pipe, samples, max_new_tokens=args.max_new_tokens)
     text = heldout_text()
@@ -171,7 +173,9 @@ def _untuned_config(model: str):
 
 
 def _append_eval_row(path: Path, args, metrics: dict) -> None:
-    _append_row(path, {"model": args.model, "quant": args.quant, "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
+    _append_row(path, {"model": args.model, "quant": args.quant, "vision_backend": args.vision_backend,
+                       "vision_precision": args.vision_precision if args.vision_backend != "torch" else "",
+                       "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
                        **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}})
 
 
@@ -241,6 +245,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--threads", type=int, default=0)
     ev.add_argument("--quant", default="auto", help="decoder weights: auto, none, int8, int4, int4-g64, ... "
                     "(as `edgevlm run --quant`; the untuned baseline perplexity stays float)")
+    from edgevlm.cli import add_vision_args
+
+    add_vision_args(ev)
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--records", default=None, help="write every question, answer and prediction to this JSON file")
     ev.add_argument("--csv", default=None, help="append a result row (machine, versions, commit, metrics) to this CSV")
