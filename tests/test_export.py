@@ -1,0 +1,348 @@
+"""Vision-tower export: ONNX graphs vs eager PyTorch, int8/fp16 deltas, manifests, stale and corrupt
+exports, the runtime's exported-tower backend, and the TensorRT path where TensorRT imports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="exported towers run with onnxruntime (pip install 'edgevlm[onnx]')")
+
+import edgevlm  # noqa: E402
+from edgevlm.errors import (  # noqa: E402
+    ConfigError, CorruptExportError, ExportValidationError, ShapeError, StaleExportError,
+)
+from edgevlm.export import ExportContract, export_model, export_tower, open_export, read_manifest  # noqa: E402
+from edgevlm.export.contract import OUTPUT_NAME  # noqa: E402
+from edgevlm.export.quantize import calibration_images  # noqa: E402
+from edgevlm.export.tensorrt import check_engine_device  # noqa: E402
+from edgevlm.export.validate import validate  # noqa: E402
+from edgevlm.presets import get_preset  # noqa: E402
+from edgevlm.runtime.preprocess import Preprocessor  # noqa: E402
+from edgevlm.runtime.tower import build_tower_model  # noqa: E402
+
+from helpers import randomize_params  # noqa: E402
+
+
+def tiny_model(seed: int = 0):
+    model, _ = build_tower_model(get_preset("tiny").tower, allow_random=True)
+    randomize_params(model, seed, scale=0.2)  # not the init values: every weight matters
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return calibration_images(n=5)  # the bundled real photos and scenes
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_model()
+    out = tmp_path_factory.mktemp("exports") / "tiny-fp32"
+    manifest = export_model(model, out=out, source_name="tiny", progress=False)
+    return model, out, manifest
+
+
+def eager(model, views):
+    with torch.inference_mode():
+        return model(views).numpy()
+
+
+# ---- contract ------------------------------------------------------------------------------
+
+def test_contract_names_axes_and_profile():
+    cfg = get_preset("tiny").tower
+    c = ExportContract.for_tower(cfg, max_images=3)
+    assert c.input_names == ["pixels.vit", "pixels.cnn", "pixels.eva"]
+    assert c.views_per_image == 5 and (c.profile.min_views, c.profile.opt_views, c.profile.max_views) == (5, 5, 15)
+    assert c.dynamic_axes()["visual_embeds"] == {0: "views"}
+    assert c.trt_shapes()["pixels.cnn"] == ((5, 3, 64, 64), (5, 3, 64, 64), (15, 3, 64, 64))
+    assert c.outputs[0].concrete(10) == (10, cfg.tokens_per_view, cfg.out_width)
+    again = ExportContract.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert again == c and again.tower_config() == cfg
+
+
+def test_contract_refuses_variable_view_towers_and_bad_profiles():
+    with pytest.raises(ConfigError, match="anyres"):
+        ExportContract.for_tower(get_preset("xgen-mm").tower)
+    with pytest.raises(ConfigError, match="max_images"):
+        ExportContract.for_tower(get_preset("tiny").tower, max_images=0)
+
+
+# ---- fp32 parity ---------------------------------------------------------------------------
+
+def test_tiny_sphinx_export_matches_eager(tiny_export, photos):
+    """SPHINX-shaped: ViT + CNN fusion, a Q-Former over a third encoder, separators, 5 views/image."""
+    model, out, manifest = tiny_export
+    cfg = model.config
+    assert cfg.connector.qformer is not None and cfg.views_per_image == 5
+    assert manifest.validation["fp32"]["max_abs"] <= 1e-4
+    runner, _ = open_export(out, backend="onnxruntime", model=model)
+    pre = Preprocessor(cfg)
+    for k in (1, 3):  # 5 and 15 views through one graph
+        views = pre(photos[:k]).views
+        got = runner(views).numpy()
+        ref = eager(model, views)
+        assert got.shape == ref.shape == (5 * k, cfg.tokens_per_view, cfg.out_width)
+        assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_demo_export_matches_eager_on_real_photos(tmp_path, photos):
+    model, report = build_tower_model(get_preset("demo").tower, allow_random=True)
+    assert report.sources["dinov2"] != "random"  # real DINOv2-S and EfficientNet-Lite0 weights
+    manifest = export_model(model, out=tmp_path / "demo", source_name="demo", progress=False)
+    runner, _ = open_export(tmp_path / "demo", backend="onnxruntime", model=model)
+    views = Preprocessor(model.config)(photos).views
+    err = np.abs(runner(views).numpy() - eager(model, views)).max()
+    assert err <= 1e-4, f"ORT vs eager max abs error {err:.3g}"
+    assert manifest.validation["fp32"]["max_abs"] <= 1e-4
+
+
+# ---- reduced precision ---------------------------------------------------------------------
+
+def test_int8_export_is_quantized_and_reports_its_delta(tmp_path, photos):
+    import onnx
+
+    model = tiny_model()
+    m = export_model(model, out=tmp_path / "int8", precision="int8", calib_images=6, progress=False)
+    graph = onnx.load(str(tmp_path / "int8" / m.files["graph"]["path"]))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    v = m.validation["int8"]
+    assert 0 < v["rel_rms"] <= 0.1 and v["min_cosine"] > 0.95  # really quantized, still close
+    assert m.validation["quantization"]["quantized_nodes"] > 0
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["manifest.json", "tower.int8.onnx"]
+    runner, _ = open_export(tmp_path / "int8", backend="onnxruntime", model=model)
+    views = Preprocessor(model.config)(photos[:2]).views
+    got, ref = runner(views).numpy(), eager(model, views)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert 0 < rel <= 0.1
+
+
+def test_fp16_export_within_its_bound(tmp_path):
+    m = export_model(tiny_model(), out=tmp_path / "fp16", precision="fp16", progress=False)
+    assert 0 < m.validation["fp16"]["rel_rms"] <= 2e-2
+
+
+# ---- validation errors and atomic writes --------------------------------------------------
+
+def test_validation_error_names_output_and_error_size(tiny_export, photos):
+    model, out, _ = tiny_export
+    runner, _ = open_export(out, backend="onnxruntime", model=model)
+    views = Preprocessor(model.config)(photos[:1]).views
+    with pytest.raises(ExportValidationError, match="visual_embeds.*max_abs") as e:
+        validate(lambda v: runner(v) + 1e-3, model, [views], "fp32", output=OUTPUT_NAME, what="test graph")
+    assert e.value.output == OUTPUT_NAME and e.value.error == pytest.approx(1e-3, rel=0.05)
+    assert e.value.tolerance == 1e-4
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    import edgevlm.export.api as api
+
+    def refuse(*a, **k):
+        raise ExportValidationError("refused", output=OUTPUT_NAME, error=1.0, tolerance=1e-4)
+
+    monkeypatch.setattr(api, "validate", refuse)
+    with pytest.raises(ExportValidationError):
+        export_model(tiny_model(), out=tmp_path / "x", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a partial one
+
+
+def test_export_will_not_overwrite_without_being_asked(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        export_model(tiny_model(), out=tmp_path, progress=False)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+# ---- stale and corrupt exports -------------------------------------------------------------
+
+@pytest.fixture
+def export_copy(tiny_export, tmp_path):
+    model, out, _ = tiny_export
+    dst = tmp_path / "copy"
+    shutil.copytree(out, dst)
+    return model, dst
+
+
+def test_corrupt_manifest_is_refused(export_copy):
+    model, d = export_copy
+    (d / "manifest.json").write_text("{ not json")
+    with pytest.raises(CorruptExportError, match="unreadable manifest.*re-export"):
+        open_export(d, backend="onnxruntime", model=model)
+
+
+def test_manifest_of_another_format_or_missing_is_refused(export_copy):
+    model, d = export_copy
+    doc = json.loads((d / "manifest.json").read_text())
+    doc["format"] = "edgevlm-export/99"
+    (d / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptExportError, match="format"):
+        read_manifest(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(CorruptExportError, match="no manifest.json"):
+        read_manifest(d)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_modified_graph_is_refused(export_copy, damage):
+    model, d = export_copy
+    g = d / "tower.fp32.onnx"
+    data = bytearray(g.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        g.write_bytes(bytes(data))
+    elif damage == "truncate":
+        g.write_bytes(bytes(data[:1000]))
+    else:
+        g.unlink()
+    with pytest.raises(CorruptExportError, match="missing" if damage == "delete" else "SHA-256"):
+        open_export(d, backend="onnxruntime", model=model)
+
+
+def test_export_of_other_weights_is_stale(tiny_export):
+    _, out, _ = tiny_export
+    other = tiny_model(seed=1)
+    with pytest.raises(StaleExportError, match="(?i)re-export with `edgevlm export tiny"):
+        open_export(out, backend="onnxruntime", model=other)
+
+
+def test_export_for_another_backend_is_refused(tiny_export):
+    model, out, _ = tiny_export
+    with pytest.raises(ConfigError, match="--to tensorrt"):
+        open_export(out, backend="tensorrt", model=model)
+
+
+def test_engine_for_another_device_is_stale(tmp_path):
+    here = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.13.0"}
+    check_engine_device(dict(here), here, tmp_path)  # same device: accepted
+    for key, other in (("gpu", "Orin"), ("compute_capability", "8.7"), ("tensorrt", "10.3.0")):
+        with pytest.raises(StaleExportError, match=f"{key}.*rebuild here"):
+            check_engine_device({**here, key: other}, here, tmp_path)
+    with pytest.raises(CorruptExportError, match="without a recorded device"):
+        check_engine_device(None, here, tmp_path)
+
+
+# ---- runner input checks -------------------------------------------------------------------
+
+def test_runner_rejects_bad_views(tiny_export, photos):
+    model, out, _ = tiny_export
+    runner, _ = open_export(out, backend="onnxruntime", model=model)
+    views = Preprocessor(model.config)(photos[:1]).views
+    with pytest.raises(ShapeError, match="no views for encoder 'cnn'"):
+        runner({k: v for k, v in views.items() if k != "cnn"})
+    with pytest.raises(ShapeError, match="expected \\[5, 3, 64, 64\\]"):
+        runner({**views, "cnn": views["cnn"][:, :, :32]})
+    with pytest.raises(ConfigError, match="token masks"):
+        runner(views, {"vit": torch.ones(5, 16, dtype=torch.bool)})
+
+
+# ---- the runtime with an exported tower ---------------------------------------------------
+
+def test_load_with_onnxruntime_tower_matches_torch(tiny_export, photos, monkeypatch):
+    import edgevlm.runtime.tower as tower_mod
+
+    model, out, _ = tiny_export
+    # The pipeline builds its own tower from the preset; give it the weights the export was made from.
+    state = model.state_dict()
+    real_build = tower_mod.build_tower_model
+
+    def build(cfg, st=None, **kw):
+        m, r = real_build(cfg, st, **kw)
+        m.load_state_dict(state)
+        return m, r
+
+    monkeypatch.setattr("edgevlm.runtime.loader.build_tower_model", build)
+    ref = edgevlm.load("tiny", quant="none")
+    pipe = edgevlm.load("tiny", quant="none", vision_backend="onnxruntime", vision_export=out)
+    assert pipe.tower.backend == "onnxruntime" and pipe.info()["vision"]["backend"] == "onnxruntime"
+    a, b = pipe.tower(photos[:2]), ref.tower(photos[:2])
+    assert a.shape == b.shape and (a - b).abs().max() <= 1e-4
+    out_a = pipe.generate(photos[0], "Describe.", max_new_tokens=4)
+    assert out_a.visual_tokens == ref.generate(photos[0], "Describe.", max_new_tokens=4).visual_tokens
+    # The preset's own (unrandomised) tower is other weights: refused, not silently used.
+    monkeypatch.undo()
+    with pytest.raises(StaleExportError):
+        edgevlm.load("tiny", quant="none", vision_backend="onnxruntime", vision_export=out)
+
+
+def test_load_exports_into_the_cache_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path))
+    pipe = edgevlm.load("tiny", quant="none", vision_backend="onnxruntime")
+    folders = list((tmp_path / "exports").iterdir())
+    assert len(folders) == 1 and (folders[0] / "manifest.json").is_file()
+    stamp = (folders[0] / "manifest.json").stat().st_mtime_ns
+    again = edgevlm.load("tiny", quant="none", vision_backend="onnxruntime")
+    assert (folders[0] / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-exported
+    img = calibration_images(1)
+    assert (pipe.tower(img) - again.tower(img)).abs().max() == 0
+    # A damaged cache entry is rebuilt rather than trusted.
+    (folders[0] / "tower.fp32.onnx").write_bytes(b"garbage")
+    edgevlm.load("tiny", quant="none", vision_backend="onnxruntime")
+    assert read_manifest(folders[0]).files["graph"]["bytes"] > 1000
+
+
+def test_load_rejects_bad_vision_options():
+    with pytest.raises(ConfigError, match="vision_backend must be one of"):
+        edgevlm.load("tiny", vision_backend="openvino")
+    with pytest.raises(ConfigError, match="pass vision_backend"):
+        edgevlm.load("tiny", vision_export="somewhere")
+    with pytest.raises(ConfigError, match="precision"):
+        edgevlm.load("tiny", vision_backend="onnxruntime", vision_precision="int4")
+
+
+# ---- command line --------------------------------------------------------------------------
+
+def test_cli_export_and_refusal_to_overwrite(tmp_path, capsys):
+    from edgevlm.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["export", "tiny", "--out", str(out), "--max-images", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "pixels.eva" in text and "profile min/opt/max 5/5/10 views" in text and "fp32 vs eager" in text
+    assert read_manifest(out).contract.profile.max_views == 10
+    assert main(["export", "tiny", "--out", str(out)]) == 2  # exists: refused without --force
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", "tiny", "--out", str(out), "--force", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["target"] == "onnx"
+
+
+# ---- TensorRT (runs only where it imports and a GPU is present) ----------------------------
+
+def _trt_or_skip():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (CPU-only CI); the engine path is "
+                        "unverified here, see README 'Exporting the vision tower'")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU; none is visible")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_engine_matches_eager(tmp_path, photos, precision):
+    _trt_or_skip()
+    model = tiny_model()
+    m = export_model(model, out=tmp_path / "trt", to="tensorrt", precision=precision, calib_images=6, progress=False)
+    assert m.device and m.device["compute_capability"]
+    runner, _ = open_export(tmp_path / "trt", backend="tensorrt", model=model)
+    views = Preprocessor(model.config)(photos[:2]).views
+    got, ref = runner(views).cpu().numpy(), eager(model, views)
+    if precision == "fp32":
+        assert np.abs(got - ref).max() <= 1e-4
+    else:
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= (2e-2 if precision == "fp16" else 0.1)
+
+
+def test_tensorrt_corrupt_engine_is_refused(tmp_path):
+    _trt_or_skip()
+    model = tiny_model()
+    m = export_model(model, out=tmp_path / "trt", to="tensorrt", progress=False)
+    engine = tmp_path / "trt" / m.files["engine"]["path"]
+    engine.write_bytes(engine.read_bytes()[:100])
+    with pytest.raises(CorruptExportError):
+        open_export(tmp_path / "trt", backend="tensorrt", model=model)
