@@ -124,7 +124,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  visual tokens per image: {v['visual_tokens_per_image']} "
               f"({v.get('views_per_image', v.get('views', {}).get('views_per_image'))} views)")
         if "preprocess_backend" in v:
-            print(f"  preprocessing: {v['preprocess_backend']}")
+            print(f"  preprocessing: {v['preprocess_backend']}; tower runs on: {v['backend']}")
     d = info["decoder"]
     size = d.get("weights_bytes", d.get("fp32_bytes", 0))
     print(f"  decoder {d['layers']} layers x {d['hidden']}  {d['params'] / 1e6:.1f}M params  {_fmt_bytes(size)}"

@@ -116,6 +116,8 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
             device = device_key()
             engine = tmp / f"tower.{precision}.engine"
             cache = tmp / "timing.cache"
+            if (out / cache.name).is_file():  # a rebuild into the same folder reuses the layer timings
+                shutil.copyfile(out / cache.name, cache)
             extra["engine"] = build_engine(graph, contract, precision, engine, workspace_mb=workspace_mb,
                                            timing_cache=cache, dla_core=dla_core)
             files.update(engine=file_entry(tmp, engine.name), timing_cache=file_entry(tmp, cache.name))
@@ -182,7 +184,7 @@ def open_export(folder: str | Path, *, backend: str, model: VisionTowerModel | N
                           f"--to {BACKENDS[backend]}")
     if model is not None:
         check_source(manifest, tower_digest(model), folder)
-        if model.config.to_dict() != manifest.contract.tower:
+        if manifest.contract.tower_config() != model.config:
             raise StaleExportError(f"{folder}: exported for another tower configuration; re-export")
     if backend == "onnxruntime":
         from .ort_runner import OrtTowerRunner

@@ -83,6 +83,11 @@ def test_tiny_sphinx_export_matches_eager(tiny_export, photos):
     cfg = model.config
     assert cfg.connector.qformer is not None and cfg.views_per_image == 5
     assert manifest.validation["fp32"]["max_abs"] <= 1e-4
+    import onnx
+
+    names = [n.name for n in onnx.load(str(out / "tower.fp32.onnx")).graph.node]
+    # Node names follow module paths, so tools (and TensorRT layer precisions) can address them.
+    assert any(n.startswith("/tower/vit/") for n in names) and any("/connector/qformer/" in n for n in names)
     runner, _ = open_export(out, backend="onnxruntime", model=model)
     pre = Preprocessor(cfg)
     for k in (1, 3):  # 5 and 15 views through one graph
