@@ -312,18 +312,17 @@ def resolve_tower_source(source: Any) -> tuple[TowerConfig, dict[str, torch.Tens
     from .checkpoint import is_checkpoint_dir, load_checkpoint
     from .readers.safetensors_io import read_json
 
-    if isinstance(source, ModelConfig):
-        return source.tower, {}, True
     if isinstance(source, TowerConfig):
         return source, {}, True
     if isinstance(source, str) and source in PRESETS:
-        return get_preset(source).tower, {}, True
+        source = get_preset(source)
+    if isinstance(source, ModelConfig):
+        return source.tower, _tower_state(source, {}), True
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         path = Path(source)
         if is_checkpoint_dir(path):
             cfg, state = load_checkpoint(path)
-            tower_state = {k[len(TOWER_PREFIX):]: v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
-            return cfg.tower, tower_state, False
+            return cfg.tower, _tower_state(cfg, state), False
         if (path / "config.json").is_file():
             model_type = read_json(path / "config.json").get("model_type")
             if model_type not in TRANSFORMERS_TOWERS:
@@ -337,6 +336,17 @@ def resolve_tower_source(source: Any) -> tuple[TowerConfig, dict[str, torch.Tens
     if isinstance(source, (str, os.PathLike)) and Path(source).exists():
         raise CheckpointError(f"{source}: expected a preset name or a checkpoint folder, got a file")
     raise UnknownPresetError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+
+
+def _tower_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tower-relative tensors of a model: its trained weights shipped beside the config (``cfg.weights``,
+    e.g. the demo's connector), overridden by the checkpoint's own, as the full loader merges them."""
+    from .readers import resolve_weights_path
+    from .readers.safetensors_io import load_safetensors
+
+    if cfg.weights is not None:
+        state = {**load_safetensors(resolve_weights_path(cfg.weights)), **state}
+    return {k[len(TOWER_PREFIX):]: v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
 
 
 def load_vision_tower(source: Any, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",

