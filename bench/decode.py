@@ -46,6 +46,9 @@ from edgevlm.runtime import quant as Q
 from edgevlm.runtime.decoder import LlamaDecoder
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fp32_peak, git_commit, read_bandwidth  # noqa: E402  (bench/common.py)
+
 FIELDS = ["timestamp", "git", "cpu", "threads", "torch", "transformers", "edgevlm_kernels", "model", "variant",
           "prompt_tokens", "new_tokens", "ttft_ms", "prefill_tok_s", "prefill_gflops", "fp32_peak_gflops",
           "decode_tok_s", "decode_ms", "mbytes_per_token", "bandwidth_gbs", "bound_tok_s", "fraction_of_bound",
@@ -53,30 +56,6 @@ FIELDS = ["timestamp", "git", "cpu", "threads", "torch", "transformers", "edgevl
 
 TINYLLAMA = DecoderConfig(vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632,
                           max_seq_len=2048, rope_theta=10000.0)
-
-
-# ---- the machine ---------------------------------------------------------------------------------
-
-def read_bandwidth(nbytes: int) -> float:
-    """GB/s of a float32 sum over a buffer of ``nbytes`` (at least 8 MB), best of 11 passes: the highest
-    rate seen makes the tightest bound."""
-    buf = torch.ones(max(nbytes, 8 << 20) // 4)
-    best = float("inf")
-    for _ in range(11):
-        t = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t)
-    return buf.numel() * 4 / best / 1e9
-
-
-def fp32_peak() -> float:
-    a, b = torch.randn(512, 2048), torch.randn(2048, 2048)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 512 * 2048 * 2048 / best / 1e9
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -296,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        git = "unknown"
+    git = git_commit(dirty=False)
     import transformers
 
     common = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git": git,

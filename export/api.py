@@ -12,6 +12,7 @@ after validation passed, so a failed or interrupted export leaves nothing behind
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -31,6 +32,7 @@ from .onnx_export import DEFAULT_OPSET, export_onnx
 from .validate import validate
 
 BACKENDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}  # vision backend -> export target it reads
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with a margin
 
 
 def validation_batches(contract: ExportContract, images: list) -> list[dict[str, torch.Tensor]]:
@@ -40,7 +42,10 @@ def validation_batches(contract: ExportContract, images: list) -> list[dict[str,
 
     pre = Preprocessor(contract.tower_config())
     k = min(len(images), contract.max_images)
-    return [pre(images[:k]).views, pre(images[k - 1:k]).views]
+    batches = [pre(images[:k]).views]
+    if k > 1:
+        batches.append(pre(images[k - 1:k]).views)
+    return batches
 
 
 def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", precision: str = "fp32",
@@ -49,9 +54,8 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
                  workspace_mb: int | None = None, dla_core: int | None = None,
                  progress: bool = True, weights: dict | None = None) -> Manifest:
     """Export a built tower model; see :func:`export_tower` for the arguments."""
-    from tqdm.auto import tqdm
-
-    from .quantize import calibration_images, convert_fp16, quantize_int8, view_batches
+    from .ort_runner import OrtTowerRunner
+    from .quantize import calibration_images, convert_fp16, quantize_int8, validation_images, view_batches
 
     check_precision(precision, to)
     out = Path(out)
@@ -61,82 +65,70 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
         model = copy.deepcopy(model).to("cpu", torch.float32)  # export traces fp32 on the CPU; leave the caller's as is
     model = model.eval()
     contract = ExportContract.for_tower(model.config, max_images=max_images)
-    steps = ["export fp32 ONNX", "validate fp32"]
-    if precision == "int8":
-        steps += ["calibrate + quantize int8"]
-    if precision == "fp16" and to == "onnx":
-        steps += ["convert fp16"]
-    if to == "tensorrt":
-        steps += ["build TensorRT engine"]
-    if precision != "fp32" or to == "tensorrt":
-        steps += [f"validate {precision}"]
-    bar = tqdm(total=len(steps), desc=f"export {source_name or 'tower'}", unit="step", disable=not progress)
-
-    def step(i: int) -> None:
-        bar.set_postfix_str(steps[i])
+    # The fp32 graph is exported first whatever the precision; int8 and fp16 graphs are made from it.
+    keep_fp32 = precision == "fp32" or (to == "tensorrt" and precision == "fp16")
+    names = ["export fp32 ONNX", "validate fp32"]
+    names += {"int8": ["calibrate + quantize int8"], "fp16": ["convert fp16"] if to == "onnx" else []}.get(precision, [])
+    names += ["build TensorRT engine"] if to == "tensorrt" else []
+    names += [f"validate {precision}"] if precision != "fp32" or to == "tensorrt" else []
+    stages = _Stages(names, f"export {source_name or 'tower'}", progress)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    (tmp / "fp32").mkdir(parents=True)
     try:
-        images = calibration_images(n=5)  # bundled real photos for validation
+        images = validation_images()
         vbatches = validation_batches(contract, images)
-        step(0)
-        fp32 = export_onnx(model, contract, tmp / "tower.fp32.onnx", opset=opset)
-        bar.update()
-        step(1)
-        from .ort_runner import OrtTowerRunner
-
-        checks = {"fp32": validate(OrtTowerRunner(fp32, contract), model, vbatches, "fp32", output=OUTPUT_NAME,
-                                   what="ONNX Runtime fp32 graph")}
-        bar.update()
-        graph, extra = fp32, {}
-        i = 2
-        if precision == "int8":
-            step(i)
-            feeds = view_batches(model.config, contract, calibration_images(calib_images, calib_dir))
-            graph = tmp / "tower.int8.onnx"
-            extra["quantization"] = quantize_int8(fp32, graph, feeds, symmetric=to == "tensorrt")
-            extra["quantization"]["calibration_images"] = calib_images
-            bar.update()
-            i += 1
-        if precision == "fp16" and to == "onnx":
-            step(i)
-            graph = tmp / "tower.fp16.onnx"
-            extra["conversion"] = convert_fp16(fp32, graph)
-            bar.update()
-            i += 1
-        files = {"graph": file_entry(tmp, graph.name)}
-        device = None
-        run: Callable | None = None
+        with stages("export fp32 ONNX"):
+            fp32 = export_onnx(model, contract, tmp / "fp32" / "tower.fp32.onnx", opset=opset)
+        # Past 2 GB the exporter writes tensors beside the graph; later graphs must do the same.
+        external = sum(f.stat().st_size for f in (tmp / "fp32").iterdir()) > EXTERNAL_DATA_BYTES
+        with stages("validate fp32"):
+            checks = {"fp32": validate(OrtTowerRunner(fp32, contract), model, vbatches, "fp32", output=OUTPUT_NAME,
+                                       what="ONNX Runtime fp32 graph")}
+        extra: dict[str, Any] = {}
+        if keep_fp32:
+            for f in (tmp / "fp32").iterdir():
+                os.replace(f, tmp / f.name)
+            graph = tmp / fp32.name
+        elif precision == "int8":
+            with stages("calibrate + quantize int8"):
+                calib, calib_sources = calibration_images(calib_images, calib_dir)
+                graph = tmp / "tower.int8.onnx"
+                extra["quantization"] = quantize_int8(fp32, graph, view_batches(model.config, contract, calib),
+                                                      symmetric=to == "tensorrt", external_data=external)
+                extra["quantization"]["calibration_images"] = calib_sources
+        else:
+            with stages("convert fp16"):
+                graph = tmp / "tower.fp16.onnx"
+                extra["conversion"] = convert_fp16(fp32, graph, external_data=external)
+        shutil.rmtree(tmp / "fp32")
+        device, run = None, None
         if to == "tensorrt":
             from .tensorrt import TrtTowerRunner, build_engine, device_key
 
-            step(i)
-            device = device_key()
-            engine = tmp / f"tower.{precision}.engine"
-            cache = tmp / "timing.cache"
-            if (out / cache.name).is_file():  # a rebuild into the same folder reuses the layer timings
-                shutil.copyfile(out / cache.name, cache)
-            extra["engine"] = build_engine(graph, contract, precision, engine, workspace_mb=workspace_mb,
-                                           timing_cache=cache, dla_core=dla_core)
-            files.update(engine=file_entry(tmp, engine.name), timing_cache=file_entry(tmp, cache.name))
-            run = TrtTowerRunner(engine, contract)
-            bar.update()
-            i += 1
+            with stages("build TensorRT engine"):
+                device = device_key()
+                engine = tmp / f"tower.{precision}.engine"
+                cache = tmp / "timing.cache"
+                if (out / cache.name).is_file():  # a rebuild into the same folder reuses the layer timings
+                    shutil.copyfile(out / cache.name, cache)
+                extra["engine"] = build_engine(graph, contract, precision, engine, workspace_mb=workspace_mb,
+                                               timing_cache=cache, dla_core=dla_core)
+                run = TrtTowerRunner(engine, contract)
         elif precision != "fp32":
             run = OrtTowerRunner(graph, contract)
         if run is not None:
-            step(i)
-            what = f"{'TensorRT' if to == 'tensorrt' else 'ONNX Runtime'} {precision}"
-            checks[precision] = validate(run, model, vbatches, precision, output=OUTPUT_NAME, what=what)
-            bar.update()
-        if graph != fp32:  # the fp32 graph was a means to an end; keep only what the manifest lists
-            fp32.unlink()
+            with stages(f"validate {precision}"):
+                what = f"{'TensorRT' if to == 'tensorrt' else 'ONNX Runtime'} {precision}"
+                checks[precision] = validate(run, model, vbatches, precision, output=OUTPUT_NAME, what=what)
+        roles = {graph.name: "graph", f"tower.{precision}.engine": "engine", "timing.cache": "timing_cache"}
+        files = {roles.get(f.name, f"data:{f.name}"): file_entry(tmp, f.name) for f in sorted(tmp.iterdir())}
         manifest = Manifest(target=to, precision=precision, contract=contract, files=files,
                             source={"name": source_name, "tower_sha256": tower_digest(model), "weights": weights or {}},
                             tools={**tool_versions(), "opset": str(opset)},
-                            validation={"images": [f"{len(images)} bundled photos"], **checks, **extra},
+                            validation={"images": f"{len(images)} bundled images (2 photos, 2 held-out "
+                                                  "scenes, a digit), none calibrated on", **checks, **extra},
                             device=device, created=now())
         write_manifest(tmp, manifest)
         if out.exists():
@@ -144,9 +136,27 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     finally:
-        bar.close()
+        stages.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+class _Stages:
+    """A progress bar over named stages: ``with stages("name"): ...`` shows the name, then advances."""
+
+    def __init__(self, names: list[str], desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), desc=desc, unit="step", disable=not enabled)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.bar.set_postfix_str(name)
+        yield
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def export_tower(source: Any, *, out: str | Path, to: str = "onnx", precision: str = "fp32", **kw) -> Manifest:
@@ -154,8 +164,8 @@ def export_tower(source: Any, *, out: str | Path, to: str = "onnx", precision: s
     a transformers LLaVA / BLIP-2 folder, or a config) to ``out``.
 
     ``to``: ``"onnx"`` or ``"tensorrt"`` (needs ``tensorrt`` and a CUDA GPU). ``precision``: ``"fp32"``,
-    ``"fp16"`` or ``"int8"`` (static quantization calibrated on ``calib_images`` real images: a folder
-    ``calib_dir`` first, then the bundled photos, then demo scenes). ``max_images`` bounds the
+    ``"fp16"`` or ``"int8"`` (static quantization calibrated on ``calib_images`` images: a folder
+    ``calib_dir`` first, then scikit-image's photos where installed, then demo training scenes). ``max_images`` bounds the
     dynamic number of images for TensorRT's profile (ONNX Runtime takes any number). Every export is
     validated against eager PyTorch on real images before it is written
     (:class:`~edgevlm.errors.ExportValidationError` otherwise). ``workspace_mb`` and ``dla_core``
@@ -168,12 +178,14 @@ def export_tower(source: Any, *, out: str | Path, to: str = "onnx", precision: s
 
 
 def open_export(folder: str | Path, *, backend: str, model: VisionTowerModel | None = None,
-                threads: int | None = None):
+                threads: int | None = None, providers: tuple[str, ...] | None = None):
     """Check an export folder and return a runner ``(views, masks=None) -> embeddings``.
 
     With ``model`` (the tower the runtime loaded), the export must have been made from the same
     weights (:class:`~edgevlm.errors.StaleExportError` otherwise). A TensorRT engine must match this
     GPU and TensorRT version. Files are re-hashed (:class:`~edgevlm.errors.CorruptExportError`).
+    ``providers`` are ONNX Runtime execution providers in order of preference (default: the CPU's);
+    one that is missing or fails to start raises :class:`~edgevlm.errors.BackendUnavailableError`.
     """
     folder = Path(folder)
     if backend not in BACKENDS:
@@ -189,7 +201,8 @@ def open_export(folder: str | Path, *, backend: str, model: VisionTowerModel | N
     if backend == "onnxruntime":
         from .ort_runner import OrtTowerRunner
 
-        return OrtTowerRunner(manifest.path(folder, "graph"), manifest.contract, threads=threads), manifest
+        return OrtTowerRunner(manifest.path(folder, "graph"), manifest.contract, threads=threads,
+                              providers=providers), manifest
     from .tensorrt import TrtTowerRunner, check_engine_device, device_key
 
     check_engine_device(manifest.device, device_key(), folder)

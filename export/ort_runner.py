@@ -29,15 +29,23 @@ def ort_session(path: str | Path, *, threads: int | None = None, providers: tupl
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's business
+    wanted = list(providers or CPU_PROVIDERS)
     available = ort.get_available_providers()
-    wanted = [p for p in (providers or CPU_PROVIDERS) if p in available]
-    if not wanted:
-        raise BackendUnavailableError(f"none of the execution providers {list(providers or CPU_PROVIDERS)} is "
-                                      f"available; this onnxruntime has {available}")
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise BackendUnavailableError(f"execution providers {missing} are not in this onnxruntime "
+                                      f"({ort.__version__}: {available}); for CUDA / TensorRT install "
+                                      "onnxruntime-gpu (pip install 'edgevlm[gpu]')")
     try:
-        return ort.InferenceSession(str(path), so, providers=wanted)
+        session = ort.InferenceSession(str(path), so, providers=wanted)
     except Exception as e:  # ORT raises its own pybind types for unreadable / invalid graphs
         raise ExportError(f"{path}: ONNX Runtime could not load the graph: {e}") from e
+    # ORT quietly falls back to the next provider when one fails to initialise (a missing CUDA library,
+    # say); a GPU request that ends up on the CPU is an error, not a slow surprise.
+    if session.get_providers()[0] != wanted[0]:
+        raise BackendUnavailableError(f"ONNX Runtime could not start {wanted[0]} (session runs on "
+                                      f"{session.get_providers()}); check the CUDA / TensorRT libraries")
+    return session
 
 
 class OrtTowerRunner:

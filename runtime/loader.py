@@ -182,7 +182,8 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
     ``"onnxruntime"`` or ``"tensorrt"``. ``vision_export`` is a folder written by ``edgevlm export``; it
     must come from the same tower weights (and, for TensorRT, this GPU and TensorRT version), else
     :class:`~edgevlm.errors.StaleExportError`. Without it the tower is exported at ``vision_precision``
-    into ``$EDGEVLM_CACHE`` (default ``~/.cache/edgevlm``) on first use and reused after.
+    into ``$EDGEVLM_CACHE`` (default ``~/.cache/edgevlm``) on first use and reused after. With
+    ``device="cuda"`` the onnxruntime backend uses onnxruntime-gpu's CUDA execution provider.
     """
     _check_vision_backend(vision_backend, vision_export, vision_precision)
     if kv_cache not in ("float", "int8"):
@@ -237,7 +238,10 @@ def _use_exported_tower(pipe: Pipeline, backend: str, folder, precision: str, so
     model = pipe.tower.model
     if folder is None:
         folder = cached_export(model, backend=backend, precision=precision, name=str(source))
-    runner, manifest = open_export(folder, backend=backend, model=model)
+    # On a CUDA device the ONNX Runtime tower runs on onnxruntime-gpu's CUDA provider, else on the CPU.
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if pipe.tower.device.type == "cuda" else None
+    runner, manifest = open_export(folder, backend=backend, model=model,
+                                   providers=providers if backend == "onnxruntime" else None)
     pipe.tower.use_runner(runner, backend)
     pipe.sources["vision_backend"] = f"{backend} {manifest.precision} ({folder})"
 

@@ -19,7 +19,7 @@ from edgevlm.errors import (  # noqa: E402
 )
 from edgevlm.export import ExportContract, export_model, export_tower, open_export, read_manifest  # noqa: E402
 from edgevlm.export.contract import OUTPUT_NAME  # noqa: E402
-from edgevlm.export.quantize import calibration_images  # noqa: E402
+from edgevlm.export.quantize import calibration_images, validation_images  # noqa: E402
 from edgevlm.export.tensorrt import check_engine_device  # noqa: E402
 from edgevlm.export.validate import validate  # noqa: E402
 from edgevlm.presets import get_preset  # noqa: E402
@@ -37,7 +37,7 @@ def tiny_model(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def photos():
-    return calibration_images(n=5)  # the bundled real photos and scenes
+    return validation_images()  # the bundled real photos, held-out scenes and a digit
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,20 @@ def test_demo_export_matches_eager_on_real_photos(tmp_path, photos):
 
 # ---- reduced precision ---------------------------------------------------------------------
 
+def test_calibration_never_uses_the_validation_images(tmp_path):
+    from PIL import Image
+
+    own = tmp_path / "frames"
+    own.mkdir()
+    Image.fromarray(np.full((40, 60, 3), 7, np.uint8)).save(own / "f.png")
+    images, sources = calibration_images(6, own)
+    assert len(images) == 6 and sources[0] == f"1 from {own}" and (images[0] == 7).all()
+    held_out = {a.tobytes() for a in validation_images()}
+    assert len(held_out) == 5 and not held_out & {a.tobytes() for a in images}
+    with pytest.raises(edgevlm.errors.ImageError, match="no images"):
+        calibration_images(4, tmp_path / "frames" / "..")  # a folder without images
+
+
 def test_int8_export_is_quantized_and_reports_its_delta(tmp_path, photos):
     import onnx
 
@@ -133,6 +147,23 @@ def test_int8_export_is_quantized_and_reports_its_delta(tmp_path, photos):
     got, ref = runner(views).numpy(), eager(model, views)
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert 0 < rel <= 0.1
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_graph_with_external_data_is_listed_and_checked(tmp_path, monkeypatch, precision):
+    """Graphs past 2 GB keep their tensors in a file beside them (the real sphinx-1k tower is ~14 GB in
+    fp32); forced here on the tiny tower. Every file is in the manifest and a damaged one is refused."""
+    monkeypatch.setattr("edgevlm.export.api.EXTERNAL_DATA_BYTES", 0)
+    model = tiny_model()
+    m = export_model(model, out=tmp_path / "x", precision=precision, calib_images=4, progress=False)
+    data = [role for role in m.files if role.startswith("data:")]
+    assert data and sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted(
+        ["manifest.json"] + [f["path"] for f in m.files.values()])
+    open_export(tmp_path / "x", backend="onnxruntime", model=model)
+    blob = tmp_path / "x" / m.files[data[0]]["path"]
+    blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\1")
+    with pytest.raises(CorruptExportError, match="SHA-256"):
+        open_export(tmp_path / "x", backend="onnxruntime", model=model)
 
 
 def test_fp16_export_within_its_bound(tmp_path):
@@ -253,6 +284,15 @@ def test_runner_rejects_bad_views(tiny_export, photos):
         runner(views, {"vit": torch.ones(5, 16, dtype=torch.bool)})
 
 
+def test_missing_execution_provider_is_an_error_not_a_cpu_fallback(tiny_export):
+    from edgevlm.errors import BackendUnavailableError
+
+    model, out, _ = tiny_export
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+        open_export(out, backend="onnxruntime", model=model,
+                    providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+
+
 # ---- the runtime with an exported tower ---------------------------------------------------
 
 def test_load_with_onnxruntime_tower_matches_torch(tiny_export, photos, monkeypatch):
@@ -290,7 +330,7 @@ def test_load_exports_into_the_cache_once(tmp_path, monkeypatch):
     stamp = (folders[0] / "manifest.json").stat().st_mtime_ns
     again = edgevlm.load("tiny", quant="none", vision_backend="onnxruntime")
     assert (folders[0] / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-exported
-    img = calibration_images(1)
+    img = validation_images()[:1]
     assert (pipe.tower(img) - again.tower(img)).abs().max() == 0
     # A damaged cache entry is rebuilt rather than trusted.
     (folders[0] / "tower.fp32.onnx").write_bytes(b"garbage")
