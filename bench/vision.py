@@ -1,6 +1,6 @@
 """Vision tower + projector latency per image: torch eager against the exported graphs (ONNX Runtime fp32 /
 int8, and where present ONNX Runtime's CUDA / TensorRT execution providers and native TensorRT), side by
-side in one run on the same preprocessed real photos, with achieved FLOP/s against the measured matmul peak.
+side in one run on the same preprocessed bundled images, with achieved FLOP/s against the measured matmul peak.
 
     python bench/vision.py                                   # both models, every backend this machine has
     python bench/vision.py --models demo --repeat 50 --threads 2 --out bench/results/vision.csv
@@ -17,7 +17,7 @@ Models (``--models``):
   at the real count). Widths, resolutions, patch sizes, token counts, heads, MLP sizes and views are
   the real ones, so every layer that runs has its real shapes; the FLOP count, and so the FLOP/s, is
   measured on the config actually run, not the full-depth model. Latency does not depend on weight
-  values; int8 calibration still runs on real images (the bundled photos, then demo scenes past five).
+  values; int8 calibration still runs on images (scikit-image's photos, then demo training scenes).
 
 Backends (``--backends``; one that this machine lacks gets a row whose ``note`` says ``skipped: why``,
 one that fails a row that says ``failed: error``):
@@ -37,7 +37,7 @@ one that fails a row that says ``failed: error``):
 Nothing CUDA-related could be run where this script was written (no GPU): the ``ort-cuda``, ``ort-trt``,
 ``tensorrt`` and ``torch-cuda`` paths are unverified.
 
-Method: the same ``--images K`` preprocessed photos (the bundled ones, from
+Method: the same ``--images K`` preprocessed images (the bundled ones, from
 ``edgevlm.export.quantize.validation_images``) go to every backend: one call = K images = K x
 views_per_image views. Each backend gets ``--warmup`` calls, then backends are timed in interleaved
 rounds (one call each per round, ``time.perf_counter``; CUDA backends synchronize before and after), so
@@ -78,8 +78,8 @@ Columns of ``--out`` (appended with ``edgevlm.results.append_rows``):
     torch_matmul_gflops, ort_matmul_gflops   the two CPU matmul measurements behind the CPU peak
     max_abs_err, rel_rms_err, min_cosine   accuracy against eager fp32 (see err_on)
     err_on               "export validation": the numbers the export wrote into its manifest (eager vs
-                         that runtime on up to 5 bundled photos, which are also the first int8
-                         calibration images); "timed views": this run's output vs eager on the timed
+                         that runtime on the 5 bundled images, none of which int8 was
+                         calibrated on); "timed views": this run's output vs eager on the timed
                          views (the runtimes the export did not validate)
     export_s             seconds export_model took for this row's export folder (fp32 export shared by
                          ort-fp32, ort-cuda and ort-trt)
@@ -110,7 +110,7 @@ import torch
 from edgevlm.config import ConvNeXtConfig, TowerConfig, ViTConfig
 from edgevlm.presets import get_preset
 from edgevlm.results import append_rows
-from edgevlm.runtime.tower import VisionTowerModel, build_tower_model
+from edgevlm.runtime.tower import VisionTowerModel, build_tower_model, resolve_tower_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import busy_cpus, cpu_model, fp32_peak, git_commit, module_version, ort_fp32_peak  # noqa: E402
@@ -136,17 +136,8 @@ DEFAULT_CALIB = {"demo": 24, "sphinx-1k-shaped": 8}  # 24 = `edgevlm export`'s d
 
 def demo_model() -> tuple[VisionTowerModel, str]:
     """The demo tower as ``edgevlm.load("demo")`` runs it: real encoders + the trained connector."""
-    from edgevlm.runtime.readers import resolve_weights_path
-    from edgevlm.runtime.readers.safetensors_io import load_safetensors
-
-    cfg = get_preset("demo")
-    state = {}
-    try:
-        trained = load_safetensors(resolve_weights_path(cfg.weights))
-        state = {k[len("tower."):]: v.float() for k, v in trained.items() if k.startswith("tower.")}
-    except Exception as e:  # the encoders still load from their packages; the connector is then random
-        print(f"  demo: trained connector not loaded ({type(e).__name__}: {e}); it stays random", flush=True)
-    model, report = build_tower_model(cfg.tower, state, allow_random=True)
+    config, state, _ = resolve_tower_source("demo")
+    model, report = build_tower_model(config, state, allow_random=True)
     return model, "real" if not report.random else "random " + "+".join(report.random)
 
 

@@ -175,7 +175,6 @@ def _check_answer(text: str, expected, h: int, w: int) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default model end to end: a text question, bundled scenes, a digit, a real photo."""
-    import numpy as np
     import torch
 
     import edgevlm

@@ -3,7 +3,7 @@
 ::
 
     manifest = export_tower("demo", to="onnx", precision="int8", out="exports/demo-int8")
-    runner = open_export("exports/demo-int8", backend="onnxruntime", tower=model)  # checks it first
+    runner, manifest = open_export("exports/demo-int8", backend="onnxruntime", model=model)  # checks it first
 
 An export folder holds the graph(s), ``manifest.json`` (see :mod:`.manifest`) and, for TensorRT, the
 engine and its timing cache. It is written to a hidden sibling folder and renamed into place only
@@ -17,7 +17,7 @@ import copy
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
