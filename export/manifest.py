@@ -67,15 +67,20 @@ def file_entry(folder: Path, name: str) -> dict[str, Any]:
 
 
 def tower_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over the tower's tensors (name, dtype, shape, bytes) in name order.
+    """SHA-256 over the tower's tensors (name, shape, values) in name order.
 
     Independent of where the weights came from (checkpoint, preset WeightsRef, transformers folder),
-    so an export can be matched to whatever the runtime loaded.
+    so an export can be matched to whatever the runtime loaded. Float tensors are hashed as fp16, so
+    a pipeline loaded with ``dtype="float16"`` (a robot's GPU) still matches the export made from the
+    fp32 checkpoint; weights that differ only below fp16's precision count as the same.
     """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        t = t.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(torch.float16)
+        t = t.contiguous()
+        h.update(f"{name}|{list(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

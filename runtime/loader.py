@@ -237,7 +237,8 @@ def _use_exported_tower(pipe: Pipeline, backend: str, folder, precision: str, so
         raise ConfigError(f"vision_backend={backend!r}, but model {pipe.name!r} has no vision tower")
     model = pipe.tower.model
     if folder is None:
-        folder = cached_export(model, backend=backend, precision=precision, name=str(source))
+        name = str(source) if isinstance(source, (str, os.PathLike)) else pipe.name
+        folder = cached_export(model, backend=backend, precision=precision, name=name)
     # On a CUDA device the ONNX Runtime tower runs on onnxruntime-gpu's CUDA provider, else on the CPU.
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if pipe.tower.device.type == "cuda" else None
     runner, manifest = open_export(folder, backend=backend, model=model,

@@ -3,6 +3,7 @@ exports, the runtime's exported-tower backend, and the TensorRT path where Tenso
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -251,6 +252,18 @@ def test_export_of_other_weights_is_stale(tiny_export):
     other = tiny_model(seed=1)
     with pytest.raises(StaleExportError, match="(?i)re-export with `edgevlm export tiny"):
         open_export(out, backend="onnxruntime", model=other)
+
+
+def test_weights_digest_survives_a_float16_load_but_not_a_change():
+    from edgevlm.export import tower_digest
+
+    a = tiny_model()
+    d = tower_digest(a)
+    assert tower_digest(copy.deepcopy(a).half()) == d  # a pipeline loaded in fp16 matches an fp32 export
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.connector.visual_proj[0].weight[0, 0] += 0.01
+    assert tower_digest(b) != d
 
 
 def test_export_for_another_backend_is_refused(tiny_export):
