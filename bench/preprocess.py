@@ -34,6 +34,9 @@ import edgevlm
 from edgevlm import get_preset
 from edgevlm.config import SphinxFusionConfig, TowerConfig
 from edgevlm.presets import clip_vit_l14, dinov2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
 from edgevlm.runtime.preprocess import Preprocessor
 from edgevlm.runtime.views import pad_to_square
 
@@ -118,16 +121,6 @@ def timed(fn, repeat: int, warmup: int = 3) -> list[float]:
 
 def p90(xs: list[float]) -> float:
     return float(np.percentile(xs, 90))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str:
