@@ -98,6 +98,37 @@ def test_tiny_sphinx_export_matches_eager(tiny_export, photos):
         assert np.abs(got - ref).max() <= 1e-4
 
 
+def _single_encoder_tower(kind: str):
+    from edgevlm.config import (
+        MLPConnectorConfig, QFormerConfig, QFormerConnectorConfig, ResamplerConnectorConfig, TowerConfig, ViTConfig,
+        ViewConfig,
+    )
+
+    vit = ViTConfig(name="vit", image_size=32, patch_size=8, width=24, depth=2, heads=2, mlp_dim=48,
+                    keep_class_token=kind != "mlp", feature_layer=-2 if kind == "mlp" else -1,
+                    final_norm=kind != "mlp")
+    conn = {
+        "mlp": lambda: MLPConnectorConfig(encoder="vit", in_width=24, hidden=32, out_width=32),  # LLaVA-1.5
+        "qformer": lambda: QFormerConnectorConfig(  # BLIP-2
+            qformer=QFormerConfig(encoder="vit", encoder_width=24, num_queries=6, hidden=32, layers=2, heads=2,
+                                  intermediate=64), out_width=32),
+        "resampler": lambda: ResamplerConnectorConfig(encoder="vit", in_width=24, out_width=32, depth=2, heads=2,
+                                                      head_dim=12, num_latents=5, ff_mult=2),  # BLIP-3, fixed views
+    }[kind]()
+    return TowerConfig(encoders=(vit,), connector=conn, views=ViewConfig(kind="stretch"))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "qformer", "resampler"])
+def test_other_connectors_export_matches_eager(tmp_path, photos, kind):
+    model, _ = build_tower_model(_single_encoder_tower(kind), allow_random=True)
+    randomize_params(model, 3, scale=0.2)
+    export_model(model, out=tmp_path / kind, progress=False)
+    runner, _ = open_export(tmp_path / kind, backend="onnxruntime", model=model)
+    views = Preprocessor(model.config)(photos[:3]).views
+    got, ref = runner(views).numpy(), eager(model, views)
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
+
+
 @pytest.mark.slow
 def test_demo_export_matches_eager_on_real_photos(tmp_path, photos):
     """`edgevlm export demo` then `load("demo", vision_export=...)`: the same weights (real encoders,
