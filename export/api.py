@@ -65,10 +65,11 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
         model = copy.deepcopy(model).to("cpu", torch.float32)  # export traces fp32 on the CPU; leave the caller's as is
     model = model.eval()
     contract = ExportContract.for_tower(model.config, max_images=max_images)
-    # The fp32 graph is exported first whatever the precision; int8 and fp16 graphs are made from it.
-    keep_fp32 = precision == "fp32" or (to == "tensorrt" and precision == "fp16")
+    # The fp32 graph is exported first whatever the precision; int8 and fp16 graphs are made from it
+    # (TensorRT builds from them too: its networks take their precision from the graph).
+    keep_fp32 = precision == "fp32"
     names = ["export fp32 ONNX", "validate fp32"]
-    names += {"int8": ["calibrate + quantize int8"], "fp16": ["convert fp16"] if to == "onnx" else []}.get(precision, [])
+    names += {"int8": ["calibrate + quantize int8"], "fp16": ["convert fp16"]}.get(precision, [])
     names += ["build TensorRT engine"] if to == "tensorrt" else []
     names += [f"validate {precision}"] if precision != "fp32" or to == "tensorrt" else []
     stages = _Stages(names, f"export {source_name or 'tower'}", progress)

@@ -1,10 +1,11 @@
 """TensorRT engines from the exported ONNX graph, and a runner for them.
 
 Build (``build_engine``): parse the ONNX graph, one optimisation profile from the contract
-(``views`` between one image and ``max_images`` images, tuned at ``opt``), FP16 by builder flag from
-the fp32 graph, INT8 from the symmetric QDQ graph :mod:`edgevlm.export.quantize` writes (explicit
-quantization, FP16 allowed for the layers left float), a timing cache reused across builds, and
-optionally a DLA core with GPU fallback (Jetson Xavier / Orin).
+(``views`` between one image and ``max_images`` images, tuned at ``opt``), a strongly typed network
+where TensorRT has one (10.x; 11.x has nothing else), so precision comes from the graph: the fp16
+graph (:func:`edgevlm.export.quantize.convert_fp16`) builds an FP16 engine, the symmetric QDQ graph an
+INT8 one (explicit quantization). A timing cache is reused across builds, and a DLA core with GPU
+fallback can be chosen (Jetson Xavier / Orin).
 
 Engines are only valid for the GPU model (compute capability) and TensorRT version that built them,
 so the manifest records both and :func:`check_engine_device` refuses a mismatch before TensorRT is
@@ -71,7 +72,8 @@ def build_engine(onnx_path: Path, contract: ExportContract, precision: str, engi
     trt = trt_module()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    flags, strong = _network_flags(trt)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -83,12 +85,13 @@ def build_engine(onnx_path: Path, contract: ExportContract, precision: str, engi
     for name, (lo, opt, hi) in contract.trt_shapes().items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    if precision == "fp32":
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 would miss the fp32 tolerance (1e-4) by far
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the graph's Q/DQ nodes
+    if not strong:  # TensorRT 8.x: the graph's types are hints, precision comes from builder flags
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)  # scales come from the graph's Q/DQ nodes
     if dla_core is not None:
         if builder.num_DLA_cores <= dla_core:
             raise ConfigError(f"dla_core={dla_core}, but this device has {builder.num_DLA_cores} DLA cores")
@@ -105,7 +108,19 @@ def build_engine(onnx_path: Path, contract: ExportContract, precision: str, engi
     if timing_cache is not None:
         timing_cache.write_bytes(bytes(cache.serialize()))
     return {"workspace_mb": workspace_mb, "dla_core": dla_core, "timing_cache": bool(cache_bytes),
+            "strongly_typed": strong,
             "profile": {k: [list(s) for s in v] for k, v in contract.trt_shapes().items()}}
+
+
+def _network_flags(trt) -> tuple[int, bool]:
+    """(create_network flags, strongly typed?). Strongly typed wherever TensorRT has it (10.x, and the
+    only mode of 11.x, which removed the FP16/INT8 builder flags): the graph's own types decide, so the
+    fp16 graph builds fp16 and the QDQ graph int8. TensorRT 8.x (older JetPacks) gets explicit batch
+    and builder flags instead."""
+    f = trt.NetworkDefinitionCreationFlag
+    if hasattr(f, "STRONGLY_TYPED"):
+        return 1 << int(f.STRONGLY_TYPED), True
+    return (1 << int(f.EXPLICIT_BATCH)) if hasattr(f, "EXPLICIT_BATCH") else 0, False
 
 
 class TrtTowerRunner:
