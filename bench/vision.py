@@ -366,7 +366,7 @@ def candidates(model: VisionTowerModel, name: str, views: dict[str, torch.Tensor
             try:
                 folder, c.export_s = exporter("tensorrt", precision)
                 runner, manifest = open_export(folder, backend="tensorrt", model=model)
-                c.err, c.err_on = validation_numbers(manifest, precision), "export validation"
+                c.err, c.err_on = validation_numbers(manifest, "tensorrt"), "export validation"
                 c.note = f"{export_note}; views already on the GPU, output left there"
                 gpu_views = {k: v.to("cuda") for k, v in views.items()}
                 c.run = (lambda r: lambda: r(gpu_views))(runner)

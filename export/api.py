@@ -70,8 +70,13 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
     keep_fp32 = precision == "fp32"
     names = ["export fp32 ONNX", "validate fp32"]
     names += {"int8": ["calibrate + quantize int8"], "fp16": ["convert fp16"]}.get(precision, [])
-    names += ["build TensorRT engine"] if to == "tensorrt" else []
-    names += [f"validate {precision}"] if precision != "fp32" or to == "tensorrt" else []
+    names += ["build TensorRT engine", f"validate TensorRT {precision}"] if to == "tensorrt" else []
+    names += [f"validate {precision}"] if precision != "fp32" and to == "onnx" else []
+    device = None
+    if to == "tensorrt":  # before minutes of export work: is there a TensorRT and a GPU at all?
+        from .tensorrt import device_key
+
+        device = device_key()
     stages = _Stages(names, f"export {source_name or 'tower'}", progress)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -104,12 +109,11 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
                 graph = tmp / "tower.fp16.onnx"
                 extra["conversion"] = convert_fp16(fp32, graph, external_data=external)
         shutil.rmtree(tmp / "fp32")
-        device, run = None, None
+        run = None
         if to == "tensorrt":
-            from .tensorrt import TrtTowerRunner, build_engine, device_key
+            from .tensorrt import TrtTowerRunner, build_engine
 
             with stages("build TensorRT engine"):
-                device = device_key()
                 engine = tmp / f"tower.{precision}.engine"
                 cache = tmp / "timing.cache"
                 if (out / cache.name).is_file():  # a rebuild into the same folder reuses the layer timings
@@ -119,10 +123,12 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
                 run = TrtTowerRunner(engine, contract)
         elif precision != "fp32":
             run = OrtTowerRunner(graph, contract)
-        if run is not None:
-            with stages(f"validate {precision}"):
+        if run is not None:  # a reduced-precision graph's check is keyed by precision, an engine's by "tensorrt"
+            key, stage = ("tensorrt", f"validate TensorRT {precision}") if to == "tensorrt" else \
+                (precision, f"validate {precision}")
+            with stages(stage):
                 what = f"{'TensorRT' if to == 'tensorrt' else 'ONNX Runtime'} {precision}"
-                checks[precision] = validate(run, model, vbatches, precision, output=OUTPUT_NAME, what=what)
+                checks[key] = validate(run, model, vbatches, precision, output=OUTPUT_NAME, what=what)
         roles = {graph.name: "graph", f"tower.{precision}.engine": "engine", "timing.cache": "timing_cache"}
         files = {roles.get(f.name, f"data:{f.name}"): file_entry(tmp, f.name) for f in sorted(tmp.iterdir())}
         manifest = Manifest(target=to, precision=precision, contract=contract, files=files,

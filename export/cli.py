@@ -28,9 +28,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  views   {c.views_per_image} per image; profile min/opt/max {p.min_views}/{p.opt_views}/{p.max_views} views")
     for role, f in m.files.items():
         print(f"  file    {f['path']:<22} {f['bytes'] / 2**20:.1f} MB  ({role})")
-    for prec in dict.fromkeys(("fp32", m.precision)):  # the fp32 graph is always checked first
-        v = m.validation[prec]
-        print(f"  check   {prec} vs eager on real images: max_abs {v['max_abs']:.2e}, rel_rms {v['rel_rms']:.2e}, "
+    final = "tensorrt" if m.target == "tensorrt" else m.precision
+    for key in dict.fromkeys(("fp32", final)):  # the fp32 graph is always checked first
+        v = m.validation[key]
+        label = f"TensorRT {m.precision}" if key == "tensorrt" else f"ORT {key}"
+        print(f"  check   {label} vs eager on real images: max_abs {v['max_abs']:.2e}, rel_rms {v['rel_rms']:.2e}, "
               f"min cosine {v['min_cosine']:.5f} ({v['metric']} <= {v['bound']:g})")
     return 0
 

@@ -303,6 +303,21 @@ def test_export_for_another_backend_is_refused(tiny_export):
         open_export(out, backend="tensorrt", model=model)
 
 
+def test_tensorrt_export_without_tensorrt_fails_first_and_leaves_nothing(tmp_path):
+    from edgevlm.errors import BackendUnavailableError
+
+    try:
+        import tensorrt  # noqa: F401
+
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT and a GPU are present: the engine tests below cover this path")
+    except ImportError:
+        pass
+    with pytest.raises(BackendUnavailableError, match="TensorRT|CUDA GPU"):
+        export_model(tiny_model(), out=tmp_path / "trt", to="tensorrt", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_engine_for_another_device_is_stale(tmp_path):
     here = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.13.0"}
     check_engine_device(dict(here), here, tmp_path)  # same device: accepted
@@ -398,7 +413,7 @@ def test_cli_export_and_refusal_to_overwrite(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["export", "tiny", "--out", str(out), "--max-images", "2"]) == 0
     text = capsys.readouterr().out
-    assert "pixels.eva" in text and "profile min/opt/max 5/5/10 views" in text and "fp32 vs eager" in text
+    assert "pixels.eva" in text and "profile min/opt/max 5/5/10 views" in text and "ORT fp32 vs eager" in text
     assert read_manifest(out).contract.profile.max_views == 10
     assert main(["export", "tiny", "--out", str(out)]) == 2  # exists: refused without --force
     assert "not empty" in capsys.readouterr().err
@@ -420,7 +435,7 @@ def test_tensorrt_engine_matches_eager(tmp_path, photos, precision):
     _trt_or_skip()
     model = tiny_model()
     m = export_model(model, out=tmp_path / "trt", to="tensorrt", precision=precision, calib_images=6, progress=False)
-    assert m.device and m.device["compute_capability"]
+    assert m.device and m.device["compute_capability"] and m.validation["tensorrt"]["metric"]
     runner, _ = open_export(tmp_path / "trt", backend="tensorrt", model=model)
     views = Preprocessor(model.config)(photos[:2]).views
     got, ref = runner(views).cpu().numpy(), eager(model, views)
