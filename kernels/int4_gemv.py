@@ -28,39 +28,30 @@ the tests do it on small shapes). The block sizes are first guesses, not tuned o
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevlm.errors import BackendUnavailableError, ConfigError, ShapeError
+from edgevlm.errors import ConfigError, ShapeError
 from edgevlm.runtime.quant import Packed, _unlanes, quantize_int4, unpack_codes
+
+from .triton_support import check_runnable, interpreting, jit, triton_module
 
 NIBBLES = 8  # 4-bit codes per int32 word
 GROUPS = (32, 64, 128)  # the groups quantize_int4 / GGUF use; each a multiple of NIBBLES and <= BLOCK_K
 DOT_MIN_M = 16  # tl.dot needs >= 16 rows; below that (decode) the kernel is a GEMV
 
-# `triton.language`, bound by _triton() on first use. The kernel body below names `tl` as a module
-# global so that the module imports without triton; Triton resolves kernel globals when it compiles,
-# which only happens after _triton() has run.
+# `triton.language`, bound by triton_support.jit when the kernel is first compiled (the module imports
+# without triton).
 tl = None
+
+WHAT = "the int4 Triton kernel"
 
 
 def _triton():
-    """Import triton (once) -> the module; BackendUnavailableError when it is not installed."""
-    global tl
-    try:
-        import triton
-        import triton.language
-    except ImportError as e:
-        raise BackendUnavailableError(
-            f"the int4 Triton kernel needs the `triton` package, which is not importable here ({e}); "
-            "install it (`pip install triton`, bundled with CUDA builds of torch), or use "
-            "int4_matmul_reference / edgevlm.runtime.quant on CPU") from e
-    tl = triton.language
-    return triton
+    return triton_module(WHAT)
 
 
 # ---- the GPU layout -----------------------------------------------------------------------------
@@ -179,24 +170,8 @@ def _int4_matmul_fwd_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K
         tl.store(out_ptr + pid_m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-_KERNELS: dict[bool, object] = {}  # interpret mode -> jitted kernel (triton reads the flag at decoration)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _kernel():
-    interpret = _interpreting()
-    if interpret not in _KERNELS:
-        triton = _triton()
-        # triton.language's own helpers (tl.sum, ...) are jitted when triton is imported, for the
-        # interpreter or for a GPU; a kernel interpreted on top of GPU-jitted helpers fails deep inside.
-        if interpret and type(triton.language.sum).__name__ != "InterpretedFunction":
-            raise BackendUnavailableError("TRITON_INTERPRET=1 was set after triton had been imported; set it "
-                                          "before the first `import triton` of the process")
-        _KERNELS[interpret] = triton.jit(_int4_matmul_fwd_kernel)
-    return _KERNELS[interpret]
+    return jit(_int4_matmul_fwd_kernel, WHAT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,9 +202,7 @@ def int4_matmul(x: torch.Tensor, w: TritonInt4Weight, bias: torch.Tensor | None 
     for name, t in (("qweight", w.qweight), ("scales", w.scales), ("zeros", w.zeros), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ShapeError(f"int4_matmul: {name} is on {t.device}, x on {x.device}")
-    if x.device.type != "cuda" and not _interpreting():
-        raise BackendUnavailableError(f"the Triton int4 kernel runs on CUDA tensors (x is on {x.device}); "
-                                      "set TRITON_INTERPRET=1 to run it on CPU, or use int4_matmul_reference")
+    check_runnable(x.device, WHAT, "int4_matmul_reference")
     x = x if x.stride(1) == 1 else x.contiguous()
     m = x.shape[0]
     out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
@@ -278,7 +251,7 @@ class TritonInt4Linear(nn.Module):
             raise ShapeError(f"TritonInt4Linear expects [..., {self.in_features}] inputs, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.device.type == "cuda" or _interpreting():
+        if x.device.type == "cuda" or interpreting():
             out = int4_matmul(x2, self.weight4, self.bias)
         else:
             out = int4_matmul_reference(x2, self.weight4, self.bias)

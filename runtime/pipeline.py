@@ -262,6 +262,10 @@ def backends() -> dict[str, str]:
     for mod in ("onnxruntime", "tensorrt", "triton"):
         out[mod] = "installed" if importlib.util.find_spec(mod) else "not installed"
     out["cuda_available"] = str(torch.cuda.is_available())
+    from edgevlm.kernels.attention import attention_backend
+
+    out["vision_attention"] = ("Triton kernel on CUDA tensors" if attention_backend() == "triton"
+                               else "PyTorch SDPA (reference)")
     return out
 
 

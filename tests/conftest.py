@@ -1,7 +1,9 @@
 import os
+import sys
 
 import pytest
 import torch
+from helpers import HAVE_TRITON
 from hypothesis import settings
 
 # Property tests explore a fixed, reproducible set of examples: CI on a fresh clone sees exactly what
@@ -17,3 +19,22 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Triton kernels run on CPU tensors in Triton's interpreter. It must be chosen before triton is first
+# imported (its own helpers, tl.sum and the like, are jitted at import time), so it is chosen here,
+# before any test module loads. Tests that need the non-interpreted path unset it for themselves.
+if HAVE_TRITON and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Skip unless Triton's interpreter is what runs the kernels in this process."""
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed: the interpreter tests need its wheel (pip install triton)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import triton.language as tl
+
+    if type(tl.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own")

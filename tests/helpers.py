@@ -9,6 +9,16 @@ import pytest
 import torch
 
 SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def assert_kernel_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tensor, what: str) -> None:
+    """A kernel's error against the fp32 (or fp64) reference may be at most twice a same-precision
+    PyTorch baseline's error (style rule 6), plus a floor of 1e-5 of the output's scale."""
+    err = (out.double() - ref32.double()).abs().max().item()
+    base = (lowp.double() - ref32.double()).abs().max().item()
+    tol = 2 * base + 1e-5 * max(1.0, ref32.abs().max().item())
+    assert err <= tol, f"{what}: kernel err {err:.3g} > tol {tol:.3g} (torch same-precision err {base:.3g})"
 
 
 def randomize_params(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:

@@ -4,11 +4,8 @@ reference under TRITON_INTERPRET=1 (CPU, small shapes; skipped when triton is no
 On a GPU the same kernel runs compiled; bench/gpu_decode.py checks it there.
 """
 
-import importlib.util
-import os
-import sys
-
 import pytest
+from helpers import HAVE_TRITON, assert_kernel_close
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,25 +14,6 @@ from edgevlm.errors import BackendUnavailableError, ConfigError
 from edgevlm.kernels.int4_gemv import (TritonInt4Linear, dequantize_triton, int4_matmul, int4_matmul_reference,
                                        pack_for_triton, swap_linears_for_triton, unpack_codes_int32)
 from edgevlm.runtime.quant import _unlanes, dequantize, pack_int4_codes, quantize_int4, quantize_int8, unpack_codes
-
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-# The interpreter must be chosen before triton is first imported (its own helpers, tl.sum and the
-# like, are jitted at import time); nothing else in the suite imports triton, so choose it here.
-# Tests that need the non-interpreted path unset the variable for themselves.
-if HAVE_TRITON and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    if not HAVE_TRITON:
-        pytest.skip("triton is not installed: the interpreter tests need its wheel (pip install triton)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import triton.language as tl
-
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own")
-
 
 # ---- the layout (pure torch) --------------------------------------------------------------------
 
@@ -105,14 +83,6 @@ def test_launcher_refuses_cpu_tensors_without_interpreter(monkeypatch):
 
 # ---- the kernel, interpreted ----------------------------------------------------------------------
 
-def _assert_kernel_close(out, ref32, lowp, what):
-    """Kernel error against fp32, judged by a same-precision torch baseline's error (style rule 6)."""
-    err = (out.float() - ref32).abs().max().item()
-    base = (lowp.float() - ref32).abs().max().item()
-    tol = 2 * base + 1e-5 * max(1.0, ref32.abs().max().item())
-    assert err <= tol, f"{what}: kernel err {err:.3g} > tol {tol:.3g} (torch same-precision err {base:.3g})"
-
-
 @pytest.mark.parametrize("m", [1, 2, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,k,group,bias", [(64, 128, 32, True), (40, 96, 32, False), (64, 256, 128, False)])
@@ -128,7 +98,7 @@ def test_kernel_matches_reference_interpreted(interpreter, m, dtype, n, k, group
     assert out.shape == (m, n) and out.dtype == dtype
     ref32 = int4_matmul_reference(x, w, b, upcast=True)
     lowp = F.linear(x, dequantize_triton(w).to(dtype), None if b is None else b.to(dtype))
-    _assert_kernel_close(out, ref32, lowp, f"m={m} {dtype} [{n}x{k}] g{group}")
+    assert_kernel_close(out, ref32, lowp, f"m={m} {dtype} [{n}x{k}] g{group}")
     # A row stride other than K (a column slice, passed to the kernel as is) must give the same result.
     xs = torch.randn(m, k + 8).to(dtype)[:, 8:]
     assert xs.stride() == (k + 8, 1)

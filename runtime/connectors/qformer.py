@@ -20,6 +20,7 @@ from torch import nn
 
 from edgevlm.config import QFormerConfig
 from edgevlm.errors import ShapeError
+from edgevlm.kernels.attention import attention
 
 
 def bool_key_mask(mask: torch.Tensor | None, n: int, t: int, what: str) -> torch.Tensor | None:
@@ -55,7 +56,10 @@ class QFormerAttention(nn.Module):
         q = self.q_proj(x).view(n, q_len, self.heads, hd).transpose(1, 2)  # [N, H, Q, hd]
         k = self.k_proj(kv).view(n, s, self.heads, hd).transpose(1, 2)  # [N, H, S, hd]
         v = self.v_proj(kv).view(n, s, self.heads, hd).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, H, Q, hd], scale hd^-0.5
+        if mask is None or mask.shape[2] == 1:  # no mask, or one key mask for every query: the fused kernel
+            a = attention(q, k, v, key_mask=None if mask is None else mask[:, 0, 0, :])  # [N, H, Q, hd]
+        else:  # per-query masks (pre-training's ITC/ITM/ITG) stay on SDPA
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale hd^-0.5
         a = a.transpose(1, 2).reshape(n, q_len, hidden)
         return self.norm(self.o_proj(a) + x)
 

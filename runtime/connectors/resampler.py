@@ -13,34 +13,28 @@ unnamed nesting ``layers.{i}.0`` / ``layers.{i}.1.{0,1,3}`` becomes ``layers.{i}
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.config import ResamplerConnectorConfig, TowerConfig
 from edgevlm.errors import ShapeError
+from edgevlm.kernels.attention import attention
 from edgevlm.runtime.connectors.projectors import as_tokens, encoder_features, encoder_mask
 from edgevlm.runtime.connectors.qformer import bool_key_mask
 
 
 def resampler_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_lat: torch.Tensor,
                         v_lat: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Latents attend to media keys and their own keys. Reference for a fused kernel.
+    """Latents attend to media keys and their own keys.
 
     q, k_lat, v_lat: ``[N, H, L, D]``; k_media, v_media: ``[N, H, T, D]``; mask: ``[N, T]`` bool
     (True = real media token) or None. Returns ``[N, H, L, D]``. Scale ``D^-0.5``.
 
-    The key/value concatenation is explicit here (one ``[N, H, T+L, D]`` copy per tensor); a kernel
-    can instead run the softmax over the two key blocks in turn. The latent keys are always present,
-    so even a fully padded view has a finite softmax.
+    :func:`edgevlm.kernels.attention.attention` runs it: on CUDA a Triton kernel whose softmax walks
+    the media keys and then the latent keys without concatenating them; elsewhere SDPA over the
+    explicit concatenation. The latent keys are always present, so even a fully padded view has a
+    finite softmax.
     """
-    k = torch.cat([k_media, k_lat], dim=2)  # [N, H, T+L, D]
-    v = torch.cat([v_media, v_lat], dim=2)
-    attn_mask = None
-    if mask is not None:
-        n, t = mask.shape
-        lat_keys = torch.ones(n, k_lat.shape[2], dtype=torch.bool, device=mask.device)
-        attn_mask = torch.cat([mask, lat_keys], dim=1)[:, None, None, :]  # [N, 1, 1, T+L]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return attention(q, k_media, v_media, k2=k_lat, v2=v_lat, key_mask=mask)
 
 
 class PerceiverAttention(nn.Module):

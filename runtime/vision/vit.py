@@ -38,6 +38,7 @@ from torch import nn
 
 from edgevlm.config import ViTConfig
 from edgevlm.errors import ShapeError
+from edgevlm.kernels.attention import attention
 from edgevlm.runtime.layers import activation
 
 
@@ -55,7 +56,7 @@ class Attention(nn.Module):
         # [N, T, 3W] -> [N, T, 3, H, D] -> [3, N, H, T, D]
         qkv = self.qkv(x).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v)  # [N, H, T, D], default scale D^-0.5
+        o = attention(q, k, v)  # [N, H, T, D], scale D^-0.5; Triton on CUDA, SDPA elsewhere
         return self.proj(o.transpose(1, 2).reshape(n, t, c))
 
 
