@@ -41,7 +41,7 @@ def _load(args):
 
 def vision_kwargs(args) -> dict:
     return {"vision_backend": args.vision_backend, "vision_export": args.vision_export,
-            "vision_precision": args.vision_precision}
+            "vision_precision": args.vision_precision, "keep_ratio": args.keep_ratio, "keep_mode": args.keep_mode}
 
 
 def add_vision_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +51,11 @@ def add_vision_args(p: argparse.ArgumentParser) -> None:
                    help="export folder from `edgevlm export` (default: export into ~/.cache/edgevlm on first use)")
     p.add_argument("--vision-precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="precision of the export made on first use when --vision-export is not given")
+    p.add_argument("--keep-ratio", type=float, default=1.0,
+                   help="token dropping: share of the fused grid's cells the ViTs see (SPHINX-fusion towers; "
+                        "default 1.0 = all)")
+    p.add_argument("--keep-mode", default="uniform", choices=["uniform", "random"],
+                   help="which cells token dropping keeps: evenly spread (default) or FLIP's random subset")
 
 
 # ---- run -------------------------------------------------------------------------------------

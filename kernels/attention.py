@@ -19,24 +19,21 @@ masked gets zeros (PyTorch's SDPA gives NaN there; the reference below matches t
 
 :func:`attention` dispatches: the Triton kernel for CUDA tensors when Triton imports, the reference
 (:func:`attention_reference`, PyTorch SDPA) everywhere else: CPU, and Jetson, where Triton has no
-wheel. :func:`attention_backend` says which, decided once per process (``edgevlm info`` shows it);
-``EDGEVLM_ATTENTION=torch`` forces the reference. :func:`triton_attention` runs the kernel directly
+wheel. :func:`~edgevlm.kernels.triton_support.kernel_backend` says which, decided once per process
+(``edgevlm info`` shows it); ``EDGEVLM_KERNELS=torch`` forces the references. :func:`triton_attention` runs the kernel directly
 (CPU tensors under ``TRITON_INTERPRET=1``, for the tests).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 from edgevlm.errors import ShapeError
 
-from .triton_support import check_runnable, jit, triton_module
+from .triton_support import check_runnable, jit, kernel_backend, triton_module
 
 tl = None  # triton.language, bound by triton_support.jit
 WHAT = "the Triton attention kernel"
@@ -181,24 +178,13 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: t
 
 # ---- dispatch ----------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def attention_backend() -> str:
-    """``"triton"`` when CUDA tensors will use the kernel (CUDA present, Triton importable, not
-    disabled by ``EDGEVLM_ATTENTION=torch``), else ``"torch"``. Decided once per process."""
-    if os.environ.get("EDGEVLM_ATTENTION", "").lower() == "torch":
-        return "torch"
-    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        return "torch"
-    return "triton"
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: torch.Tensor | None = None,
               v2: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
               scale: float | None = None) -> torch.Tensor:
     """Fused attention where it runs (CUDA tensors, Triton present), the PyTorch reference elsewhere."""
-    if q.is_cuda and attention_backend() == "triton":
+    if q.is_cuda and kernel_backend() == "triton":
         return triton_attention(q, k, v, k2=k2, v2=v2, key_mask=key_mask, scale=scale)
     return attention_reference(q, k, v, k2=k2, v2=v2, key_mask=key_mask, scale=scale)
 
 
-__all__ = ["attention", "attention_reference", "triton_attention", "attention_backend", "MAX_HEAD_DIM"]
+__all__ = ["attention", "attention_reference", "triton_attention", "MAX_HEAD_DIM"]

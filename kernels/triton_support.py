@@ -1,5 +1,5 @@
-"""What every Triton kernel file here needs: a lazy ``import triton``, the interpreter switch, and a
-jit that binds ``tl`` into the kernel's module.
+"""What every Triton kernel file here needs: a lazy ``import triton``, the interpreter switch, a jit
+that binds ``tl`` into the kernel's module, and the one dispatch decision (:func:`kernel_backend`).
 
 Kernel bodies are plain functions in their files (which import without triton) and name ``tl`` as a
 module global; :func:`jit` sets that global and decorates them on first use. Under
@@ -8,6 +8,8 @@ module global; :func:`jit` sets that global and decorates them on first use. Und
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 from edgevlm.errors import BackendUnavailableError
@@ -55,4 +57,18 @@ def check_runnable(device, what: str, reference: str) -> None:
                                       f"run it on CPU, or use {reference}")
 
 
-__all__ = ["triton_module", "interpreting", "jit", "check_runnable"]
+@functools.lru_cache(maxsize=None)
+def kernel_backend() -> str:
+    """``"triton"`` when CUDA tensors take the vision kernels (attention, token gather): CUDA present,
+    Triton importable, not disabled by ``EDGEVLM_KERNELS=torch``; else ``"torch"`` (the PyTorch
+    references: CPU, and Jetson, where Triton has no wheel). Decided once per process."""
+    import torch
+
+    if os.environ.get("EDGEVLM_KERNELS", "").lower() == "torch":
+        return "torch"
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return "torch"
+    return "triton"
+
+
+__all__ = ["triton_module", "interpreting", "jit", "check_runnable", "kernel_backend"]

@@ -160,7 +160,8 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
          quant: str | QuantConfig | None = "auto", preprocess_backend: str = "auto", max_context: int = 2048,
          max_image_pixels: int | None = None, seed: int = 0, reuse_prefix: bool = True,
          embedding_cache_bytes: int = 64 << 20, kv_cache: str = "float", vision_backend: str = "torch",
-         vision_export: str | os.PathLike | None = None, vision_precision: str = "fp32") -> Pipeline:
+         vision_export: str | os.PathLike | None = None, vision_precision: str = "fp32",
+         keep_ratio: float = 1.0, keep_mode: str = "uniform") -> Pipeline:
     """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
     (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
 
@@ -184,6 +185,10 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
     :class:`~edgevlm.errors.StaleExportError`. Without it the tower is exported at ``vision_precision``
     into ``$EDGEVLM_CACHE`` (default ``~/.cache/edgevlm``) on first use and reused after. With
     ``device="cuda"`` the onnxruntime backend uses onnxruntime-gpu's CUDA execution provider.
+
+    ``keep_ratio`` < 1 turns on token dropping for SPHINX-fusion towers: the ViTs see only the patches
+    under that share of the fused grid's cells (``keep_mode`` ``"uniform"`` or ``"random"``), and the
+    decoder gets that many fewer visual positions (:meth:`VisionTower.set_token_keep`).
     """
     _check_vision_backend(vision_backend, vision_export, vision_precision)
     if kv_cache not in ("float", "int8"):
@@ -213,6 +218,10 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
         pipe.tower.embedding_cache = EmbeddingCache(embedding_cache_bytes)
     if vision_backend != "torch":
         _use_exported_tower(pipe, vision_backend, vision_export, vision_precision, source)
+    if keep_ratio != 1.0 or keep_mode != "uniform":
+        if pipe.tower is None:
+            raise ConfigError(f"keep_ratio={keep_ratio}, but model {pipe.name!r} has no vision tower")
+        pipe.tower.set_token_keep(keep_ratio, keep_mode)
     return pipe
 
 

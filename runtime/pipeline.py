@@ -262,10 +262,10 @@ def backends() -> dict[str, str]:
     for mod in ("onnxruntime", "tensorrt", "triton"):
         out[mod] = "installed" if importlib.util.find_spec(mod) else "not installed"
     out["cuda_available"] = str(torch.cuda.is_available())
-    from edgevlm.kernels.attention import attention_backend
+    from edgevlm.kernels.triton_support import kernel_backend
 
-    out["vision_attention"] = ("Triton kernel on CUDA tensors" if attention_backend() == "triton"
-                               else "PyTorch SDPA (reference)")
+    out["vision_kernels"] = ("Triton (attention, token gather) on CUDA tensors" if kernel_backend() == "triton"
+                             else "PyTorch references (SDPA, gather)")
     return out
 
 

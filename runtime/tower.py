@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevlm.config import ModelConfig, TowerConfig
+from edgevlm.config import ModelConfig, SphinxFusionConfig, TowerConfig
 from edgevlm.errors import CheckpointError, ConfigError, ShapeError, UnknownPresetError, WeightsNotFoundError
 from edgevlm.presets import PRESETS, get_preset
+
+from edgevlm.kernels.token_drop import MODES as KEEP_MODES, cells_to_patches, keep_count, select_cells
 
 from .connectors import build_connector
 from .embed_cache import EmbeddingCache, image_digest
@@ -46,8 +48,13 @@ class VisionTowerModel(nn.Module):
         self.encoders = nn.ModuleDict({e.name: build_encoder(e) for e in config.encoders})
         self.connector = build_connector(config.connector, config)
 
-    def encode(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run each encoder once over all views: [N, 3, R_e, R_e] -> tokens [N, T, C] or maps [N, C, h, w]."""
+    def encode(self, views: dict[str, torch.Tensor], cells: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Run each encoder once over all views: [N, 3, R_e, R_e] -> tokens [N, T, C] or maps [N, C, h, w].
+
+        With kept fused-grid ``cells [N, K]`` the ViTs whose tokens the fusion concatenates see only
+        the patches under those cells (see :meth:`forward`); CNNs and the Q-Former's encoder see all.
+        """
+        dropping = self._drop_encoders() if cells is not None else set()
         feats = {}
         n = None
         for e in self.config.encoders:
@@ -59,12 +66,28 @@ class VisionTowerModel(nn.Module):
             if n is not None and not torch.jit.is_tracing() and x.shape[0] != n:
                 raise ShapeError(f"encoder {e.name!r} got {x.shape[0]} views, the others {n}")
             n = x.shape[0]
-            feats[e.name] = self.encoders[e.name](x)
+            if e.name in dropping:
+                ids = cells_to_patches(cells, self.config.connector.grid, e.grid[0])  # [N, K*r*r]
+                feats[e.name] = self.encoders[e.name](x, keep_ids=ids)
+            else:
+                feats[e.name] = self.encoders[e.name](x)
         return feats
 
-    def forward(self, views: dict[str, torch.Tensor],
-                masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        return self.connector(self.encode(views), masks)  # [n_views, tokens_per_view, out_width]
+    def _drop_encoders(self) -> set[str]:
+        c = self.config.connector
+        if not isinstance(c, SphinxFusionConfig):
+            raise ConfigError(f"token dropping needs a SPHINX-fusion tower (kept cells of its fused grid); this "
+                              f"tower's connector is {c.kind!r}")
+        q = c.qformer.encoder if c.qformer is not None else None
+        return {e.name for e in self.config.encoders if e.name in c.encoders and e.name != q and e.kind == "vit"}
+
+    def forward(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
+                cells: torch.Tensor | None = None) -> torch.Tensor:
+        """-> ``[n_views, tokens_per_view, out_width]``; with kept fused-grid ``cells [n_views, K]``
+        (token dropping) ``[n_views, tokens_per_view - g*g + K, out_width]``."""
+        if cells is None:
+            return self.connector(self.encode(views), masks)
+        return self.connector(self.encode(views, cells), masks, cells=cells)
 
 
 def group_by_image(per_view: torch.Tensor, views_per_image: list[int]) -> list[torch.Tensor]:
@@ -109,11 +132,41 @@ class VisionTower:
         # call (edgevlm.export.open_export); ``backend`` names it.
         self.runner = self.model
         self.backend = "torch"
+        self.keep_ratio, self.keep_mode, self.keep_seed = 1.0, "uniform", 0
 
     def use_runner(self, runner, backend: str) -> None:
         """Run encoders + connector with ``runner(views, masks) -> [n_views, tokens, width]`` from now on."""
+        if self.keep_ratio < 1.0:
+            raise ConfigError("token dropping runs on the torch backend only; exported graphs take every token")
         self.runner, self.backend = runner, backend
         self.embedding_cache.clear()  # embeddings from the previous backend differ in the last bits
+
+    def set_token_keep(self, keep_ratio: float = 1.0, mode: str = "uniform", seed: int = 0) -> None:
+        """Keep ``keep_ratio`` of the fused grid's cells per view (token dropping; 1.0 = off).
+
+        Every ViT the fusion concatenates then runs only on the patches under the kept cells, and the
+        decoder gets ``1 + K`` grid positions per view instead of ``1 + g*g``: fewer tokens in the tower
+        and in prefill. ``mode``: ``"uniform"`` (evenly spread, the same for every image), ``"random"``
+        (FLIP's, seeded by ``seed``: the same subset on every call) or ``"score"`` (see
+        :func:`edgevlm.kernels.token_drop.select_cells`; pass ``cells`` to the model yourself).
+        """
+        g = self.config.connector.grid if isinstance(self.config.connector, SphinxFusionConfig) else 0
+        if mode not in KEEP_MODES or mode == "score":
+            raise ConfigError(f"keep mode for the tower must be 'uniform' or 'random', got {mode!r}")
+        keep_count(max(g * g, 1), keep_ratio)  # validates the ratio
+        if keep_ratio < 1.0:
+            self.model._drop_encoders()  # refuses towers without a fused grid
+            if self.backend != "torch":
+                raise ConfigError(f"token dropping runs on the torch backend only (this tower runs {self.backend})")
+        self.keep_ratio, self.keep_mode, self.keep_seed = float(keep_ratio), mode, int(seed)
+        self.embedding_cache.clear()  # cached embeddings were made with the previous setting
+
+    def _kept_cells(self, n: int) -> torch.Tensor | None:
+        if self.keep_ratio >= 1.0:
+            return None
+        gen = torch.Generator().manual_seed(self.keep_seed) if self.keep_mode == "random" else None
+        return select_cells(n, self.config.connector.grid, self.keep_ratio, self.keep_mode, generator=gen,
+                            device=self.device)
 
     @property
     def config(self) -> TowerConfig:
@@ -148,7 +201,8 @@ class VisionTower:
         views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
         if masks is not None:
             masks = {k: v.to(self.device) for k, v in masks.items()}
-        out = self.runner(views, masks)
+        cells = self._kept_cells(next(iter(views.values())).shape[0])
+        out = self.runner(views, masks) if cells is None else self.model(views, masks, cells=cells)
         if out.device != self.device or out.dtype != self.dtype:  # an engine's output lives where it runs
             out = out.to(self.device, self.dtype)
         if self.device.type == "cuda":
@@ -229,6 +283,7 @@ class VisionTower:
             "out_width": c.out_width,
             "preprocess_backend": self.preprocessor.backend,
             "backend": self.backend,
+            "token_keep": {"ratio": self.keep_ratio, "mode": self.keep_mode},
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }

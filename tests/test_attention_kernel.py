@@ -10,7 +10,8 @@ from helpers import HAVE_TRITON, assert_kernel_close, randomize_params
 
 from edgevlm.errors import ShapeError
 from edgevlm.kernels import attention as attn_mod
-from edgevlm.kernels.attention import attention, attention_backend, attention_reference, triton_attention
+from edgevlm.kernels.attention import attention, attention_reference, triton_attention
+from edgevlm.kernels.triton_support import kernel_backend
 
 
 def _inputs(n, h, lq, t, t2, d, dtype, masked, seed):
@@ -97,16 +98,16 @@ def test_bad_shapes_are_typed_errors():
 
 
 def test_dispatch_is_decided_once_and_can_be_forced(monkeypatch):
-    attention_backend.cache_clear()
+    kernel_backend.cache_clear()
     try:
         expected = "triton" if torch.cuda.is_available() and HAVE_TRITON else "torch"
-        assert attention_backend() == expected
-        monkeypatch.setenv("EDGEVLM_ATTENTION", "torch")
-        assert attention_backend() == expected  # cached: decided once per process
-        attention_backend.cache_clear()
-        assert attention_backend() == "torch"
+        assert kernel_backend() == expected
+        monkeypatch.setenv("EDGEVLM_KERNELS", "torch")
+        assert kernel_backend() == expected  # cached: decided once per process
+        kernel_backend.cache_clear()
+        assert kernel_backend() == "torch"
     finally:
-        attention_backend.cache_clear()
+        kernel_backend.cache_clear()
     # CPU tensors always take the reference: bit-identical to it.
     q, k, v, k2, v2, mask = _inputs(1, 2, 5, 20, 5, 64, torch.float32, True, seed=3)
     assert torch.equal(attention(q, k, v, k2=k2, v2=v2, key_mask=mask),

@@ -175,6 +175,7 @@ def _untuned_config(model: str):
 def _append_eval_row(path: Path, args, metrics: dict) -> None:
     _append_row(path, {"model": args.model, "quant": args.quant, "vision_backend": args.vision_backend,
                        "vision_precision": args.vision_precision if args.vision_backend != "torch" else "",
+                       "keep_ratio": args.keep_ratio, "keep_mode": args.keep_mode,
                        "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
                        **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}})
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.config import EncoderConfig, SphinxFusionConfig, TowerConfig
-from edgevlm.errors import ShapeError
+from edgevlm.errors import ConfigError, ShapeError
 from edgevlm.runtime.connectors.projectors import (
     MAP_KINDS, as_tokens, check_layout, encoder_features, encoder_mask,
 )
@@ -54,13 +54,25 @@ def resize_grid(m: torch.Tensor, g: int) -> torch.Tensor:
     return F.interpolate(m, size=(g, g), mode="bilinear", align_corners=False, antialias=True)
 
 
-def to_fusion_layout(x: torch.Tensor, enc: EncoderConfig, g: int, who: str = "sphinx fusion") -> torch.Tensor:
-    """One encoder's output -> ``[N, 1 + g*g, C]``: global token then the g x g grid, row-major."""
+def to_fusion_layout(x: torch.Tensor, enc: EncoderConfig, g: int, who: str = "sphinx fusion",
+                     cells: torch.Tensor | None = None) -> torch.Tensor:
+    """One encoder's output -> ``[N, 1 + g*g, C]``: global token then the g x g grid, row-major.
+
+    With ``cells [N, K]`` (token dropping, :mod:`edgevlm.kernels.token_drop`) -> ``[N, 1 + K, C]``,
+    the kept cells only: a CNN map is resized whole and the cells picked from it; a ViT ran on the r x r
+    patches of each kept cell (cell-major) and they are averaged per cell, which is what the
+    average-pool resize gives for those cells. Its global token is then the class token or, without
+    one, the mean of the kept patches.
+    """
+    if cells is not None and enc.kind not in MAP_KINDS:
+        return _kept_vit_layout(x, enc, g, cells, who)
     check_layout(x, enc, who)
     gh, gw = enc.grid
     if enc.kind in MAP_KINDS:
         grid = resize_grid(x, g).flatten(2).transpose(1, 2)  # [N, g*g, C]
         glob = grid.mean(dim=1, keepdim=True)  # [N, 1, C]
+        if cells is not None:
+            grid = grid.gather(1, cells[..., None].expand(-1, -1, grid.shape[-1]))  # [N, K, C]
     else:
         n, _, c = x.shape
         src = x[:, 1:] if enc.global_token else x  # [N, gh*gw, C]
@@ -69,6 +81,23 @@ def to_fusion_layout(x: torch.Tensor, enc: EncoderConfig, g: int, who: str = "sp
         glob = x[:, :1] if enc.global_token else src.mean(dim=1, keepdim=True)
         m = src.transpose(1, 2).reshape(n, c, gh, gw)  # row-major tokens -> map
         grid = resize_grid(m, g).flatten(2).transpose(1, 2)
+    return torch.cat([glob, grid], dim=1)
+
+
+def _kept_vit_layout(x: torch.Tensor, enc: EncoderConfig, g: int, cells: torch.Tensor, who: str) -> torch.Tensor:
+    gh, gw = enc.grid
+    if gh != gw or gh % g:
+        raise ConfigError(f"{who}: token dropping needs encoder {enc.name!r}'s grid ({gh}x{gw}) to be a square "
+                          f"whole multiple of the fused {g}x{g} grid")
+    r2 = (gh // g) ** 2
+    n, k = cells.shape
+    c = int(enc.global_token)
+    if x.ndim != 3 or x.shape[1] != c + k * r2 or x.shape[2] != enc.width:
+        raise ShapeError(f"{who}: encoder {enc.name!r} kept {k} cells x {r2} patches, so its tokens should be "
+                         f"[N, {c + k * r2}, {enc.width}]; got {list(x.shape)}")
+    src = x[:, c:]  # [N, K*r2, C], cell-major
+    glob = x[:, :1] if c else src.mean(dim=1, keepdim=True)
+    grid = src.reshape(n, k, r2, -1).mean(dim=2)  # [N, K, C]
     return torch.cat([glob, grid], dim=1)
 
 
@@ -108,10 +137,11 @@ class SphinxFusion(nn.Module):
             self.start_img = nn.Parameter(torch.rand(1, 1, d))
             self.end_img = nn.Parameter(torch.rand(1, 1, d))
 
-    def aligned_tokens(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Channel concatenation of all fusion encoders, before ``visual_proj``: ``[N, 1 + g*g, sum(in_widths)]``."""
-        parts = [to_fusion_layout(encoder_features(features, e.name, "sphinx fusion"), e, self.cfg.grid)
-                 for e in self.encs]
+    def aligned_tokens(self, features: dict[str, torch.Tensor], cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Channel concatenation of all fusion encoders, before ``visual_proj``: ``[N, 1 + g*g, sum(in_widths)]``
+        (``[N, 1 + K, ...]`` with kept ``cells [N, K]``)."""
+        parts = [to_fusion_layout(encoder_features(features, e.name, "sphinx fusion"), e, self.cfg.grid,
+                                  cells=cells) for e in self.encs]
         # Under tracing a size is a tensor, so the set would not collapse; the graph's inputs share one
         # dynamic axis there anyway.
         n = {int(p.shape[0]) for p in parts} if not torch.jit.is_tracing() else {0}
@@ -121,11 +151,12 @@ class SphinxFusion(nn.Module):
         dtype = self.visual_proj[0].weight.dtype
         return torch.cat([p.to(dtype) for p in parts], dim=-1)
 
-    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
-        return self.from_aligned(self.aligned_tokens(features), features, masks)
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
+                cells: torch.Tensor | None = None):
+        return self.from_aligned(self.aligned_tokens(features, cells), features, masks, cells)
 
     def from_aligned(self, aligned: torch.Tensor, features: dict[str, torch.Tensor] | None = None,
-                     masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                     masks: dict[str, torch.Tensor] | None = None, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Everything after :meth:`aligned_tokens`: ``[N, 1 + g*g, sum(in_widths)]`` -> ``[N, tokens_per_view, out]``.
 
         Training with frozen encoders caches ``aligned`` once per image and runs only this part;
@@ -134,7 +165,10 @@ class SphinxFusion(nn.Module):
         # Grid encoders see whole views, so masks only reach the Q-Former's cross-attention.
         fused = self.visual_proj(aligned)  # [N, 1 + g*g, out]
         if self.cfg.pos_embed:
-            fused = fused + self.pos_embed
+            pe = self.pos_embed  # [1, 1 + g*g, out]
+            if cells is not None:  # the kept cells' positions: [N, 1 + K, out]
+                pe = torch.cat([pe[:, :1].expand(cells.shape[0], -1, -1), pe[0, 1:][cells]], dim=1)
+            fused = fused + pe
         n = fused.shape[0]
         parts = [fused]
         if self.cfg.qformer is not None:

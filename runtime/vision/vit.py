@@ -39,6 +39,7 @@ from torch import nn
 from edgevlm.config import ViTConfig
 from edgevlm.errors import ShapeError
 from edgevlm.kernels.attention import attention
+from edgevlm.kernels.token_drop import gather_with_pos
 from edgevlm.runtime.layers import activation
 
 
@@ -146,11 +147,13 @@ class ViT(nn.Module):
         patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, w)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Patchify, prepend the class token, add positions, apply the pre-norm: ``[N, T, W]``.
 
-        This is layer 0 of ``feature_layer`` (transformers' ``hidden_states[0]``); token dropping
-        (FLIP) slots in between this and the blocks.
+        This is layer 0 of ``feature_layer`` (transformers' ``hidden_states[0]``). With ``keep_ids``
+        ``[N, K]`` (patch indices, row-major) only those patches go on, in that order, after the class
+        token: ``[N, cls + K, W]``, gathered and position-added in one pass
+        (:func:`edgevlm.kernels.token_drop.gather_with_pos`).
         """
         p = self.cfg.patch_size
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] < p or pixels.shape[3] < p:
@@ -159,17 +162,20 @@ class ViT(nn.Module):
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [N, W, gh, gw]
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [N, gh*gw, W], row-major grid
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [N, 1 + gh*gw, W]
-        x = x + self.pos_embed_for(gh, gw)
+        if keep_ids is not None:
+            x = gather_with_pos(x, self.pos_embed_for(gh, gw), keep_ids, self.cls_token)  # [N, cls + K, W]
+        else:
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [N, 1 + gh*gw, W]
+            x = x + self.pos_embed_for(gh, gw)
         if self.norm_pre is not None:
             x = self.norm_pre(x)
         return x
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.embed(pixels)  # [N, T0, W]
+    def forward(self, pixels: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(pixels, keep_ids)  # [N, T0, W] (T0 = cls + K with keep_ids)
         for blk in self.blocks:  # cfg.blocks_run blocks: stops at feature_layer
             x = blk(x)
         if self.norm is not None:
