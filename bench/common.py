@@ -143,6 +143,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def count_flops(run) -> int:
+    """FLOPs of one eager ``run()`` (2 per multiply-add): matmuls, convolutions and attention. The CPU
+    SDPA kernel is not in torch's table, so its formula is added here."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        mapping[op] = sdpa
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        run()
+    return fc.get_total_flops()
+
+
 def module_version(name: str) -> str:
     """``name.__version__``, or ``""`` when it cannot be imported (any error: a broken GPU package
     raises more than ImportError)."""

@@ -2,8 +2,9 @@
 against an fp64 reference, and timed against PyTorch SDPA, with achieved TFLOP/s beside a measured
 matmul peak.
 
-Written on a machine without a GPU: only ``--help`` and the refusal without CUDA have been run; the
-measurements themselves have not been run yet.
+Written on a machine without a GPU and not yet run on one: what has run is ``--help``, the refusals
+(no CUDA, TRITON_INTERPRET set), and the checking and timing code on tiny shapes under
+TRITON_INTERPRET=1 with the CUDA events and graphs stubbed out. No number here has been measured yet.
 
 Cases are the tower's attention shapes (``--cases``; N = views or images, H heads, Lq queries, T keys,
 T2 second-source keys, D head dim): ViT self-attention of DINOv2-S/G, CLIP-L, EVA-g (D 88), SigLIP-so400m
@@ -42,10 +43,11 @@ For each case and dtype:
 A case that raises (a compile failure such as Triton's OutOfResources, say) is recorded with
 ``correct=False`` and the error in ``note``, and the others go on. Rows go to ``--out`` (appended after
 each case; a column added later widens the file), with timestamp, commit, device, torch and triton
-versions. Exit status: 0 when every check passed, 1 when one failed or raised, 2 when the machine
+versions. A checkout that was not pip-installed runs too (the script maps kernels/ into ``edgevlm``
+as the wheel does). Exit status: 0 when every check passed, 1 when one failed or raised, 2 when the machine
 cannot run it (no CUDA, no triton, or TRITON_INTERPRET set: this must time the compiled kernel).
 
-    python bench/gpu_attention.py --out bench/results/gpu_attention.csv
+    python bench/gpu_attention.py --out bench/results/gpu_attention.csv    # a few minutes on an H100
     python bench/gpu_attention.py --cases resampler,qformer-cross --dtypes fp16 --iters 100
 
 Columns: timestamp, commit, device, torch, triton, case, dtype, n, heads, lq, keys, keys2, head_dim,
@@ -82,6 +84,8 @@ try:
 except ModuleNotFoundError:
     # A plain checkout that was not pip-installed (PYTHONPATH=. on a GPU machine, say): the wheel maps
     # the top-level folders (kernels/, runtime/, ...) into the `edgevlm` namespace; do the same here.
+    for name in [m for m in sys.modules if m == "edgevlm" or m.startswith("edgevlm.")]:
+        del sys.modules[name]  # a half-found edgevlm (a namespace portion, say) is imported afresh
     sys.path.insert(0, str(ROOT))
     import edgevlm
 
@@ -244,12 +248,11 @@ def case_row(case: Case, dtype_name: str, args, base: dict) -> dict:
             "iters": args.iters, "inner": args.inner, "seed": args.seed}
 
 
-def run_case(case: Case, dtype_name: str, args, peaks: dict[str, float | None], base: dict) -> dict:
+def run_case(row: dict, case: Case, dtype_name: str, args, peaks: dict[str, float | None], notes: list[str]) -> None:
+    """Fill ``row`` (from :func:`case_row`) in place, so that what was measured before a raise is kept."""
     dtype = DTYPES[dtype_name]
-    row = case_row(case, dtype_name, args, base)
     peak = peaks.get(dtype_name)
     row["matmul_peak_tflops"] = fmt(peak, ".1f")
-    notes = []
     q, k, v, k2, v2, mask = make_inputs(case, dtype, args.seed)
 
     # -- correctness: kernel and same-precision SDPA, each against fp64 ---------------------------
@@ -312,8 +315,6 @@ def run_case(case: Case, dtype_name: str, args, peaks: dict[str, float | None], 
         except Exception as e:  # the eager numbers stand; say why the graph ones are missing
             traceback.print_exc()
             notes.append(f"graph timing failed: {type(e).__name__}: {e}".replace("\n", " ")[:200])
-    row["note"] = "; ".join(notes)
-    return row
 
 
 # ---- output ---------------------------------------------------------------------------------------
@@ -410,12 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         case_rows = []
         for name in dtypes:
+            row, notes = case_row(case, name, args, base), []
             try:
-                row = run_case(case, name, args, peaks, base)
+                run_case(row, case, name, args, peaks, notes)
             except Exception as e:  # a compile or launch failure: record it, go on with the rest
                 traceback.print_exc()
-                row = {**case_row(case, name, args, base),
-                       "note": f"FAILED {type(e).__name__}: {e}".replace("\n", " ")[:300]}
+                row["correct"] = False
+                notes.insert(0, f"FAILED {type(e).__name__}: {e}".replace("\n", " ")[:300])
+            row["note"] = "; ".join(notes)
             torch.cuda.empty_cache()
             case_rows.append(row)
             print(f"  {case.name:17s} {name}: kernel {row.get('kernel_ms', '-')} ms, sdpa {row.get('sdpa_ms', '-')} ms "

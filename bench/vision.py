@@ -92,6 +92,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import importlib
 import os
@@ -113,7 +114,9 @@ from edgevlm.results import append_rows
 from edgevlm.runtime.tower import VisionTowerModel, build_tower_model, resolve_tower_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import busy_cpus, cpu_model, fp32_peak, git_commit, module_version, ort_fp32_peak  # noqa: E402
+from common import (  # noqa: E402
+    busy_cpus, count_flops, cpu_model, fp32_peak, git_commit, module_version, ort_fp32_peak,
+)
 
 FIELDS = ["timestamp", "commit", "cpu", "device", "cpus", "threads", "busy_cpus", "loadavg", "torch", "onnxruntime",
           "tensorrt", "model", "weights", "params_m", "backend", "precision", "providers", "images_per_call",
@@ -176,23 +179,6 @@ def build(name: str, args) -> tuple[VisionTowerModel, str]:
         raise ValueError(name)
     # No parameter needs grad here; the FLOP counter's module tracker would otherwise hook them.
     return model.eval().requires_grad_(False), weights
-
-
-def count_flops(model: VisionTowerModel, views: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one eager forward (2 per multiply-add): matmuls, convolutions and attention. The CPU
-    SDPA kernel is not in torch's table, so its formula is added here."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    def sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(q, k, v)
-
-    mapping = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        mapping[op] = sdpa
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
-        model(views)
-    return fc.get_total_flops()
 
 
 # ---- backends ------------------------------------------------------------------------------------
@@ -445,7 +431,7 @@ def bench_model(name: str, images: list, args, common: dict, peaks: dict[str, fl
     k = args.images
     views = Preprocessor(cfg)(images[:k]).views  # {encoder: [k * vpi, 3, R, R]}, the same for every backend
     one = {e: v[:vpi] for e, v in views.items()}
-    gflop = count_flops(model, one) / 1e9
+    gflop = count_flops(functools.partial(model, one)) / 1e9
     with torch.inference_mode():
         ref = model(views)
     print(f"  {name}: {params / 1e6:.1f} M params ({weights} weights), {vpi} views/image, "
