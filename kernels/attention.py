@@ -87,12 +87,12 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, mask_ptr, o_ptr,
                           H, L, T, T2, D, qk_scale,
                           HAS_K2: tl.constexpr, HAS_MASK: tl.constexpr, FP32_DOT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Grid: (cdiv(L, BLOCK_M), N * H). Each program owns BLOCK_M queries of one (image, head) and
+    # Grid: (N * H, cdiv(L, BLOCK_M)) (N * H on axis 0, which has no 65535 limit). Each program owns BLOCK_M queries of one (image, head) and
     # streams the T + T2 keys in BLOCK_N blocks with an online softmax (running max m_i, sum l_i), in
     # the log2 domain. Key j < T comes from (k, v), key j >= T from (k2, v2) at j - T: a block that
     # straddles the two sources takes each lane from its own tensor, so nothing is concatenated.
-    pid_m = tl.program_id(0)
-    pid_nh = tl.program_id(1)
+    pid_nh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     n = pid_nh // H
     h = pid_nh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -158,21 +158,23 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: t
     out = torch.empty(n, h, length, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
+    mask = key_mask.contiguous().view(torch.int8) if key_mask is not None else None  # same bytes, no copy kernel
     k2_, v2_ = (k2, v2) if k2 is not None else (k, v)  # placeholders, never read without HAS_K2
     block_d = max(16, triton.next_power_of_2(d))
     # Few queries (Q-Former 32, resampler latents) -> short query blocks; keys in 64s.
     block_m = 16 if length <= 16 else (32 if length <= 32 or block_d > 128 else 64)
     block_n = 32 if block_d > 128 else 64
     scale = d ** -0.5 if scale is None else scale
-    grid = (triton.cdiv(length, block_m), n * h)
+    grid = (n * h, triton.cdiv(length, block_m))
     jit(_attention_fwd_kernel, WHAT)[grid](
         q, k, v, k2_, v2_, mask if mask is not None else out, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *k2_.stride()[:3], *v2_.stride()[:3],
         mask.stride(0) if mask is not None else 0, *out.stride()[:3],
         h, length, k.shape[2], k2.shape[2] if k2 is not None else 0, d, scale * math.log2(math.e),
         HAS_K2=k2 is not None, HAS_MASK=mask is not None, FP32_DOT=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
+        # fp32 or wide heads: 32 KB k and v tiles; two stages keep the pipeline within shared memory.
+        num_stages=2 if block_d > 64 or q.dtype == torch.float32 else 3)
     return out
 
 
