@@ -99,8 +99,9 @@ def eval_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("keep_ratio") and r.get("quant") == "none"
-                and r.get("vision_backend") in ("torch", "")]
+        # rows from before token dropping existed have no keep_ratio: they kept everything
+        return [{**r, "keep_ratio": r.get("keep_ratio") or "1.0"} for r in csv.DictReader(f)
+                if r.get("quant") == "none" and r.get("vision_backend") == "torch"]
 
 
 def main(argv: list[str] | None = None) -> int:
