@@ -132,7 +132,7 @@ class VisionTower:
         # call (edgevlm.export.open_export); ``backend`` names it.
         self.runner = self.model
         self.backend = "torch"
-        self.keep_ratio, self.keep_mode, self.keep_seed = 1.0, "uniform", 0
+        self.keep_ratio, self.keep_mode, self.keep_seed, self.keep_scorer = 1.0, "uniform", 0, None
 
     def use_runner(self, runner, backend: str) -> None:
         """Run encoders + connector with ``runner(views, masks) -> [n_views, tokens, width]`` from now on."""
@@ -141,32 +141,39 @@ class VisionTower:
         self.runner, self.backend = runner, backend
         self.embedding_cache.clear()  # embeddings from the previous backend differ in the last bits
 
-    def set_token_keep(self, keep_ratio: float = 1.0, mode: str = "uniform", seed: int = 0) -> None:
+    def set_token_keep(self, keep_ratio: float = 1.0, mode: str = "uniform", seed: int = 0,
+                       scorer=None) -> None:
         """Keep ``keep_ratio`` of the fused grid's cells per view (token dropping; 1.0 = off).
 
         Every ViT the fusion concatenates then runs only on the patches under the kept cells, and the
         decoder gets ``1 + K`` grid positions per view instead of ``1 + g*g``: fewer tokens in the tower
         and in prefill. ``mode``: ``"uniform"`` (evenly spread, the same for every image), ``"random"``
-        (FLIP's, seeded by ``seed``: the same subset on every call) or ``"score"`` (see
-        :func:`edgevlm.kernels.token_drop.select_cells`; pass ``cells`` to the model yourself).
+        (FLIP's, seeded by ``seed``: the same subset on every call) or ``"score"``: ``scorer(views)``
+        returns ``[n_views, g*g]`` scores (a saliency or detector heat map pooled to the fused grid)
+        and the top cells are kept. See :func:`edgevlm.kernels.token_drop.select_cells`.
         """
         g = self.config.connector.grid if isinstance(self.config.connector, SphinxFusionConfig) else 0
-        if mode not in KEEP_MODES or mode == "score":
-            raise ConfigError(f"keep mode for the tower must be 'uniform' or 'random', got {mode!r}")
+        if mode not in KEEP_MODES:
+            raise ConfigError(f"keep mode must be one of {', '.join(KEEP_MODES)}, got {mode!r}")
+        if (mode == "score") != (scorer is not None):
+            raise ConfigError("keep mode 'score' takes a scorer(views) -> [n_views, g*g], and only it does")
         keep_count(max(g * g, 1), keep_ratio)  # validates the ratio
         if keep_ratio < 1.0:
             self.model._drop_encoders()  # refuses towers without a fused grid
             if self.backend != "torch":
                 raise ConfigError(f"token dropping runs on the torch backend only (this tower runs {self.backend})")
         self.keep_ratio, self.keep_mode, self.keep_seed = float(keep_ratio), mode, int(seed)
+        self.keep_scorer = scorer
         self.embedding_cache.clear()  # cached embeddings were made with the previous setting
 
-    def _kept_cells(self, n: int) -> torch.Tensor | None:
+    def _kept_cells(self, views: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.keep_ratio >= 1.0:
             return None
+        n = next(iter(views.values())).shape[0]
         gen = torch.Generator().manual_seed(self.keep_seed) if self.keep_mode == "random" else None
+        scores = self.keep_scorer(views) if self.keep_scorer is not None else None
         return select_cells(n, self.config.connector.grid, self.keep_ratio, self.keep_mode, generator=gen,
-                            device=self.device)
+                            scores=scores, device=self.device)
 
     @property
     def config(self) -> TowerConfig:
@@ -201,7 +208,7 @@ class VisionTower:
         views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
         if masks is not None:
             masks = {k: v.to(self.device) for k, v in masks.items()}
-        cells = self._kept_cells(next(iter(views.values())).shape[0])
+        cells = self._kept_cells(views)
         out = self.runner(views, masks) if cells is None else self.model(views, masks, cells=cells)
         if out.device != self.device or out.dtype != self.dtype:  # an engine's output lives where it runs
             out = out.to(self.device, self.dtype)

@@ -12,7 +12,6 @@ from edgevlm.errors import ConfigError, ShapeError
 from edgevlm.kernels.token_drop import (
     cells_to_patches, gather_with_pos_reference, keep_count, select_cells, triton_gather_with_pos,
 )
-from edgevlm.presets import get_preset
 from edgevlm.runtime.connectors.sphinx import to_fusion_layout
 from edgevlm.runtime.tower import build_tower_model
 
@@ -139,8 +138,19 @@ def test_tower_and_pipeline_option(tmp_path):
     assert tower.info()["token_keep"] == {"ratio": 0.5, "mode": "uniform"}
     tower.set_token_keep(1.0)
     assert torch.equal(tower(img), full)  # off again, and the cache did not serve the dropped embedding
-    with pytest.raises(ConfigError, match="'uniform' or 'random'"):
+    with pytest.raises(ConfigError, match="takes a scorer"):
         tower.set_token_keep(0.5, "score")
+    # keep by a score: the brightest cells of the ViT's view, as a stand-in for a saliency map
+    seen = []
+
+    def brightness(views):
+        x = views["vit"].mean(1)  # [N, 32, 32]
+        scores = torch.nn.functional.avg_pool2d(x[:, None], 8).flatten(1)  # [N, 16] on the 4x4 grid
+        seen.append(scores.shape)
+        return scores
+
+    tower.set_token_keep(0.25, "score", scorer=brightness)
+    assert tower(img).shape[1] == full.shape[1] - v * (g2 - 4) and seen == [(5, 16)]
     pipe = edgevlm.load("tiny", quant="none", keep_ratio=0.5)
     out = pipe.generate(img[0], "Describe.", max_new_tokens=2)
     assert out.visual_tokens == half.shape[1]
