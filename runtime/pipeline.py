@@ -11,7 +11,9 @@ Data flow per call: images -> vision tower (preprocess, encoders, connector) -> 
 spliced into the prompt's embeddings at the chat format's image positions -> prefill into a static
 KV cache -> decode loop (sampler, stop ids) -> streaming detokeniser (stop strings).
 
-One Pipeline serves one generation at a time; calls from several threads are serialised by a lock.
+One Pipeline serves one generation at a time; calls from several threads are serialised by a lock,
+and each ``generate`` returns its own output. A ``stream`` holds the lock until it is consumed or
+closed. ``deadline_s`` and a ``cancel`` event stop a generation at the next token.
 
 Between calls the Pipeline keeps what it computed: the KV cache of the last conversation (a follow-up
 whose prompt starts with the previous prompt and answer prefills only the new tokens) and the tower's
@@ -148,14 +150,30 @@ class Pipeline:
     # ---- generation ------------------------------------------------------------------------
     def stream(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
-               system: str | None = None) -> Iterator[str]:
+               system: str | None = None, deadline_s: float | None = None,
+               cancel: threading.Event | None = None) -> Iterator[str]:
         """Yield the answer's text pieces as they are decoded. After the loop, ``pipe.last_output``
-        holds the full :class:`GenerateOutput` (ids, timings, stop reason)."""
+        holds the full :class:`GenerateOutput` (ids, timings, stop reason).
+
+        ``deadline_s``: a latency budget in seconds from the call; decoding stops at the first token
+        boundary past it (``stop_reason="deadline"``; the image stages and prefill always complete).
+        ``cancel``: a :class:`threading.Event` another thread may set; decoding stops at the next token
+        (``stop_reason="cancelled"``). Either way the text so far is returned and the KV cache stays
+        consistent for a follow-up.
+        """
+        _check_deadline(deadline_s)
+        return self._stream(image, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                                top_p=top_p, seed=seed), stop, raw, system, deadline_s, cancel,
+                            sink=None)
+
+    def _stream(self, image, prompt, sampling: dict, stop: Sequence[str], raw: bool, system: str | None,
+                deadline_s: float | None, cancel: threading.Event | None, sink: list | None) -> Iterator[str]:
+        # The output goes to ``self.last_output`` and, for generate(), into ``sink`` under the lock, so a
+        # caller never reads another thread's answer.
         with self._lock:
             t_start = time.perf_counter()
             x, timings, n_visual, keys = self._prepare(image, prompt, raw, system)
-            gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   seed=seed, stop_token_ids=tuple(sorted(self.chat.stop_ids(self.tokenizer))))
+            gen = GenerationConfig(**sampling, stop_token_ids=tuple(sorted(self.chat.stop_ids(self.tokenizer))))
             cache = self._cache_for()
             reused = self._reusable(keys)
             cache.truncate(min(reused, cache.length))
@@ -166,6 +184,8 @@ class Pipeline:
             stops = StopStringMatcher(tuple(self.chat.stop_strings) + tuple(stop))
             parts: list[str] = []
             stopped = False
+            interrupted = ""  # "deadline" | "cancelled"
+            t_end = t_start + deadline_s if deadline_s is not None else None
             try:
                 vocab = self.tokenizer.vocab_size
                 for tok in tokens:
@@ -176,6 +196,12 @@ class Pipeline:
                         parts.append(text)
                         yield text
                     if stopped:
+                        break
+                    if cancel is not None and cancel.is_set():
+                        interrupted = "cancelled"
+                    elif t_end is not None and time.perf_counter() >= t_end:
+                        interrupted = "deadline"
+                    if interrupted:
                         break
                 if not stopped:
                     tail, _ = stops.feed(detok.flush())
@@ -193,16 +219,26 @@ class Pipeline:
                 self.last_output = GenerateOutput(
                     text="".join(parts), token_ids=list(tokens.tokens), timings=timings,
                     prompt_tokens=len(keys), cached_tokens=reused, visual_tokens=n_visual,
-                    stop_reason="stop_string" if stopped else s.stop_reason,
+                    stop_reason="stop_string" if stopped else (interrupted or s.stop_reason),
                     info={"decode_tokens_per_s": s.decode_tokens_per_s})
+                if sink is not None:
+                    sink.append(self.last_output)
 
-    def generate(self, image, prompt, **kwargs) -> GenerateOutput:
+    def generate(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
+                 system: str | None = None, deadline_s: float | None = None,
+                 cancel: threading.Event | None = None) -> GenerateOutput:
         """Run to completion; see :meth:`stream` for the arguments. ``image`` may be None, one image
-        (path, PIL image, HWC uint8 array) or a list; ``raw=True`` sends ``prompt`` verbatim."""
-        for _ in self.stream(image, prompt, **kwargs):
+        (path, PIL image, HWC uint8 array) or a list; ``raw=True`` sends ``prompt`` verbatim.
+
+        Safe to call from several threads: calls run one at a time, and each returns its own output."""
+        _check_deadline(deadline_s)
+        sink: list[GenerateOutput] = []
+        for _ in self._stream(image, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                  top_k=top_k, top_p=top_p, seed=seed),
+                              stop, raw, system, deadline_s, cancel, sink):
             pass
-        assert self.last_output is not None
-        return self.last_output
+        return sink[0]
 
     # ---- introspection ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -232,6 +268,11 @@ class Pipeline:
             "backends": backends(),
         }
         return out
+
+
+def _check_deadline(deadline_s) -> None:
+    if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):
+        raise PromptError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
 
 
 def _position_keys(mp, embeds: Sequence[torch.Tensor]) -> list:
