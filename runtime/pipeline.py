@@ -240,6 +240,25 @@ class Pipeline:
             pass
         return sink[0]
 
+    # ---- structured answers (runtime/structured.py) ------------------------------------------
+    def detect(self, image, phrase: str, **kwargs):
+        """Boxes of ``phrase`` in one frame, in its pixels: a :class:`~edgevlm.runtime.structured.Grounding`."""
+        from .structured import detect
+
+        return detect(self, image, phrase, **kwargs)
+
+    def ground(self, image, **kwargs):
+        """A grounded caption as labelled boxes in the frame's pixels (see :mod:`edgevlm.runtime.structured`)."""
+        from .structured import ground
+
+        return ground(self, image, **kwargs)
+
+    def keypoints(self, image, prompt: str, **kwargs):
+        """Points the model prints, in the frame's pixels -> (list of Keypoint, GenerateOutput)."""
+        from .structured import keypoints
+
+        return keypoints(self, image, prompt, **kwargs)
+
     # ---- introspection ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         from .quant import QuantLinear, describe
