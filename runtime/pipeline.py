@@ -240,6 +240,50 @@ class Pipeline:
             pass
         return sink[0]
 
+    def generate_many(self, images: Sequence, prompt, **kwargs) -> list[GenerateOutput]:
+        """The same prompt about each frame of a batch: one [frames] tower batch (all views of all frames
+        through each encoder together), then one answer per frame, in order. Decoding is per frame."""
+        frames = list(images)
+        if frames and self.tower is not None:
+            self.tower.embed_each(frames)  # one batched tower call; the answers below hit its embedding cache
+        return [self.generate(f, prompt, **kwargs) for f in frames]
+
+    # ---- asyncio ---------------------------------------------------------------------------
+    async def agenerate(self, image, prompt, **kwargs) -> GenerateOutput:
+        """:meth:`generate` for asyncio code: runs in a worker thread, so the event loop stays free."""
+        import asyncio
+
+        return await asyncio.to_thread(self.generate, image, prompt, **kwargs)
+
+    async def astream(self, image, prompt, **kwargs):
+        """:meth:`stream` for asyncio code: ``async for piece in pipe.astream(...)``. Decoding runs in a
+        worker thread; breaking out of the loop cancels it at the next token."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = kwargs.pop("cancel", None) or threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for piece in self.stream(image, prompt, cancel=cancel, **kwargs):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except BaseException as e:  # handed to the awaiting side, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # a consumer that stops early frees the Pipeline at the next token
+            await worker
+
     # ---- structured answers (runtime/structured.py) ------------------------------------------
     def detect(self, image, phrase: str, **kwargs):
         """Boxes of ``phrase`` in one frame, in its pixels: a :class:`~edgevlm.runtime.structured.Grounding`."""

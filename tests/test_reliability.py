@@ -95,3 +95,35 @@ def test_soak_2000_calls_memory_stays_flat(pipe, capsys):
         print(f"\nsoak: {calls} generate calls on 'tiny', RSS {start:.0f} MB after {warm}, "
               f"{start + growth:.0f} MB after {calls} ({growth:+.1f} MB)")
     assert growth < 32, f"RSS grew {growth:.1f} MB over {calls - warm} calls"
+
+
+def test_generate_many_equals_one_by_one(pipe):
+    frames = _frames(3, seed=11)
+    one_by_one = [pipe.generate(f, "What is shown?", max_new_tokens=5).token_ids for f in frames]
+    pipe.reset()
+    batched = pipe.generate_many(frames, "What is shown?", max_new_tokens=5)
+    assert [o.token_ids for o in batched] == one_by_one
+    assert all(o.timings["vision"] < 1.0 for o in batched)  # the batched tower call filled the cache
+
+
+def test_asyncio_generate_and_stream(pipe):
+    import asyncio
+
+    frame = _frames(1, seed=5)[0]
+    want = pipe.generate(frame, "Describe.", max_new_tokens=12)
+
+    async def main():
+        a, b = await asyncio.gather(pipe.agenerate(frame, "Describe.", max_new_tokens=12),
+                                    pipe.agenerate(None, "Hi.", max_new_tokens=3))
+        pieces = [p async for p in pipe.astream(frame, "Describe.", max_new_tokens=12)]
+        early = []
+        async for p in pipe.astream(frame, "Describe.", max_new_tokens=12):
+            early.append(p)
+            break  # leaving the loop cancels the worker at the next token and frees the Pipeline
+        after = await pipe.agenerate(frame, "Describe.", max_new_tokens=12)
+        return a, b, pieces, early, after
+
+    a, b, pieces, early, after = asyncio.run(main())
+    assert a.token_ids == want.token_ids and len(b.token_ids) <= 3
+    assert "".join(pieces) == want.text and early == pieces[:1]
+    assert after.token_ids == want.token_ids
