@@ -284,6 +284,12 @@ class Pipeline:
             cancel.set()  # a consumer that stops early frees the Pipeline at the next token
             await worker
 
+    def session(self, image=None, *, system: str | None = None):
+        """A multi-turn conversation about ``image`` that keeps its KV prefix (:class:`~edgevlm.runtime.session.Session`)."""
+        from .session import Session
+
+        return Session(self, image, system=system)
+
     # ---- structured answers (runtime/structured.py) ------------------------------------------
     def detect(self, image, phrase: str, **kwargs):
         """Boxes of ``phrase`` in one frame, in its pixels: a :class:`~edgevlm.runtime.structured.Grounding`."""

@@ -127,3 +127,18 @@ def test_asyncio_generate_and_stream(pipe):
     assert a.token_ids == want.token_ids and len(b.token_ids) <= 3
     assert "".join(pieces) == want.text and early == pieces[:1]
     assert after.token_ids == want.token_ids
+
+
+def test_session_keeps_the_image_prefix_and_matches_from_scratch(pipe):
+    frame = _frames(1, seed=21)[0]
+    chat = pipe.session(frame, system="Be brief.")
+    first = chat.ask("What is on the table?", max_new_tokens=6)
+    second = chat.ask("Which one is closest?", max_new_tokens=6)
+    assert second.cached_tokens > first.visual_tokens  # the image and the first turn were reused
+    assert second.timings["vision"] < 1.0 and len(chat.messages) == 4
+    assert chat.messages[0]["content"][0] == {"type": "image"}
+    fresh = edgevlm.load("tiny", quant="none")  # the same history computed from scratch
+    again = fresh.generate(frame, chat.messages[:3], system="Be brief.", max_new_tokens=6)
+    assert again.token_ids == second.token_ids and again.cached_tokens == 0
+    with pytest.raises(PromptError, match="non-empty"):
+        chat.ask("  ")
