@@ -242,9 +242,11 @@ class Pipeline:
 
     def generate_many(self, images: Sequence, prompt, **kwargs) -> list[GenerateOutput]:
         """The same prompt about each frame of a batch: one [frames] tower batch (all views of all frames
-        through each encoder together), then one answer per frame, in order. Decoding is per frame."""
+        through each encoder together), then one answer per frame, in order. Decoding is per frame.
+        The batch reaches the answers through the tower's embedding cache; with that cache off
+        (``embedding_cache_bytes=0``) each frame is simply answered in turn."""
         frames = list(images)
-        if frames and self.tower is not None:
+        if frames and self.tower is not None and self.tower.embedding_cache.enabled:
             self.tower.embed_each(frames)  # one batched tower call; the answers below hit its embedding cache
         return [self.generate(f, prompt, **kwargs) for f in frames]
 
