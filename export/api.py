@@ -185,12 +185,13 @@ def export_tower(source: Any, *, out: str | Path, to: str = "onnx", precision: s
 
 
 def open_export(folder: str | Path, *, backend: str, model: VisionTowerModel | None = None,
-                threads: int | None = None, providers: tuple[str, ...] | None = None):
+                threads: int | None = None, providers: tuple[str, ...] | None = None, digest: str | None = None):
     """Check an export folder and return a runner ``(views, masks=None) -> embeddings``.
 
     With ``model`` (the tower the runtime loaded), the export must have been made from the same
     weights (:class:`~edgevlm.errors.StaleExportError` otherwise). A TensorRT engine must match this
     GPU and TensorRT version. Files are re-hashed (:class:`~edgevlm.errors.CorruptExportError`).
+    ``digest`` is ``tower_digest(model)`` when the caller has it already (hashing reads every weight).
     ``providers`` are ONNX Runtime execution providers in order of preference (default: the CPU's);
     one that is missing or fails to start raises :class:`~edgevlm.errors.BackendUnavailableError`.
     """
@@ -202,7 +203,7 @@ def open_export(folder: str | Path, *, backend: str, model: VisionTowerModel | N
         raise ConfigError(f"{folder} holds a {manifest.target!r} export; vision_backend={backend!r} needs "
                           f"--to {BACKENDS[backend]}")
     if model is not None:
-        check_source(manifest, tower_digest(model), folder)
+        check_source(manifest, digest or tower_digest(model), folder)
         if manifest.contract.tower_config() != model.config:
             raise StaleExportError(f"{folder}: exported for another tower configuration; re-export")
     if backend == "onnxruntime":
@@ -221,7 +222,7 @@ def cache_dir() -> Path:
 
 
 def cached_export(model: VisionTowerModel, *, backend: str, precision: str = "fp32", name: str = "",
-                  progress: bool = True) -> Path:
+                  progress: bool = True, digest: str | None = None) -> Path:
     """The export of ``model`` for ``backend`` under :func:`cache_dir`, made on first use.
 
     Keyed by the weights' digest, precision and (for TensorRT) GPU and TensorRT version, so a
@@ -230,7 +231,7 @@ def cached_export(model: VisionTowerModel, *, backend: str, precision: str = "fp
     target = BACKENDS.get(backend)
     if target is None:
         raise ConfigError(f"vision backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    key = f"{tower_digest(model)[:16]}-{target}-{precision}"
+    key = f"{(digest or tower_digest(model))[:16]}-{target}-{precision}"
     if target == "tensorrt":
         import hashlib
 

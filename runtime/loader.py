@@ -241,16 +241,18 @@ def _check_vision_backend(backend, folder, precision) -> None:
 
 def _use_exported_tower(pipe: Pipeline, backend: str, folder, precision: str, source) -> None:
     from edgevlm.export.api import cached_export, open_export
+    from edgevlm.export.manifest import tower_digest
 
     if pipe.tower is None:
         raise ConfigError(f"vision_backend={backend!r}, but model {pipe.name!r} has no vision tower")
     model = pipe.tower.model
+    digest = tower_digest(model)  # once: the cache key and the staleness check both need it
     if folder is None:
         name = str(source) if isinstance(source, (str, os.PathLike)) else pipe.name
-        folder = cached_export(model, backend=backend, precision=precision, name=name)
+        folder = cached_export(model, backend=backend, precision=precision, name=name, digest=digest)
     # On a CUDA device the ONNX Runtime tower runs on onnxruntime-gpu's CUDA provider, else on the CPU.
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if pipe.tower.device.type == "cuda" else None
-    runner, manifest = open_export(folder, backend=backend, model=model,
+    runner, manifest = open_export(folder, backend=backend, model=model, digest=digest,
                                    providers=providers if backend == "onnxruntime" else None)
     pipe.tower.use_runner(runner, backend)
     pipe.sources["vision_backend"] = f"{backend} {manifest.precision} ({folder})"
