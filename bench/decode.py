@@ -43,8 +43,10 @@ import edgevlm
 from edgevlm.config import DecoderConfig, QuantConfig
 from edgevlm.results import append_rows
 from edgevlm.runtime import quant as Q
+from edgevlm.limits import decoder_step_bytes, kv_bytes
 from edgevlm.runtime.decoder import LlamaDecoder
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
+from edgevlm.runtime.readers.hf_llama import to_transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fp32_peak, git_commit, read_bandwidth  # noqa: E402  (bench/common.py)
@@ -66,35 +68,6 @@ def smollm2_path() -> Path | None:
         return None
     p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return p if p.is_file() else None
-
-
-def hf_state(dec: LlamaDecoder) -> dict[str, torch.Tensor]:
-    """Our names -> transformers' LlamaForCausalLM names (same tensors, no copies)."""
-    ren = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn"}
-    out = {}
-    for k, v in dec.state_dict().items():
-        if k == "lm_head.weight":
-            out[k] = v
-            continue
-        parts = k.split(".")
-        out["model." + ".".join(ren.get(p, p) for p in parts)] = v
-    return out
-
-
-def hf_model(dec: LlamaDecoder):
-    import transformers
-
-    c = dec.cfg
-    cfg = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.intermediate,
-                                   num_hidden_layers=c.layers, num_attention_heads=c.heads,
-                                   num_key_value_heads=c.kv_heads, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                                   max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings)
-    m = transformers.LlamaForCausalLM(cfg)  # built on CPU (non-persistent buffers such as RoPE's are made here)
-    missing, unexpected = m.load_state_dict(hf_state(dec), assign=True, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    if c.tie_embeddings:
-        m.tie_weights()
-    return m.eval()
 
 
 def fresh_decoder(base: LlamaDecoder) -> LlamaDecoder:
@@ -155,7 +128,7 @@ print("RESULT" + json.dumps({"ttft_ms": t1 * 1e3, "decode_ms": (tn - t1) / (new 
 
 def time_ort(dec: LlamaDecoder, prompt: list[int], new: int, repeat: int, python: str, threads: int):
     with tempfile.TemporaryDirectory() as d:
-        hf_model(dec).save_pretrained(d)
+        to_transformers(dec).save_pretrained(d)
         r = subprocess.run([python, "-c", ORT_SCRIPT, d, json.dumps(prompt), str(new), str(repeat), str(threads)],
                            capture_output=True, text=True, timeout=1800)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
@@ -166,18 +139,6 @@ def time_ort(dec: LlamaDecoder, prompt: list[int], new: int, repeat: int, python
 
 # ---- bytes per token -----------------------------------------------------------------------------
 
-def weight_bytes(dec: LlamaDecoder) -> int:
-    """Bytes one decode step reads: every projection (packed or float), norms, one embedding row."""
-    n = 0
-    for mod in dec.modules():
-        if isinstance(mod, Q.QuantLinear):
-            n += mod.packed.nbytes
-        elif isinstance(mod, torch.nn.Linear):
-            n += mod.weight.numel() * mod.weight.element_size()
-    n += sum(p.numel() * p.element_size() for name, p in dec.named_parameters() if "norm" in name)
-    return n + dec.cfg.hidden * dec.embed_tokens.weight.element_size()
-
-
 def hf_weight_bytes(model) -> int:
     n = 0
     for mod in model.modules():
@@ -187,10 +148,6 @@ def hf_weight_bytes(model) -> int:
             w = mod.weight()
             n += w.numel() * w.element_size()
     return n
-
-
-def kv_bytes(cfg: DecoderConfig, position: float) -> int:
-    return int(2 * cfg.layers * cfg.kv_heads * cfg.head_dim * 4 * position)
 
 
 # ---- one model -----------------------------------------------------------------------------------
@@ -226,16 +183,16 @@ def bench_model(name: str, base: LlamaDecoder, prompt: list[int], args, common: 
         elif q is not None:
             Q.quantize_decoder(dec, q)
         ttft, dec_ms = time_edgevlm(dec, prompt, new, args.repeat)
-        rows.append(row(variant, ttft, dec_ms, weight_bytes(dec)))
+        rows.append(row(variant, ttft, dec_ms, decoder_step_bytes(dec)))
         print(_fmt(rows[-1]), flush=True)
         del dec
     for peer in peers:
         try:
             if peer.startswith("optimum"):
                 r = time_ort(base, prompt, new, args.repeat, args.ort_python, args.threads)
-                rows.append(row(peer, r["ttft_ms"], r["decode_ms"], weight_bytes(base), r["note"]))
+                rows.append(row(peer, r["ttft_ms"], r["decode_ms"], decoder_step_bytes(base), r["note"]))
             else:
-                model = hf_model(base)
+                model = to_transformers(base)
                 if "int8" in peer:
                     from torch.ao.quantization import quantize_dynamic
 

@@ -202,4 +202,37 @@ def read_llama_dir(path: str | os.PathLike) -> tuple[DecoderConfig, dict[str, to
         raise CheckpointError(f"{path}: {e}") from None
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "llama_from_hf", "read_llama_dir", "decoder_shapes"]
+def to_transformers(decoder):
+    """A float LlamaDecoder -> transformers' ``LlamaForCausalLM`` sharing its tensors (no copies), for
+    peers in benchmarks and parity checks. Plain RoPE only; quantised decoders have no float weights."""
+    import transformers
+
+    c = decoder.cfg
+    if c.rope_scaling != "none":
+        raise ConfigError(f"to_transformers maps plain RoPE only, not rope_scaling={c.rope_scaling!r}")
+    state = {}
+    for key, t in decoder.state_dict().items():
+        if key.startswith("layers."):
+            _, i, rest = key.split(".", 2)
+            if rest not in _LAYER_KEYS:
+                raise ConfigError(f"to_transformers: {key!r} has no transformers name (a quantised decoder?)")
+            state[f"model.layers.{i}.{_LAYER_KEYS[rest]}"] = t
+        else:
+            state[key if key == "lm_head.weight" else "model." + key] = t
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.intermediate, num_hidden_layers=c.layers,
+        num_attention_heads=c.heads, num_key_value_heads=c.kv_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
+        attention_bias="layers.0.attn.q_proj.bias" in decoder.state_dict(),
+        mlp_bias="layers.0.mlp.gate_proj.bias" in decoder.state_dict())
+    model = transformers.LlamaForCausalLM(hf_cfg)  # on CPU: non-persistent buffers (RoPE's) are made here
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ConfigError(f"to_transformers: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    if c.tie_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "llama_from_hf", "read_llama_dir", "decoder_shapes",
+           "to_transformers"]
