@@ -249,7 +249,7 @@ class LlamaDecoder(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, T]`` -> embeddings ``[B, T, D]`` (the caller may splice image embeddings in)."""
-        return self.embed_tokens(ids)
+        return self.embed_tokens(ids.to(self.embed_tokens.weight.device))
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, kv_int8: bool = False) -> KVCache:
         """A static KV cache for this decoder; ``kv_int8`` stores it as int8 (:class:`Int8KVCache`)."""
