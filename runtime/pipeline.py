@@ -48,7 +48,8 @@ class GenerateOutput:
     ``timings`` (milliseconds): ``decode_image`` (file/array decoding, content hashing), ``preprocess``
     (views), ``vision`` (encoders + connector; ~0 for images the tower remembers), ``prefill`` (forward
     of the positions not reused from the last call + first token = time to first token after the image
-    stages), ``decode_per_token`` (mean), ``total``.
+    stages), ``ttft`` (the call to its first token: every stage before it, tokenisation included),
+    ``decode_per_token`` (mean), ``total``.
     """
 
     text: str
@@ -151,9 +152,10 @@ class Pipeline:
     def stream(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
                system: str | None = None, deadline_s: float | None = None,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        """Yield the answer's text pieces as they are decoded. After the loop, ``pipe.last_output``
-        holds the full :class:`GenerateOutput` (ids, timings, stop reason).
+               cancel: threading.Event | None = None) -> "TextStream":
+        """Yield the answer's text pieces as they are decoded. After the loop the returned stream's
+        ``output`` holds this call's :class:`GenerateOutput` (ids, timings, stop reason), whichever thread
+        called last; ``pipe.last_output`` holds the latest call's.
 
         ``deadline_s``: a latency budget in seconds from the call; decoding stops at the first token
         boundary past it (``stop_reason="deadline"``; the image stages and prefill always complete).
@@ -162,13 +164,14 @@ class Pipeline:
         consistent for a follow-up.
         """
         _check_deadline(deadline_s)
-        return self._stream(image, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                                top_p=top_p, seed=seed), stop, raw, system, deadline_s, cancel,
-                            sink=None)
+        sink: list[GenerateOutput] = []
+        return TextStream(self._stream(image, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                           top_k=top_k, top_p=top_p, seed=seed),
+                                       stop, raw, system, deadline_s, cancel, sink=sink), sink)
 
     def _stream(self, image, prompt, sampling: dict, stop: Sequence[str], raw: bool, system: str | None,
                 deadline_s: float | None, cancel: threading.Event | None, sink: list | None) -> Iterator[str]:
-        # The output goes to ``self.last_output`` and, for generate(), into ``sink`` under the lock, so a
+        # The output goes to ``self.last_output`` and into ``sink`` (the caller's) under the lock, so a
         # caller never reads another thread's answer.
         with self._lock:
             t_start = time.perf_counter()
@@ -186,6 +189,7 @@ class Pipeline:
             stopped = False
             interrupted = ""  # "deadline" | "cancelled"
             t_end = t_start + deadline_s if deadline_s is not None else None
+            t_ready = time.perf_counter()  # image stages, tokenisation and embedding done; prefill is next
             try:
                 vocab = self.tokenizer.vocab_size
                 for tok in tokens:
@@ -214,7 +218,8 @@ class Pipeline:
                 # what the cache now holds: the prompt, then the answer tokens that were fed back
                 self._cache_keys = (keys + list(tokens.tokens))[:cache.length]
                 s = tokens.stats
-                timings.update({"prefill": s.prefill_ms, "decode_per_token": s.mean_decode_ms,
+                timings.update({"prefill": s.prefill_ms, "ttft": (t_ready - t_start) * 1e3 + s.prefill_ms,
+                                "decode_per_token": s.mean_decode_ms,
                                 "total": (time.perf_counter() - t_start) * 1e3})
                 self.last_output = GenerateOutput(
                     text="".join(parts), token_ids=list(tokens.tokens), timings=timings,
@@ -341,6 +346,28 @@ class Pipeline:
         return out
 
 
+class TextStream:
+    """What :meth:`Pipeline.stream` returns: iterate it for the answer's text pieces; ``output`` is this
+    call's :class:`GenerateOutput` once the iteration has ended or been closed (None before)."""
+
+    def __init__(self, pieces: Iterator[str], sink: list[GenerateOutput]) -> None:
+        self._pieces, self._sink = pieces, sink
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop decoding now (the KV cache stays consistent, ``output`` is filled)."""
+        self._pieces.close()
+
+    @property
+    def output(self) -> GenerateOutput | None:
+        return self._sink[0] if self._sink else None
+
+
 def _check_deadline(deadline_s) -> None:
     if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):
         raise PromptError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
@@ -381,4 +408,4 @@ def backends() -> dict[str, str]:
     return out
 
 
-__all__ = ["Pipeline", "GenerateOutput", "backends"]
+__all__ = ["Pipeline", "GenerateOutput", "TextStream", "backends"]

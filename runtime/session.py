@@ -15,6 +15,7 @@ scratch, with the same answer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from edgevlm.errors import PromptError
@@ -30,16 +31,34 @@ class Session:
 
     def ask(self, text: str, **gen):
         """One user turn -> its :class:`~edgevlm.runtime.pipeline.GenerateOutput` (the answer joins the history)."""
+        turn = self._turn(text)
+        out = self.pipe.generate(self.image, self.messages + [turn], system=self.system, **gen)
+        self._record(turn, out)
+        return out
+
+    def stream(self, text: str, **gen) -> Iterator[str]:
+        """:meth:`ask`, yielding the answer's text pieces as they decode. The answer joins the history
+        when the stream ends, also when the caller stops early (then with the text so far)."""
+        turn = self._turn(text)
+        pieces = self.pipe.stream(self.image, self.messages + [turn], system=self.system, **gen)
+        try:
+            yield from pieces
+        finally:
+            pieces.close()
+            if pieces.output is not None:
+                self._record(turn, pieces.output)
+
+    def _turn(self, text: str) -> dict[str, Any]:
         if not isinstance(text, str) or not text.strip():
             raise PromptError("a session turn needs non-empty text")
         content: Any = text
         if not self.messages and self.image is not None:  # the image belongs to the first user turn
             content = [{"type": "image"}, {"type": "text", "text": text}]
-        turn = {"role": "user", "content": content}
-        out = self.pipe.generate(self.image, self.messages + [turn], system=self.system, **gen)
+        return {"role": "user", "content": content}
+
+    def _record(self, turn: dict[str, Any], out) -> None:
         self.messages += [turn, {"role": "assistant", "content": out.text}]
         self.outputs.append(out)
-        return out
 
     def reset(self) -> None:
         """Forget the history (the image stays)."""

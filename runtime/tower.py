@@ -166,7 +166,8 @@ class VisionTower:
         self.keep_scorer = scorer
         self.embedding_cache.clear()  # cached embeddings were made with the previous setting
 
-    def _kept_cells(self, views: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def kept_cells(self, views: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The fused-grid cells token dropping keeps for ``views`` (``[n_views, K]``), None when it is off."""
         if self.keep_ratio >= 1.0:
             return None
         n = next(iter(views.values())).shape[0]
@@ -208,7 +209,7 @@ class VisionTower:
         views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
         if masks is not None:
             masks = {k: v.to(self.device) for k, v in masks.items()}
-        cells = self._kept_cells(views)
+        cells = self.kept_cells(views)
         out = self.runner(views, masks) if cells is None else self.model(views, masks, cells=cells)
         if out.device != self.device or out.dtype != self.dtype:  # an engine's output lives where it runs
             out = out.to(self.device, self.dtype)
