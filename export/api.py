@@ -12,7 +12,6 @@ after validation passed, so a failed or interrupted export leaves nothing behind
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from edgevlm.errors import ConfigError, ExportError, StaleExportError
+from edgevlm.progress import Stages
 from edgevlm.runtime.tower import VisionTowerModel, build_tower_model, resolve_tower_source
 
 from .contract import OUTPUT_NAME, ExportContract, check_precision
@@ -77,7 +77,7 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
         from .tensorrt import device_key
 
         device = device_key()
-    stages = _Stages(names, f"export {source_name or 'tower'}", progress)
+    stages = Stages(names, f"export {source_name or 'tower'}", progress)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,24 +146,6 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
         stages.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
-
-
-class _Stages:
-    """A progress bar over named stages: ``with stages("name"): ...`` shows the name, then advances."""
-
-    def __init__(self, names: list[str], desc: str, enabled: bool):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=len(names), desc=desc, unit="step", disable=not enabled)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self.bar.set_postfix_str(name)
-        yield
-        self.bar.update()
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def export_tower(source: Any, *, out: str | Path, to: str = "onnx", precision: str = "fp32", **kw) -> Manifest:

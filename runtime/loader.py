@@ -161,7 +161,7 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
          max_image_pixels: int | None = None, seed: int = 0, reuse_prefix: bool = True,
          embedding_cache_bytes: int = 64 << 20, kv_cache: str = "float", vision_backend: str = "torch",
          vision_export: str | os.PathLike | None = None, vision_precision: str = "fp32",
-         keep_ratio: float = 1.0, keep_mode: str = "uniform") -> Pipeline:
+         keep_ratio: float = 1.0, keep_mode: str = "uniform", progress: bool | None = None) -> Pipeline:
     """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
     (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
 
@@ -189,17 +189,60 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
     ``keep_ratio`` < 1 turns on token dropping for SPHINX-fusion towers: the ViTs see only the patches
     under that share of the fused grid's cells (``keep_mode`` ``"uniform"`` or ``"random"``), and the
     decoder gets that many fewer visual positions (:meth:`VisionTower.set_token_keep`).
+
+    ``progress``: True draws a bar over the loading stages on stderr (the CLI's default), False draws
+    nothing, None (default) draws one only for an export made on first use (that takes minutes).
     """
+    from edgevlm.progress import Stages
+
     _check_vision_backend(vision_backend, vision_export, vision_precision)
     if kv_cache not in ("float", "int8"):
         raise ConfigError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
     if embedding_cache_bytes < 0:
         raise ConfigError(f"embedding_cache_bytes must be >= 0, got {embedding_cache_bytes}")
     qcfg = _quant_config(quant)  # bad names fail before any weights are read
-    # With quantisation ahead, LoRA stays unmerged (see lora.LoRASide) and is attached afterwards.
-    pipe, native, lora = _load(source, device, dtype, preprocess_backend=preprocess_backend,
-                               max_context=max_context, max_image_pixels=max_image_pixels, seed=seed,
-                               merge_lora=qcfg is None and quant != "auto")
+    names = ["read weights", "quantize decoder"] + (["vision export"] if vision_backend != "torch" else [])
+    stages = Stages(names, "load", bool(progress))
+    try:
+        with stages("read weights"):
+            # With quantisation ahead, LoRA stays unmerged (see lora.LoRASide) and is attached afterwards.
+            pipe, native, lora = _load(source, device, dtype, preprocess_backend=preprocess_backend,
+                                       max_context=max_context, max_image_pixels=max_image_pixels, seed=seed,
+                                       merge_lora=qcfg is None and quant != "auto")
+        with stages("quantize decoder"):
+            _quantize(pipe, qcfg, quant, native, lora)
+        pipe.reuse_prefix = bool(reuse_prefix)
+        pipe.kv_int8 = kv_cache == "int8"
+        if pipe.tower is not None:
+            pipe.tower.embedding_cache = EmbeddingCache(embedding_cache_bytes)
+        if vision_backend != "torch":
+            with stages("vision export"):
+                _use_exported_tower(pipe, vision_backend, vision_export, vision_precision, source,
+                                    progress is not False)
+    finally:
+        stages.close()
+    if keep_ratio != 1.0 or keep_mode != "uniform":
+        if pipe.tower is None:
+            raise ConfigError(f"keep_ratio={keep_ratio}, but model {pipe.name!r} has no vision tower")
+        pipe.tower.set_token_keep(keep_ratio, keep_mode)
+    return pipe
+
+
+def _quantize(pipe: Pipeline, qcfg: QuantConfig | None, quant, native, lora) -> None:
+    """Quantise the decoder as ``quant`` asks, then put the LoRA factors back beside or into it. On a
+    CUDA device with Triton, int4 goes to the Triton GEMV kernel's layout (:mod:`edgevlm.kernels.int4_gemv`);
+    elsewhere off the CPU, QuantLinear dequantises per call (correct, not fast)."""
+    from edgevlm.kernels.triton_support import kernel_backend
+
+    if (qcfg is not None and qcfg.scheme == "int4" and pipe.decoder.device.type == "cuda"
+            and kernel_backend() == "triton"):
+        from edgevlm.kernels.int4_gemv import swap_linears_for_triton
+
+        if lora is not None:  # the kernel has no LoRA side path: fold the factors in before quantising
+            n = merge_lora_weights(pipe.decoder, *lora)
+            pipe.sources["decoder"] += f" + LoRA r={lora[1].rank} merged into {n} layers"
+        swap_linears_for_triton(pipe.decoder, qcfg.group)
+        return
     quantized = qcfg is not None or (quant == "auto" and native is not None)
     if qcfg is not None:
         quantize_decoder(pipe.decoder, qcfg)
@@ -212,17 +255,6 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
         else:  # nothing was quantised after all (auto on float weights): merge, as without quant
             n = merge_lora_weights(pipe.decoder, *lora)
             pipe.sources["decoder"] += f" + LoRA r={lora[1].rank} merged into {n} layers"
-    pipe.reuse_prefix = bool(reuse_prefix)
-    pipe.kv_int8 = kv_cache == "int8"
-    if pipe.tower is not None:
-        pipe.tower.embedding_cache = EmbeddingCache(embedding_cache_bytes)
-    if vision_backend != "torch":
-        _use_exported_tower(pipe, vision_backend, vision_export, vision_precision, source)
-    if keep_ratio != 1.0 or keep_mode != "uniform":
-        if pipe.tower is None:
-            raise ConfigError(f"keep_ratio={keep_ratio}, but model {pipe.name!r} has no vision tower")
-        pipe.tower.set_token_keep(keep_ratio, keep_mode)
-    return pipe
 
 
 VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -239,7 +271,7 @@ def _check_vision_backend(backend, folder, precision) -> None:
     check_precision(precision)
 
 
-def _use_exported_tower(pipe: Pipeline, backend: str, folder, precision: str, source) -> None:
+def _use_exported_tower(pipe: Pipeline, backend: str, folder, precision: str, source, progress: bool) -> None:
     from edgevlm.export.api import cached_export, open_export
     from edgevlm.export.manifest import tower_digest
 
@@ -249,7 +281,8 @@ def _use_exported_tower(pipe: Pipeline, backend: str, folder, precision: str, so
     digest = tower_digest(model)  # once: the cache key and the staleness check both need it
     if folder is None:
         name = str(source) if isinstance(source, (str, os.PathLike)) else pipe.name
-        folder = cached_export(model, backend=backend, precision=precision, name=name, digest=digest)
+        folder = cached_export(model, backend=backend, precision=precision, name=name, digest=digest,
+                               progress=progress)
     # On a CUDA device the ONNX Runtime tower runs on onnxruntime-gpu's CUDA provider, else on the CPU.
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if pipe.tower.device.type == "cuda" else None
     runner, manifest = open_export(folder, backend=backend, model=model, digest=digest,

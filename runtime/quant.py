@@ -489,6 +489,10 @@ def summary(decoder: nn.Module) -> dict:
             for src in mod.part_sources if isinstance(mod, FusedQuantLinear) else [mod.source]:
                 schemes[src] = schemes.get(src, 0) + 1
             nbytes += mod.packed.nbytes
+        elif hasattr(mod, "weight4"):  # kernels.int4_gemv.TritonInt4Linear, the GPU's int4 layout
+            key = f"int4-g{mod.group} (triton)"
+            schemes[key] = schemes.get(key, 0) + 1
+            nbytes += mod.weight4.nbytes
         elif isinstance(mod, nn.Linear):
             floats += 1
     return {"schemes": schemes, "float_linears": floats, "quantized_bytes": nbytes}
@@ -501,7 +505,8 @@ def describe(decoder: nn.Module) -> str:
         return f"none ({str(decoder.dtype).replace('torch.', '')})"
     parts = ", ".join(f"{k} x{v}" for k, v in s["schemes"].items())
     extra = f", {s['float_linears']} float" if s["float_linears"] else ""
-    return f"{parts}{extra} ({s['quantized_bytes'] / 1e6:.1f} MB packed, kernels: {cpu_kernels()})"
+    kernels = "triton" if any(k.endswith("(triton)") for k in s["schemes"]) else cpu_kernels()
+    return f"{parts}{extra} ({s['quantized_bytes'] / 1e6:.1f} MB packed, kernels: {kernels})"
 
 
 __all__ = ["Packed", "QuantLinear", "FusedQuantLinear", "QuantSlice", "kernel_threads", "quantize_int8", "quantize_int4", "from_gguf", "pack_int8_codes",
