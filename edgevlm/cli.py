@@ -1,14 +1,19 @@
-"""The ``edgevlm`` command line: ``run``, ``info``, ``demo``, ``export``, ``train ...``, ``eval``.
+"""The ``edgevlm`` command line: ``run``, ``chat``, ``export``, ``bench``, ``train ...``, ``eval``,
+``demo``, ``info``.
 
 Subcommands are small functions registered in :data:`COMMANDS`; each takes parsed arguments and
-returns an exit code. Errors that edgevlm raises on purpose print one line and exit with 2; anything
-else is a bug and keeps its traceback.
+returns an exit code. The flags mean the same everywhere: ``--model/-m`` picks the model (a preset,
+a checkpoint folder, a transformers folder or a ``.gguf`` file), ``--device``, ``--threads``, the
+vision-backend flags, and ``--json`` prints machine-readable output on stdout (progress bars, which go
+to stderr, are then off). Errors that edgevlm raises on purpose print one line and exit with 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 
@@ -27,16 +32,31 @@ def _fmt_bytes(n: float) -> str:
 
 def _timings_line(t: dict[str, float]) -> str:
     names = [("decode_image", "image decode"), ("preprocess", "preprocess"), ("vision", "vision tower"),
-             ("prefill", "prefill+1st token"), ("decode_per_token", "decode/token"), ("total", "total")]
+             ("prefill", "prefill+1st token"), ("ttft", "first token"), ("decode_per_token", "decode/token"),
+             ("total", "total")]
     return " | ".join(f"{label} {t[k]:.1f} ms" for k, label in names if k in t)
 
 
 def _load(args):
     import edgevlm
 
+    _set_threads(args)
     return edgevlm.load(args.model, device=args.device, dtype=args.dtype, preprocess_backend=args.preprocess,
                         max_context=args.max_context, quant=args.quant, kv_cache=args.kv_cache,
-                        **vision_kwargs(args))
+                        progress=not getattr(args, "json", False), **vision_kwargs(args))
+
+
+def _set_threads(args) -> None:
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _output_dict(out, pipe) -> dict:
+    return {"text": out.text, "token_ids": out.token_ids, "timings_ms": out.timings,
+            "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
+            "visual_tokens": out.visual_tokens, "stop_reason": out.stop_reason, "model": pipe.name}
 
 
 def vision_kwargs(args) -> dict:
@@ -63,18 +83,78 @@ def add_vision_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     pipe = _load(args)
     images = args.image or None
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, raw=args.raw, system=args.system, stop=tuple(args.stop))
+    kw = dict(_sampling(args), raw=args.raw, system=args.system)
     if args.json:
-        out = pipe.generate(images, args.prompt, **kw)
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "timings_ms": out.timings,
-                          "prompt_tokens": out.prompt_tokens, "visual_tokens": out.visual_tokens,
-                          "stop_reason": out.stop_reason, "model": pipe.name}, indent=2))
+        print(json.dumps(_output_dict(pipe.generate(images, args.prompt, **kw), pipe), indent=2))
         return 0
-    for piece in pipe.stream(images, args.prompt, **kw):
+    stream = pipe.stream(images, args.prompt, **kw)
+    for piece in stream:
         print(piece, end="", flush=True)
     print()
-    print(f"[{_timings_line(pipe.last_output.timings)}]", file=sys.stderr)
+    print(f"[{_timings_line(stream.output.timings)}]", file=sys.stderr)
+    return 0
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+CHAT_HELP = """commands: /image PATH  talk about another image (starts a new conversation)
+          /reset       forget the conversation (the image stays)
+          /history     show the conversation so far
+          /quit        leave (or Ctrl-D)"""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A multi-turn conversation about one image (or none) on stdin/stdout. Each turn reuses the KV
+    cache of the previous ones, so only the new question is prefilled."""
+    from edgevlm.errors import EdgeVLMError
+
+    pipe = _load(args)
+    interactive = sys.stdin.isatty() and not args.json
+    session = pipe.session(args.image, system=args.system)
+    if interactive:
+        print(f"edgevlm chat — {pipe.name}" + (f", image {args.image}" if args.image else ", no image"))
+        print(CHAT_HELP)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                break
+            if cmd == "/reset":
+                session.reset()
+            elif cmd == "/image" and arg.strip():
+                session = pipe.session(arg.strip(), system=args.system)
+            elif cmd == "/history":
+                print(json.dumps(session.messages, indent=2 if interactive else None, ensure_ascii=False))
+            else:
+                print(CHAT_HELP, file=sys.stderr)
+            continue
+        try:
+            if args.json:
+                out = session.ask(line, **_sampling(args))
+                print(json.dumps({"turn": len(session.outputs), "question": line, **_output_dict(out, pipe)}),
+                      flush=True)
+                continue
+            print("model> " if interactive else "", end="", flush=True)
+            for piece in session.stream(line, **_sampling(args)):
+                print(piece, end="", flush=True)
+            print()
+            out = session.outputs[-1]
+            reused = f", {out.cached_tokens} of {out.prompt_tokens} prompt positions reused" if out.cached_tokens else ""
+            print(f"[{_timings_line(out.timings)}{reused}]", file=sys.stderr)
+        except EdgeVLMError as e:  # a bad image path or an overlong conversation: say so, keep chatting
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 0
 
 
@@ -111,6 +191,7 @@ def _preset_summary(name: str) -> dict:
 def cmd_info(args: argparse.Namespace) -> int:
     from edgevlm.presets import PRESETS
 
+    args.model = args.model or args.model_positional or "demo"
     if args.model in PRESETS and not args.load:
         info = _preset_summary(args.model)
     else:
@@ -180,27 +261,27 @@ def _check_answer(text: str, expected, h: int, w: int) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default model end to end: a text question, bundled scenes, a digit, a real photo."""
-    import torch
-
     import edgevlm
     from edgevlm.runtime.image_io import load_image
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("edgevlm demo — model 'demo': DINOv2-S + EfficientNet-Lite0 -> SPHINX-style fusion -> SmolLM2-135M-Instruct")
-    pipe = edgevlm.load("demo", preprocess_backend=args.preprocess, quant=args.quant, **vision_kwargs(args))
+    _set_threads(args)
+    say = (lambda *a, **k: None) if args.json else print
+    say("edgevlm demo — model 'demo': DINOv2-S + EfficientNet-Lite0 -> SPHINX-style fusion -> SmolLM2-135M-Instruct")
+    pipe = edgevlm.load("demo", preprocess_backend=args.preprocess, quant=args.quant, progress=not args.json,
+                        **vision_kwargs(args))
     vision = pipe.info()["vision"]
-    print(f"  decoder:   {pipe.sources['decoder']}; quantization: {pipe.info()['decoder']['quantization']}")
+    say(f"  decoder:   {pipe.sources['decoder']}; quantization: {pipe.info()['decoder']['quantization']}")
     for e in vision["encoders"]:
-        print(f"  encoder:   {e['name']} <- {e['weights']}")
+        say(f"  encoder:   {e['name']} <- {e['weights']}")
     trained = vision["connector"]["weights"] == "checkpoint"
-    print(f"  connector: {pipe.sources.get('trained', 'random (not trained)') if trained else 'random (not trained)'}")
+    say(f"  connector: {pipe.sources.get('trained', 'random (not trained)') if trained else 'random (not trained)'}")
     if "vision_backend" in pipe.sources:
-        print(f"  vision:    {pipe.sources['vision_backend']}")
+        say(f"  vision:    {pipe.sources['vision_backend']}")
 
     question = "What is the capital of France?"
     out = pipe.generate(None, question, max_new_tokens=48)
-    print(f"\n[text] {question}\n  {out.text}\n  [{_timings_line(out.timings)}]")
+    say(f"\n[text] {question}\n  {out.text}\n  [{_timings_line(out.timings)}]")
+    records = [{"image": None, "question": question, "answer": out.text, "timings_ms": out.timings}]
 
     pipe.generate(_asset("scene_a.png"), "Warm-up.", max_new_tokens=1)  # first call pays for thread pools
     current, n_ok, n_checked = None, 0, 0
@@ -208,14 +289,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         img = load_image(_asset(name))
         if name != current:
             kind = "real photo" if name.endswith(".jpg") else "bundled example"
-            print(f"\n[{name}] {img.shape[1]}x{img.shape[0]} {kind}")
+            say(f"\n[{name}] {img.shape[1]}x{img.shape[0]} {kind}")
             current = name
         out = pipe.generate(img, q, max_new_tokens=80)
         verdict = _check_answer(out.text, expected, *img.shape[:2]) if trained else ""
         n_checked, n_ok = n_checked + (expected is not None), n_ok + ("✓" in verdict)
-        print(f"  Q: {q}\n  A: {out.text}{verdict}")
-        print(f"     [{_timings_line(out.timings)}]")
-    if trained:
+        say(f"  Q: {q}\n  A: {out.text}{verdict}")
+        say(f"     [{_timings_line(out.timings)}]")
+        records.append({"image": name, "question": q, "answer": out.text, "timings_ms": out.timings,
+                        "expected": list(expected) if isinstance(expected, tuple) else expected,
+                        "correct": ("✓" in verdict) if trained and expected is not None else None})
+    if args.json:
+        print(json.dumps({"model": "demo", "trained": trained, "sources": pipe.sources, "checked": n_checked,
+                          "correct": n_ok, "answers": records}, indent=2))
+    elif trained:
         print(f"\n{n_ok}/{n_checked} checked answers right. The demo model learnt from generated table-top scenes "
               "and digits only (held-out accuracy: README, 'Training the demo'); a real photo is outside what it "
               "was taught, and its boxes are not yet usable.")
@@ -225,14 +312,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench -----------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """End-to-end latency breakdowns per backend and precision -> rows in a CSV and a PNG plot."""
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+
+    import edgevlm
+    from edgevlm.latency import BenchRun, default_suite, run_suite
+    from edgevlm.limits import device_name, git_commit, module_version
+    from edgevlm.plot import draw_breakdown
+    from edgevlm.results import append_rows
+
+    _set_threads(args)
+    suite = default_suite(args.model, args.device, random_weights=args.random_weights, peer=not args.no_peer)
+    if args.only:
+        suite = [c for c in suite if any(o.lower() in c.label.lower() for o in args.only)]
+    if args.list or not suite:
+        for c in suite:
+            print(c.label)
+        if not suite:
+            print(f"edgevlm bench: no configuration matches --only {' '.join(args.only)}", file=sys.stderr)
+        return 0 if suite else 2
+    run = BenchRun(image=args.image or _asset("scene_a.png"), prompt=args.prompt, new_tokens=args.new_tokens,
+                   repeat=args.repeat, warmup=args.warmup, threads=args.threads)
+    rows = run_suite(suite, run, progress=not args.json)
+    stamp = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+             "device_name": device_name(args.device), "machine": platform.machine(), "cpus": os.cpu_count(),
+             "edgevlm": edgevlm.__version__, "torch": torch.__version__,
+             **{m: module_version(m) for m in ("onnxruntime", "triton", "tensorrt", "transformers")}}
+    rows = [{**stamp, **r} for r in rows]
+    if args.out:
+        append_rows(args.out, rows)
+    if args.plot:
+        title = (f"edgevlm bench: {args.model} on {stamp['device_name']}, {run.new_tokens} new tokens, "
+                 f"median of {run.repeat} (commit {stamp['commit']})")
+        draw_breakdown(rows, args.plot, title)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_bench(rows)
+    for what, path in (("rows", args.out), ("plot", args.plot)):
+        if path:
+            print(f"{what}: {path}")
+    return 0
+
+
+def _print_bench(rows: list[dict]) -> None:
+    def ms(r, k):
+        v = r.get(f"{k}_ms", "")
+        return f"{float(v):8.1f}" if v not in ("", None) else "       -"
+
+    print(f"{'configuration':<38} {'ttft':>8} {'tower':>8} {'proj':>8} {'prefill':>8} {'decode/tok':>11} "
+          f"{'bound':>6} {'peak RSS':>9}")
+    for r in rows:
+        if str(r.get("note", "")).startswith("failed"):
+            print(f"{r['label']:<38} {r['note']}")
+            continue
+        print(f"{r['label']:<38} {ms(r, 'ttft')} {ms(r, 'tower')} {ms(r, 'projector')} {ms(r, 'prefill')} "
+              f"{float(r['decode_token_ms']):8.2f} ms {float(r['decode_bound_ms']):6.2f} "
+              f"{float(r['rss_peak_mb']) / 1024:7.2f} GB")
+    print("times in ms (median); bound = a decode step's bytes at this machine's measured read bandwidth")
+
+
 QUANT_HELP = ("decoder weights: auto (a GGUF file keeps its own Q8_0/Q4_0/Q4_1 blocks), none (float), int8 "
               "(per channel), int4 (group 32), int4-g64, int4-g128, int8-g32 (default: auto)")
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}
+MODEL_HELP = "preset name, edgevlm checkpoint folder, transformers folder or .gguf file (default: demo)"
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system message")
+
+
+def _model_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    if model_flag:
+        p.add_argument("--model", "-m", default="demo", help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
     p.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
                    help="image preprocessing backend (default: auto = C++ when built)")
@@ -250,32 +417,57 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="answer a prompt about zero or more images")
     run.add_argument("prompt", help="the question or instruction")
     run.add_argument("--image", "-i", action="append", default=[], help="image file (repeat for several)")
-    run.add_argument("--model", "-m", default="demo",
-                     help="preset name, edgevlm checkpoint folder, transformers folder or .gguf file (default: demo)")
-    run.add_argument("--max-new-tokens", type=int, default=128)
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
-    run.add_argument("--system", default=None, help="system message")
+    _sampling_args(run)
     run.add_argument("--raw", action="store_true", help="send the prompt verbatim, without the chat template")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _model_args(run)
 
+    chat = sub.add_parser("chat", help="multi-turn conversation about an image (keeps its KV cache between turns)",
+                          description="Read questions from stdin, one per line, and stream the answers. Each turn "
+                          "prefills only its new tokens. " + CHAT_HELP.replace("\n          ", "; "))
+    chat.add_argument("--image", "-i", default=None, help="the image to talk about (default: none; /image PATH later)")
+    _sampling_args(chat)
+    chat.add_argument("--json", action="store_true", help="print one JSON object per turn (JSON lines), no streaming")
+    _model_args(chat)
+
     info = sub.add_parser("info", help="model components, parameter counts, memory, active backends")
-    info.add_argument("model", nargs="?", default="demo",
-                      help="preset name, edgevlm checkpoint folder, transformers folder or .gguf file (default: demo)")
+    info.add_argument("model_positional", nargs="?", default=None, metavar="MODEL", help="same as --model")
     info.add_argument("--load", action="store_true", help="load a preset's weights instead of sizing it from its config")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     _model_args(info)
+    info.set_defaults(model=None)
 
     demo = sub.add_parser("demo", help="run the embedded demo model on bundled real photos and a text question")
     demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
                       help="image preprocessing backend (default: auto = C++ when built)")
     demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     demo.add_argument("--quant", default="auto", help=QUANT_HELP)
+    demo.add_argument("--json", action="store_true", help="print every question, answer and timing as one JSON object")
     add_vision_args(demo)
+
+    bench = sub.add_parser("bench", help="end-to-end latency breakdown per backend and precision -> CSV + PNG",
+                           description="Run each configuration of the suite (eager / ONNX Runtime / TensorRT tower, "
+                           "float / int8 / int4 decoder, token dropping, transformers peer) in a fresh process; "
+                           "time image decode, preprocess, tower, projector, prefill, time to first token and "
+                           "per-token decode; record peak memory and this machine's bounds. Appends rows to --out "
+                           "and draws --plot.")
+    bench.add_argument("--model", "-m", default="demo", help="preset to time (default: demo)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--only", action="append", default=[], metavar="TEXT",
+                       help="run only configurations whose label contains TEXT (repeatable; --list shows labels)")
+    bench.add_argument("--list", action="store_true", help="print the suite's configurations and exit")
+    bench.add_argument("--image", default=None, help="image to run on (default: the bundled scene_a.png)")
+    bench.add_argument("--prompt", default="Describe the image briefly.")
+    bench.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run (default: 32)")
+    bench.add_argument("--repeat", type=int, default=5, help="timed runs per configuration; medians (default: 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    bench.add_argument("--random-weights", action="store_true",
+                       help="same shapes, random values: for machines without the weight packages (times only)")
+    bench.add_argument("--no-peer", action="store_true", help="leave out the transformers decoder peer")
+    bench.add_argument("--out", default="bench/results/e2e.csv", help="append rows to this CSV ('' = none)")
+    bench.add_argument("--plot", default="bench/results/e2e.png", help="draw the breakdown to this PNG ('' = none)")
+    bench.add_argument("--json", action="store_true", help="print the rows as JSON (and no progress bar)")
 
     from edgevlm.export.cli import add_parser as add_export
     from edgevlm.train.cli import add_parsers  # `train ...` and `eval`

@@ -11,6 +11,7 @@ from .contract import PRECISIONS, TARGETS
 def cmd_export(args: argparse.Namespace) -> int:
     from .api import export_tower
 
+    args.source = args.model or args.source or "demo"
     m = export_tower(args.source, out=args.out, to=args.to, precision=args.precision, max_images=args.max_images,
                      calib_dir=args.calib_dir, calib_images=args.calib_images, opset=args.opset,
                      overwrite=args.force, workspace_mb=args.workspace_mb, dla_core=args.dla_core,
@@ -42,7 +43,9 @@ def add_parser(sub) -> None:
                        description="Export the vision tower and projector (every encoder, the fusion, Q-Former or "
                        "resampler) as one graph with a dynamic number of views, validate it against eager "
                        "PyTorch on real images, and write it with a manifest.json to --out.")
-    p.add_argument("source", help="preset name, edgevlm checkpoint folder or transformers LLaVA / BLIP-2 folder")
+    p.add_argument("source", nargs="?", default=None, metavar="MODEL",
+                   help="preset name, edgevlm checkpoint folder or transformers LLaVA / BLIP-2 folder (default: demo)")
+    p.add_argument("--model", "-m", default=None, help="same as MODEL")
     p.add_argument("--to", default="onnx", choices=TARGETS, help="onnx (ONNX Runtime) or tensorrt (needs a GPU)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32; fp16; int8 = static quantization calibrated on real images (default: fp32)")
