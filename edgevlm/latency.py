@@ -222,6 +222,7 @@ def prefill_flops(dcfg, tokens: int) -> int:
 
 def measure(cfg: BenchConfig, run: BenchRun) -> dict:
     """Time one configuration in this process; -> a result row (see the module docstring)."""
+    from edgevlm.kernels.triton_support import kernel_backend
     from edgevlm.limits import count_flops, decoder_step_bytes, kv_bytes, matmul_peak, ort_fp32_peak, read_bandwidth
     from edgevlm.runtime.generate import GenerationConfig, generate_tokens
     from edgevlm.runtime.image_io import load_image
@@ -315,7 +316,7 @@ def measure(cfg: BenchConfig, run: BenchRun) -> dict:
            "tower_bound_ms": round(tower_flops / peak / 1e6, 3),
            "prefill_bound_ms": round(prefill_flops(dec.cfg, n_prompt) / peak / 1e6, 3),
            "decode_bound_ms": round(step_bytes / bandwidth / 1e6, 3),
-           "vision_runs_on": tower.backend, "note": ""}
+           "vision_runs_on": tower.backend, "vision_kernels": kernel_backend(), "note": ""}
     if cfg.peer:
         for k in ("decode_image_ms", "preprocess_ms", "tower_ms", "projector_ms", "ttft_ms", "tower_gflop",
                   "tower_bound_ms", "visual_tokens"):

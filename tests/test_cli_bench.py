@@ -136,10 +136,10 @@ def test_cli_chat_streams_and_reuses_the_kv_prefix(monkeypatch, capsys):
     assert err.count("first token") == 2 and "prompt positions reused" in err
 
 
-@pytest.mark.parametrize("command", ["run", "chat", "info", "bench", "export", "eval"])
+@pytest.mark.parametrize("command", ["run", "chat", "info", "bench", "export", "eval", "train stage1"])
 def test_model_and_json_flags_mean_the_same_everywhere(command):
-    extra = {"run": ["hi"], "export": ["--out", "x"]}.get(command, [])
-    args, rest = build_parser().parse_known_args([command, *extra, "--model", "tiny", "--json"])
+    extra = {"run": ["hi"], "export": ["--out", "x"], "train stage1": ["--out", "x"]}.get(command, [])
+    args, rest = build_parser().parse_known_args([*command.split(), *extra, "-m", "tiny", "--json"])
     assert not rest and args.model == "tiny" and args.json
 
 

@@ -75,12 +75,17 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     cache = out / "features.safetensors"  # frozen-encoder outputs, shared by both stages
-    s1 = run_stage({**DEMO_STAGE1, **_overrides(args)}, out / "stage1", threads=args.threads, feature_cache=cache)
+    s1 = run_stage({**DEMO_STAGE1, **_overrides(args)}, out / "stage1", threads=args.threads, feature_cache=cache,
+                   progress=not args.json)
     s2 = run_stage({**DEMO_STAGE2, **_overrides(args)}, out / "stage2", init=s1, threads=args.threads,
-                   feature_cache=cache)
+                   feature_cache=cache, progress=not args.json)
     minutes = (time.perf_counter() - t0) / 60
-    print(f"trained in {minutes:.1f} min -> {s2}")
-    print(f"ship it: cp {s2}/model.safetensors edgevlm/assets/demo/model.safetensors")
+    if args.json:
+        print(json.dumps({"checkpoint": str(s2), "minutes": round(minutes, 2),
+                          "logs": [str(out / stage / "log.json") for stage in ("stage1", "stage2")]}, indent=2))
+    else:
+        print(f"trained in {minutes:.1f} min -> {s2}")
+        print(f"ship it: cp {s2}/model.safetensors edgevlm/assets/demo/model.safetensors")
     if args.csv:
         logs = [json.loads((out / stage / "log.json").read_text()) for stage in ("stage1", "stage2")]
         _append_row(Path(args.csv), {
@@ -99,8 +104,11 @@ def cmd_stage(args) -> int:
     kw = dict(DEMO_STAGE1 if args.command == "stage1" else DEMO_STAGE2)
     kw.update(_overrides(args))
     ckpt = run_stage(kw, Path(args.out), model=args.model, init=Path(args.init) if args.init else None,
-                     threads=args.threads)
-    print(f"checkpoint: {ckpt}")
+                     threads=args.threads, progress=not args.json)
+    if args.json:
+        print(json.dumps({"checkpoint": str(ckpt), "log": str(Path(args.out) / "log.json")}, indent=2))
+    else:
+        print(f"checkpoint: {ckpt}")
     return 0
 
 
@@ -212,6 +220,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=None, help="LoRA rank (0: no LoRA)")
     p.add_argument("--seed", type=int, default=None,
                    help="training seed: initialisation and batch order (default: 0; the data keep theirs)")
+    p.add_argument("--json", action="store_true", help="print the checkpoint and log paths as JSON (no progress bar)")
 
 
 def add_parsers(sub) -> None:
@@ -226,7 +235,7 @@ def add_parsers(sub) -> None:
                        ("stage2", "instruction tuning on all tasks (connector + LoRA)")):
         p = tsub.add_parser(name, help=what)
         _add_train_args(p)
-        p.add_argument("--model", default="demo", help="preset to train (default: demo)")
+        p.add_argument("--model", "-m", default="demo", help="preset to train (default: demo)")
         p.add_argument("--init", default=None, help="checkpoint folder to start from (e.g. stage 1's)")
         p.set_defaults(func=cmd_stage, command=name)
     for name, module, what in (("qformer", "qformer_pretrain", "BLIP-2 Q-Former pre-training (ITC, ITM, ITG)"),
@@ -237,7 +246,7 @@ def add_parsers(sub) -> None:
         p.set_defaults(func=_delegate(module), delegate=True)
 
     ev = sub.add_parser("eval", help="held-out metrics of a model (scenes, digits) and its text perplexity")
-    ev.add_argument("--model", default="demo", help="preset, checkpoint folder, ... (default: demo)")
+    ev.add_argument("--model", "-m", default="demo", help="preset, checkpoint folder, ... (default: demo)")
     ev.add_argument("--n-scenes", type=int, default=DEMO_EVAL["n_scenes"])
     ev.add_argument("--n-digits", type=int, default=DEMO_EVAL["n_digits"])
     ev.add_argument("--seed", type=int, default=DEMO_EVAL["seed"])
