@@ -430,21 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true", help="print one JSON object per turn (JSON lines), no streaming")
     _model_args(chat)
 
-    info = sub.add_parser("info", help="model components, parameter counts, memory, active backends")
-    info.add_argument("model_positional", nargs="?", default=None, metavar="MODEL", help="same as --model")
-    info.add_argument("--load", action="store_true", help="load a preset's weights instead of sizing it from its config")
-    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    _model_args(info)
-    info.set_defaults(model=None)
+    from edgevlm.export.cli import add_parser as add_export
+    from edgevlm.train.cli import add_parsers  # `train ...` and `eval`
 
-    demo = sub.add_parser("demo", help="run the embedded demo model on bundled real photos and a text question")
-    demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
-                      help="image preprocessing backend (default: auto = C++ when built)")
-    demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    demo.add_argument("--quant", default="auto", help=QUANT_HELP)
-    demo.add_argument("--json", action="store_true", help="print every question, answer and timing as one JSON object")
-    add_vision_args(demo)
-
+    add_export(sub)
     bench = sub.add_parser("bench", help="end-to-end latency breakdown per backend and precision -> CSV + PNG",
                            description="Run each configuration of the suite (eager / ONNX Runtime / TensorRT tower, "
                            "float / int8 / int4 decoder, token dropping, transformers peer) in a fresh process; "
@@ -469,11 +458,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default="bench/results/e2e.png", help="draw the breakdown to this PNG ('' = none)")
     bench.add_argument("--json", action="store_true", help="print the rows as JSON (and no progress bar)")
 
-    from edgevlm.export.cli import add_parser as add_export
-    from edgevlm.train.cli import add_parsers  # `train ...` and `eval`
+    add_parsers(sub)  # train ..., eval
 
-    add_export(sub)
-    add_parsers(sub)
+    demo = sub.add_parser("demo", help="run the embedded demo model on bundled real photos and a text question")
+    demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
+                      help="image preprocessing backend (default: auto = C++ when built)")
+    demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--quant", default="auto", help=QUANT_HELP)
+    demo.add_argument("--json", action="store_true", help="print every question, answer and timing as one JSON object")
+    add_vision_args(demo)
+
+    info = sub.add_parser("info", help="model components, parameter counts, memory, active backends")
+    info.add_argument("model_positional", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    info.add_argument("--load", action="store_true", help="load a preset's weights instead of sizing it from its config")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _model_args(info)
+    info.set_defaults(model=None)
+
     return p
 
 
