@@ -110,21 +110,23 @@ CHAT_HELP = """commands: /image PATH  talk about another image (starts a new con
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """A multi-turn conversation about one image (or none) on stdin/stdout. Each turn reuses the KV
-    cache of the previous ones, so only the new question is prefilled."""
+    cache of the previous ones, so only the new question is prefilled. Ctrl-C stops the answer being
+    written (it stays in the history as far as it got); Ctrl-C or Ctrl-D at the prompt leaves."""
     from edgevlm.errors import EdgeVLMError
+    from edgevlm.runtime.image_io import load_image
 
     pipe = _load(args)
     interactive = sys.stdin.isatty() and not args.json
-    session = pipe.session(args.image, system=args.system)
+    # decoded once: a bad file fails here, not at the first question
+    session = pipe.session(load_image(args.image) if args.image else None, system=args.system)
     if interactive:
         print(f"edgevlm chat — {pipe.name}" + (f", image {args.image}" if args.image else ", no image"))
         print(CHAT_HELP)
     while True:
         try:
-            line = input("you> " if interactive else "")
-        except EOFError:
+            line = input("you> " if interactive else "").strip()
+        except (EOFError, KeyboardInterrupt):
             break
-        line = line.strip()
         if not line:
             continue
         if line.startswith("/"):
@@ -134,7 +136,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if cmd == "/reset":
                 session.reset()
             elif cmd == "/image" and arg.strip():
-                session = pipe.session(arg.strip(), system=args.system)
+                try:
+                    session = pipe.session(load_image(arg.strip()), system=args.system)
+                except EdgeVLMError as e:  # keep talking about the previous image
+                    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             elif cmd == "/history":
                 print(json.dumps(session.messages, indent=2 if interactive else None, ensure_ascii=False))
             else:
@@ -147,13 +152,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
                       flush=True)
                 continue
             print("model> " if interactive else "", end="", flush=True)
-            for piece in session.stream(line, **_sampling(args)):
-                print(piece, end="", flush=True)
+            turns = len(session.outputs)
+            try:
+                for piece in session.stream(line, **_sampling(args)):
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                print(" [stopped]", end="")
             print()
+            if len(session.outputs) == turns:  # stopped before the first token: nothing to report
+                continue
             out = session.outputs[-1]
             reused = f", {out.cached_tokens} of {out.prompt_tokens} prompt positions reused" if out.cached_tokens else ""
             print(f"[{_timings_line(out.timings)}{reused}]", file=sys.stderr)
-        except EdgeVLMError as e:  # a bad image path or an overlong conversation: say so, keep chatting
+        except EdgeVLMError as e:  # an overlong conversation, say: report it and keep chatting
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 0
 

@@ -123,10 +123,11 @@ def test_cli_chat_json_lines_keep_the_conversation(monkeypatch, capsys):
     assert main(["chat", "-m", "tiny", "-i", SCENE, "--max-new-tokens", "3", "--json"]) == 0
     captured = capsys.readouterr()
     turns = [json.loads(x) for x in captured.out.splitlines()]
-    assert [t["question"] for t in turns] == ["What is this?", "Again?", "Once more?"]
+    assert [t["question"] for t in turns] == ["What is this?", "And now?", "Again?", "Once more?"]
     assert "ImageDecodeError" in captured.err  # the bad image is reported and the chat goes on
     assert turns[0]["visual_tokens"] == 135 and turns[0]["cached_tokens"] == 0
-    assert turns[2]["turn"] == 1  # /reset started the history again
+    assert turns[1]["turn"] == 2 and turns[1]["cached_tokens"] > 135  # same image, the KV prefix reused
+    assert turns[2]["turn"] == 1 and turns[3]["turn"] == 1  # /image and /reset start the history again
 
 
 def test_cli_chat_streams_and_reuses_the_kv_prefix(monkeypatch, capsys):
