@@ -105,7 +105,8 @@ def _sampling(args) -> dict:
 CHAT_HELP = """commands: /image PATH  talk about another image (starts a new conversation)
           /reset       forget the conversation (the image stays)
           /history     show the conversation so far
-          /quit        leave (or Ctrl-D)"""
+          /quit        leave (or Ctrl-D)
+          Ctrl-C       stop the answer being written"""
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
