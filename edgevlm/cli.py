@@ -340,6 +340,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from edgevlm.results import append_rows
 
     _set_threads(args)
+    _check_bench_args(args)
     suite = default_suite(args.model, args.device, random_weights=args.random_weights, peer=not args.no_peer)
     if args.only:
         suite = [c for c in suite if any(o.lower() in c.label.lower() for o in args.only)]
@@ -371,6 +372,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if path:
             print(f"{what}: {path}")
     return 0
+
+
+def _check_bench_args(args) -> None:
+    """Refuse what would make every configuration fail, before minutes of child processes."""
+    import torch
+
+    from edgevlm.errors import BackendUnavailableError, ConfigError
+    from edgevlm.presets import PRESETS
+    from edgevlm.runtime.image_io import load_image
+
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU")
+    if args.random_weights and args.model not in PRESETS:
+        raise ConfigError(f"--random-weights takes a preset ({', '.join(PRESETS)}), not {args.model!r}")
+    if args.image:
+        load_image(args.image)  # a typed error now rather than one per configuration
 
 
 def _print_bench(rows: list[dict]) -> None:

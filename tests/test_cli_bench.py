@@ -116,6 +116,15 @@ def test_cli_bench_writes_rows_and_plot(tmp_path, capsys):
     assert main(["bench", "-m", "tiny", "--only", "nothing-like-this"]) == 2
 
 
+@pytest.mark.parametrize("argv, error", [
+    (["--image", "no/such.png"], "ImageDecodeError"),
+    (["-m", "some/folder", "--random-weights"], "ConfigError"),
+] + ([(["--device", "cuda"], "BackendUnavailableError")] if not torch.cuda.is_available() else []))
+def test_cli_bench_refuses_hopeless_runs_up_front(argv, error, capsys):
+    assert main(["bench", *argv, "--out", "", "--plot", ""]) == 2
+    assert error in capsys.readouterr().err
+
+
 def test_cli_chat_json_lines_keep_the_conversation(monkeypatch, capsys):
     lines = ["What is this?", "/image no/such/file.png", "And now?", f"/image {SCENE}", "Again?", "/reset",
              "Once more?", "/quit", "never read"]
