@@ -225,7 +225,25 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
         if pipe.tower is None:
             raise ConfigError(f"keep_ratio={keep_ratio}, but model {pipe.name!r} has no vision tower")
         pipe.tower.set_token_keep(keep_ratio, keep_mode)
+    release_freed_memory()
     return pipe
+
+
+def release_freed_memory() -> None:
+    """Hand memory that loading freed back to the operating system (glibc only; a no-op elsewhere).
+
+    Loading makes large short-lived buffers (a GGUF dequantised to fp32 before repacking, ONNX protobufs,
+    float weights replaced by packed ones). glibc keeps what they freed in its heap, so the process's
+    RSS stayed at the load peak: for the demo 1.23 GB after load, 0.70 GB after ``malloc_trim``."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        pass
 
 
 def _quantize(pipe: Pipeline, qcfg: QuantConfig | None, quant, native, lora) -> None:
