@@ -32,20 +32,47 @@ from .tower import _dtype, build_tower_model, VisionTower
 DECODER_PREFIX = "decoder."
 
 
-def _decoder_from_ref(ref: WeightsRef, dtype, device) -> tuple[LlamaDecoder, Any]:
+def _decoder_from_ref(ref: WeightsRef, dtype, device, gguf_blocks: bool = False) -> tuple[LlamaDecoder, Any]:
     """-> (decoder, GGUF model or None). GGUF files also carry the tokenizer, so keep the reader."""
     path = resolve_weights_path(ref) if ref.format == "gguf" else _ref_dir(ref)
     if ref.format == "gguf":
-        from .readers.gguf_reader import read_gguf
-
-        g = read_gguf(path)
-        return LlamaDecoder.from_state(g.config, g.state, dtype=dtype, device=device), g
+        return gguf_decoder(path, dtype, device, keep_blocks=gguf_blocks)
     if ref.format == "transformers":
         from .readers.hf_llama import read_llama_dir
 
         cfg, state = read_llama_dir(path)
         return LlamaDecoder.from_state(cfg, state, dtype=dtype, device=device), None
     raise CheckpointError(f"decoder weights format {ref.format!r} not supported; use 'gguf' or 'transformers'")
+
+
+def gguf_decoder(path: Path, dtype, device, *, keep_blocks: bool) -> tuple[LlamaDecoder, Any]:
+    """A GGUF file -> (decoder, its reader).
+
+    ``keep_blocks``: the projections stored as Q8_0 / Q4_0 / Q4_1 become quantised layers straight from
+    the file's blocks (:func:`~edgevlm.runtime.quant.quantize_decoder` with ``gguf_raw``) and are never
+    dequantised, so loading never holds their fp32 copy (SmolLM2-135M: 540 MB). Everything else (norms,
+    embeddings, other block types) is dequantised as usual. Without it, every tensor is dequantised
+    (for float decoding, or for requantising with another scheme)."""
+    from .quant import gguf_packable
+    from .readers.gguf_reader import dequantize, read_gguf
+
+    if not keep_blocks:
+        g = read_gguf(path)
+        return LlamaDecoder.from_state(g.config, g.state, dtype=dtype, device=device), g
+    g = read_gguf(path, dequantize_weights=False)
+    state = {}
+    for key, r in g.raw.items():
+        projection = key == "lm_head.weight" or key.endswith("_proj.weight")
+        if projection and gguf_packable(r.ggml_type, r.shape):  # replaced by quantize_decoder below
+            state[key] = torch.empty(r.shape, device="meta")
+        else:
+            state[key] = torch.from_numpy(dequantize(r.data, r.ggml_type, r.shape)).to(dtype)
+    decoder = LlamaDecoder.from_state(g.config, state)
+    quantize_decoder(decoder, gguf_raw=g.raw)
+    left = [n for n, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
+    if left:  # a projection the packer refused after all: an edgevlm bug, not a bad file
+        raise CheckpointError(f"{path}: GGUF layers {left[:3]} were neither packed nor dequantised")
+    return decoder.to(device=device), g
 
 
 def _ref_dir(ref: WeightsRef) -> Path:
@@ -94,9 +121,11 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
                        tokenizer_dir: Path | None, preprocess_backend: str, max_context: int, seed: int,
                        max_image_pixels: int | None = None,
                        tower_override: VisionTower | None = None,
-                       merge_lora: bool = True) -> tuple[Pipeline, dict | None, tuple | None]:
+                       merge_lora: bool = True,
+                       gguf_blocks: bool = False) -> tuple[Pipeline, dict | None, tuple | None]:
     """-> (pipeline, the GGUF file's raw blocks when the decoder holds that file's weights, the LoRA
-    (factors, config) left unmerged when ``merge_lora`` is False, else None)."""
+    (factors, config) left unmerged when ``merge_lora`` is False, else None). ``gguf_blocks``: a GGUF
+    decoder keeps its blocks from the start (see :func:`gguf_decoder`)."""
     sources: dict[str, str] = {}
     if cfg.weights is not None:  # trained tensors shipped beside the config (the checkpoint's own win)
         state = {**load_safetensors(resolve_weights_path(cfg.weights)), **state}
@@ -109,7 +138,7 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
         decoder = LlamaDecoder.from_state(cfg.decoder, dec_state, dtype=dtype, device=device)
         sources["decoder"] = "checkpoint"
     elif cfg.decoder_weights is not None:
-        decoder, gguf_model = _decoder_from_ref(cfg.decoder_weights, dtype, device)
+        decoder, gguf_model = _decoder_from_ref(cfg.decoder_weights, dtype, device, gguf_blocks)
         if decoder.cfg != cfg.decoder:
             raise CheckpointError(f"decoder weights {cfg.decoder_weights.path} describe {decoder.cfg}, "
                                   f"but the model config says {cfg.decoder}")
@@ -208,7 +237,7 @@ def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dty
             # With quantisation ahead, LoRA stays unmerged (see lora.LoRASide) and is attached afterwards.
             pipe, native, lora = _load(source, device, dtype, preprocess_backend=preprocess_backend,
                                        max_context=max_context, max_image_pixels=max_image_pixels, seed=seed,
-                                       merge_lora=qcfg is None and quant != "auto")
+                                       merge_lora=qcfg is None and quant != "auto", gguf_blocks=quant == "auto")
         with stages("quantize decoder"):
             _quantize(pipe, qcfg, quant, native, lora)
         pipe.reuse_prefix = bool(reuse_prefix)
@@ -320,23 +349,26 @@ def _quant_config(quant) -> QuantConfig | None:
 
 
 def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_pixels, seed,
-          merge_lora: bool = True) -> tuple[Pipeline, dict | None, tuple | None]:
+          merge_lora: bool = True, gguf_blocks: bool = False) -> tuple[Pipeline, dict | None, tuple | None]:
     dt, dev = _dtype(dtype), torch.device(device)
     common = dict(dtype=dt, device=dev, preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
                   max_image_pixels=max_image_pixels, merge_lora=merge_lora)
     if isinstance(source, ModelConfig):
-        return _from_model_config(source, {}, allow_random=True, tokenizer_dir=None, **common)
+        return _from_model_config(source, {}, allow_random=True, tokenizer_dir=None, gguf_blocks=gguf_blocks,
+                                  **common)
     if isinstance(source, str) and source in PRESETS:
-        return _from_model_config(get_preset(source), {}, allow_random=True, tokenizer_dir=None, **common)
+        return _from_model_config(get_preset(source), {}, allow_random=True, tokenizer_dir=None,
+                                  gguf_blocks=gguf_blocks, **common)
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is not None and path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: only .gguf files load directly; other checkpoints are folders")
-        return (*_load_gguf(path, dt, dev, max_context), None)  # text-only: no image limits apply
+        return (*_load_gguf(path, dt, dev, max_context, gguf_blocks), None)  # text-only: no image limits apply
     if path is not None and path.is_dir():
         if is_checkpoint_dir(path):
             cfg, state = load_checkpoint(path)
-            return _from_model_config(cfg, state, allow_random=False, tokenizer_dir=path, **common)
+            return _from_model_config(cfg, state, allow_random=False, tokenizer_dir=path, gguf_blocks=gguf_blocks,
+                                      **common)
         if (path / "config.json").is_file():
             return _load_transformers(path, **common)
         raise WeightsNotFoundError(f"{path}: neither an edgevlm checkpoint (edgevlm.json) nor a transformers "
@@ -344,11 +376,8 @@ def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_p
     raise UnknownPresetError(f"{source!r} is neither a preset ({', '.join(PRESETS)}), a folder, nor a .gguf file")
 
 
-def _load_gguf(path: Path, dtype, device, max_context: int) -> tuple[Pipeline, dict]:
-    from .readers.gguf_reader import read_gguf
-
-    g = read_gguf(path)
-    decoder = LlamaDecoder.from_state(g.config, g.state, dtype=dtype, device=device)
+def _load_gguf(path: Path, dtype, device, max_context: int, gguf_blocks: bool) -> tuple[Pipeline, dict]:
+    decoder, g = gguf_decoder(path, dtype, device, keep_blocks=gguf_blocks)
     tokenizer = Tokenizer.from_gguf_metadata(g.metadata)
     chat = ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
                       eos_token=tokenizer.eos_token)

@@ -154,13 +154,21 @@ def quantize_int4(w: torch.Tensor, group: int = 64, what: str = "weight") -> Pac
     return pack_int4_codes(codes, scales, zeros, group, f"int4-g{group}")
 
 
+def gguf_packable(ggml_type, shape: tuple[int, ...]) -> bool:
+    """Whether :func:`from_gguf` packs a GGUF tensor of this type and shape (Q8_0 / Q4_0 / Q4_1 matrices
+    whose rows are whole activation blocks); others stay float."""
+    from gguf import GGMLQuantizationType as T
+
+    return len(shape) == 2 and ggml_type in (T.Q8_0, T.Q4_0, T.Q4_1) and shape[1] % ACT_BLOCK == 0
+
+
 def from_gguf(ggml_type, data: np.ndarray, shape: tuple[int, int], what: str = "weight") -> Packed | None:
     """GGUF Q8_0 / Q4_0 / Q4_1 rows (``data`` uint8 ``[N, row_bytes]``) -> :class:`Packed`, bit-exact.
     None for other types (the caller keeps those in float)."""
     from gguf import GGMLQuantizationType as T
 
     n, k = shape
-    if ggml_type not in (T.Q8_0, T.Q4_0, T.Q4_1) or k % ACT_BLOCK:
+    if not gguf_packable(ggml_type, shape):
         return None
     name = T(ggml_type).name
     size = {T.Q8_0: 34, T.Q4_0: 18, T.Q4_1: 20}[ggml_type]
@@ -509,6 +517,6 @@ def describe(decoder: nn.Module) -> str:
     return f"{parts}{extra} ({s['quantized_bytes'] / 1e6:.1f} MB packed, kernels: {kernels})"
 
 
-__all__ = ["Packed", "QuantLinear", "FusedQuantLinear", "QuantSlice", "kernel_threads", "quantize_int8", "quantize_int4", "from_gguf", "pack_int8_codes",
+__all__ = ["Packed", "QuantLinear", "FusedQuantLinear", "QuantSlice", "kernel_threads", "quantize_int8", "quantize_int4", "from_gguf", "gguf_packable", "pack_int8_codes",
            "pack_int4_codes", "unpack_codes", "dequantize", "quantize_activations", "qgemm_reference",
            "quantize_decoder", "summary", "describe", "cpu_kernels"]

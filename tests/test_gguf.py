@@ -191,6 +191,24 @@ def test_quantized_file_state_raw_and_transformers_loader(mixed_file):
     assert 1e-5 < err < 0.5
 
 
+def test_blocks_kept_from_the_start_equal_dequantise_then_repack(mixed_file):
+    """quant="auto" builds a GGUF's projections straight from their blocks (no fp32 copy at load): the
+    same layers, bit for bit, as dequantising everything and repacking afterwards."""
+    from edgevlm.runtime.loader import gguf_decoder
+    from edgevlm.runtime.quant import quantize_decoder
+
+    _, path = mixed_file
+    direct, _ = gguf_decoder(path, torch.float32, "cpu", keep_blocks=True)
+    via_float, g = gguf_decoder(path, torch.float32, "cpu", keep_blocks=False)
+    quantize_decoder(via_float, gguf_raw=g.raw)
+    assert not any(t.is_meta for t in direct.state_dict().values())
+    kinds = lambda m: [type(x).__name__ for x in m.modules()]  # noqa: E731
+    assert kinds(direct) == kinds(via_float) and "QuantSlice" in kinds(direct)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(direct(ids), via_float(ids))
+
+
 def test_config_and_tokenizer_metadata(mixed_file):
     _, path = mixed_file
     m = read_gguf(path, dequantize_weights=False)
