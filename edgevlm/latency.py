@@ -235,6 +235,9 @@ def measure(cfg: BenchConfig, run: BenchRun) -> dict:
     device = torch.device(cfg.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     tower, dec = pipe.tower, pipe.decoder
+    if tower is None:
+        raise ConfigError(f"edgevlm bench times vision-language models; {cfg.model!r} has no vision tower "
+                          "(bench/decode.py times decoders alone)")
     times: dict[str, list[float]] = {k: [] for k in (*STAGES, "ttft", "decode_token")}
     out = None
 
@@ -293,7 +296,7 @@ def measure(cfg: BenchConfig, run: BenchRun) -> dict:
     # ---- bounds: the work, and this machine's limits for it
     views = {k: v.to(device, tower.dtype) for k, v in tower.preprocessor([load_image(run.image)]).views.items()}
     tower_flops = _tower_flops(tower, views)
-    kv_elem = 1 if cfg.kv_cache == "int8" else torch.empty((), dtype=dec.embed_tokens.weight.dtype).element_size()
+    kv_elem = 1 if cfg.kv_cache == "int8" else dec.embed_tokens.weight.element_size()
     step_bytes = decoder_step_bytes(dec) + kv_bytes(dec.cfg, n_prompt + n / 2, kv_elem)
     peak = matmul_peak(device, dec.embed_tokens.weight.dtype)
     if device.type == "cpu":
