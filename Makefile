@@ -1,16 +1,31 @@
 # The two commands of the README. Both are idempotent: they create .venv on first use.
-#   make demo   set up, then run `edgevlm demo` on the embedded default model
-#   make test   set up with test dependencies, then run the test suite
+#   make demo          set up, then run `edgevlm demo` on the embedded default model
+#   make test          set up with test dependencies, then run the test suite (what CI runs)
+# and, for maintainers:
+#   make test-latest   the same suite in .venv-latest against today's newest releases (the canary)
+#   make lock          rewrite requirements/lock.txt from .venv-latest after `make test-latest` passed
+#
+# Installs use the known-good versions in requirements/lock.txt. Tests run with PYTHONSAFEPATH=1 so the
+# repository root never lands on sys.path (its kernels/, runtime/, ... would shadow installed packages).
 PYTHON ?= python3
 VENV   ?= .venv
+VENV_LATEST ?= .venv-latest
+PYTEST = PYTHONSAFEPATH=1 $(1)/bin/python -m pytest -q
 
-.PHONY: demo test setup setup-dev clean
+.PHONY: demo test test-latest lock setup setup-dev clean
 
 demo: setup
 	$(VENV)/bin/edgevlm demo
 
 test: setup-dev
-	$(VENV)/bin/python -m pytest -q
+	$(call PYTEST,$(VENV))
+
+test-latest:
+	./scripts/setup.sh $(VENV_LATEST) --dev --latest
+	$(call PYTEST,$(VENV_LATEST))
+
+lock:
+	./scripts/lock.sh $(VENV_LATEST) requirements/lock.txt
 
 setup:
 	./scripts/setup.sh $(VENV)
@@ -19,4 +34,4 @@ setup-dev:
 	./scripts/setup.sh $(VENV) --dev
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(VENV_LATEST)

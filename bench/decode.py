@@ -130,7 +130,8 @@ def time_ort(dec: LlamaDecoder, prompt: list[int], new: int, repeat: int, python
     with tempfile.TemporaryDirectory() as d:
         to_transformers(dec).save_pretrained(d)
         r = subprocess.run([python, "-c", ORT_SCRIPT, d, json.dumps(prompt), str(new), str(repeat), str(threads)],
-                           capture_output=True, text=True, timeout=1800)
+                           capture_output=True, text=True, timeout=1800,
+                           env={**os.environ, "PYTHONSAFEPATH": "1"})  # `-c` would put the cwd on sys.path
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
     if line is None:
         raise RuntimeError(f"ORT peer failed: {r.stderr.strip().splitlines()[-1:] or r.returncode}")

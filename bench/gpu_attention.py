@@ -79,18 +79,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_commit, module_version  # noqa: E402
 
-try:
-    from edgevlm.kernels.attention import attention_reference, triton_attention
-except ModuleNotFoundError:
-    # A plain checkout that was not pip-installed (PYTHONPATH=. on a GPU machine, say): the wheel maps
-    # the top-level folders (kernels/, runtime/, ...) into the `edgevlm` namespace; do the same here.
-    for name in [m for m in sys.modules if m == "edgevlm" or m.startswith("edgevlm.")]:
-        del sys.modules[name]  # a half-found edgevlm (a namespace portion, say) is imported afresh
-    sys.path.insert(0, str(ROOT))
-    import edgevlm
-
-    edgevlm.__path__.append(str(ROOT))
-    from edgevlm.kernels.attention import attention_reference, triton_attention
+from edgevlm.kernels.attention import attention_reference, triton_attention  # noqa: E402
 from edgevlm.results import append_rows  # noqa: E402
 
 FIELDS = ["timestamp", "commit", "device", "torch", "triton", "case", "dtype", "n", "heads", "lq", "keys", "keys2",

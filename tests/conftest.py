@@ -1,9 +1,17 @@
 import os
 import sys
+from pathlib import Path
 
-import pytest
-import torch
-from helpers import HAVE_TRITON
+# `python -m pytest` run from the checkout puts the repository root first on sys.path, where kernels/,
+# export/, runtime/ and train/ would shadow installed packages of those names (transformers imports
+# Hugging Face's `kernels` at start-up). `make test` runs pytest without it; this undoes it for anyone
+# who types the habitual command, before any test module imports transformers.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from edgevlm_testkit import HAVE_TRITON  # noqa: E402
 from hypothesis import settings
 
 # Property tests explore a fixed, reproducible set of examples: CI on a fresh clone sees exactly what

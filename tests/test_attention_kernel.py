@@ -6,7 +6,7 @@ On a GPU the same kernel runs compiled; bench/gpu_attention.py checks and times 
 
 import pytest
 import torch
-from helpers import HAVE_TRITON, assert_kernel_close, randomize_params
+from edgevlm_testkit import HAVE_TRITON, assert_kernel_close, randomize_params
 
 from edgevlm.errors import ShapeError
 from edgevlm.kernels import attention as attn_mod

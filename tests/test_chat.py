@@ -16,7 +16,7 @@ from edgevlm.runtime.chat import (
 )
 from edgevlm.runtime.tokenizer import Tokenizer, read_gguf_metadata
 
-from helpers import SMOLLM_GGUF_NAME as GGUF_NAME, needs_smollm, smollm_dir
+from edgevlm_testkit import SMOLLM_GGUF_NAME as GGUF_NAME, needs_smollm, smollm_dir
 
 SMOLLM_DIR = smollm_dir()
 

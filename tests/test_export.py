@@ -26,7 +26,7 @@ from edgevlm.presets import get_preset  # noqa: E402
 from edgevlm.runtime.preprocess import Preprocessor  # noqa: E402
 from edgevlm.runtime.tower import build_tower_model  # noqa: E402
 
-from helpers import randomize_params  # noqa: E402
+from edgevlm_testkit import randomize_params  # noqa: E402
 
 
 def tiny_model(seed: int = 0):

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import HAVE_TRITON, assert_kernel_close
+from edgevlm_testkit import HAVE_TRITON, assert_kernel_close
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; see scripts/gpu_check.sh)"),

@@ -5,7 +5,7 @@ On a GPU the same kernel runs compiled; bench/gpu_decode.py checks it there.
 """
 
 import pytest
-from helpers import HAVE_TRITON, assert_kernel_close
+from edgevlm_testkit import HAVE_TRITON, assert_kernel_close
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -15,7 +15,7 @@ from edgevlm.runtime.chat import build_multimodal_ids
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 from edgevlm.runtime.readers import resolve_weights_path
 from edgevlm.presets import SMOLLM2_GGUF
-from helpers import randomize_params
+from edgevlm_testkit import randomize_params
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

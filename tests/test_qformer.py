@@ -14,7 +14,7 @@ from edgevlm.runtime.connectors import build_connector
 from edgevlm.runtime.connectors.qformer import QFormer
 from edgevlm.runtime.readers.hf_connectors import blip2_connector_from_hf, qformer_from_hf
 from edgevlm.runtime.readers.safetensors_io import load_safetensors_dir, read_json
-from helpers import randomize_params
+from edgevlm_testkit import randomize_params
 
 transformers = pytest.importorskip("transformers")
 

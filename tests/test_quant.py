@@ -17,7 +17,7 @@ from edgevlm.errors import ConfigError, EdgeVLMError
 from edgevlm.runtime import quant as Q
 from edgevlm.runtime.decoder import LlamaDecoder
 
-from helpers import needs_smollm, randomize_params, smollm_dir, SMOLLM_GGUF_NAME
+from edgevlm_testkit import needs_smollm, randomize_params, smollm_dir, SMOLLM_GGUF_NAME
 
 gguf = pytest.importorskip("gguf")
 
@@ -69,7 +69,7 @@ def test_portable_kernels_match_reference():
         "    err = (Q.QuantLinear(p)(x).double() - ref).abs().max().item()\n"
         "    assert err < 1e-5 * ref.abs().max().item(), err\n"
         "print('ok')\n")
-    env = {**os.environ, "EDGEVLM_QGEMM": "portable"}
+    env = {**os.environ, "EDGEVLM_QGEMM": "portable", "PYTHONSAFEPATH": "1"}  # `-c` would put the cwd on sys.path
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 

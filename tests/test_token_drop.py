@@ -4,7 +4,7 @@ the ViT and SPHINX fusion on kept cells, and the tower / pipeline option."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_params
+from edgevlm_testkit import randomize_params
 
 import edgevlm
 from edgevlm.config import ConvNeXtConfig, SphinxFusionConfig, TowerConfig, ViTConfig

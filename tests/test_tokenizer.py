@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from edgevlm.errors import CheckpointError, WeightsNotFoundError
 from edgevlm.runtime.tokenizer import CHAR_TO_BYTE, BYTE_TO_CHAR, Tokenizer, TokenizerError, read_gguf_metadata
 
-from helpers import SMOLLM_GGUF_NAME as GGUF_NAME, needs_smollm, smollm_dir
+from edgevlm_testkit import SMOLLM_GGUF_NAME as GGUF_NAME, needs_smollm, smollm_dir
 
 SMOLLM_DIR = smollm_dir()
 

@@ -11,7 +11,7 @@ from edgevlm import CheckpointError, ShapeError, UnknownPresetError, WeightsNotF
 from edgevlm.presets import get_preset
 from edgevlm.runtime import VisionTowerModel, load_vision_tower
 from edgevlm.runtime.checkpoint import WEIGHTS_NAME, save_checkpoint
-from helpers import randomize_params
+from edgevlm_testkit import randomize_params
 
 transformers = pytest.importorskip("transformers")
 

