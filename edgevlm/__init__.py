@@ -20,6 +20,27 @@ from .presets import get_preset, preset_names
 __version__ = "0.1.0"
 
 
+def _warn_if_checkout_on_sys_path() -> None:
+    """Python started from a source checkout (``python -c``, a notebook, ``python -m ...``) has the
+    checkout root on sys.path, where kernels/, export/, runtime/ and train/ stand in for installed
+    packages of those names; transformers imports Hugging Face's ``kernels`` and fails far from here."""
+    import os
+    import sys
+    import warnings
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file() or not (root / "kernels" / "__init__.py").is_file():
+        return  # an installed wheel, not a checkout
+    if any(Path(p or os.getcwd()).resolve() == root for p in sys.path):
+        warnings.warn(f"the edgevlm checkout {root} is on sys.path, so its folders kernels/, export/, runtime/ "
+                      f"and train/ shadow installed packages of those names (transformers imports `kernels`). "
+                      f"Start Python with -P or PYTHONSAFEPATH=1, or from another folder.", RuntimeWarning, stacklevel=3)
+
+
+_warn_if_checkout_on_sys_path()
+
+
 def load_vision_tower(source, **kwargs):
     """See :func:`edgevlm.runtime.load_vision_tower`."""
     from .runtime import load_vision_tower as _load

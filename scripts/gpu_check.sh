@@ -21,6 +21,9 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
+# The checkout root must never reach sys.path (`-m`, `-c` would put it there): its kernels/, runtime/, ...
+# would shadow installed packages of those names. Ignored by Python 3.10, which has no such switch.
+export PYTHONSAFEPATH=1
 PY=${PYTHON:-python3}
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
@@ -47,7 +50,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! timeout 240 $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1; then
+if timeout 240 $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1; then
+  $PY scripts/unshadow_editable.py | tee -a "$LOG"
+else
   echo "== install: build failed (tail below); mapping the packages instead" | tee -a "$LOG"
   tail -5 "$OUT/install.txt" | tee -a "$LOG"
   mkdir -p /tmp/pkg && rm -rf /tmp/pkg/edgevlm && cp -r edgevlm /tmp/pkg/

