@@ -33,8 +33,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for key in dict.fromkeys(("fp32", final)):  # the fp32 graph is always checked first
         v = m.validation[key]
         label = f"TensorRT {m.precision}" if key == "tensorrt" else f"ORT {key}"
-        print(f"  check   {label} vs eager on real images: max_abs {v['max_abs']:.2e}, rel_rms {v['rel_rms']:.2e}, "
-              f"min cosine {v['min_cosine']:.5f} ({v['metric']} <= {v['bound']:g})")
+        rel_max = v.get("rel_max", float("nan"))  # manifests written before rel_max existed lack it
+        print(f"  check   {label} vs eager on real images: max_abs {v['max_abs']:.2e}, rel_max {rel_max:.2e}, "
+              f"rel_rms {v['rel_rms']:.2e}, min cosine {v['min_cosine']:.5f} ({v['metric']} <= {v['bound']:g})")
     return 0
 
 

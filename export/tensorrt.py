@@ -86,7 +86,7 @@ def build_engine(onnx_path: Path, contract: ExportContract, precision: str, engi
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 would miss the fp32 tolerance (1e-4) by far
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 would miss the fp32 bound (rel_max 1e-4) by far
     if not strong:  # TensorRT 8.x: the graph's types are hints, precision comes from builder flags
         if precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)

@@ -1,6 +1,10 @@
 """Exported graph vs eager PyTorch on the same real images, with a typed error when they differ.
 
-fp32 graphs must match within an absolute 1e-4 everywhere. Reduced precisions cannot, so they are
+fp32 graphs must match everywhere: the largest error may be at most 1e-4 of the largest magnitude in the
+eager output (``rel_max = max|out - ref| / max|ref|``). The bound is relative because the rounding of
+two fp32 implementations scales with the values (a tower whose tokens reach 100 rounds 100x coarser than
+one whose tokens reach 1) and with the CPU's kernels; 1e-4 is ~840 fp32 ulps, far above what a correct
+graph shows (~1e-6) and far below a wrong op, constant or TF32 matmul (>= 1e-3). Reduced precisions are
 judged by the relative RMS error over the whole output (``||out - ref|| / ||ref||``) and the lowest
 per-token cosine similarity, and the numbers go into the manifest as the accuracy delta.
 """
@@ -16,7 +20,7 @@ from edgevlm.errors import ExportValidationError
 
 # precision -> (metric, bound)
 TOLERANCES: dict[str, tuple[str, float]] = {
-    "fp32": ("max_abs", 1e-4),
+    "fp32": ("rel_max", 1e-4),
     "fp16": ("rel_rms", 2e-2),
     "int8": ("rel_rms", 0.1),
 }
@@ -28,6 +32,7 @@ def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     diff = out - ref
     cos = (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-30)
     return {"max_abs": float(np.abs(diff).max()),
+            "rel_max": float(np.abs(diff).max() / max(np.abs(ref).max(), 1e-30)),
             "rel_rms": float(np.sqrt((diff ** 2).sum() / max((ref ** 2).sum(), 1e-30))),
             "min_cosine": float(cos.min())}
 
@@ -37,7 +42,7 @@ def validate(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: torc
     """Run ``run`` and ``model`` on every batch of views; raise :class:`ExportValidationError` naming
     ``output`` and the error when the precision's bound is exceeded, else return the worst numbers."""
     metric, bound = TOLERANCES[precision]
-    worst: dict[str, float] = {"max_abs": 0.0, "rel_rms": 0.0, "min_cosine": 1.0}
+    worst: dict[str, float] = {"max_abs": 0.0, "rel_max": 0.0, "rel_rms": 0.0, "min_cosine": 1.0}
     views_seen = 0
     model = model.float().eval()
     for views in batches:
@@ -50,13 +55,13 @@ def validate(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: torc
         if not np.isfinite(got).all():
             raise ExportValidationError(f"{what}: output {output!r} has non-finite values", output=output)
         c = compare(got, ref)
-        worst = {"max_abs": max(worst["max_abs"], c["max_abs"]), "rel_rms": max(worst["rel_rms"], c["rel_rms"]),
-                 "min_cosine": min(worst["min_cosine"], c["min_cosine"])}
+        worst = {k: (min if k == "min_cosine" else max)(worst[k], c[k]) for k in worst}
         views_seen += ref.shape[0]
     if worst[metric] > bound:
         raise ExportValidationError(
             f"{what}: output {output!r} differs from eager PyTorch: {metric} {worst[metric]:.3g} > {bound:g} "
-            f"(max_abs {worst['max_abs']:.3g}, rel_rms {worst['rel_rms']:.3g}, min cosine {worst['min_cosine']:.5f})",
+            f"(max_abs {worst['max_abs']:.3g}, rel_max {worst['rel_max']:.3g}, rel_rms {worst['rel_rms']:.3g}, "
+            f"min cosine {worst['min_cosine']:.5f})",
             output=output, error=worst[metric], tolerance=bound)
     return {**worst, "metric": metric, "bound": bound, "views": views_seen, "batches": len(batches)}
 
