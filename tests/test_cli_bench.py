@@ -61,6 +61,7 @@ def test_decode_bytes_count_packed_weights():
 
 
 def test_transformers_peer_row_has_only_decoder_stages():
+    pytest.importorskip("transformers", reason="the transformers peer needs transformers (the dev extra)")
     row = measure(BenchConfig(label="p", model="tiny", quant="none", peer="transformers"),
                   BenchRun(image=SCENE, new_tokens=3, repeat=1, warmup=0))
     assert row["prefill_ms"] > 0 and row["decode_token_ms"] > 0

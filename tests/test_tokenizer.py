@@ -178,6 +178,20 @@ def test_other_byte_level_split_rules_build(meta, pre):
 
 
 @needs_smollm
+def test_llama3_vocabularies_take_whole_words_before_merging(meta):
+    """'llama-bpe' vocabularies use a word that is itself a token before applying merges (tokenizers'
+    ignore_merges, >= 0.19; older releases drop the option with only a warning). With the merge that
+    builds 'ĠParis' removed, only that rule still gives one token."""
+    merges = [m for m in meta["tokenizer.ggml.merges"] if "".join(m.split(" ")) != "ĠParis"]
+    assert len(merges) < len(meta["tokenizer.ggml.merges"])  # the merge existed
+    cut = {**meta, "tokenizer.ggml.merges": merges}
+    whole = Tokenizer.from_gguf_metadata({**cut, "tokenizer.ggml.pre": "llama-bpe"})
+    merged = Tokenizer.from_gguf_metadata({**cut, "tokenizer.ggml.pre": "default"})
+    assert [whole.id_to_token(i) for i in whole.encode(" Paris")] == ["ĠParis"]
+    assert len(merged.encode(" Paris")) > 1  # without the rule the word is split: the rule is what matters
+
+
+@needs_smollm
 def test_stream_decoder_never_breaks_characters(tok):
     text = "Paris 🦙 北京 é! emoji 🤖👍🏽 and flags 🇫🇷 中文：北京是中国的首都。"
     ids = tok.encode(text)
