@@ -1,6 +1,7 @@
 """SPHINX box text format, tolerant parsing, padded-square pixel conversion and IoU."""
 
 import math
+import sys
 
 import pytest
 from hypothesis import given
@@ -14,7 +15,12 @@ from edgevlm.runtime.boxes import (
 from edgevlm.runtime.views import pad_to_square
 
 
-def close(a, b, tol=1e-9):
+EPS64 = sys.float_info.epsilon  # plain Python floats: IEEE float64, correctly rounded on every CPU
+
+
+def close(a, b, ulps=0.0):
+    """Element-wise |a - b| <= ulps float64 ulps of max|b| (ulps=0: equal)."""
+    tol = ulps * EPS64 * max((abs(y) for y in b), default=0.0)
     return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
@@ -77,7 +83,7 @@ def test_parse_boxes_formats(text, expected):
     got = parse_boxes(text)
     assert len(got) == len(expected)
     for b, e in zip(got, expected):
-        assert isinstance(b, Box) and close(b.as_tuple(), e)
+        assert isinstance(b, Box) and close(b.as_tuple(), e)  # float("0.1") is the literal 0.1: equal
 
 
 @pytest.mark.parametrize("bad", [None, b"[0.1,0.2,0.3,0.4]", 3, ["[0,0,1,1]"]])
@@ -104,6 +110,7 @@ def test_parse_grounded_pairs_phrases_with_brackets():
 
 
 def test_relative_box_matches_hand_computation_with_centring_offset():
+    # One float64 division of the same integers on both sides: equal (close with ulps=0).
     # Landscape 240x320: side 320, image centred 40 px down. Portrait 320x240: 40 px right.
     assert close(box_from_pixels(32, 20, 96, 80, h=240, w=320).as_tuple(), (32 / 320, 60 / 320, 96 / 320, 120 / 320))
     assert close(box_from_pixels(32, 20, 96, 80, h=320, w=240).as_tuple(), (72 / 320, 20 / 320, 136 / 320, 80 / 320))
@@ -117,7 +124,8 @@ def test_relative_box_matches_hand_computation_with_centring_offset():
 def test_pixel_box_round_trips_within_half_a_pixel(h, w):
     px = (17, 33, w - 41, h - 5)
     b = box_from_pixels(*px, h=h, w=w)
-    assert close(box_to_pixels(b, h, w), px, 1e-9)
+    # b = (x + left) / side, then b * side - left: two roundings at the scale of side (< 1.25 max|px| here)
+    assert close(box_to_pixels(b, h, w), px, ulps=4)
     # Through text at 3 decimals (0.0005 * side < 0.5 px for side <= 1000).
     back = box_to_pixels(parse_boxes(format_box(b, decimals=3))[0], h, w)
     assert all(abs(a - e) <= 0.5 for a, e in zip(back, px))
@@ -133,9 +141,11 @@ def test_box_to_pixels_clips_padding_unless_asked_not_to():
 
 
 def test_iou():
-    assert iou(B1, B1) == pytest.approx(1.0)
+    # exact: a box with itself gives inter == area and union = 2a - a = a (both exact in float64); the
+    # integer boxes below have integer areas
+    assert iou(B1, B1) == 1.0
     assert iou(B1, B2) == 0.0
-    assert iou((0, 0, 2, 1), (1, 0, 3, 1)) == pytest.approx(1 / 3)
+    assert iou((0, 0, 2, 1), (1, 0, 3, 1)) == 1 / 3
     assert iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
     assert iou((0.5, 0.5, 0.2, 0.2), (0, 0, 1, 1)) == 0.0  # inverted box: no area
 
@@ -161,6 +171,8 @@ _coord = st.floats(min_value=-0.5, max_value=1.5, allow_nan=False)
 def test_format_parse_round_trip_within_rounding(boxes, decimals):
     parsed = parse_boxes(format_boxes(boxes, decimals))
     assert len(parsed) == len(boxes)
-    tol = 0.5 * 10.0 ** -decimals + 1e-12
+    # formatting rounds to `decimals` (half a unit of the last digit); reading the text back and the
+    # subtraction each round once more at a scale <= 1 (values are clamped to [0, 1]): 4 float64 ulps
+    tol = 0.5 * 10.0 ** -decimals + 4 * EPS64
     for b, p in zip(boxes, parsed):
-        assert close(p.as_tuple(), [min(max(v, 0.0), 1.0) for v in b], tol)
+        assert all(abs(x - min(max(v, 0.0), 1.0)) <= tol for x, v in zip(p.as_tuple(), b, strict=True))

@@ -5,10 +5,12 @@ cache under a mask; the ordinary path slices the cache with Python ints. Same nu
 Capture itself needs CUDA and is exercised by bench/gpu_decode.py.
 """
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+from edgevlm_testkit import assert_within_noise, max_abs
 
 from edgevlm.config import DecoderConfig
 from edgevlm.errors import BackendUnavailableError, ConfigError, EdgeVLMError
@@ -39,9 +41,11 @@ def tiny(**overrides) -> LlamaDecoder:
 @torch.no_grad()
 def test_matches_cached_decoder_prompt_then_greedy(rope):
     dec = tiny(**ROPES[rope])
+    dec64 = copy.deepcopy(dec).double()  # the cached path in float64: the fp32 noise of each step's logits
     prompt = torch.randint(0, CFG.vocab_size, (1, 7))
-    ref_cache, cache = dec.new_cache(max_len=24), dec.new_cache(max_len=24)
+    ref_cache, cache, cache64 = dec.new_cache(max_len=24), dec.new_cache(max_len=24), dec64.new_cache(max_len=24)
     ref_logits = dec(prompt, cache=ref_cache, last_only=True)[:, -1]  # [1, V]
+    dec64(prompt, cache=cache64)
     logits = dec(prompt, cache=cache, last_only=True)[:, -1]  # prefill on the ordinary path
     step = GraphedDecodeStep(dec, cache)
     ref_tokens, tokens = [], []
@@ -50,19 +54,20 @@ def test_matches_cached_decoder_prompt_then_greedy(rope):
         ref_tokens.append(ref_tok.item())
         tokens.append(tok.item())
         ref_logits = dec(ref_tok[:, None], cache=ref_cache)[:, -1]
+        noise = max_abs(ref_logits, dec64(ref_tok[:, None], cache=cache64)[:, -1])
         # Alternate int and tensor positions: both must land at the same slot.
         pos = cache.length if i % 2 == 0 else torch.tensor([cache.length])
         logits = step(tok, pos)
         if isinstance(pos, torch.Tensor):
             cache.commit(int(pos) + 1)  # a tensor position is not committed by the step
         assert logits.shape == (1, CFG.vocab_size)
-        err = (logits - ref_logits).abs().max().item()
-        assert err <= 1e-5, f"{rope}: step {i}: max |logit diff| {err:.2e}"
+        assert_within_noise(logits, ref_logits, f"{rope}: step {i} logits, graphed vs cached", noise=noise)
     assert tokens == ref_tokens
     assert cache.length == ref_cache.length == 7 + 8
     n = cache.length
-    torch.testing.assert_close(cache.k[:, :, :, :n], ref_cache.k[:, :, :, :n], atol=1e-6, rtol=0)
-    torch.testing.assert_close(cache.v[:, :, :, :n], ref_cache.v[:, :, :, :n], atol=1e-6, rtol=0)
+    for name in ("k", "v"):  # K/V of the decoded tokens depend on the attention outputs of earlier layers
+        got, ref, ref64 = (getattr(c, name)[:, :, :, :n] for c in (cache, ref_cache, cache64))
+        assert_within_noise(got, ref, f"{rope}: cached {name.upper()}, graphed vs cached", noise=max_abs(ref, ref64))
 
 
 @torch.no_grad()
@@ -77,7 +82,9 @@ def test_stale_cache_entries_are_masked():
     dec(prompt, cache=dirty)
     a = GraphedDecodeStep(dec, clean)(3, 5)
     b = GraphedDecodeStep(dec, dirty)(3, 5)
-    assert (a - b).abs().max().item() <= 1e-5
+    # Stale positions are masked out (weight exactly 0, and 0 * finite = 0) and everything else is the same
+    # arithmetic on the same values: bit-identical.
+    assert torch.equal(a, b)
 
 
 def test_refuses_dynamic_rope_with_typed_error():

@@ -1,8 +1,10 @@
 """The shipped demo model: its trained weights load through ``edgevlm.load("demo")`` and give the
-training-time model's logits (LoRA unmerged, connector from the checkpoint) within 1e-4 in fp32."""
+training-time model's logits (LoRA unmerged, connector from the checkpoint) in fp32, within a small
+factor of the decoder's own fp32 rounding noise (measured against the same model in float64)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from importlib import resources
 
@@ -15,6 +17,7 @@ from edgevlm.runtime.image_io import load_image
 from edgevlm.runtime.lora import apply_lora
 from edgevlm.runtime.readers import resolve_weights_path
 from edgevlm.runtime.readers.safetensors_io import load_safetensors
+from edgevlm_testkit import assert_within_noise, max_abs
 
 CFG = get_preset("demo")
 
@@ -50,13 +53,28 @@ def test_training_model_and_runtime_agree(shipped):
     assert not unexpected and all(".lora_" not in k for k in missing)
 
     img = load_image(str(resources.files("edgevlm") / "assets" / "scene_a.png"))
-    logits = []
+    embs, inputs, logits = [], [], []
     for pipe in (train, runtime):
         emb = pipe.tower([img])[0]
         prompt = pipe.chat.build(pipe.tokenizer, [{"role": "user", "content": "How many objects are there?"}],
                                  [emb.shape[0]])
         with torch.no_grad():
-            logits.append(pipe.decoder(inputs_embeds=prompt.embed(pipe.decoder.embed, [emb]))[0])
-    err = (logits[0] - logits[1]).abs().max().item()
+            inputs.append(prompt.embed(pipe.decoder.embed, [emb]))
+            logits.append(pipe.decoder(inputs_embeds=inputs[-1])[0])
+        embs.append(emb)
+    # Same encoders, same connector tensors, same ops: the visual tokens (and so the decoder inputs) are
+    # bit-identical, and everything below is the decoder's doing.
+    assert torch.equal(embs[0], embs[1]), "the two sides' vision towers differ"
+    assert torch.equal(inputs[0], inputs[1]), "the two sides' decoder inputs differ"
+    # The one difference: training runs base(x) + scale * (x @ A^T) @ B^T (two extra fp32 matmuls and
+    # an add per adapted projection), the runtime merges W + scale * B @ A in float64 and rounds it to
+    # fp32 once (lora.merge_lora_weights). Equal in exact arithmetic, so the logits differ by fp32
+    # rounding only, which 30 layers and a 42-wide logit range grow to ~1e-4 (1.43e-4 on Intel AMX).
+    # The bound is that rounding noise measured: the training model's decoder again in float64 on the
+    # same inputs (RMSNorm still normalises in fp32 there, as transformers' does: the fp64 run is the
+    # better one, not exact, and their difference is the fp32 run's noise to within that).
+    with torch.no_grad():
+        train64 = copy.deepcopy(train.decoder).double()(inputs_embeds=inputs[0].double())[0]
+    err = assert_within_noise(logits[1], logits[0], "demo logits, runtime (LoRA merged) vs training (unmerged)",
+                              noise=max_abs(logits[0], train64))
     print(f"max |logit difference| {err:.2e}")
-    assert err <= 1e-4, err

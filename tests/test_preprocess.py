@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from edgevlm_testkit import EPS32
 from PIL import Image
 
 from edgevlm.config import (
@@ -28,8 +29,11 @@ from edgevlm.runtime.views import pad_to_square
 
 _C = pytest.importorskip("edgevlm._C")
 
-MAX_LEVELS = 1.0 + 1e-3  # measured bound; the documented contract is 3 levels
+MAX_LEVELS = 1.0  # measured bound, in whole 8-bit levels; the documented contract is 3 levels
 MEAN_LEVELS = 0.01
+# Around those whole levels: fp32 rounding of both normalised values (pixel * a + b) and of the conversion
+# back to levels below, a few ulps of the normalised scale (measured excess: <= 0.5 ulp).
+NORM_ULPS = 4
 
 
 def tower(view: ViewConfig) -> TowerConfig:
@@ -71,7 +75,8 @@ def assert_close_levels(a: dict, b: dict, t: TowerConfig) -> None:
     for e in t.encoders:
         std = torch.tensor(e.std).view(1, 3, 1, 1)
         d = (a[e.name] - b[e.name]).abs() * std * 255  # back to 8-bit levels
-        assert d.max().item() <= MAX_LEVELS, f"{e.name}: max |diff| {d.max().item():.3f} levels"
+        slack = NORM_ULPS * EPS32 * b[e.name].abs().max().item() * std.max().item() * 255  # fp32 ulps, in levels
+        assert d.max().item() <= MAX_LEVELS + slack, f"{e.name}: max |diff| {d.max().item():.6f} levels"
         assert d.mean().item() <= MEAN_LEVELS, f"{e.name}: mean |diff| {d.mean().item():.4f} levels"
 
 

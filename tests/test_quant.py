@@ -17,7 +17,8 @@ from edgevlm.errors import ConfigError, EdgeVLMError
 from edgevlm.runtime import quant as Q
 from edgevlm.runtime.decoder import LlamaDecoder
 
-from edgevlm_testkit import needs_smollm, randomize_params, smollm_dir, SMOLLM_GGUF_NAME
+from edgevlm_testkit import (EPS32, SMOLLM_GGUF_NAME, assert_within_noise, max_abs, needs_smollm, randomize_params,
+                             smollm_dir)
 
 gguf = pytest.importorskip("gguf")
 
@@ -31,6 +32,26 @@ def _packed(bits, group, n=200, k=256, seed=0):
     return w, (Q.quantize_int8(w, group) if bits == 8 else Q.quantize_int4(w, group))
 
 
+def _reference_fp32(x, p, bias=None):
+    """Q.qgemm_reference's arithmetic (same quantised activations, codes, scales, zero points) in fp32:
+    against the float64 oracle it measures the fp32 rounding noise of this matmul."""
+    q, d = Q.quantize_activations(x)
+    m = x.shape[0]
+    xd = (q.float().view(m, -1, Q.ACT_BLOCK) * d.float()[..., None]).view(m, p.k // p.group, p.group)
+    codes = Q.unpack_codes(p).float().view(p.n, p.k // p.group, p.group)
+    out = torch.einsum("mgk,ngk,ng->mn", xd, codes, Q._unlanes(p.scales, p.n).float())
+    if p.zeros is not None:
+        out = out + x.float().view(m, p.k // p.group, p.group).sum(-1) @ Q._unlanes(p.zeros, p.n).float().T
+    return out if bias is None else out + bias.float()
+
+
+def assert_kernel_matches_reference(out, x, p, bias, what):
+    """The C++ kernel against the float64 oracle. Its integer dot products are exact; what remains is the
+    fp32 scaling and accumulation, bounded by the oracle's own arithmetic run in fp32."""
+    ref = Q.qgemm_reference(x, p, bias)
+    assert_within_noise(out, ref, what, noise=max_abs(_reference_fp32(x, p, bias), ref))
+
+
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("m", [1, 3, 5, 70])  # tiles of 4 tokens, remainders, more than one 64-token pass
 def test_kernel_matches_reference(bits, group, m):
@@ -39,10 +60,8 @@ def test_kernel_matches_reference(bits, group, m):
     x[:, 7] = 30.0  # an activation outlier: its block gets a coarse scale, the others must not
     bias = torch.randn(w.shape[0])
     out = Q.QuantLinear(p, bias)(x)
-    ref = Q.qgemm_reference(x, p, bias)
-    # Integer dot products are exact; only fp32 accumulation order differs from the float64 oracle.
     assert out.shape == (m, w.shape[0])
-    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert_kernel_matches_reference(out, x, p, bias, f"{Q.cpu_kernels()} qgemm int{bits} g{group} m={m}")
 
 
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 32)])
@@ -56,22 +75,32 @@ def test_threads_do_not_change_numbers(bits, group):
     assert torch.equal(one, lin(x))  # rows are split between threads, never a row's sum
 
 
-def test_portable_kernels_match_reference():
-    """The non-VNNI path (other CPUs, Jetson's ARM cores) in a fresh process, forced by env."""
+def test_portable_kernels_match_reference(tmp_path):
+    """The non-VNNI path (other CPUs, Jetson's ARM cores) in a fresh process, forced by env; it runs the
+    kernel on the weights and inputs saved here, and the outputs are checked here against the oracle."""
+    g = torch.Generator().manual_seed(5)
+    cases = {f"{bits}-{group}": (torch.randn(48, 128, generator=g) * 0.1, torch.randn(6, 128, generator=g))
+             for bits, group in ((8, 0), (4, 64))}
+    torch.save(cases, tmp_path / "in.pt")
     code = (
-        "import torch; from edgevlm.runtime import quant as Q\n"
+        "import sys, torch; from edgevlm.runtime import quant as Q\n"
         "assert Q.cpu_kernels() == 'portable', Q.cpu_kernels()\n"
-        "for bits, g in ((8, 0), (4, 64)):\n"
-        "    w = torch.randn(48, 128) * 0.1\n"
-        "    p = Q.quantize_int8(w, g) if bits == 8 else Q.quantize_int4(w, g)\n"
-        "    x = torch.randn(6, 128)\n"
-        "    ref = Q.qgemm_reference(x, p)\n"
-        "    err = (Q.QuantLinear(p)(x).double() - ref).abs().max().item()\n"
-        "    assert err < 1e-5 * ref.abs().max().item(), err\n"
+        "out = {}\n"
+        "for key, (w, x) in torch.load(sys.argv[1]).items():\n"
+        "    bits, g = map(int, key.split('-'))\n"
+        "    out[key] = Q.QuantLinear(Q.quantize_int8(w, g) if bits == 8 else Q.quantize_int4(w, g))(x)\n"
+        "torch.save(out, sys.argv[2])\n"
         "print('ok')\n")
     env = {**os.environ, "EDGEVLM_QGEMM": "portable", "PYTHONSAFEPATH": "1"}  # `-c` would put the cwd on sys.path
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    outs = torch.load(tmp_path / "out.pt")
+    assert outs.keys() == cases.keys()
+    for key, (w, x) in cases.items():
+        bits, group = map(int, key.split("-"))
+        p = Q.quantize_int8(w, group) if bits == 8 else Q.quantize_int4(w, group)  # deterministic: the same codes
+        assert_kernel_matches_reference(outs[key], x, p, None, f"portable qgemm int{bits} g{group} (subprocess)")
 
 
 @pytest.mark.parametrize("bits,group", CASES)
@@ -79,10 +108,17 @@ def test_quantiser_error_is_half_a_step(bits, group):
     w, p = _packed(bits, group)
     err = (Q.dequantize(p) - w).abs().view(w.shape[0], -1, group or w.shape[1])
     step = Q._unlanes(p.scales, p.n).float()[..., None]  # one quantisation step per group
+    wmax = w.abs().max()
+    # fp32 rounding, relative: the code is round(w * (1/s)), and the reciprocal and the product each round by
+    # half an ulp of a value of at most qmax steps (qmax ulps of a step in all); dequantising (q * s + z)
+    # and the subtraction round at |w|'s scale (2 ulps of max|w|).
+    qmax = 127 if bits == 8 else 15
+    slack = qmax * EPS32 * step + 2 * EPS32 * wmax
     # int4 rounds scale/zero to fp16 first; the codes are chosen against those, so half a step holds
     # up to the fp16 rounding of the zero point (relative 2^-11).
-    slack = 1e-6 + (w.abs().max() * 2 ** -10 if bits == 4 else 0)
-    assert (err <= step / 2 * (1 + 1e-5) + slack).all()
+    if bits == 4:
+        slack = slack + wmax * 2 ** -10
+    assert (err <= step / 2 + slack).all()
     assert Q.unpack_codes(p).shape == w.shape
 
 
@@ -242,7 +278,14 @@ def test_quantised_next_token_agrees_with_float(smol_path, quant, agree):
 
 @needs_smollm
 def test_native_gguf_blocks_still_know_paris(smol_path):
-    out = edgevlm.load(smol_path).generate(None, "What is the capital of France?", max_new_tokens=16)
+    # The open question's first answer token is a near-tie ("The" 25.92 vs "L" 25.60 on the VNNI kernels, the
+    # other way round on the portable ones: the two kernel sets round differently, int8 activation codes then
+    # flip, and the difference grows over 30 layers). So the answer is started for the model; " Paris" then
+    # leads the next token by ~5 logits on both kernel sets.
+    pipe = edgevlm.load(smol_path)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = pipe.chat.render(question) + "The capital of France is"
+    out = pipe.generate(None, prompt, raw=True, max_new_tokens=4)
     assert "Paris" in out.text, out.text
 
 

@@ -4,10 +4,16 @@ The reference is the graph's own final LayerNorm output (``/backbone/layernorm/A
 exposed as an extra graph output, on three real photos. At 224 px the 37 x 37 position table is
 resized in-graph by ONNX Resize (cubic, a=-0.75, half_pixel), so this also checks our bicubic
 interpolation against an independent implementation.
+
+ONNX Runtime runs the graph in fp32 only, so the noise that bounds the comparison is measured on our
+side: the same ViT in float64 on the same photos (:func:`edgevlm_testkit.assert_within_noise`). Two
+fp32 implementations of one function differ by about the sum of their own errors, which the default
+factor of 4 on ours allows for.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -20,8 +26,8 @@ from edgevlm.presets import get_preset
 from edgevlm.runtime.readers import ENCODER_WEIGHT_FORMATS, resolve_weights_path
 from edgevlm.runtime.readers.onnx_dinov2 import read_dinov2_from_onnx
 from edgevlm.runtime.vision.vit import ViT
+from edgevlm_testkit import assert_differs, assert_within_noise, max_abs
 
-ATOL = 1e-4
 FINAL_NORM = "/backbone/layernorm/Add_1_output_0"
 MAX_ERR: dict[str, float] = {}
 
@@ -63,8 +69,8 @@ def photos(cfg) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def outputs(cfg, onnx_path, photos):
-    """(ours, reference) on the photos, computed once per module: the 97 MB graph is parsed once for the
-    ORT session and once by the reader under test."""
+    """(ours, ours in float64, reference) on the photos, computed once per module: the 97 MB graph is
+    parsed once for the ORT session and once by the reader under test."""
     import onnx
     import onnxruntime as ort
 
@@ -82,7 +88,8 @@ def outputs(cfg, onnx_path, photos):
     vit.load_state_dict(read_dinov2_from_onnx(onnx_path, cfg), strict=True)
     with torch.no_grad():
         ours = vit(photos)
-    return ours, torch.from_numpy(ref)
+        ours64 = copy.deepcopy(vit).double()(photos.double())
+    return ours, ours64, torch.from_numpy(ref)
 
 
 def test_demo_preset_points_at_this_reader(cfg):
@@ -92,13 +99,13 @@ def test_demo_preset_points_at_this_reader(cfg):
 
 
 def test_matches_onnxruntime_on_real_photos(outputs):
-    ours, ref = outputs
+    ours, ours64, ref = outputs
     assert ours.shape == ref.shape == (3, 257, 384)
-    err = (ours - ref).abs().max().item()
-    MAX_ERR["onnx_all_tokens"] = err
-    assert err <= ATOL, f"max abs error {err:.3g} > {ATOL} over all 257 tokens"
+    MAX_ERR["onnx_all_tokens"] = assert_within_noise(ours, ref, "dinov2-s, all 257 tokens vs onnxruntime",
+                                                     noise=max_abs(ours, ours64))
     # the three photos must give different features, or the comparison proves nothing
-    assert (ref[0] - ref[1]).abs().max() > 1.0 and (ref[1] - ref[2]).abs().max() > 1.0
+    assert_differs(ref[0], ref[1], "features of astronaut vs chelsea", rel=0.1)
+    assert_differs(ref[1], ref[2], "features of chelsea vs coffee", rel=0.1)
 
 
 def test_truncated_onnx_is_a_checkpoint_error(cfg, onnx_path, tmp_path):

@@ -1,10 +1,12 @@
 """Token dropping: cell selection, the fused gather + position add (kernel vs reference, interpreted),
 the ViT and SPHINX fusion on kept cells, and the tower / pipeline option."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from edgevlm_testkit import randomize_params
+from edgevlm_testkit import assert_within_noise, max_abs, randomize_params
 
 import edgevlm
 from edgevlm.config import ConvNeXtConfig, SphinxFusionConfig, TowerConfig, ViTConfig
@@ -57,11 +59,18 @@ def test_bad_keep_settings_are_typed_errors():
 def test_patches_of_kept_cells_pool_to_those_cells():
     g, grid, n, c = 4, 8, 2, 5
     tokens = torch.randn(n, grid * grid, c)
-    full = F.avg_pool2d(tokens.transpose(1, 2).reshape(n, c, grid, grid), 2).flatten(2).transpose(1, 2)  # [N, 16, C]
     cells = select_cells(n, g, 0.5, "random", generator=torch.Generator().manual_seed(1))
+
+    def pooled_then_gathered(dt):
+        full = F.avg_pool2d(tokens.to(dt).transpose(1, 2).reshape(n, c, grid, grid), 2).flatten(2).transpose(1, 2)
+        return full.gather(1, cells[..., None].expand(-1, -1, c))  # [N, 8, C]
+
     ids = cells_to_patches(cells, g, grid)  # [N, 8 * 4]
     kept = tokens.gather(1, ids[..., None].expand(-1, -1, c)).reshape(n, -1, 4, c).mean(2)
-    torch.testing.assert_close(kept, full.gather(1, cells[..., None].expand(-1, -1, c)), atol=1e-6, rtol=0)
+    # a mean of 4 in another order than avg_pool2d's: equal up to the pooling's own fp32 noise
+    want = pooled_then_gathered(torch.float32)
+    assert_within_noise(kept, want, "patches of kept cells, pooled",
+                        noise=max_abs(want, pooled_then_gathered(torch.float64)))
 
 
 # ---- the fused gather -----------------------------------------------------------------------------
@@ -106,8 +115,11 @@ def test_keeping_every_cell_equals_no_dropping(class_token):
     model = _drop_tower(class_token)
     views = {"vit": torch.randn(3, 3, 64, 64), "cnn": torch.randn(3, 3, 64, 64)}
     every = torch.arange(16).expand(3, 16)
+    model64, views64 = copy.deepcopy(model).double(), {k: v.double() for k, v in views.items()}
     with torch.no_grad():
-        torch.testing.assert_close(model(views, cells=every), model(views), atol=2e-5, rtol=0)
+        full = model(views)
+        assert_within_noise(model(views, cells=every), full, "every cell kept (cell-major order) vs no dropping",
+                            noise=max_abs(full, model64(views64)))
 
 
 def test_dropping_keeps_the_same_cells_in_every_encoder():
@@ -124,7 +136,8 @@ def test_dropping_keeps_the_same_cells_in_every_encoder():
     cnn_cfg = model.config.encoder("cnn")
     full_grid = to_fusion_layout(full_feats["cnn"], cnn_cfg, 4)
     kept_grid = to_fusion_layout(kept_feats["cnn"], cnn_cfg, 4, cells=cells)
-    torch.testing.assert_close(kept_grid[:, 1:], full_grid[:, 1:].gather(1, cells[..., None].expand(-1, -1, 32)))
+    # the CNN's cells are copies of its repeated map either way: bit-identical
+    assert torch.equal(kept_grid[:, 1:], full_grid[:, 1:].gather(1, cells[..., None].expand(-1, -1, 32)))
 
 
 def test_tower_and_pipeline_option(tmp_path):

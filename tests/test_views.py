@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgevlm_testkit import assert_close_rel
 
 from edgevlm import get_preset
 from edgevlm.config import SphinxFusionConfig, TowerConfig, ViewConfig, ViTConfig
@@ -31,6 +32,11 @@ def pixels(result, name: str = "e0") -> np.ndarray:
     return result.views[name].numpy().transpose(0, 2, 3, 1)
 
 
+# Identity normalisation still runs in fp32 (pixel * a + b, or (pixel / 255 - mean) / std): at most two
+# roundings of a value <= 255, so 4 fp32 ulps of the pixel scale; a pixel one 8-bit level off is ~10^5 ulps.
+NORM_ULPS = 4
+
+
 COLOURS = {"TL": (250, 0, 0), "TR": (0, 250, 0), "BL": (0, 0, 250), "BR": (250, 250, 0)}
 
 
@@ -49,6 +55,7 @@ def test_view_order_global_then_tl_tr_bl_br(backend):
     v = pixels(res)
     assert v.shape == (5, 32, 32, 3)
     g = v[0]  # the global view holds all four colours, each in its own corner
+    # atol=0.5 grey level: resized pixels are whole 8-bit levels, so this says "the same level"
     for (y, x), name in zip([(2, 2), (2, 29), (29, 2), (29, 29)], ["TL", "TR", "BL", "BR"]):
         np.testing.assert_allclose(g[y, x], COLOURS[name], atol=0.5)
     for k, name in enumerate(["TL", "TR", "BL", "BR"], start=1):
@@ -70,11 +77,11 @@ def test_pad_square_offsets(backend, h, w):
     # R == side: the resize is the identity, so the padded square itself comes back
     v = pixels(Preprocessor(pixel_tower(ViewConfig(kind="pad_square"), g.side), backend=backend)([img]))[0]
     y0, x0, y1, x1 = g.image_box
-    np.testing.assert_allclose(v[y0:y1, x0:x1], np.broadcast_to((10, 200, 30), (h, w, 3)), atol=1e-3)
+    assert_close_rel(v[y0:y1, x0:x1], np.array((10, 200, 30)), "image inside the padded square", ulps=NORM_ULPS)
     mask = np.ones((g.side, g.side), bool)
     mask[y0:y1, x0:x1] = False
     assert mask.sum() == g.side ** 2 - h * w
-    np.testing.assert_allclose(v[mask], np.broadcast_to(PAD, (mask.sum(), 3)), atol=1e-3)
+    assert_close_rel(v[mask], np.array(PAD), "padding around the image", ulps=NORM_ULPS)
 
 
 def test_crop_boxes_row_major():
@@ -130,9 +137,9 @@ def test_anyres_tiles_and_fill(backend):
     assert res.views_per_image == [3]
     lay = anyres_layout(10, 60, (1, 2), 32)
     v = pixels(res)
-    np.testing.assert_allclose(v[0], 200, atol=1e-3)  # base view: stretched
-    np.testing.assert_allclose(v[1, 0], np.broadcast_to((5, 6, 7), (32, 3)), atol=1e-3)  # first row is fill
-    np.testing.assert_allclose(v[1, lay.top + lay.resized_h // 2, 5], 200, atol=1e-3)
+    assert_close_rel(v[0], np.array(200.0), "anyres base view (stretched)", ulps=NORM_ULPS)
+    assert_close_rel(v[1, 0], np.array((5, 6, 7)), "anyres tile, first row (fill)", ulps=NORM_ULPS)
+    assert_close_rel(v[1, lay.top + lay.resized_h // 2, 5], np.array(200.0), "anyres tile, image row", ulps=NORM_ULPS)
     mask = res.token_masks["e0"]
     assert mask.shape == (3, 1 + 16)  # the class token leads and is always real
     assert mask[:, 0].all() and mask[0].all() and not mask[1].all()

@@ -5,10 +5,14 @@ back through :func:`read_hf_vision_dir` (or :func:`vit_from_hf` for a whole BLIP
 test covers the on-disk key layout of the installed transformers, not just in-memory names.
 transformers' init leaves norms at 1/0, biases at 0 and layer scales at 1 (BLIP-2's vision init is
 ~1e-10), which would hide swapped or missing tensors; every parameter is re-drawn first.
+
+Each bound is the reference's own fp32 rounding noise, measured by running a float64 copy of the
+transformers model on the same pixels (:func:`edgevlm_testkit.assert_within_noise`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -21,10 +25,10 @@ from edgevlm.runtime.readers.hf_vision import read_hf_vision_dir, vit_from_hf
 from edgevlm.runtime.readers.safetensors_io import load_safetensors_dir
 from edgevlm.runtime.vision import build_encoder
 from edgevlm.runtime.vision.vit import ViT
+from edgevlm_testkit import assert_within_noise, max_abs
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-4
 MAX_ERR: dict[str, float] = {}  # test id -> measured max abs error (read by whoever wants numbers)
 
 
@@ -63,11 +67,17 @@ def _run(cfg, sd, x) -> torch.Tensor:
         return m(x)
 
 
-def _check(request, ours: torch.Tensor, ref: torch.Tensor) -> None:
+def _refs(model: nn.Module, fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(model, x)`` in fp32 and again on a float64 copy of the model and pixels (the noise measure)."""
+    with torch.no_grad():
+        return fn(model, x), fn(copy.deepcopy(model).double(), x.double())
+
+
+def _check(request, ours: torch.Tensor, refs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    ref, ref64 = refs
     assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
-    err = (ours - ref).abs().max().item()
-    MAX_ERR[request.node.name] = err
-    assert err <= ATOL, f"max abs error {err:.3g} > {ATOL} (reference max {ref.abs().max().item():.3g})"
+    MAX_ERR[request.node.name] = assert_within_noise(ours, ref, f"{request.node.name}: tokens vs transformers",
+                                                     noise=max_abs(ref, ref64))
 
 
 # ---- fixtures: one saved folder per family per module ----------------------------------------------
@@ -143,9 +153,8 @@ def test_clip_last_hidden_state(clip, request):
     assert (cfg.final_norm, cfg.pre_norm, cfg.patch_bias, cfg.mlp_act, cfg.mean) == (False, True, False,
                                                                                      "quick_gelu", CLIP_MEAN)
     assert cfg.tokens == 101 and cfg.head_dim == 40
-    with torch.no_grad():
-        ref = model(pixel_values=x).last_hidden_state
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x).last_hidden_state, x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_clip_penultimate_layer_without_class_token(clip, request):
@@ -154,19 +163,17 @@ def test_clip_penultimate_layer_without_class_token(clip, request):
     x = _pixels(40, 40)
     cfg, sd = read_hf_vision_dir(folder, name="clip", feature_layer=-2, keep_class_token=False)
     assert cfg.blocks_run == 2 and not any(k.startswith("blocks.2.") for k in sd)
-    with torch.no_grad():
-        ref = model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    refs = _refs(model, lambda m, x: m(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:], x)
     assert cfg.tokens == 100
-    _check(request, _run(cfg, sd, x), ref)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_clip_penultimate_layer_with_class_token(clip, request):
     folder, model = clip
     x = _pixels(40, 40)
     cfg, sd = read_hf_vision_dir(folder, name="clip", feature_layer=-2)
-    with torch.no_grad():
-        ref = model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x, output_hidden_states=True).hidden_states[-2], x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_clip_final_norm_on_all_tokens(clip, request):
@@ -174,19 +181,17 @@ def test_clip_final_norm_on_all_tokens(clip, request):
     folder, model = clip
     x = _pixels(40, 40)
     cfg, sd = read_hf_vision_dir(folder, name="clip", final_norm=True)
-    with torch.no_grad():
-        ref = model.post_layernorm(model(pixel_values=x).last_hidden_state)
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m.post_layernorm(m(pixel_values=x).last_hidden_state), x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_clip_interpolated_non_square_grid(clip, request):
     folder, model = clip
     x = _pixels(48, 36)  # 12 x 9 grid against the trained 10 x 10
     cfg, sd = read_hf_vision_dir(folder, name="clip")
-    with torch.no_grad():
-        ref = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-    assert ref.shape[1] == 1 + 12 * 9
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state, x)
+    assert refs[0].shape[1] == 1 + 12 * 9
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_clip_whole_model_folder(tmp_path, request):
@@ -198,9 +203,8 @@ def test_clip_whole_model_folder(tmp_path, request):
     _save(model, tmp_path)
     cfg, sd = read_hf_vision_dir(tmp_path, name="clip")
     x = _pixels(24, 24)
-    with torch.no_grad():
-        ref = model.vision_model(pixel_values=x).last_hidden_state
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model.vision_model, lambda m, x: m(pixel_values=x).last_hidden_state, x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 # ---- DINOv2 ----------------------------------------------------------------------------------------
@@ -211,9 +215,8 @@ def test_dinov2_trained_grid(dinov2, request):
     x = _pixels(28, 28)
     cfg, sd = read_hf_vision_dir(folder, name="dino")
     assert (cfg.layer_scale, cfg.final_norm, cfg.mean, cfg.pos_grid) == (True, True, IMAGENET_MEAN, 0)
-    with torch.no_grad():
-        ref = model(pixel_values=x).last_hidden_state
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x).last_hidden_state, x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_dinov2_interpolated_position_table(dinov2, request):
@@ -222,10 +225,9 @@ def test_dinov2_interpolated_position_table(dinov2, request):
     x = _pixels(36, 44)
     cfg, sd = read_hf_vision_dir(folder, name="dino", image_size=36)
     assert cfg.pos_grid == 7 and cfg.grid == (9, 9)
-    with torch.no_grad():
-        ref = model(pixel_values=x).last_hidden_state
-    assert ref.shape[1] == 1 + 9 * 11
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x).last_hidden_state, x)
+    assert refs[0].shape[1] == 1 + 9 * 11
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_dinov2_intermediate_layer(dinov2, request):
@@ -233,9 +235,8 @@ def test_dinov2_intermediate_layer(dinov2, request):
     x = _pixels(36, 44)
     cfg, sd = read_hf_vision_dir(folder, name="dino", feature_layer=1, final_norm=False)
     assert "norm.weight" not in sd
-    with torch.no_grad():
-        ref = model(pixel_values=x, output_hidden_states=True).hidden_states[1]
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x, output_hidden_states=True).hidden_states[1], x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_dinov2_swiglu_and_floored_input(dinov2_swiglu, request):
@@ -244,9 +245,8 @@ def test_dinov2_swiglu_and_floored_input(dinov2_swiglu, request):
     x = _pixels(38, 45)
     cfg, sd = read_hf_vision_dir(folder, name="dino")
     assert cfg.mlp_act == "swiglu" and cfg.mlp_dim == 128  # (int(48 * 4 * 2 / 3) + 7) // 8 * 8
-    with torch.no_grad():
-        ref = model(pixel_values=x).last_hidden_state
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x).last_hidden_state, x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 # ---- SigLIP ----------------------------------------------------------------------------------------
@@ -269,9 +269,8 @@ def test_siglip(tmp_path, request, whole):
     assert (cfg.class_token, cfg.global_token, cfg.tokens, cfg.mlp_act, cfg.mean) == (False, False, 16,
                                                                                       "gelu_tanh", HALF_MEAN)
     x = _pixels(32, 32)
-    with torch.no_grad():
-        ref = model(pixel_values=x).last_hidden_state
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x).last_hidden_state, x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 # ---- BLIP-2 ----------------------------------------------------------------------------------------
@@ -284,9 +283,8 @@ def test_blip2_vision_folder(blip2_vision, request):
     assert (cfg.final_norm, cfg.pre_norm, cfg.mean) == (True, False, CLIP_MEAN)
     k_bias = sd["blocks.0.attn.qkv.bias"][48:96]
     assert k_bias.abs().max() > 0  # transformers 5 saves a fused, trainable bias: kept as stored
-    with torch.no_grad():
-        ref = model(pixel_values=x).last_hidden_state
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model, lambda m, x: m(pixel_values=x).last_hidden_state, x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 @pytest.mark.parametrize("layout", ["fused_bias", "q_v_bias"])
@@ -303,18 +301,16 @@ def test_blip2_whole_checkpoint_prefix(blip2_whole, request, layout):
     cfg, sd = vit_from_hf(hf["vision_config"], state, "vision_model.", name="eva")
     assert torch.equal(sd["blocks.1.attn.qkv.bias"][48:96], torch.zeros(48))
     x = _pixels(28, 28)
-    with torch.no_grad():
-        ref = model.vision_model(pixel_values=x).last_hidden_state
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model.vision_model, lambda m, x: m(pixel_values=x).last_hidden_state, x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 def test_blip2_whole_folder(blip2_whole, request):
     folder, model = blip2_whole
     cfg, sd = read_hf_vision_dir(folder, name="eva", feature_layer=-2, final_norm=False)
     x = _pixels(28, 28)
-    with torch.no_grad():
-        ref = model.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-    _check(request, _run(cfg, sd, x), ref)
+    refs = _refs(model.vision_model, lambda m, x: m(pixel_values=x, output_hidden_states=True).hidden_states[-2], x)
+    _check(request, _run(cfg, sd, x), refs)
 
 
 # ---- module behaviour and bad input ----------------------------------------------------------------
