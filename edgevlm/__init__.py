@@ -35,7 +35,8 @@ def _warn_if_checkout_on_sys_path() -> None:
     if any(Path(p or os.getcwd()).resolve() == root for p in sys.path):
         warnings.warn(f"the edgevlm checkout {root} is on sys.path, so its folders kernels/, export/, runtime/ "
                       f"and train/ shadow installed packages of those names (transformers imports `kernels`). "
-                      f"Start Python with -P or PYTHONSAFEPATH=1, or from another folder.", RuntimeWarning, stacklevel=3)
+                      f"Start Python with -P or PYTHONSAFEPATH=1, or from another folder.",
+                      RuntimeWarning, stacklevel=3)
 
 
 _warn_if_checkout_on_sys_path()

@@ -69,7 +69,8 @@ def assert_within_noise(got, want, what: str, *, noise: float, factor: float = 4
     tol = factor * noise + floor_ulps * EPS32 * scale_of(want)
     _report(what, err, tol)
     assert err <= tol, (f"{what}: max abs error {err:.3g} > bound {tol:.3g} "
-                        f"(= {factor:g} x measured noise {noise:.3g} + {floor_ulps:g} ulps of scale {scale_of(want):.3g})")
+                        f"(= {factor:g} x measured noise {noise:.3g} + {floor_ulps:g} ulps of scale "
+                        f"{scale_of(want):.3g})")
     return err
 
 
@@ -87,7 +88,8 @@ def assert_differs(a, b, what: str, *, rel: float) -> float:
     """max|a - b| > rel * max|b|: the two really differ, by far more than rounding. Returns the difference."""
     diff = max_abs(a, b)
     need = rel * scale_of(b)
-    assert diff > need, f"{what}: max difference {diff:.3g} is not above {rel:g} of scale {scale_of(b):.3g} ({need:.3g})"
+    assert diff > need, (f"{what}: max difference {diff:.3g} is not above {rel:g} of scale {scale_of(b):.3g} "
+                         f"({need:.3g})")
     return diff
 
 
