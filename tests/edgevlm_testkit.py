@@ -30,6 +30,7 @@ are compared between CPUs.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -54,6 +55,12 @@ def max_abs(a, b) -> float:
 def scale_of(t) -> float:
     """max |t|: the magnitude a relative bound is taken against."""
     return _f64(t).abs().max().item()
+
+
+def float64_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``module`` (the original is untouched): the second precision whose difference
+    from the fp32 run is the measured noise that :func:`assert_within_noise` takes."""
+    return copy.deepcopy(module).double()
 
 
 def assert_within_noise(got, want, what: str, *, noise: float, factor: float = 4.0,

@@ -4,11 +4,11 @@ judged against a same-precision PyTorch baseline; its dispatch; and the tower mo
 On a GPU the same kernel runs compiled; bench/gpu_attention.py checks and times it there.
 """
 
-import copy
 
 import pytest
 import torch
-from edgevlm_testkit import HAVE_TRITON, assert_kernel_close, assert_within_noise, max_abs, randomize_params
+from edgevlm_testkit import (HAVE_TRITON, assert_kernel_close, assert_within_noise, float64_copy, max_abs,
+                             randomize_params)
 
 from edgevlm.errors import ShapeError
 from edgevlm.kernels import attention as attn_mod
@@ -166,7 +166,7 @@ def test_sphinx_tower_through_the_kernel_matches_reference(interpreter, monkeypa
     randomize_params(model, 5, scale=0.2)
     model.eval()
     views = {e.name: torch.randn(5, 3, e.image_size, e.image_size) for e in model.config.encoders}
-    model64, views64 = copy.deepcopy(model).double(), {k: v.double() for k, v in views.items()}
+    model64, views64 = float64_copy(model), {k: v.double() for k, v in views.items()}
     got, ref, calls, noise = _kernel_vs_reference(monkeypatch, lambda: model(views), lambda: model64(views64))
     # two ViTs x 2 blocks, the Q-Former's 2 self-attention layers and its 1 cross-attention layer
     assert len(calls) == 2 + 2 + 2 + 1
@@ -185,7 +185,7 @@ def test_resampler_through_the_kernel_matches_reference(interpreter, monkeypatch
     x = torch.randn(3, 37, 24)
     mask = torch.rand(3, 37) > 0.3
     mask[2] = False  # a fully padded view: only the latent keys remain
-    conn64 = copy.deepcopy(conn).double()
+    conn64 = float64_copy(conn)
     got, ref, calls, noise = _kernel_vs_reference(monkeypatch, lambda: conn({"siglip": x}, {"siglip": mask}),
                                                   lambda: conn64({"siglip": x.double()}, {"siglip": mask}))
     assert len(calls) == 2  # one per resampler layer, media and latents in one call

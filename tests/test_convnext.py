@@ -6,7 +6,6 @@ on the same pixels (:func:`edgevlm_testkit.assert_within_noise`)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -19,7 +18,7 @@ from edgevlm.errors import CheckpointError, ConfigError, ShapeError
 from edgevlm.runtime.readers.hf_convnext import read_hf_convnext_dir
 from edgevlm.runtime.vision import build_encoder
 from edgevlm.runtime.vision.convnext import ConvNeXt
-from edgevlm_testkit import assert_differs, assert_within_noise, max_abs
+from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +79,7 @@ def test_parity_with_transformers(hf_ckpt, size):
     model = ConvNeXt(cfg).eval()
     model.load_state_dict(sd, strict=True)
     x = torch.randn(3, 3, *size)
-    hf64 = copy.deepcopy(hf).double()
+    hf64 = float64_copy(hf)
     with torch.no_grad():
         ref, ref64 = hf(pixel_values=x), hf64(pixel_values=x.double())
         feats, pooled, out = model.features(x), model.pooled(x), model(x)
@@ -110,7 +109,7 @@ def test_without_final_norm_drops_head(hf_ckpt):
     x = torch.randn(1, 3, cfg.image_size, cfg.image_size)
     with torch.no_grad():
         out = model(x)
-        ref, ref64 = hf(pixel_values=x).last_hidden_state, copy.deepcopy(hf).double()(pixel_values=x.double())
+        ref, ref64 = hf(pixel_values=x).last_hidden_state, float64_copy(hf)(pixel_values=x.double())
         assert_close(out, ref, ref64.last_hidden_state, "map without final norm")
     assert tuple(out.shape[-2:]) == cfg.grid  # the grid connectors are told about
     with pytest.raises(ConfigError, match="final_norm"):

@@ -5,12 +5,11 @@ cache under a mask; the ordinary path slices the cache with Python ints. Same nu
 Capture itself needs CUDA and is exercised by bench/gpu_decode.py.
 """
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-from edgevlm_testkit import assert_within_noise, max_abs
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs
 
 from edgevlm.config import DecoderConfig
 from edgevlm.errors import BackendUnavailableError, ConfigError, EdgeVLMError
@@ -41,7 +40,7 @@ def tiny(**overrides) -> LlamaDecoder:
 @torch.no_grad()
 def test_matches_cached_decoder_prompt_then_greedy(rope):
     dec = tiny(**ROPES[rope])
-    dec64 = copy.deepcopy(dec).double()  # the cached path in float64: the fp32 noise of each step's logits
+    dec64 = float64_copy(dec)  # the cached path in float64: the fp32 noise of each step's logits
     prompt = torch.randint(0, CFG.vocab_size, (1, 7))
     ref_cache, cache, cache64 = dec.new_cache(max_len=24), dec.new_cache(max_len=24), dec64.new_cache(max_len=24)
     ref_logits = dec(prompt, cache=ref_cache, last_only=True)[:, -1]  # [1, V]

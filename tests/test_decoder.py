@@ -4,7 +4,6 @@ Parity bounds are the reference's own fp32 rounding noise, measured by running i
 (:func:`edgevlm_testkit.assert_within_noise`); the decoder's self-consistency checks (cache vs full
 recompute, chunked prefill, shifted positions) measure theirs with a float64 copy of our decoder."""
 
-import copy
 import dataclasses
 import json
 
@@ -16,7 +15,7 @@ from edgevlm.runtime.decoder import LlamaDecoder
 from edgevlm.runtime.kv_cache import ContextLengthError, KVCache
 from edgevlm.runtime.readers.hf_llama import config_from_hf, llama_from_hf, read_llama_dir
 from edgevlm.runtime.readers.safetensors_io import find_prefix, load_safetensors_dir
-from edgevlm_testkit import assert_differs, assert_within_noise, max_abs
+from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,11 +51,6 @@ def tiny(tmp_path_factory):
     return path, hf, LlamaDecoder.from_state(cfg, state).eval()
 
 
-def f64(model: torch.nn.Module) -> torch.nn.Module:
-    """A float64 copy of ``model``: the second precision that measures the fp32 run's rounding noise."""
-    return copy.deepcopy(model).double()
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_transformers(tmp_path, variant):
     hf = save_tiny(tmp_path, **VARIANTS[variant])
@@ -65,7 +59,7 @@ def test_logits_match_transformers(tmp_path, variant):
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         ref, out = hf(ids).logits, dec(ids)
-        ref64 = f64(hf)(ids).logits
+        ref64 = float64_copy(hf)(ids).logits
     err = assert_within_noise(out, ref, f"{variant}: logits vs transformers", noise=max_abs(ref, ref64))
     print(f"{variant}: max |logit err| = {err:.2e}")
     if variant != "base":  # the feature under test must matter, or the comparison proves nothing
@@ -87,7 +81,7 @@ def test_mistral_within_its_window(tmp_path):
     assert cfg.max_seq_len == 32  # clamped to the window: beyond it Mistral is not LLaMA
     ids = torch.randint(0, 256, (1, 32))
     with torch.no_grad():
-        ref, ref64 = hf(ids).logits, f64(hf)(ids).logits
+        ref, ref64 = hf(ids).logits, float64_copy(hf)(ids).logits
         err = assert_within_noise(LlamaDecoder.from_state(cfg, state)(ids), ref, "mistral: logits vs transformers",
                                   noise=max_abs(ref, ref64))
     print(f"mistral: max |logit err| = {err:.2e}")
@@ -107,7 +101,7 @@ def test_cached_decode_equals_full_recompute(tiny):
             seq = torch.cat([seq, nxt], dim=1)
             step_logits = dec(nxt, cache=cache)[:, -1]
         # the same 32 positions' logits in one float64 pass (causal: position i sees only seq[:i+1])
-        full64 = f64(dec)(seq[:, :-1])[0, 7:]  # [32, V]
+        full64 = float64_copy(dec)(seq[:, :-1])[0, 7:]  # [32, V]
     full = torch.cat(fulls)  # [32, V]
     assert cache.length == 8 + 32
     err = assert_within_noise(torch.cat(steps), full, "cached decode vs full recompute, 32 steps",
@@ -128,7 +122,7 @@ def test_chunked_prefill_after_prefix_equals_one_shot(tiny):
         cache.truncate(10)
         reused = dec(other, cache=cache)
         fresh = dec(torch.cat([ids[:, :10], other], dim=1))[:, 10:]
-        dec64 = f64(dec)
+        dec64 = float64_copy(dec)
         ref64 = dec64(ids)
         fresh64 = dec64(torch.cat([ids[:, :10], other], dim=1))[:, 10:]
     print(f"chunked prefill: max |logit err| = {err:.2e}")
@@ -146,7 +140,7 @@ def test_inputs_embeds_and_explicit_positions(tiny):
         c = dec(ids, positions=torch.arange(12)[None])
         shifted = dec(ids, positions=torch.arange(5, 17))
         gapped = dec(ids, positions=torch.cat([torch.arange(6), torch.arange(10, 16)]))
-        a64 = f64(dec)(ids)
+        a64 = float64_copy(dec)(ids)
     assert torch.equal(a, b) and torch.equal(a, c)
     # RoPE only sees relative offsets: a uniform shift changes nothing, a gap changes the second half.
     # (The RoPE angles are fp32 in both runs, so their rounding is not in the measured noise; it is
@@ -196,7 +190,7 @@ def test_llava_language_model_prefixes(tmp_path):
     assert cfg == cfg2
     ids = torch.randint(0, 250, (1, 9))
     with torch.no_grad():
-        ref, ref64 = llava(input_ids=ids).logits, f64(llava)(input_ids=ids).logits
+        ref, ref64 = llava(input_ids=ids).logits, float64_copy(llava)(input_ids=ids).logits
         err = assert_within_noise(LlamaDecoder.from_state(cfg, dstate)(ids), ref, "llava language model logits",
                                   noise=max_abs(ref, ref64))
     print(f"llava language model: max |logit err| = {err:.2e}")

@@ -4,7 +4,6 @@ factor of the decoder's own fp32 rounding noise (measured against the same model
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from importlib import resources
 
@@ -17,7 +16,7 @@ from edgevlm.runtime.image_io import load_image
 from edgevlm.runtime.lora import apply_lora
 from edgevlm.runtime.readers import resolve_weights_path
 from edgevlm.runtime.readers.safetensors_io import load_safetensors
-from edgevlm_testkit import assert_within_noise, max_abs
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs
 
 CFG = get_preset("demo")
 
@@ -74,7 +73,7 @@ def test_training_model_and_runtime_agree(shipped):
     # same inputs (RMSNorm still normalises in fp32 there, as transformers' does: the fp64 run is the
     # better one, not exact, and their difference is the fp32 run's noise to within that).
     with torch.no_grad():
-        train64 = copy.deepcopy(train.decoder).double()(inputs_embeds=inputs[0].double())[0]
+        train64 = float64_copy(train.decoder)(inputs_embeds=inputs[0].double())[0]
     err = assert_within_noise(logits[1], logits[0], "demo logits, runtime (LoRA merged) vs training (unmerged)",
                               noise=max_abs(logits[0], train64))
     print(f"max |logit difference| {err:.2e}")

@@ -26,7 +26,8 @@ from edgevlm.presets import get_preset  # noqa: E402
 from edgevlm.runtime.preprocess import Preprocessor  # noqa: E402
 from edgevlm.runtime.tower import build_tower_model  # noqa: E402
 
-from edgevlm_testkit import EPS32, FLOOR_ULPS, assert_within_noise, max_abs, randomize_params, scale_of  # noqa: E402
+from edgevlm_testkit import (  # noqa: E402
+    EPS32, FLOOR_ULPS, assert_within_noise, float64_copy, max_abs, randomize_params, scale_of)
 
 
 def tiny_model(seed: int = 0):
@@ -57,7 +58,7 @@ def eager(model, views):
 def assert_matches_eager(got_batches, model, batches, what, factor: float = 4.0) -> float:
     """An exported graph's outputs (one array per batch of views) vs eager fp32, within the eager model's
     own fp32 noise (the same views through a float64 copy of it). Returns the bound that was applied."""
-    model64 = copy.deepcopy(model).double()
+    model64 = float64_copy(model)
     ref = np.concatenate([eager(model, views) for views in batches])
     ref64 = np.concatenate([eager(model64, {k: v.double() for k, v in views.items()}) for views in batches])
     got = np.concatenate([np.asarray(g) for g in got_batches])
@@ -400,7 +401,7 @@ def test_load_with_onnxruntime_tower_matches_torch(tiny_export, photos, monkeypa
     assert a.shape == b.shape
     pre = ref.tower.preprocessor(photos[:2])
     with torch.inference_mode():
-        b64 = copy.deepcopy(ref.tower.model).double()({k: v.double() for k, v in pre.views.items()}, pre.token_masks)
+        b64 = float64_copy(ref.tower.model)({k: v.double() for k, v in pre.views.items()}, pre.token_masks)
     assert_within_noise(a, b, "load(vision_backend=onnxruntime) vs torch tower",
                         noise=max_abs(b, b64.reshape(b.shape)))  # the torch tower's fp32 noise (5 views/image)
     out_a = pipe.generate(photos[0], "Describe.", max_new_tokens=4)

@@ -1,11 +1,10 @@
 """FLIP-style masked image-encoder training (train/flip.py): token dropping, masked encoding, contrastive step."""
 
 import argparse
-import copy
 
 import pytest
 import torch
-from edgevlm_testkit import assert_differs, assert_within_noise, max_abs
+from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 
 from edgevlm.config import ViTConfig
 from edgevlm.errors import ConfigError, ShapeError
@@ -66,7 +65,7 @@ def test_masked_encode_ratio_zero_equals_full_vit():
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         full = vit(pixels).mean(dim=1)  # [2, 32]
-        full64 = copy.deepcopy(vit).double()(pixels.double()).mean(dim=1)
+        full64 = float64_copy(vit)(pixels.double()).mean(dim=1)
         masked = masked_encode(vit, pixels, 0.0, torch.Generator().manual_seed(0))
         half = masked_encode(vit, pixels, 0.5, torch.Generator().manual_seed(0))
     assert_within_noise(masked, full, "masked_encode at ratio 0 vs the full ViT", noise=max_abs(full, full64))

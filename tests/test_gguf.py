@@ -3,7 +3,6 @@
 Logit parity with transformers is bounded by transformers' own fp32 rounding noise, measured by running
 its model again in float64 (:func:`edgevlm_testkit.assert_within_noise`)."""
 
-import copy
 import random
 import shutil
 
@@ -13,7 +12,7 @@ import torch
 
 from edgevlm.errors import CheckpointError
 from edgevlm.runtime.readers.gguf_reader import dequantize, read_gguf, unpermute_rows
-from edgevlm_testkit import EPS32, assert_close_rel, assert_differs, assert_within_noise, max_abs
+from edgevlm_testkit import EPS32, assert_close_rel, assert_differs, assert_within_noise, float64_copy, max_abs
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -121,7 +120,7 @@ def test_f32_gguf_logits_match_transformers(f32_file):
     assert torch.equal(m.state["layers.1.attn.k_proj.weight"], hf.model.layers[1].self_attn.k_proj.weight)
     ids = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
-        ref, ref64 = hf(ids).logits, copy.deepcopy(hf).double()(ids).logits
+        ref, ref64 = hf(ids).logits, float64_copy(hf)(ids).logits
         err = assert_within_noise(m.decoder()(ids), ref, "GGUF F32 logits vs transformers", noise=max_abs(ref, ref64))
     print(f"GGUF F32 vs transformers: max |logit err| = {err:.2e}")
 
@@ -194,7 +193,7 @@ def test_quantized_file_state_raw_and_transformers_loader(mixed_file):
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, orig = dec(ids), hf(ids).logits
-        ref, ref64 = hf_q(ids).logits, copy.deepcopy(hf_q).double()(ids).logits
+        ref, ref64 = hf_q(ids).logits, float64_copy(hf_q)(ids).logits
     # the same dequantised weights through transformers' own GGUF config and loader: fp32 noise apart
     assert_within_noise(ours, ref, "GGUF mixed-quantised logits vs transformers' GGUF load", noise=max_abs(ref, ref64))
     # against the unquantised original: the quantisation error is really there (3-4% of the logit scale

@@ -6,12 +6,11 @@ CI has no GPU, so everything here is skipped there; run it on a GPU machine with
 ``TRITON_INTERPRET=0 python -m pytest tests/test_gpu.py`` (scripts/gpu_check.sh does).
 """
 
-import copy
 import os
 
 import pytest
 import torch
-from edgevlm_testkit import HAVE_TRITON, assert_kernel_close, assert_within_noise, max_abs
+from edgevlm_testkit import HAVE_TRITON, assert_kernel_close, assert_within_noise, float64_copy, max_abs
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; see scripts/gpu_check.sh)"),
@@ -100,7 +99,7 @@ def test_cuda_graph_step_matches_eager_decoder():
     torch.manual_seed(0)
     dec = LlamaDecoder(DecoderConfig(vocab_size=97, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                                      max_seq_len=64)).cuda().eval()
-    dec64 = copy.deepcopy(dec).double()  # the eager cached path in float64: the fp32 noise of each step
+    dec64 = float64_copy(dec)  # the eager cached path in float64: the fp32 noise of each step
     prompt = torch.randint(0, 97, (1, 7), device="cuda")
     ref_cache, cache, cache64 = dec.new_cache(max_len=24), dec.new_cache(max_len=24), dec64.new_cache(max_len=24)
     ref_logits = dec(prompt, cache=ref_cache, last_only=True)[:, -1]
@@ -152,11 +151,11 @@ def test_pipeline_on_cuda_matches_cpu():
     a, b = cpu.tower(image), gpu.tower(image).cpu()
     # The same math on two devices (TF32 off): within the CPU model's fp32 noise, measured in float64.
     pre = cpu.tower.preprocessor([image])
-    a64 = copy.deepcopy(cpu.tower.model).double()({k: v.double() for k, v in pre.views.items()}, pre.token_masks)
+    a64 = float64_copy(cpu.tower.model)({k: v.double() for k, v in pre.views.items()}, pre.token_masks)
     assert_within_noise(b, a, "tower on CUDA vs CPU", noise=max_abs(a, a64.reshape(a.shape)))
     ids = torch.randint(0, cpu.decoder.cfg.vocab_size, (1, 20))
     la, lb = cpu.decoder(ids), gpu.decoder(ids.cuda()).cpu()
-    la64 = copy.deepcopy(cpu.decoder).double()(ids)
+    la64 = float64_copy(cpu.decoder)(ids)
     assert_within_noise(lb, la, "decoder logits on CUDA vs CPU", noise=max_abs(la, la64))
     oa, ob = cpu.generate(image, "hi", max_new_tokens=8), gpu.generate(image, "hi", max_new_tokens=8)
     assert oa.token_ids == ob.token_ids

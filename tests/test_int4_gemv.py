@@ -7,7 +7,7 @@ On a GPU the same kernel runs compiled; bench/gpu_decode.py checks it there.
 import copy
 
 import pytest
-from edgevlm_testkit import HAVE_TRITON, assert_kernel_close, assert_within_noise, max_abs
+from edgevlm_testkit import HAVE_TRITON, assert_kernel_close, assert_within_noise, float64_copy, max_abs
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -139,7 +139,7 @@ def test_graphed_step_over_triton_linears_matches_cached_path_interpreted(interp
     for name, m in dec.named_modules():
         if isinstance(m, TritonInt4Linear):
             dense.get_submodule(name).weight.copy_(dequantize_triton(m.weight4))
-    dense64 = copy.deepcopy(dense).double()  # the decoder's fp32 rounding noise: dense fp32 vs dense fp64
+    dense64 = float64_copy(dense)  # the decoder's fp32 rounding noise: dense fp32 vs dense fp64
     prompt = torch.randint(0, cfg.vocab_size, (1, 4))
     d32_cache, d64_cache = dense.new_cache(max_len=8), dense64.new_cache(max_len=8)
     dense(prompt, cache=d32_cache)

@@ -6,7 +6,6 @@ float64 (:func:`edgevlm_testkit.assert_within_noise`)."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -19,7 +18,7 @@ from edgevlm.runtime.chat import build_multimodal_ids
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 from edgevlm.runtime.readers import resolve_weights_path
 from edgevlm.presets import SMOLLM2_GGUF
-from edgevlm_testkit import assert_within_noise, max_abs, randomize_params
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs, randomize_params
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -80,7 +79,7 @@ def test_llava_folder_greedy_tokens_and_logits_match_transformers(llava):
     x = mp.embed(pipe.decoder.embed, [emb])
     with torch.no_grad():
         ref_logits = model(input_ids=ids, pixel_values=px).logits[0, -1]
-        ref64 = copy.deepcopy(model).double()(input_ids=ids, pixel_values=px.double()).logits[0, -1]
+        ref64 = float64_copy(model)(input_ids=ids, pixel_values=px.double()).logits[0, -1]
         ours_logits = pipe.decoder(inputs_embeds=x)[0, -1]
     assert_within_noise(ours_logits, ref_logits, "llava next-token logits vs transformers",
                         noise=max_abs(ref_logits, ref64))

@@ -3,7 +3,6 @@
 Float comparisons are bounded by the reference's own fp32 rounding noise, measured by running it again
 in float64 (:func:`edgevlm_testkit.assert_within_noise`)."""
 
-import copy
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from edgevlm.presets import get_preset, preset_names
 from edgevlm.runtime.connectors import build_connector
 from edgevlm.runtime.readers.hf_connectors import llava_projector_from_hf
 from edgevlm.runtime.readers.safetensors_io import load_safetensors_dir, read_json
-from edgevlm_testkit import assert_within_noise, max_abs
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs
 
 VISION, TEXT, GRID, N_VIEWS = 40, 48, 7, 3  # 7x7 = 49 patch tokens (CLS dropped, as LLaVA-1.5)
 
@@ -58,7 +57,7 @@ def test_llava_projector_matches_transformers(tmp_path, extra):
     x = torch.randn(N_VIEWS, GRID * GRID, VISION)
     with torch.no_grad():
         ref, ours = proj(x), conn({"clip": x})
-        ref64 = copy.deepcopy(proj).double()(x.double())
+        ref64 = float64_copy(proj)(x.double())
     assert ours.shape == (N_VIEWS, GRID * GRID, TEXT)
     err = assert_within_noise(ours, ref, f"llava projector {extra or 'default'} vs transformers",
                               noise=max_abs(ref, ref64))

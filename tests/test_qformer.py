@@ -7,7 +7,6 @@ noise, measured by running a float64 copy of its model on the same embeddings
 (:func:`edgevlm_testkit.assert_within_noise`).
 """
 
-import copy
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from edgevlm.runtime.connectors import build_connector
 from edgevlm.runtime.connectors.qformer import QFormer
 from edgevlm.runtime.readers.hf_connectors import blip2_connector_from_hf, qformer_from_hf
 from edgevlm.runtime.readers.safetensors_io import load_safetensors_dir, read_json
-from edgevlm_testkit import assert_within_noise, max_abs, randomize_params
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs, randomize_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,11 +62,6 @@ def _hf_qformer(model, emb, mask=None):
     return model.qformer(query_embeds=q, encoder_hidden_states=emb, encoder_attention_mask=mask).last_hidden_state
 
 
-def _f64(model):
-    """A float64 copy of the transformers model: the second precision that measures its fp32 noise."""
-    return copy.deepcopy(model).double()
-
-
 def test_blip2_connector_matches_transformers(blip2_ckpt):
     model, hf_cfg, state = blip2_ckpt
     cfg, sd = blip2_connector_from_hf(hf_cfg, state)
@@ -80,7 +74,7 @@ def test_blip2_connector_matches_transformers(blip2_ckpt):
     assert n_cross == (3 if cfg.qformer.cross_attention_every == 1 else 2)
 
     emb = torch.randn(N_VIEWS, TOKENS, ENC_WIDTH)
-    m64 = _f64(model)
+    m64 = float64_copy(model)
     with torch.no_grad():
         ref = model.language_projection(_hf_qformer(model, emb))
         ref64 = m64.language_projection(_hf_qformer(m64, emb.double()))
@@ -101,7 +95,7 @@ def test_qformer_padding_mask_matches_transformers(blip2_ckpt):
     mask[0, 60:] = False  # a padded tail
     mask[2, ::3] = False  # scattered holes
     with torch.no_grad():
-        ref, ref64 = _hf_qformer(model, emb, mask), _hf_qformer(_f64(model), emb.double(), mask)
+        ref, ref64 = _hf_qformer(model, emb, mask), _hf_qformer(float64_copy(model), emb.double(), mask)
         ours = qf(emb, mask)
         emb2 = emb.clone()
         emb2[~mask] = 1e3  # masked tokens must not matter
@@ -130,7 +124,7 @@ def test_qformer_reader_handles_other_key_layouts(blip2_ckpt, layout):
     qf.load_state_dict(qsd, strict=True)
     emb = torch.randn(2, TOKENS, ENC_WIDTH)
     with torch.no_grad():
-        ref, ref64 = _hf_qformer(model, emb), _hf_qformer(_f64(model), emb.double())
+        ref, ref64 = _hf_qformer(model, emb), _hf_qformer(float64_copy(model), emb.double())
         assert_within_noise(qf(emb), ref, f"qformer read from the {layout} layout vs transformers",
                             noise=max_abs(ref, ref64))
 

@@ -1,10 +1,9 @@
 """BLIP-2 stage-1 Q-Former pre-training (train/qformer_pretrain.py): masks, losses, runtime hand-off."""
 
-import copy
 
 import pytest
 import torch
-from edgevlm_testkit import assert_differs, assert_within_noise, max_abs
+from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 
 from edgevlm.config import QFormerConfig
 from edgevlm.errors import ShapeError
@@ -61,7 +60,7 @@ def test_unimodal_joint_pass_equals_separate_passes(model_and_batch):
     """ITC runs queries and text separately; one joint pass under the unimodal mask must be the same."""
     model, b = model_and_batch
     q = CFG.num_queries
-    model64 = copy.deepcopy(model).double()  # the separate passes in float64: their fp32 rounding noise
+    model64 = float64_copy(model)  # the separate passes in float64: their fp32 rounding noise
     with torch.no_grad():
         joint = model.encode_joint(b["text_ids"], b["image"], unimodal_mask(q, b["text_mask"]))
         queries = model.qformer(b["image"])

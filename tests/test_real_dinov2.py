@@ -13,7 +13,6 @@ factor of 4 on ours allows for.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from edgevlm.presets import get_preset
 from edgevlm.runtime.readers import ENCODER_WEIGHT_FORMATS, resolve_weights_path
 from edgevlm.runtime.readers.onnx_dinov2 import read_dinov2_from_onnx
 from edgevlm.runtime.vision.vit import ViT
-from edgevlm_testkit import assert_differs, assert_within_noise, max_abs
+from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 
 FINAL_NORM = "/backbone/layernorm/Add_1_output_0"
 MAX_ERR: dict[str, float] = {}
@@ -88,7 +87,7 @@ def outputs(cfg, onnx_path, photos):
     vit.load_state_dict(read_dinov2_from_onnx(onnx_path, cfg), strict=True)
     with torch.no_grad():
         ours = vit(photos)
-        ours64 = copy.deepcopy(vit).double()(photos.double())
+        ours64 = float64_copy(vit)(photos.double())
     return ours, ours64, torch.from_numpy(ref)
 
 

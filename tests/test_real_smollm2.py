@@ -6,7 +6,6 @@ running its model again in float64 (:func:`edgevlm_testkit.assert_within_noise`)
 used here, to build the chat-formatted prompt and read the answer.
 """
 
-import copy
 import importlib.util
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from edgevlm.presets import DECODERS
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 from edgevlm.runtime.readers.gguf_reader import read_gguf
-from edgevlm_testkit import assert_within_noise, max_abs
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
@@ -90,7 +89,7 @@ def test_logits_match_transformers(smol):
     with torch.no_grad():
         ref = hf(ids).logits
         out = dec(ids)
-        ref64 = copy.deepcopy(hf).double()(ids).logits
+        ref64 = float64_copy(hf)(ids).logits
     err_next = max_abs(ref[:, -1], out[:, -1])
     err_all = assert_within_noise(out, ref, f"SmolLM2 Q4_1 logits, all {ids.shape[1]} positions, vs transformers",
                                   noise=max_abs(ref, ref64))

@@ -1,12 +1,11 @@
 """SPHINX fusion: layout alignment (class/mean token, repeat / pool / bilinear resize), projection,
 Q-Former placement and separators, against hand-written references."""
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from edgevlm_testkit import assert_differs, assert_within_noise, max_abs
+from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 
 from edgevlm.config import ConvNeXtConfig, SphinxFusionConfig, TowerConfig, ViTConfig
 from edgevlm.errors import ShapeError
@@ -210,7 +209,7 @@ def test_position_table_is_added_to_the_fused_tokens():
     plain = SphinxFusion(replace(tower.connector, pos_embed=False), tower).eval()
     plain.load_state_dict({k: v for k, v in fusion.state_dict().items() if k != "pos_embed"})
     aligned = torch.randn(2, 65, tower.connector.fused_width)
-    fusion64, plain64 = copy.deepcopy(fusion).double(), copy.deepcopy(plain).double()
+    fusion64, plain64 = float64_copy(fusion), float64_copy(plain)
     with torch.no_grad():
         diff = fusion.from_aligned(aligned) - plain.from_aligned(aligned)  # [2, 67, 576]
         diff64 = fusion64.from_aligned(aligned.double()) - plain64.from_aligned(aligned.double())

@@ -1,12 +1,11 @@
 """Token dropping: cell selection, the fused gather + position add (kernel vs reference, interpreted),
 the ViT and SPHINX fusion on kept cells, and the tower / pipeline option."""
 
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from edgevlm_testkit import assert_within_noise, max_abs, randomize_params
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs, randomize_params
 
 import edgevlm
 from edgevlm.config import ConvNeXtConfig, SphinxFusionConfig, TowerConfig, ViTConfig
@@ -115,7 +114,7 @@ def test_keeping_every_cell_equals_no_dropping(class_token):
     model = _drop_tower(class_token)
     views = {"vit": torch.randn(3, 3, 64, 64), "cnn": torch.randn(3, 3, 64, 64)}
     every = torch.arange(16).expand(3, 16)
-    model64, views64 = copy.deepcopy(model).double(), {k: v.double() for k, v in views.items()}
+    model64, views64 = float64_copy(model), {k: v.double() for k, v in views.items()}
     with torch.no_grad():
         full = model(views)
         assert_within_noise(model(views, cells=every), full, "every cell kept (cell-major order) vs no dropping",

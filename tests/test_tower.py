@@ -6,7 +6,6 @@ on the same pixels (:func:`edgevlm_testkit.assert_within_noise`)."""
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from edgevlm import CheckpointError, ShapeError, UnknownPresetError, WeightsNotF
 from edgevlm.presets import get_preset
 from edgevlm.runtime import VisionTowerModel, load_vision_tower
 from edgevlm.runtime.checkpoint import WEIGHTS_NAME, save_checkpoint
-from edgevlm_testkit import assert_differs, assert_within_noise, max_abs, randomize_params
+from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs, randomize_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,7 +53,7 @@ def test_llava_tower_matches_transformers(llava_dir):
                                        vision_feature_select_strategy="default").pooler_output
         return torch.stack(list(ref)) if isinstance(ref, (list, tuple)) else ref
 
-    ref, ref64 = reference(model, px), reference(copy.deepcopy(model).double(), px.double())
+    ref, ref64 = reference(model, px), reference(float64_copy(model), px.double())
     ours = tower.from_pixels(px)
     assert ours.shape == (3, 100, 48) == ref.shape
     assert_within_noise(ours, ref, "llava tower vs transformers", noise=max_abs(ref, ref64))
@@ -91,7 +90,7 @@ def test_blip2_tower_matches_transformers(blip2_dir):
     px = torch.randn(3, 3, 40, 40)
     with torch.no_grad():
         ref = model.get_image_features(px).pooler_output  # projected query outputs
-        ref64 = copy.deepcopy(model).double().get_image_features(px.double()).pooler_output
+        ref64 = float64_copy(model).get_image_features(px.double()).pooler_output
     ours = tower.from_pixels(px)
     assert ours.shape == (3, 6, 32) == ref.shape
     assert_within_noise(ours, ref, "blip2 tower vs transformers", noise=max_abs(ref, ref64))

@@ -3,14 +3,13 @@ and parity: the exported checkpoint through ``edgevlm.load`` gives the training 
 
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from edgevlm_testkit import assert_differs, assert_within_noise, max_abs
+from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 from torch import nn
 
 import edgevlm
@@ -46,7 +45,7 @@ def test_lora_apply_merge_and_runtime_merge_agree():
             p.normal_()
     wrapped = m.q_proj(x), m.up_proj(x)
     assert_differs(wrapped[0], ref_q, "LoRA-adapted q_proj vs base", rel=1e-3)  # ~8000 fp32 ulps of the scale
-    m64 = copy.deepcopy(m).double()  # the unmerged LoRA in float64: the fp32 noise of the adapted outputs
+    m64 = float64_copy(m)  # the unmerged LoRA in float64: the fp32 noise of the adapted outputs
     noise = [max_abs(w, w64) for w, w64 in zip(wrapped, (m64.q_proj(x.double()), m64.up_proj(x.double())))]
     assert [n for n, p in m.named_parameters() if p.requires_grad] == [
         "q_proj.lora_A", "q_proj.lora_B", "up_proj.lora_A", "up_proj.lora_B", "other.weight", "other.bias"]
@@ -173,12 +172,12 @@ def test_exported_checkpoint_matches_training_logits(tmp_path):
         # the fp32 rounding noise of each. The runtime side also runs the encoders, which the training side
         # ran once (in fp32) to cache its features.
         feats64 = {k: v[ex.image].double() for k, v in tr.features.items()}
-        conn64, tdec64 = copy.deepcopy(tr.connector).double(), copy.deepcopy(tr.decoder).double()
+        conn64, tdec64 = float64_copy(tr.connector), float64_copy(tr.decoder)
         vis64 = conn64.from_aligned(feats64.pop("aligned"), feats64).reshape(1, -1, 64)
         x_train64 = ex.sequence.embed(tdec64.embed, [vis64[0]])
         logits_train64 = tdec64(inputs_embeds=x_train64)[0]
         pre = pipe.tower.preprocessor([img])
-        tower64, dec64 = copy.deepcopy(pipe.tower.model).double(), copy.deepcopy(pipe.decoder).double()
+        tower64, dec64 = float64_copy(pipe.tower.model), float64_copy(pipe.decoder)
         emb64 = tower64({k: v.double() for k, v in pre.views.items()}, pre.token_masks).reshape(-1, emb.shape[-1])
         x_rt64 = ex.sequence.embed(dec64.embed, [emb64])
         logits_rt64 = dec64(inputs_embeds=x_rt64)[0]

@@ -12,7 +12,6 @@ transformers model on the same pixels (:func:`edgevlm_testkit.assert_within_nois
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -25,7 +24,7 @@ from edgevlm.runtime.readers.hf_vision import read_hf_vision_dir, vit_from_hf
 from edgevlm.runtime.readers.safetensors_io import load_safetensors_dir
 from edgevlm.runtime.vision import build_encoder
 from edgevlm.runtime.vision.vit import ViT
-from edgevlm_testkit import assert_within_noise, max_abs
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,7 +69,7 @@ def _run(cfg, sd, x) -> torch.Tensor:
 def _refs(model: nn.Module, fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(model, x)`` in fp32 and again on a float64 copy of the model and pixels (the noise measure)."""
     with torch.no_grad():
-        return fn(model, x), fn(copy.deepcopy(model).double(), x.double())
+        return fn(model, x), fn(float64_copy(model), x.double())
 
 
 def _check(request, ours: torch.Tensor, refs: tuple[torch.Tensor, torch.Tensor]) -> None:
