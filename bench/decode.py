@@ -41,15 +41,12 @@ import torch
 
 import edgevlm
 from edgevlm.config import DecoderConfig, QuantConfig
-from edgevlm.results import append_rows
+from edgevlm.perf.limits import decoder_step_bytes, git_commit, kv_bytes, matmul_peak, read_bandwidth
+from edgevlm.perf.results import append_rows
 from edgevlm.runtime import quant as Q
-from edgevlm.limits import decoder_step_bytes, kv_bytes
 from edgevlm.runtime.decoder import LlamaDecoder
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 from edgevlm.runtime.readers.hf_llama import to_transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fp32_peak, git_commit, read_bandwidth  # noqa: E402  (bench/common.py)
 
 FIELDS = ["timestamp", "git", "cpu", "threads", "torch", "transformers", "edgevlm_kernels", "model", "variant",
           "prompt_tokens", "new_tokens", "ttft_ms", "prefill_tok_s", "prefill_gflops", "fp32_peak_gflops",
@@ -239,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git": git,
               "cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
               "transformers": transformers.__version__, "edgevlm_kernels": Q.cpu_kernels(),
-              "fp32_peak_gflops": fp32_peak()}
+              "fp32_peak_gflops": matmul_peak()}
     print(f"edgevlm decode bench: {common['cpu']}, {args.threads} threads, torch {torch.__version__}, "
           f"kernels {common['edgevlm_kernels']}, fp32 matmul peak {common['fp32_peak_gflops']:.0f} GFLOP/s")
     rows = []

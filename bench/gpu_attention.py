@@ -75,12 +75,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit, module_version  # noqa: E402
+from edgevlm.kernels.attention import attention_reference, triton_attention
+from edgevlm.perf.limits import git_commit, module_version
+from edgevlm.perf.results import append_rows
 
-from edgevlm.kernels.attention import attention_reference, triton_attention  # noqa: E402
-from edgevlm.results import append_rows  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIELDS = ["timestamp", "commit", "device", "torch", "triton", "case", "dtype", "n", "heads", "lq", "keys", "keys2",
           "head_dim", "masked", "kernel_ms", "sdpa_ms", "speedup", "kernel_tflops", "sdpa_tflops",

@@ -41,12 +41,11 @@ from torch import nn
 
 import edgevlm
 from edgevlm.config import DecoderConfig
-from edgevlm.kernels.int4_gemv import (TritonInt4Linear, dequantize_triton, int4_matmul, int4_matmul_reference,
-                                       pack_for_triton, swap_linears_for_triton)
+from edgevlm.kernels.int4_gemv import dequantize_triton, int4_matmul, int4_matmul_reference
+from edgevlm.perf.results import append_rows
 from edgevlm.runtime.cuda_graph import GraphedDecodeStep
 from edgevlm.runtime.decoder import LlamaDecoder, RMSNorm
-from edgevlm.results import append_rows
-from edgevlm.runtime.quant import quantize_int4
+from edgevlm.runtime.quant import TritonInt4Linear, pack_for_triton, quantize_int4, swap_linears_for_triton
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -19,7 +19,6 @@ import datetime as dt
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -33,10 +32,8 @@ from PIL import Image
 import edgevlm
 from edgevlm import get_preset
 from edgevlm.config import SphinxFusionConfig, TowerConfig
+from edgevlm.perf.limits import cpu_model, git_commit
 from edgevlm.presets import clip_vit_l14, dinov2
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402
 from edgevlm.runtime.preprocess import Preprocessor
 from edgevlm.runtime.views import pad_to_square
 
@@ -121,14 +118,6 @@ def timed(fn, repeat: int, warmup: int = 3) -> list[float]:
 
 def p90(xs: list[float]) -> float:
     return float(np.percentile(xs, 90))
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

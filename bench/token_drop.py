@@ -41,12 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgevlm.kernels.token_drop import cells_to_patches, select_cells
-from edgevlm.results import append_rows
+from edgevlm.perf.limits import count_flops, cpu_model, git_commit, matmul_peak, ort_fp32_peak
+from edgevlm.perf.results import append_rows
+from edgevlm.runtime.token_keep import cells_to_patches, select_cells
 from edgevlm.runtime.tower import build_tower_model, resolve_tower_source
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, cpu_model, fp32_peak, git_commit, ort_fp32_peak  # noqa: E402
 
 FIELDS = ["timestamp", "commit", "cpu", "cpus", "threads", "torch", "model", "keep_ratio", "mode", "kept_cells",
           "visual_tokens", "images", "cls_cos_mean", "cls_cos_min", "cell_cos_mean", "cell_cos_min",
@@ -56,7 +54,7 @@ FIELDS = ["timestamp", "commit", "cpu", "cpus", "threads", "torch", "model", "ke
 
 def real_images() -> tuple[list[np.ndarray], str]:
     """The 5 bundled images and 12 more (scikit-image's photos where installed, else demo scenes)."""
-    from edgevlm.export.quantize import calibration_images, validation_images
+    from edgevlm.export.calibration import calibration_images, validation_images
 
     photos, sources = calibration_images(12)
     return validation_images() + photos, "5 bundled images + " + " + ".join(sources)
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     views = Preprocessor(config)(images).views  # one view per image (pad_square)
     one = {k: v[:1] for k, v in views.items()}
     dino = model.encoders["dinov2"]
-    peak = max(fp32_peak(), ort_fp32_peak(args.threads) or 0.0)
+    peak = max(matmul_peak(), ort_fp32_peak(args.threads) or 0.0)
     common = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
               "cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
               "model": "demo", "mode": args.mode, "images": len(images)}

@@ -38,16 +38,16 @@ Nothing CUDA-related could be run where this script was written (no GPU): the ``
 ``tensorrt`` and ``torch-cuda`` paths are unverified.
 
 Method: the same ``--images K`` preprocessed images (the bundled ones, from
-``edgevlm.export.quantize.validation_images``) go to every backend: one call = K images = K x
+``edgevlm.export.calibration.validation_images``) go to every backend: one call = K images = K x
 views_per_image views. Each backend gets ``--warmup`` calls, then backends are timed in interleaved
 rounds (one call each per round, ``time.perf_counter``; CUDA backends synchronize before and after), so
 a change in background load hits all of them alike; a backend stops after ``--repeat`` calls, or
 earlier once its calls took ``--budget-s`` seconds (but never before 3). Per-image latency = call time
 / K. FLOPs are counted once per model with ``torch.utils.flop_counter.FlopCounterMode`` on an eager
 forward of one image's views (matmuls, convolutions, attention). The fp32 matmul peak is measured in
-the same run, on ``--threads`` threads: on the CPU the higher of torch's matmul (``common.fp32_peak``,
+the same run, on ``--threads`` threads: on the CPU the higher of torch's matmul (``edgevlm.perf.limits.matmul_peak``,
 [512,2048]x[2048,2048], as bench/decode.py) and the same product as a one-node ONNX graph on ONNX
-Runtime (``common.ort_fp32_peak``, MLAS), because the two differ a lot on some CPUs (on the AMD EPYC
+Runtime (``edgevlm.perf.limits.ort_fp32_peak``, MLAS), because the two differ a lot on some CPUs (on the AMD EPYC
 this was written on, MLAS ran 2.3-2.8x torch's matmul on one thread); on a GPU torch's 8192^3 with TF32
 off.
 
@@ -57,7 +57,7 @@ them. Just before timing each model the script measures how many CPUs other proc
 /proc/stat while it sleeps); above cpus - threads + 0.5 it warns and the model's rows say ``contended:
 ...`` in ``note``; rerun those on an idle machine or with ``--threads 1``.
 
-Columns of ``--out`` (appended with ``edgevlm.results.append_rows``):
+Columns of ``--out`` (appended with ``edgevlm.perf.results.append_rows``):
 
     timestamp, commit (+dirty: uncommitted changes), cpu (model name), device (where the backend ran:
     "cpu" or the GPU's name), cpus (os.cpu_count()), threads, busy_cpus (CPUs other processes kept busy
@@ -109,14 +109,11 @@ import numpy as np
 import torch
 
 from edgevlm.config import ConvNeXtConfig, TowerConfig, ViTConfig
+from edgevlm.perf.limits import (busy_cpus, count_flops, cpu_model, git_commit, matmul_peak, module_version,
+                                 ort_fp32_peak)
+from edgevlm.perf.results import append_rows
 from edgevlm.presets import get_preset
-from edgevlm.results import append_rows
 from edgevlm.runtime.tower import VisionTowerModel, build_tower_model, resolve_tower_source
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    busy_cpus, count_flops, cpu_model, fp32_peak, git_commit, module_version, ort_fp32_peak,
-)
 
 FIELDS = ["timestamp", "commit", "cpu", "device", "cpus", "threads", "busy_cpus", "loadavg", "torch", "onnxruntime",
           "tensorrt", "model", "weights", "params_m", "backend", "precision", "providers", "images_per_call",
@@ -452,7 +449,7 @@ def bench_model(name: str, images: list, args, common: dict, peaks: dict[str, fl
     try:
         cands = candidates(model, name, views, Exporter(model, name, root, calib, max_images), args)
         if any(c.device == "cuda" and c.run is not None for c in cands) and "cuda" not in peaks:
-            peaks["cuda"] = fp32_peak("cuda")
+            peaks["cuda"] = matmul_peak("cuda")
             print(f"  GPU fp32 matmul peak {peaks['cuda']:.0f} GFLOP/s (TF32 off)", flush=True)
         busy, contended = contention(args.threads)
         if contended:
@@ -573,13 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from edgevlm.export.quantize import validation_images
+    from edgevlm.export.calibration import validation_images
 
     images = validation_images()[:max(args.images, 1)]  # the bundled images, none of them calibrated on
     common = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
               "cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
               "onnxruntime": module_version("onnxruntime"), "tensorrt": module_version("tensorrt")}
-    torch_peak, ort_peak = fp32_peak(), ort_fp32_peak(args.threads)
+    torch_peak, ort_peak = matmul_peak(), ort_fp32_peak(args.threads)
     peaks = {"cpu": max(torch_peak, ort_peak or 0.0)}
     common.update(torch_matmul_gflops=f"{torch_peak:.0f}", ort_matmul_gflops=f"{ort_peak:.0f}" if ort_peak else "")
     print(f"edgevlm vision bench: {common['cpu']}, {common['cpus']} cpus, {args.threads} threads, load "

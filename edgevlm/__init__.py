@@ -44,7 +44,7 @@ _warn_if_checkout_on_sys_path()
 
 def load_vision_tower(source, **kwargs):
     """See :func:`edgevlm.runtime.load_vision_tower`."""
-    from .runtime import load_vision_tower as _load
+    from edgevlm.runtime import load_vision_tower as _load
 
     return _load(source, **kwargs)
 
@@ -64,7 +64,7 @@ def load(source, device="cpu", dtype="float32", **kwargs):
     """Load a :class:`~edgevlm.runtime.pipeline.Pipeline`: a preset name, an edgevlm checkpoint folder,
     a transformers folder (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
     See :func:`edgevlm.runtime.loader.load` for the options."""
-    from .runtime.loader import load as _load
+    from edgevlm.runtime.loader import load as _load
 
     return _load(source, device=device, dtype=dtype, **kwargs)
 

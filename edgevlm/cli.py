@@ -17,6 +17,8 @@ import os
 import sys
 from importlib import resources
 
+from .cli_args import QUANT_HELP, add_model_args, add_vision_args, set_threads, vision_kwargs
+
 
 def _asset(name: str) -> str:
     return str(resources.files("edgevlm") / "assets" / name)
@@ -40,42 +42,16 @@ def _timings_line(t: dict[str, float]) -> str:
 def _load(args):
     import edgevlm
 
-    _set_threads(args)
+    set_threads(args)
     return edgevlm.load(args.model, device=args.device, dtype=args.dtype, preprocess_backend=args.preprocess,
                         max_context=args.max_context, quant=args.quant, kv_cache=args.kv_cache,
                         progress=not getattr(args, "json", False), **vision_kwargs(args))
-
-
-def _set_threads(args) -> None:
-    if getattr(args, "threads", 0):
-        import torch
-
-        torch.set_num_threads(args.threads)
 
 
 def _output_dict(out, pipe) -> dict:
     return {"text": out.text, "token_ids": out.token_ids, "timings_ms": out.timings,
             "prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
             "visual_tokens": out.visual_tokens, "stop_reason": out.stop_reason, "model": pipe.name}
-
-
-def vision_kwargs(args) -> dict:
-    return {"vision_backend": args.vision_backend, "vision_export": args.vision_export,
-            "vision_precision": args.vision_precision, "keep_ratio": args.keep_ratio, "keep_mode": args.keep_mode}
-
-
-def add_vision_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vision-backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
-                   help="run the vision tower eagerly (torch, default) or as an exported graph")
-    p.add_argument("--vision-export", default=None,
-                   help="export folder from `edgevlm export` (default: export into ~/.cache/edgevlm on first use)")
-    p.add_argument("--vision-precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="precision of the export made on first use when --vision-export is not given")
-    p.add_argument("--keep-ratio", type=float, default=1.0,
-                   help="token dropping: share of the fused grid's cells the ViTs see (SPHINX-fusion towers; "
-                        "default 1.0 = all)")
-    p.add_argument("--keep-mode", default="uniform", choices=["uniform", "random"],
-                   help="which cells token dropping keeps: evenly spread (default) or FLIP's random subset")
 
 
 # ---- run -------------------------------------------------------------------------------------
@@ -113,7 +89,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """A multi-turn conversation about one image (or none) on stdin/stdout. Each turn reuses the KV
     cache of the previous ones, so only the new question is prefilled. Ctrl-C stops the answer being
     written (it stays in the history as far as it got); Ctrl-C or Ctrl-D at the prompt leaves."""
-    from edgevlm.errors import EdgeVLMError
+    from .errors import EdgeVLMError
     from edgevlm.runtime.image_io import load_image
 
     pipe = _load(args)
@@ -176,7 +152,7 @@ def _preset_summary(name: str) -> dict:
     """Sizes of a preset from its config alone (meta device): no weights are read or allocated."""
     import torch
 
-    from edgevlm.presets import get_preset
+    from .presets import get_preset
     from edgevlm.runtime.decoder import LlamaDecoder
     from edgevlm.runtime.pipeline import backends
     from edgevlm.runtime.tower import VisionTowerModel
@@ -201,7 +177,7 @@ def _preset_summary(name: str) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from edgevlm.presets import PRESETS
+    from .presets import PRESETS
 
     args.model = args.model or args.model_positional or "demo"
     if args.model in PRESETS and not args.load:
@@ -276,7 +252,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import edgevlm
     from edgevlm.runtime.image_io import load_image
 
-    _set_threads(args)
+    set_threads(args)
     say = (lambda *a, **k: None) if args.json else print
     say("edgevlm demo — model 'demo': DINOv2-S + EfficientNet-Lite0 -> SPHINX-style fusion -> SmolLM2-135M-Instruct")
     pipe = edgevlm.load("demo", preprocess_backend=args.preprocess, quant=args.quant, progress=not args.json,
@@ -334,12 +310,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     import edgevlm
-    from edgevlm.latency import BenchRun, default_suite, run_suite
-    from edgevlm.limits import device_name, git_commit, module_version
-    from edgevlm.plot import draw_breakdown
-    from edgevlm.results import append_rows
+    from .perf.latency import BenchRun, default_suite, run_suite
+    from .perf.limits import device_name, git_commit, module_version
+    from .perf.plot import draw_breakdown
+    from .perf.results import append_rows
 
-    _set_threads(args)
+    set_threads(args)
     _check_bench_args(args)
     suite = default_suite(args.model, args.device, random_weights=args.random_weights, peer=not args.no_peer)
     if args.only:
@@ -378,8 +354,8 @@ def _check_bench_args(args) -> None:
     """Refuse what would make every configuration fail, before minutes of child processes."""
     import torch
 
-    from edgevlm.errors import BackendUnavailableError, ConfigError
-    from edgevlm.presets import PRESETS
+    from .errors import BackendUnavailableError, ConfigError
+    from .presets import PRESETS
     from edgevlm.runtime.image_io import load_image
 
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -407,11 +383,7 @@ def _print_bench(rows: list[dict]) -> None:
     print("times in ms (median); bound = a decode step's bytes at this machine's measured read bandwidth")
 
 
-QUANT_HELP = ("decoder weights: auto (a GGUF file keeps its own Q8_0/Q4_0/Q4_1 blocks), none (float), int8 "
-              "(per channel), int4 (group 32), int4-g64, int4-g128, int8-g32 (default: auto)")
-
 COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}
-MODEL_HELP = "preset name, edgevlm checkpoint folder, transformers folder or .gguf file (default: demo)"
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -424,21 +396,6 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message")
 
 
-def _model_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
-    if model_flag:
-        p.add_argument("--model", "-m", default="demo", help=MODEL_HELP)
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
-    p.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
-                   help="image preprocessing backend (default: auto = C++ when built)")
-    p.add_argument("--max-context", type=int, default=2048, help="KV cache positions (default: 2048)")
-    p.add_argument("--quant", default="auto", help=QUANT_HELP)
-    p.add_argument("--kv-cache", default="float", choices=["float", "int8"],
-                   help="KV cache storage: float (the weights' dtype) or int8 (a quarter of the memory)")
-    add_vision_args(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm", description="Edge-optimised runtime for multimodal LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -449,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(run)
     run.add_argument("--raw", action="store_true", help="send the prompt verbatim, without the chat template")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    _model_args(run)
+    add_model_args(run)
 
     chat = sub.add_parser("chat", help="multi-turn conversation about an image (keeps its KV cache between turns)",
                           description="Read questions from stdin, one per line, and stream the answers. Each turn "
@@ -457,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", "-i", default=None, help="the image to talk about (default: none; /image PATH later)")
     _sampling_args(chat)
     chat.add_argument("--json", action="store_true", help="print one JSON object per turn (JSON lines), no streaming")
-    _model_args(chat)
+    add_model_args(chat)
 
     from edgevlm.export.cli import add_parser as add_export
     from edgevlm.train.cli import add_parsers  # `train ...` and `eval`
@@ -501,14 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_positional", nargs="?", default=None, metavar="MODEL", help="same as --model")
     info.add_argument("--load", action="store_true", help="load a preset's weights instead of sizing it from its config")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    _model_args(info)
+    add_model_args(info)
     info.set_defaults(model=None)
 
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgevlm.errors import EdgeVLMError
+    from .errors import EdgeVLMError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -55,7 +55,8 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
                  progress: bool = True, weights: dict | None = None) -> Manifest:
     """Export a built tower model; see :func:`export_tower` for the arguments."""
     from .ort_runner import OrtTowerRunner
-    from .quantize import calibration_images, convert_fp16, quantize_int8, validation_images, view_batches
+    from .calibration import calibration_images, validation_images, view_batches
+    from .onnx_precision import convert_fp16, static_int8_qdq
 
     check_precision(precision, to)
     out = Path(out)
@@ -101,7 +102,7 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
             with stages("calibrate + quantize int8"):
                 calib, calib_sources = calibration_images(calib_images, calib_dir)
                 graph = tmp / "tower.int8.onnx"
-                extra["quantization"] = quantize_int8(fp32, graph, view_batches(model.config, contract, calib),
+                extra["quantization"] = static_int8_qdq(fp32, graph, view_batches(model.config, contract, calib),
                                                       symmetric=to == "tensorrt", external_data=external)
                 extra["quantization"]["calibration_images"] = calib_sources
         else:

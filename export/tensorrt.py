@@ -3,7 +3,7 @@
 Build (``build_engine``): parse the ONNX graph, one optimisation profile from the contract
 (``views`` between one image and ``max_images`` images, tuned at ``opt``), a strongly typed network
 where TensorRT has one (10.x; 11.x has nothing else), so precision comes from the graph: the fp16
-graph (:func:`edgevlm.export.quantize.convert_fp16`) builds an FP16 engine, the symmetric QDQ graph an
+graph (:func:`edgevlm.export.onnx_precision.convert_fp16`) builds an FP16 engine, the symmetric QDQ graph an
 INT8 one (explicit quantization). A timing cache is reused across builds, and a DLA core with GPU
 fallback can be chosen (Jetson Xavier / Orin).
 

@@ -1,7 +1,8 @@
 """Int4 group-wise weight-only matmul for the CUDA decode step, in Triton, beside its PyTorch reference.
 
 The CPU kernel's :class:`~edgevlm.runtime.quant.Packed` layout interleaves 16 rows per register, which
-suits AVX-512 and nothing else; the GPU gets its own layout, built once on the host:
+suits AVX-512 and nothing else; this kernel reads its own layout (:class:`TritonInt4Weight`), built once
+on the host by :func:`edgevlm.runtime.quant.pack_for_triton`:
 
     qweight int32 [N, K/8]    word j of row n holds k = 8j + i in bits 4i..4i+3 (i = 0..7)
     scales  fp16  [N, K/G]    w[n, k] = scales[n, k // G] * q[n, k] + zeros[n, k // G]
@@ -10,14 +11,16 @@ suits AVX-512 and nothing else; the GPU gets its own layout, built once on the h
 Row-major with K innermost, so the program that owns a block of N rows reads its weights as one
 contiguous run per row, and a group's 8-nibble words sit next to each other.
 
-Three layers, as in the other kernel files:
+Two layers, as in the other kernel files:
 
 - ``_int4_matmul_fwd_kernel``: one program per ``BLOCK_N`` output rows (and per row of ``x``, or per
   ``BLOCK_M`` rows on the tensor-core path used for prefill), walking K in steps of whole groups
   (``BLOCK_K`` inputs, each weight dequantised with its group's scale and zero) with fp32 accumulation;
-- :func:`int4_matmul`: the launcher (checks, allocation, block size and warps);
-- :class:`TritonInt4Linear` / :func:`swap_linears_for_triton`: the ``nn.Module`` and the transform that
-  applies it to a finished decoder from outside, like :func:`~edgevlm.runtime.quant.quantize_decoder`.
+- :func:`int4_matmul`: the launcher (checks, allocation, block size and warps).
+
+The ``nn.Module`` over it and the transform that applies it to a finished decoder
+(``TritonInt4Linear``, ``swap_linears_for_triton``) live with the other quantised linears in
+:mod:`edgevlm.runtime.quant.triton_linear`.
 
 :func:`int4_matmul_reference` (dequantise, then matmul) is the oracle. Triton is optional: it is
 imported on first use, and a missing install raises :class:`~edgevlm.errors.BackendUnavailableError`.
@@ -32,12 +35,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from edgevlm.errors import ConfigError, ShapeError
-from edgevlm.runtime.quant import Packed, _unlanes, quantize_int4, unpack_codes
+from edgevlm.errors import ShapeError
 
-from .triton_support import check_runnable, interpreting, jit, triton_module
+from .triton_support import check_runnable, jit, triton_module
 
 NIBBLES = 8  # 4-bit codes per int32 word
 GROUPS = (32, 64, 128)  # the groups quantize_int4 / GGUF use; each a multiple of NIBBLES and <= BLOCK_K
@@ -94,16 +95,6 @@ def unpack_codes_int32(qweight: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 4 * NIBBLES, 4, dtype=torch.int64, device=qweight.device)  # [8]
     # & 0xF after the (arithmetic) shift drops the sign bits a negative word drags in, as the kernel does.
     return ((qweight.to(torch.int64)[..., None] >> shifts) & 0xF).view(n, w * NIBBLES).to(torch.int16)
-
-
-def pack_for_triton(p: Packed) -> TritonInt4Weight:
-    """A CPU-layout int4 :class:`~edgevlm.runtime.quant.Packed` -> the GPU layout, bit for bit."""
-    if p.bits != 4 or p.zeros is None:
-        raise ConfigError(f"pack_for_triton takes int4 weights with zero points, got {p.bits}-bit {p.source!r}")
-    if p.group not in GROUPS:
-        raise ConfigError(f"the Triton int4 kernel supports groups {GROUPS}, got {p.group} ({p.source!r})")
-    return TritonInt4Weight(p.n, p.k, p.group, pack_codes_int32(unpack_codes(p)),
-                            _unlanes(p.scales, p.n).contiguous(), _unlanes(p.zeros, p.n).contiguous())
 
 
 def dequantize_triton(w: TritonInt4Weight) -> torch.Tensor:
@@ -223,60 +214,5 @@ def int4_matmul(x: torch.Tensor, w: TritonInt4Weight, bias: torch.Tensor | None 
     return out
 
 
-# ---- the module and the transform --------------------------------------------------------------
-
-class TritonInt4Linear(nn.Module):
-    """A drop-in for ``nn.Linear`` holding a :class:`TritonInt4Weight`. Input ``[..., K]`` -> ``[..., N]``
-    in the input's dtype. On CUDA (or under ``TRITON_INTERPRET=1``) it runs :func:`int4_matmul`; on
-    other devices the reference (correct, not fast), as quant.QuantLinear does off-CPU."""
-
-    def __init__(self, weight: TritonInt4Weight, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.group = weight.k, weight.n, weight.group
-        self.register_buffer("qweight", weight.qweight)  # int32 [N, K/8]
-        self.register_buffer("scales", weight.scales)  # fp16 [N, K/G]
-        self.register_buffer("zeros", weight.zeros)  # fp16 [N, K/G]
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())  # fp32 [N]
-
-    @property
-    def weight4(self) -> TritonInt4Weight:
-        return TritonInt4Weight(self.out_features, self.in_features, self.group, self.qweight, self.scales,
-                                self.zeros)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int4-g{self.group} (triton)"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ShapeError(f"TritonInt4Linear expects [..., {self.in_features}] inputs, got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if x.device.type == "cuda" or interpreting():
-            out = int4_matmul(x2, self.weight4, self.bias)
-        else:
-            out = int4_matmul_reference(x2, self.weight4, self.bias)
-        return out.view(*lead, self.out_features)
-
-
-def swap_linears_for_triton(decoder: nn.Module, group: int = 32) -> nn.Module:
-    """Quantise every ``nn.Linear`` of ``decoder`` (projections and ``lm_head``) to int4 with ``group``
-    on the host and replace it, in place, by a :class:`TritonInt4Linear` on the layer's device; returns
-    the decoder. Every shape is checked first (ConfigError), so a refusal changes nothing. Modules that
-    are already quantised (quant.QuantLinear) are not ``nn.Linear`` and are left as they are."""
-    if group not in GROUPS:
-        raise ConfigError(f"the Triton int4 kernel supports groups {GROUPS}, got {group}")
-    targets = [(name, mod) for name, mod in decoder.named_modules() if isinstance(mod, nn.Linear)]
-    for name, lin in targets:
-        if lin.in_features % group:
-            raise ConfigError(f"{name}: {lin.in_features} inputs is not a multiple of group {group}")
-    for name, lin in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = decoder.get_submodule(parent_name) if parent_name else decoder
-        packed = quantize_int4(lin.weight.detach().float().cpu(), group, name)
-        new = TritonInt4Linear(pack_for_triton(packed).to(lin.weight.device), lin.bias)
-        setattr(parent, child, new.to(lin.weight.device))
-    return decoder
-
-
-__all__ = ["TritonInt4Weight", "TritonInt4Linear", "pack_for_triton", "pack_codes_int32", "unpack_codes_int32",
-           "dequantize_triton", "int4_matmul", "int4_matmul_reference", "swap_linears_for_triton", "GROUPS"]
+__all__ = ["TritonInt4Weight", "pack_codes_int32", "unpack_codes_int32", "dequantize_triton", "int4_matmul",
+           "int4_matmul_reference", "GROUPS"]

@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import BoxFormatError
+from edgevlm.errors import BoxFormatError
 from .views import pad_to_square
 
 

@@ -23,11 +23,11 @@ from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..errors import ChatTemplateError, ConfigError, PromptError, ShapeError
+from edgevlm.errors import ChatTemplateError, ConfigError, PromptError, ShapeError
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from ..config import ModelConfig
+    from edgevlm.config import ModelConfig
 
 SPHINX_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")

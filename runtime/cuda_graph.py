@@ -16,7 +16,7 @@ slice ``[:start + 1]`` of the cache that attention reads, and the RoPE positions
 
 The step reuses the decoder's own modules (embedding, norms, projections, rotary, ``lm_head``), so a
 quantised or module-swapped decoder (:func:`~edgevlm.runtime.quant.quantize_decoder`,
-:func:`~edgevlm.kernels.int4_gemv.swap_linears_for_triton`) is graphed as it is; only the attention
+:func:`~edgevlm.runtime.quant.swap_linears_for_triton`) is graphed as it is; only the attention
 glue is written out here, because ``Attention.forward`` slices the cache with a Python int.
 
 Attention reads all ``max_len`` cached positions every step (stale ones masked), so size the cache

@@ -37,7 +37,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ImageDecodeError, ImageError, ImageSizeError
+from edgevlm.errors import ImageDecodeError, ImageError, ImageSizeError
 
 # 64 Mpx: above a 50 Mpx phone photo (8160 x 6120), below PIL's own 89 Mpx warning. The decoded
 # RGB array is then at most 192 MiB.

@@ -27,7 +27,7 @@ from .quant import quantize_decoder
 from .readers import resolve_weights_path
 from .readers.safetensors_io import load_safetensors, read_json
 from .tokenizer import BYTE_TO_CHAR, Tokenizer
-from .tower import _dtype, build_tower_model, VisionTower
+from .tower import VisionTower, _dtype, build_tower_model
 
 DECODER_PREFIX = "decoder."
 
@@ -90,7 +90,7 @@ def _tokenizer_from_ref(ref: WeightsRef, gguf_model=None) -> Tokenizer:
     if ref.format == "gguf":
         if gguf_model is not None:
             return Tokenizer.from_gguf_metadata(gguf_model.metadata)
-        from .tokenizer import read_gguf_metadata
+        from .readers.gguf_reader import read_gguf_metadata
 
         return Tokenizer.from_gguf_metadata(read_gguf_metadata(resolve_weights_path(ref)))
     if ref.format == "tokenizer-json":
@@ -277,13 +277,13 @@ def release_freed_memory() -> None:
 
 def _quantize(pipe: Pipeline, qcfg: QuantConfig | None, quant, native, lora) -> None:
     """Quantise the decoder as ``quant`` asks, then put the LoRA factors back beside or into it. On a
-    CUDA device with Triton, int4 goes to the Triton GEMV kernel's layout (:mod:`edgevlm.kernels.int4_gemv`);
+    CUDA device with Triton, int4 goes to the Triton GEMV kernel's layout (:mod:`edgevlm.runtime.quant.triton_linear`);
     elsewhere off the CPU, QuantLinear dequantises per call (correct, not fast)."""
     from edgevlm.kernels.triton_support import kernel_backend
 
     if (qcfg is not None and qcfg.scheme == "int4" and pipe.decoder.device.type == "cuda"
             and kernel_backend() == "triton"):
-        from edgevlm.kernels.int4_gemv import swap_linears_for_triton
+        from .quant import swap_linears_for_triton
 
         if lora is not None:  # the kernel has no LoRA side path: fold the factors in before quantising
             n = merge_lora_weights(pipe.decoder, *lora)

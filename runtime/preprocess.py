@@ -57,8 +57,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import EncoderConfig, TowerConfig, ViTConfig
-from ..errors import BackendUnavailableError, ConfigError, ImageError, ShapeError
+from edgevlm.config import EncoderConfig, TowerConfig, ViTConfig
+from edgevlm.errors import BackendUnavailableError, ConfigError, ImageError, ShapeError
 from .image_io import load_image
 from .views import anyres_layout, crop_boxes, pad_to_square, select_best_grid, tile_token_mask
 

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from ..errors import BackendUnavailableError, CheckpointError, TokenizerError, WeightsNotFoundError
+from edgevlm.errors import CheckpointError, TokenizerError, WeightsNotFoundError
 
 SPIECE_SPACE = "\u2581"  # "▁": SentencePiece's visible space
 
@@ -222,7 +222,7 @@ class Tokenizer:
     # ------------------------------------------------------------------------------- GGUF metadata
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> "Tokenizer":
-        """Build from GGUF key-values given as plain python values (see :func:`read_gguf_metadata`)."""
+        """Build from GGUF key-values given as plain python values (see :func:`edgevlm.runtime.readers.gguf_reader.read_gguf_metadata`)."""
         kind = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
@@ -485,30 +485,4 @@ def _read_template(folder: str, cfg: dict) -> str | None:
 
 # ---------------------------------------------------------------------------------- GGUF files
 
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All key-values of a GGUF file as plain python values (str, int, float, bool, lists of them).
-
-    Raises :class:`WeightsNotFoundError` for a missing file and :class:`CheckpointError` for one
-    that is not a readable GGUF (wrong magic, truncated, strings that are not UTF-8).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise WeightsNotFoundError(f"no GGUF file at {path!r}")
-    try:
-        import gguf
-    except ImportError:  # pragma: no cover - gguf is a declared dependency
-        raise BackendUnavailableError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(path, "r")
-        return {name: _plain(field.contents()) for name, field in reader.fields.items()}
-    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad bytes
-        raise CheckpointError(f"{path!r} is not a readable GGUF file: {type(e).__name__}: {e}") from None
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    return v.item() if hasattr(v, "item") else v
-
-
-__all__ = ["Tokenizer", "StreamDecoder", "TokenizerError", "read_gguf_metadata", "BYTE_TO_CHAR", "CHAR_TO_BYTE"]
+__all__ = ["Tokenizer", "StreamDecoder", "TokenizerError", "BYTE_TO_CHAR", "CHAR_TO_BYTE"]

@@ -30,7 +30,7 @@ from edgevlm.config import ModelConfig, SphinxFusionConfig, TowerConfig
 from edgevlm.errors import CheckpointError, ConfigError, ShapeError, UnknownPresetError, WeightsNotFoundError
 from edgevlm.presets import PRESETS, get_preset
 
-from edgevlm.kernels.token_drop import MODES as KEEP_MODES, cells_to_patches, keep_count, select_cells
+from .token_keep import MODES as KEEP_MODES, cells_to_patches, keep_count, select_cells
 
 from .connectors import build_connector
 from .embed_cache import EmbeddingCache, image_digest
@@ -150,7 +150,7 @@ class VisionTower:
         and in prefill. ``mode``: ``"uniform"`` (evenly spread, the same for every image), ``"random"``
         (FLIP's, seeded by ``seed``: the same subset on every call) or ``"score"``: ``scorer(views)``
         returns ``[n_views, g*g]`` scores (a saliency or detector heat map pooled to the fused grid)
-        and the top cells are kept. See :func:`edgevlm.kernels.token_drop.select_cells`.
+        and the top cells are kept. See :func:`edgevlm.runtime.token_keep.select_cells`.
         """
         g = self.config.connector.grid if isinstance(self.config.connector, SphinxFusionConfig) else 0
         if mode not in KEEP_MODES:

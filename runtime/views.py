@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ViewConfig
-from ..errors import ConfigError, ImageSizeError
+from edgevlm.config import ViewConfig
+from edgevlm.errors import ConfigError, ImageSizeError
 
 Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open
 

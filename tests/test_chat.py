@@ -14,7 +14,8 @@ from edgevlm.runtime.chat import (
     DEFAULT_STOP, IMAGE_SLOT_ID, SPHINX_STOP, SPHINX_SYSTEM, ChatFormat, ChatTemplateError, PromptError,
     build_multimodal_ids, count_images, flatten_messages, render_chat_template, sphinx_prompt,
 )
-from edgevlm.runtime.tokenizer import Tokenizer, read_gguf_metadata
+from edgevlm.runtime.readers.gguf_reader import read_gguf_metadata
+from edgevlm.runtime.tokenizer import Tokenizer
 
 from edgevlm_testkit import SMOLLM_GGUF_NAME as GGUF_NAME, needs_smollm, smollm_dir
 

@@ -1,5 +1,5 @@
 """`edgevlm chat`, `edgevlm bench` and the flags every subcommand shares; the latency suite underneath
-(edgevlm.latency: per-stage timings, bounds, failure rows) and its PNG; TextStream and Session.stream.
+(edgevlm.perf.latency: per-stage timings, bounds, failure rows) and its PNG; TextStream and Session.stream.
 
 Nothing here judges speed (that is the bench's job): the tests check that every stage is measured and
 accounted for, that the work counted for the bounds matches torch's own FLOP counter, and that the
@@ -15,7 +15,7 @@ import torch
 
 import edgevlm
 from edgevlm.cli import _asset, build_parser, main
-from edgevlm.latency import BenchConfig, BenchRun, default_suite, measure, prefill_flops, run_suite
+from edgevlm.perf.latency import BenchConfig, BenchRun, default_suite, measure, prefill_flops, run_suite
 
 SCENE = _asset("scene_a.png")
 
@@ -42,7 +42,7 @@ def test_measure_accounts_for_every_stage_of_the_first_token():
 
 
 def test_prefill_flops_match_torchs_counter_on_the_projections():
-    from edgevlm.limits import count_flops
+    from edgevlm.perf.limits import count_flops
 
     dec = edgevlm.load("tiny", quant="none").decoder
     ids = torch.randint(0, dec.cfg.vocab_size, (1, 1))
@@ -53,7 +53,7 @@ def test_prefill_flops_match_torchs_counter_on_the_projections():
 
 
 def test_decode_bytes_count_packed_weights():
-    from edgevlm.limits import decoder_step_bytes
+    from edgevlm.perf.limits import decoder_step_bytes
 
     f32 = decoder_step_bytes(edgevlm.load("tiny", quant="none").decoder)
     i4 = decoder_step_bytes(edgevlm.load("tiny", quant="int4").decoder)
@@ -88,7 +88,7 @@ def test_default_suite_covers_backends_and_precisions():
 def test_plot_draws_every_row(tmp_path):
     from PIL import Image
 
-    from edgevlm.plot import draw_breakdown
+    from edgevlm.perf.plot import draw_breakdown
 
     rows = [{"label": "a", "decode_image_ms": 1, "preprocess_ms": 1, "tower_ms": 10, "projector_ms": 1,
              "prefill_ms": 20, "ttft_ms": 35, "decode_token_ms": 5, "decode_bound_ms": 1, "prefill_bound_ms": 5,

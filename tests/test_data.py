@@ -1,4 +1,5 @@
-"""Generated training / held-out data (train/data.py) and its metrics (train/metrics.py)."""
+"""Generated images (edgevlm/scenes.py), the training / held-out data about them (train/data.py) and its
+metrics (train/metrics.py)."""
 
 import sys
 
@@ -8,9 +9,8 @@ import pytest
 from edgevlm.errors import ConfigError
 from edgevlm.runtime.boxes import box_from_pixels, format_box, parse_boxes
 from edgevlm.runtime.views import pad_to_square
-from edgevlm.train.data import (
-    COLORS, SHAPES, TASKS, Sample, build_split, caption_for, digit_indices, group_by_image, iter_split, make_scene,
-)
+from edgevlm.scenes import COLORS, SHAPES, digit_indices, make_scene
+from edgevlm.train.data import TASKS, Sample, build_split, caption_for, group_by_image, iter_split
 from edgevlm.train.metrics import aggregate, normalize, score
 
 

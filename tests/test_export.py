@@ -19,7 +19,7 @@ from edgevlm.errors import (  # noqa: E402
 )
 from edgevlm.export import ExportContract, export_model, export_tower, open_export, read_manifest  # noqa: E402
 from edgevlm.export.contract import OUTPUT_NAME  # noqa: E402
-from edgevlm.export.quantize import calibration_images, validation_images  # noqa: E402
+from edgevlm.export.calibration import calibration_images, validation_images  # noqa: E402
 from edgevlm.export.tensorrt import check_engine_device  # noqa: E402
 from edgevlm.export.validate import TOLERANCES, validate  # noqa: E402
 from edgevlm.presets import get_preset  # noqa: E402

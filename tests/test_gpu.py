@@ -77,8 +77,8 @@ def test_gather_with_pos_kernel_on_cuda(dtype):
 @pytest.mark.parametrize("m", [1, 5, 64])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_matmul_on_cuda(m, group):
-    from edgevlm.kernels.int4_gemv import dequantize_triton, int4_matmul, int4_matmul_reference, pack_for_triton
-    from edgevlm.runtime.quant import quantize_int4
+    from edgevlm.kernels.int4_gemv import dequantize_triton, int4_matmul, int4_matmul_reference
+    from edgevlm.runtime.quant import pack_for_triton, quantize_int4
 
     n, k = 576, 1536
     w = pack_for_triton(quantize_int4(torch.randn(n, k) * 0.05, group, "w")).to("cuda")
@@ -120,7 +120,8 @@ def test_cuda_graph_step_matches_eager_decoder():
 @torch.no_grad()
 def test_load_int4_on_cuda_runs_the_triton_kernel():
     import edgevlm
-    from edgevlm.kernels.int4_gemv import TritonInt4Linear, dequantize_triton
+    from edgevlm.kernels.int4_gemv import dequantize_triton
+    from edgevlm.runtime.quant import TritonInt4Linear
 
     pipe = edgevlm.load("tiny", device="cuda", dtype="float16", quant="int4")
     swapped = {name: m for name, m in pipe.decoder.named_modules() if isinstance(m, TritonInt4Linear)}

@@ -103,12 +103,12 @@ def test_test_helper_modules_do_not_clash():
 
 
 def test_bench_children_do_not_see_the_checkout(monkeypatch):
-    """`edgevlm bench` runs each configuration in `python -m edgevlm.latency`; `-m` puts the working
+    """`edgevlm bench` runs each configuration in `python -m edgevlm.perf.latency`; `-m` puts the working
     directory first on the child's sys.path. Started from the checkout, the child must not see the root:
     the command and environment the suite uses are replayed here with a probe instead of the payload."""
     if sys.version_info < (3, 11):
         pytest.skip("PYTHONSAFEPATH needs Python 3.11; on 3.10 run edgevlm bench from outside the checkout")
-    from edgevlm import latency
+    from edgevlm.perf import latency
 
     seen = {}
     real_run = subprocess.run  # latency.subprocess is this same module: keep the real one for the probe
@@ -119,7 +119,7 @@ def test_bench_children_do_not_see_the_checkout(monkeypatch):
 
     monkeypatch.setattr(latency.subprocess, "run", fake_run)
     latency._child(latency.BenchConfig(label="probe"), latency.BenchRun(image="x.png"), 5)
-    assert seen["argv"][1:3] == ["-m", "edgevlm.latency"], seen["argv"]
+    assert seen["argv"][1:3] == ["-m", "edgevlm.perf.latency"], seen["argv"]
     probe = "import json, sys; print(json.dumps(sys.path))"
     r = real_run([seen["argv"][0], "-c", probe], cwd=ROOT, env=seen["env"], capture_output=True,
                        text=True, timeout=60)
@@ -139,8 +139,9 @@ def _sys_path_inserts(tree: ast.AST) -> list[ast.Call]:
 
 
 def test_no_code_puts_a_parent_folder_on_sys_path():
-    """A script may put its own folder on sys.path (bench/ scripts share bench/common.py); nothing may
-    add the repository root or any other folder above itself."""
+    """A script (scripts/, tests/) may put its own folder on sys.path; nothing may add the repository
+    root or any other folder above itself. (The package and bench/ edit sys.path not at all:
+    test_architecture.py.)"""
     allowed = "str(Path(__file__).resolve().parent)"
     bad = []
     for path in ROOT.rglob("*.py"):

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.errors import BackendUnavailableError, ConfigError
-from edgevlm.kernels.int4_gemv import (TritonInt4Linear, dequantize_triton, int4_matmul, int4_matmul_reference,
-                                       pack_for_triton, swap_linears_for_triton, unpack_codes_int32)
-from edgevlm.runtime.quant import _unlanes, dequantize, pack_int4_codes, quantize_int4, quantize_int8, unpack_codes
+from edgevlm.kernels.int4_gemv import dequantize_triton, int4_matmul, int4_matmul_reference, unpack_codes_int32
+from edgevlm.runtime.quant import (TritonInt4Linear, dequantize, pack_for_triton, pack_int4_codes, quantize_int4,
+                                   quantize_int8, swap_linears_for_triton, unlanes, unpack_codes)
 
 # ---- the layout (pure torch) --------------------------------------------------------------------
 
@@ -34,8 +34,8 @@ def test_pack_for_triton_round_trips_codes_scales_zeros(n, k, group):
     assert (w.qweight < 0).any()  # nibble 7 >= 8 really uses the sign bit
     assert torch.equal(unpack_codes_int32(w.qweight), unpack_codes(p))
     assert torch.equal(unpack_codes_int32(w.qweight), codes.to(torch.int16))
-    assert torch.equal(w.scales, _unlanes(p.scales, p.n)) and torch.equal(w.scales, scales)
-    assert torch.equal(w.zeros, _unlanes(p.zeros, p.n)) and torch.equal(w.zeros, zeros)
+    assert torch.equal(w.scales, unlanes(p.scales, p.n)) and torch.equal(w.scales, scales)
+    assert torch.equal(w.zeros, unlanes(p.zeros, p.n)) and torch.equal(w.zeros, zeros)
     assert torch.equal(dequantize_triton(w), dequantize(p))  # bit-exact, same arithmetic
 
 

@@ -39,9 +39,9 @@ def _reference_fp32(x, p, bias=None):
     m = x.shape[0]
     xd = (q.float().view(m, -1, Q.ACT_BLOCK) * d.float()[..., None]).view(m, p.k // p.group, p.group)
     codes = Q.unpack_codes(p).float().view(p.n, p.k // p.group, p.group)
-    out = torch.einsum("mgk,ngk,ng->mn", xd, codes, Q._unlanes(p.scales, p.n).float())
+    out = torch.einsum("mgk,ngk,ng->mn", xd, codes, Q.unlanes(p.scales, p.n).float())
     if p.zeros is not None:
-        out = out + x.float().view(m, p.k // p.group, p.group).sum(-1) @ Q._unlanes(p.zeros, p.n).float().T
+        out = out + x.float().view(m, p.k // p.group, p.group).sum(-1) @ Q.unlanes(p.zeros, p.n).float().T
     return out if bias is None else out + bias.float()
 
 
@@ -107,7 +107,7 @@ def test_portable_kernels_match_reference(tmp_path):
 def test_quantiser_error_is_half_a_step(bits, group):
     w, p = _packed(bits, group)
     err = (Q.dequantize(p) - w).abs().view(w.shape[0], -1, group or w.shape[1])
-    step = Q._unlanes(p.scales, p.n).float()[..., None]  # one quantisation step per group
+    step = Q.unlanes(p.scales, p.n).float()[..., None]  # one quantisation step per group
     wmax = w.abs().max()
     # fp32 rounding, relative: the code is round(w * (1/s)), and the reciprocal and the product each round by
     # half an ulp of a value of at most qmax steps (qmax ulps of a step in all); dequantising (q * s + z)

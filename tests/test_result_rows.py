@@ -34,7 +34,7 @@ def test_new_column_widens_old_file_without_shifting(tmp_path):
 
 
 def test_bench_rows_keep_the_header_order_and_widen(tmp_path):
-    from edgevlm.results import append_rows
+    from edgevlm.perf.results import append_rows
 
     path = tmp_path / "bench.csv"
     append_rows(path, [{"b": 2, "a": 1}], ["a", "b"])  # the header follows `columns`, not the dict

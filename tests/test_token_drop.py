@@ -10,10 +10,9 @@ from edgevlm_testkit import assert_within_noise, float64_copy, max_abs, randomiz
 import edgevlm
 from edgevlm.config import ConvNeXtConfig, SphinxFusionConfig, TowerConfig, ViTConfig
 from edgevlm.errors import ConfigError, ShapeError
-from edgevlm.kernels.token_drop import (
-    cells_to_patches, gather_with_pos_reference, keep_count, select_cells, triton_gather_with_pos,
-)
+from edgevlm.kernels.token_drop import gather_with_pos_reference, triton_gather_with_pos
 from edgevlm.runtime.connectors.sphinx import to_fusion_layout
+from edgevlm.runtime.token_keep import cells_to_patches, keep_count, select_cells
 from edgevlm.runtime.tower import build_tower_model
 
 # ---- which cells ------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgevlm.errors import CheckpointError, WeightsNotFoundError
-from edgevlm.runtime.tokenizer import CHAR_TO_BYTE, BYTE_TO_CHAR, Tokenizer, TokenizerError, read_gguf_metadata
+from edgevlm.runtime.readers.gguf_reader import read_gguf_metadata
+from edgevlm.runtime.tokenizer import CHAR_TO_BYTE, BYTE_TO_CHAR, Tokenizer, TokenizerError
 
 from edgevlm_testkit import SMOLLM_GGUF_NAME as GGUF_NAME, needs_smollm, smollm_dir
 

@@ -215,7 +215,8 @@ def test_packed_conversation_labels_are_the_answers():
     import os
 
     from edgevlm.runtime.chat import ChatFormat
-    from edgevlm.runtime.tokenizer import Tokenizer, read_gguf_metadata
+    from edgevlm.runtime.readers.gguf_reader import read_gguf_metadata
+    from edgevlm.runtime.tokenizer import Tokenizer
     from edgevlm.train.vlm import make_example
 
     tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(os.path.join(smollm_dir(), SMOLLM_GGUF_NAME)))

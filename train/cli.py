@@ -21,7 +21,9 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-# The shipped demo model was trained with exactly these settings (see README "Training the demo").
+from edgevlm.cli_args import QUANT_HELP, add_vision_args, set_threads, vision_kwargs
+
+# The shipped demo model was trained with exactly these settings (see docs/training.md).
 DEMO_DATA = dict(n_scenes=1500, n_digits=600, seed=0)
 DEMO_STAGE1 = dict(stage="stage1", steps=100, batch_size=8, lr=3e-3, lora_rank=0)
 DEMO_STAGE2 = dict(stage="stage2", steps=600, batch_size=4, lr=3e-3, lora_rank=8, lora_lr=2e-3, text_batch=2,
@@ -124,18 +126,13 @@ def _overrides(args) -> dict:
 def cmd_eval(args) -> int:
     """Held-out task metrics through the Pipeline, the LLM's perplexity on held-out real text (and the
     untuned base decoder's, to show what tuning cost), and "Paris"; rows go to ``--csv``."""
-    import torch
-
     import edgevlm
 
     from .data import build_split
     from .evaluate import evaluate_samples, perplexity
     from .text_corpus import heldout_text
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from edgevlm.cli import vision_kwargs
-
+    set_threads(args)
     pipe = edgevlm.load(args.model, quant=args.quant, **vision_kwargs(args))
     samples = build_split("heldout", args.n_scenes, args.n_digits, seed=args.seed)
     metrics, records = evaluate_samples(pipe, samples, max_new_tokens=args.max_new_tokens)
@@ -196,7 +193,7 @@ def _append_row(path: Path, fields: dict) -> None:
 
     import torch
 
-    from edgevlm.results import append_rows
+    from edgevlm.perf.results import append_rows
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -253,10 +250,7 @@ def add_parsers(sub) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=80,
                     help="answer length limit; a box list takes about 21 tokens per box (default: 80)")
     ev.add_argument("--threads", type=int, default=0)
-    ev.add_argument("--quant", default="auto", help="decoder weights: auto, none, int8, int4, int4-g64, ... "
-                    "(as `edgevlm run --quant`; the untuned baseline perplexity stays float)")
-    from edgevlm.cli import add_vision_args
-
+    ev.add_argument("--quant", default="auto", help=QUANT_HELP + "; the untuned baseline perplexity stays float")
     add_vision_args(ev)
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--records", default=None, help="write every question, answer and prediction to this JSON file")

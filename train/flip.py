@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from edgevlm.config import ViTConfig, to_dict
 from edgevlm.errors import ConfigError, ShapeError
 from edgevlm.runtime.vision.vit import ViT
-from edgevlm.train.qformer_pretrain import ByteTokenizer
+
+from .qformer_pretrain import ByteTokenizer
 
 DEFAULT_MASK_RATIO = 0.5
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ..errors import ConfigError
-from ..runtime.boxes import BoxFormatError, iou, parse_boxes
-from .data import COLORS, SHAPES, TASKS, Sample
+from edgevlm.errors import ConfigError
+from edgevlm.runtime.boxes import BoxFormatError, iou, parse_boxes
+from edgevlm.scenes import COLORS, SHAPES
+
+from .data import TASKS, Sample
 
 IOU_THRESHOLD = 0.5
 

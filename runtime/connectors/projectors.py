@@ -14,9 +14,9 @@ from edgevlm.config import (
     EncoderConfig, LinearConnectorConfig, MLPConnectorConfig, QFormerConnectorConfig, TowerConfig,
 )
 from edgevlm.errors import ConfigError, ShapeError
-
 from edgevlm.runtime.layers import activation
-from edgevlm.runtime.connectors.qformer import QFormer
+
+from .qformer import QFormer
 
 TOKEN_KINDS = ("vit",)  # encoders returning tokens [N, T, C]
 MAP_KINDS = ("convnext", "efficientnet")  # encoders returning maps [N, C, h, w]

@@ -18,8 +18,9 @@ from torch import nn
 from edgevlm.config import ResamplerConnectorConfig, TowerConfig
 from edgevlm.errors import ShapeError
 from edgevlm.kernels.attention import attention
-from edgevlm.runtime.connectors.projectors import as_tokens, encoder_features, encoder_mask
-from edgevlm.runtime.connectors.qformer import bool_key_mask
+
+from .projectors import as_tokens, encoder_features, encoder_mask
+from .qformer import bool_key_mask
 
 
 def resampler_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_lat: torch.Tensor,

@@ -27,10 +27,9 @@ from torch import nn
 
 from edgevlm.config import EncoderConfig, SphinxFusionConfig, TowerConfig
 from edgevlm.errors import ConfigError, ShapeError
-from edgevlm.runtime.connectors.projectors import (
-    MAP_KINDS, as_tokens, check_layout, encoder_features, encoder_mask,
-)
-from edgevlm.runtime.connectors.qformer import QFormer
+
+from .projectors import MAP_KINDS, as_tokens, check_layout, encoder_features, encoder_mask
+from .qformer import QFormer
 
 
 def resize_grid(m: torch.Tensor, g: int) -> torch.Tensor:
@@ -58,7 +57,7 @@ def to_fusion_layout(x: torch.Tensor, enc: EncoderConfig, g: int, who: str = "sp
                      cells: torch.Tensor | None = None) -> torch.Tensor:
     """One encoder's output -> ``[N, 1 + g*g, C]``: global token then the g x g grid, row-major.
 
-    With ``cells [N, K]`` (token dropping, :mod:`edgevlm.kernels.token_drop`) -> ``[N, 1 + K, C]``,
+    With ``cells [N, K]`` (token dropping, :mod:`edgevlm.runtime.token_keep`) -> ``[N, 1 + K, C]``,
     the kept cells only: a CNN map is resized whole and the cells picked from it; a ViT ran on the r x r
     patches of each kept cell (cell-major) and they are averaged per cell, which is what the
     average-pool resize gives for those cells. Its global token is then the class token or, without

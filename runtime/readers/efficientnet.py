@@ -28,7 +28,7 @@ import torch
 from edgevlm.config import LITE_MEAN, LITE_STD, EfficientNetConfig
 from edgevlm.errors import CheckpointError, WeightsNotFoundError
 
-from ..vision.efficientnet import EfficientNetLite, stage_specs
+from edgevlm.runtime.vision.efficientnet import EfficientNetLite, stage_specs
 
 # LITE_MEAN / LITE_STD (re-exported): the TF-converted lite weights expect (x_uint8 - 127) / 128.
 

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from edgevlm.config import DecoderConfig
-from edgevlm.errors import CheckpointError, ConfigError, WeightsNotFoundError
-from edgevlm.runtime.readers.hf_llama import decoder_shapes
+from edgevlm.errors import BackendUnavailableError, CheckpointError, ConfigError, WeightsNotFoundError
+
+from .hf_llama import decoder_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 _MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -327,21 +328,51 @@ def _tokenizer(meta: dict[str, Any]) -> GGUFTokenizer | None:
 
 # ---- entry point -------------------------------------------------------------------------------
 
-def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-              dequantize_weights: bool = True) -> GGUFModel:
-    """Read a llama-architecture GGUF file. ``dequantize_weights=False`` skips building ``state``
-    (the raw blocks are memory-mapped views, so that costs almost nothing)."""
-    from gguf import GGUFReader
-
-    path = Path(path)
+def _open(path: Path) -> tuple[Any, dict[str, Any]]:
+    """-> (``gguf.GGUFReader``, key-values), after the bounds-checked scan of the header."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - gguf is a declared dependency
+        raise BackendUnavailableError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
     if not path.is_file():
         raise WeightsNotFoundError(f"no such GGUF file: {path}")
     _scan_header(path)
     try:
         reader = GGUFReader(path)
-        meta = {k: f.contents() for k, f in reader.fields.items()}
+        return reader, {k: f.contents() for k, f in reader.fields.items()}
     except Exception as e:  # the header scan passed, so this is corruption the scan cannot see
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All key-values of a GGUF file as plain python values (str, int, float, bool, lists of them),
+    without reading its tensors: what a tokenizer needs.
+
+    Raises :class:`WeightsNotFoundError` for a missing file and :class:`CheckpointError` ("not a
+    readable GGUF file: ...") for one the header scan or the reader refuses.
+    """
+    try:
+        _, meta = _open(Path(path))
+    except WeightsNotFoundError:
+        raise
+    except CheckpointError as e:
+        msg = str(e)
+        raise CheckpointError(msg if "not a readable GGUF file" in msg else f"not a readable GGUF file: {msg}") from None
+    return {name: _plain(v) for name, v in meta.items()}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v.item() if hasattr(v, "item") else v
+
+
+def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+              dequantize_weights: bool = True) -> GGUFModel:
+    """Read a llama-architecture GGUF file. ``dequantize_weights=False`` skips building ``state``
+    (the raw blocks are memory-mapped views, so that costs almost nothing)."""
+    path = Path(path)
+    reader, meta = _open(path)
     try:
         names = {t.name for t in reader.tensors}
         cfg = _config(meta, names, path)
@@ -379,5 +410,6 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                      chat_template=template if isinstance(template, str) else None, types=types)
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "RawTensor", "GGUFTokenizer", "GGUFModel", "read_gguf", "dequantize",
+__all__ = ["SUPPORTED_ARCHITECTURES", "RawTensor", "GGUFTokenizer", "GGUFModel", "read_gguf", "read_gguf_metadata",
+           "dequantize",
            "decoder_name", "unpermute_rows"]

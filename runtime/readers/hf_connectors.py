@@ -22,7 +22,8 @@ from torch import nn
 
 from edgevlm.config import MLPConnectorConfig, QFormerConfig, QFormerConnectorConfig
 from edgevlm.errors import CheckpointError, ConfigError
-from edgevlm.runtime.readers.safetensors_io import find_prefix, take
+
+from .safetensors_io import find_prefix, take
 
 # transformers' hidden_act names -> edgevlm activation names (erf "gelu" is not "gelu_new").
 _ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",

@@ -29,7 +29,7 @@ import torch
 from edgevlm.config import IMAGENET_MEAN, IMAGENET_STD, RGB, ConvNeXtConfig
 from edgevlm.errors import CheckpointError, ConfigError
 
-from ..vision.convnext import ConvNeXt
+from edgevlm.runtime.vision.convnext import ConvNeXt
 from .safetensors_io import find_prefix, load_safetensors_dir, read_json, take
 
 # edgevlm key (regex) -> transformers key (template); applied to the keys of ConvNeXt(cfg).

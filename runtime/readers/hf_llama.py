@@ -27,7 +27,8 @@ import torch
 
 from edgevlm.config import DecoderConfig
 from edgevlm.errors import CheckpointError, ConfigError
-from edgevlm.runtime.readers.safetensors_io import find_prefix, load_safetensors_dir, read_json
+
+from .safetensors_io import find_prefix, load_safetensors_dir, read_json
 
 # transformers' config-class defaults for the keys we read (config.json may omit default values).
 _DEFAULTS: dict[str, dict[str, Any]] = {

@@ -31,7 +31,8 @@ import torch
 
 from edgevlm.config import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, ViTConfig
 from edgevlm.errors import CheckpointError, ConfigError
-from edgevlm.runtime.readers.safetensors_io import find_prefix, load_safetensors_dir, read_json
+
+from .safetensors_io import find_prefix, load_safetensors_dir, read_json
 
 Keys = tuple[str, ...]  # alternative names of one tensor, tried in order
 

@@ -29,7 +29,7 @@ from torch import nn
 from edgevlm.config import ConvNeXtConfig
 from edgevlm.errors import ConfigError, ShapeError
 
-from ..layers import LayerNorm2d
+from edgevlm.runtime.layers import LayerNorm2d
 
 
 class ConvNeXtMlp(nn.Module):

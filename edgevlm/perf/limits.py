@@ -155,7 +155,7 @@ def kv_bytes(cfg, positions: float, element_size: int = 4) -> int:
 def git_commit(where: str | os.PathLike | None = None, dirty: bool = True) -> str:
     """Short HEAD hash of the checkout at ``where`` (default: the one edgevlm runs from), with
     ``+dirty`` when tracked files differ from it; ``unknown`` outside a git checkout."""
-    where = Path(where) if where else Path(__file__).resolve().parents[1]
+    where = Path(where) if where else Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10,

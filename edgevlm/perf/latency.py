@@ -1,6 +1,6 @@
 """End-to-end latency of a Pipeline, stage by stage, per backend and precision (``edgevlm bench``).
 
-Every configuration runs in a fresh Python process (``python -m edgevlm.latency CONFIG``), so the
+Every configuration runs in a fresh Python process (``python -m edgevlm.perf.latency CONFIG``), so the
 peak memory reported for it is its own and no configuration warms another's caches. Per config:
 
     decode_image   image file -> RGB array
@@ -19,7 +19,7 @@ embedding cache and prefix reuse are off, so every run does all the work), and `
 
 Beside each figure is its physical bound on this machine: tower and prefill FLOPs at the matmul peak
 measured here, a decode step's bytes (weights as stored + KV cache) at the read bandwidth measured
-here (:mod:`edgevlm.limits`). A ``transformers`` peer row runs the same decoder weights through
+here (:mod:`edgevlm.perf.limits`). A ``transformers`` peer row runs the same decoder weights through
 transformers' LlamaForCausalLM on the same prompt length.
 """
 
@@ -169,7 +169,7 @@ def _child(cfg: BenchConfig, run: BenchRun, timeout_s: float) -> dict:
     try:
         # PYTHONSAFEPATH: `-m` would put the working directory first on the child's sys.path; run from a
         # checkout, its kernels/ or runtime/ folder would shadow installed packages of those names.
-        r = subprocess.run([sys.executable, "-m", "edgevlm.latency", payload], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "edgevlm.perf.latency", payload], capture_output=True, text=True,
                            timeout=timeout_s, env={**os.environ, "PYTHONSAFEPATH": "1"})
     except subprocess.TimeoutExpired:
         return {**asdict(cfg), "note": f"failed: no result within {timeout_s:.0f} s"}
@@ -225,7 +225,7 @@ def prefill_flops(dcfg, tokens: int) -> int:
 def measure(cfg: BenchConfig, run: BenchRun) -> dict:
     """Time one configuration in this process; -> a result row (see the module docstring)."""
     from edgevlm.kernels.triton_support import kernel_backend
-    from edgevlm.limits import decoder_step_bytes, kv_bytes, matmul_peak, ort_fp32_peak, read_bandwidth
+    from .limits import decoder_step_bytes, kv_bytes, matmul_peak, ort_fp32_peak, read_bandwidth
     from edgevlm.runtime.generate import GenerationConfig, generate_tokens
     from edgevlm.runtime.image_io import load_image
 
@@ -333,7 +333,7 @@ def measure(cfg: BenchConfig, run: BenchRun) -> dict:
 def _tower_flops(tower, views: dict[str, torch.Tensor]) -> int:
     """FLOPs of the tower on these views, counted on a weightless copy on the meta device: there the
     attention takes its PyTorch path, which torch's FLOP counter sees (a Triton kernel it does not)."""
-    from edgevlm.limits import count_flops
+    from .limits import count_flops
     from edgevlm.runtime.tower import VisionTowerModel
 
     with torch.device("meta"):

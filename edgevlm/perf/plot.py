@@ -31,7 +31,7 @@ def _num(row: dict, key: str) -> float:
 
 
 def draw_breakdown(rows: list[dict], path: str | Path, title: str) -> Path:
-    """Draw ``rows`` (``edgevlm.latency`` results) to ``path``; rows whose run failed are listed with
+    """Draw ``rows`` (``edgevlm.perf.latency`` results) to ``path``; rows whose run failed are listed with
     their note instead of bars."""
     from PIL import Image, ImageDraw, ImageFont
 

@@ -1,9 +1,10 @@
 """Lower-precision graphs from the fp32 export: INT8 by static quantization, FP16 by conversion.
 
-INT8 is ONNX Runtime static quantization in QDQ form, calibrated by running the fp32 graph on real
-images (a folder the caller names, scikit-image's photos where installed, then the demo task's
-training scenes), never on the bundled images that validate the export. Only MatMul /
-Gemm nodes with a constant weight inside the encoders are quantized, weights per output channel:
+INT8 is ONNX Runtime static quantization in QDQ form (activation scales calibrated by running the
+fp32 graph on the feeds of :mod:`edgevlm.export.calibration`, never on the images that validate the
+export). This is graph quantisation of the exported vision tower; the decoder's weight formats are
+:mod:`edgevlm.runtime.quant`, a different operation. Only MatMul / Gemm nodes with a constant weight
+inside the encoders are quantized, weights per output channel:
 
 * activation x activation MatMuls (attention scores, attention x V) and the convolutions of a
   depthwise CNN lose far more than they gain with per-tensor activation scales; on the demo tower,
@@ -19,93 +20,11 @@ The same QDQ graph with symmetric int8 activations is what a TensorRT INT8 engin
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from edgevlm.config import TowerConfig
-from edgevlm.errors import BackendUnavailableError, ConfigError, ImageError
-
-from .contract import ExportContract
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-# Real photos scikit-image ships as files (read by path; nothing is downloaded). astronaut and chelsea are
-# left out: the bundled copies of them validate exports, and calibration must not see them.
-SKIMAGE_PHOTOS = ("coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png",
-                  "retina.jpg", "camera.png", "coins.png", "moon.png", "brick.png", "grass.png", "gravel.png")
-
-
-def calibration_images(n: int = 24, extra_dir: str | Path | None = None) -> tuple[list[np.ndarray], list[str]]:
-    """Images to calibrate INT8 on, and where they came from: a folder's images first (if given),
-    then scikit-image's photos (when it is installed), then demo-task scenes (train split) up to ``n``.
-    None of them is a validation image (:func:`validation_images`)."""
-    from edgevlm.runtime.image_io import load_images
-
-    paths: list[str] = []
-    if extra_dir is not None:
-        d = Path(extra_dir)
-        if not d.is_dir():
-            raise ImageError(f"calibration folder {d} does not exist")
-        paths += sorted(p for p in glob.glob(str(d / "*")) if p.lower().endswith(IMAGE_SUFFIXES))
-        if not paths:
-            raise ImageError(f"calibration folder {d} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    own = len(paths)
-    sk = _skimage_dir()
-    if sk is not None:
-        paths += [str(sk / f) for f in SKIMAGE_PHOTOS if (sk / f).is_file()]
-    paths = paths[:n]
-    images = load_images(paths)
-    sources = []
-    if own:
-        sources.append(f"{min(own, n)} from {extra_dir}")
-    if len(paths) > own:
-        sources.append(f"{len(paths) - own} scikit-image photos")
-    if len(images) < n:
-        from edgevlm.train.data import make_scene
-
-        images += [make_scene(0, "train", i).image for i in range(n - len(images))]
-        sources.append(f"{n - len(paths)} demo training scenes")
-    return images, sources
-
-
-def validation_images() -> list[np.ndarray]:
-    """The bundled images (two real photos, two held-out demo scenes, a digit): never calibrated on."""
-    from edgevlm.runtime.image_io import load_images
-
-    return load_images(sorted(str(p) for p in _asset_dir().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-
-
-def _asset_dir() -> Path:
-    import edgevlm
-
-    return Path(edgevlm.__file__).resolve().parent / "assets"
-
-
-def _skimage_dir() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-def view_batches(tower: TowerConfig, contract: ExportContract, images: Iterable[np.ndarray],
-                 per_batch: int = 1) -> list[dict[str, np.ndarray]]:
-    """Images -> graph feeds ``{input name: [views, 3, R, R]}``, ``per_batch`` images each."""
-    from edgevlm.runtime.preprocess import Preprocessor
-
-    pre = Preprocessor(tower)
-    images = list(images)
-    out = []
-    for i in range(0, len(images), per_batch):
-        views = pre(images[i:i + per_batch]).views
-        out.append({spec.name: views[enc].numpy() for enc, spec in zip(contract.encoder_names, contract.inputs)})
-    return out
+from edgevlm.errors import BackendUnavailableError, ConfigError
 
 
 def _quantizable_nodes(model) -> list[str]:
@@ -114,7 +33,7 @@ def _quantizable_nodes(model) -> list[str]:
             if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input) and "/connector/" not in n.name]
 
 
-def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], *, symmetric: bool = False,
+def static_int8_qdq(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], *, symmetric: bool = False,
                   external_data: bool = False) -> dict:
     """Static INT8 (QDQ) of ``src`` into ``dst`` calibrated on ``feeds``; returns what was done.
     ``external_data`` writes the tensors beside the graph (``dst.name + ".data"``), for graphs over 2 GB."""
@@ -169,4 +88,4 @@ def convert_fp16(src: Path, dst: Path, *, external_data: bool = False) -> dict:
     return {"method": "onnxruntime.transformers float16 conversion, fp32 inputs/outputs"}
 
 
-__all__ = ["calibration_images", "validation_images", "view_batches", "quantize_int8", "convert_fp16"]
+__all__ = ["static_int8_qdq", "convert_fp16"]
