@@ -292,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           "correct": n_ok, "answers": records}, indent=2))
     elif trained:
         print(f"\n{n_ok}/{n_checked} checked answers right. The demo model learnt from generated table-top scenes "
-              "and digits only (held-out accuracy: README, 'Training the demo'); a real photo is outside what it "
+              "and digits only (held-out accuracy: docs/training.md); a real photo is outside what it "
               "was taught, and its boxes are not yet usable.")
     else:
         print("\nnote: the projector weights are random (no trained demo checkpoint is installed), so the "

@@ -78,7 +78,8 @@ class LoadOptions:
         for name, value in normalise.items():
             object.__setattr__(self, name, value)
         if self.vision_backend not in VISION_BACKENDS:
-            raise ConfigError(f"vision_backend must be one of {', '.join(VISION_BACKENDS)}, got {self.vision_backend!r}")
+            raise ConfigError(f"vision_backend must be one of {', '.join(VISION_BACKENDS)}, "
+                              f"got {self.vision_backend!r}")
         if self.vision_backend == "torch" and self.vision_export is not None:
             raise ConfigError("vision_export is read by the onnxruntime / tensorrt vision backends; "
                               "pass vision_backend too")

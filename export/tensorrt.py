@@ -16,7 +16,7 @@ Jetson: build on the device itself (engines do not move between a desktop GPU an
 workspace small (``workspace_mb``, e.g. 1024 on an 8 GB Orin Nano, which shares memory with the
 CPU), and try ``dla_core=0`` for the encoders' convolutions with GPU fallback for the rest.
 
-Nothing in this file was run on a GPU in this project's CI (there is none); see README "Status".
+Nothing in this file was run on a GPU in this project's CI (there is none); see docs/status.md.
 """
 
 from __future__ import annotations

@@ -457,7 +457,7 @@ def test_cli_export_and_refusal_to_overwrite(tmp_path, capsys):
 
 def _trt_or_skip():
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (CPU-only CI); the engine path is "
-                        "unverified here, see README 'Exporting the vision tower'")
+                        "unverified here, see docs/export.md")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU; none is visible")
 
