@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from edgevlm.errors import ConfigError, ShapeError
-from edgevlm.kernels.int4_gemv import (GROUPS, TritonInt4Weight, int4_matmul, int4_matmul_reference,
-                                       pack_codes_int32)
+from edgevlm.kernels.int4_gemv import GROUPS, TritonInt4Weight, int4_matmul, int4_matmul_reference, pack_codes_int32
 from edgevlm.kernels.triton_support import interpreting
 
 from .formats import Packed, quantize_int4, unlanes, unpack_codes
