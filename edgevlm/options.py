@@ -86,7 +86,7 @@ class LoadOptions:
         if self.vision_precision not in VISION_PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(VISION_PRECISIONS)}, got {self.vision_precision!r}")
         if self.kv_cache not in KV_CACHES:
-            raise ConfigError(f"kv_cache must be 'float' or 'int8', got {self.kv_cache!r}")
+            raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         if isinstance(self.embedding_cache_bytes, bool) or not isinstance(self.embedding_cache_bytes, int) \
                 or self.embedding_cache_bytes < 0:
             raise ConfigError(f"embedding_cache_bytes must be >= 0, got {self.embedding_cache_bytes}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -37,10 +37,9 @@ from .readers import resolve_weights_path
 from .readers.safetensors_io import load_safetensors
 from .source import ModelSource
 from .tokenizer import BYTE_TO_CHAR, Tokenizer
-from .tower import TRANSFORMERS_TOWERS, VisionTower, VisionTowerModel, WeightsReport, build_tower_model
+from .tower import TOWER_PREFIX, VisionTower, VisionTowerModel, WeightsReport, build_tower_model, resolve_tower_source
 
 DECODER_PREFIX = "decoder."
-TOWER_PREFIX = "tower."
 
 
 @dataclass(frozen=True)
@@ -240,7 +239,7 @@ def _transformers_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
     if model_type == "llava":
         from .readers.safetensors_io import read_json
 
-        tower_cfg, tower_state = _transformers_tower_reader(model_type)(path)
+        tower_cfg, tower_state, _ = resolve_tower_source(source)
         tower = build_tower_model(tower_cfg, tower_state, allow_random=False, seed=opts.seed)
         dec_cfg, dec_state = read_llama_dir(path)  # the language model inside the LLaVA folder
         hf = read_json(path / "config.json")
@@ -251,13 +250,6 @@ def _transformers_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
                                   allow_random=False, tokenizer_dir=path, tower=tower)
     raise CheckpointError(f"{path}: transformers model_type {model_type!r} is not supported; supported: "
                           f"{sorted((*SUPPORTED_MODEL_TYPES, 'llava'))}")
-
-
-def _transformers_tower_reader(model_type: str) -> Callable:
-    import importlib
-
-    module, fn = TRANSFORMERS_TOWERS[model_type].split(":")
-    return getattr(importlib.import_module(module), fn)
 
 
 # ---- quantising and assembling -------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from edgevlm.errors import ConfigError, PromptError
+from edgevlm.options import KV_CACHES
 
 from .chat import ChatFormat, build_multimodal_ids
 from .decoder import LlamaDecoder
@@ -71,8 +72,8 @@ class Pipeline:
         """``max_context``: positions of the static KV cache (capped at the decoder's limit);
         ``reuse_prefix``: keep the last conversation's KV cache for a follow-up; ``kv_cache``:
         ``"float"`` (the weights' dtype) or ``"int8"`` (a scale per vector, a quarter of the memory)."""
-        if kv_cache not in ("float", "int8"):
-            raise ConfigError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
+        if kv_cache not in KV_CACHES:
+            raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         self.decoder = decoder.eval()
         self.tokenizer = tokenizer
         self.chat = chat

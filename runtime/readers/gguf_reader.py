@@ -336,7 +336,10 @@ def _open(path: Path) -> tuple[Any, dict[str, Any]]:
         raise BackendUnavailableError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
     if not path.is_file():
         raise WeightsNotFoundError(f"no such GGUF file: {path}")
-    _scan_header(path)
+    try:
+        _scan_header(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"not a readable GGUF file: {e}") from None
     try:
         reader = GGUFReader(path)
         return reader, {k: f.contents() for k, f in reader.fields.items()}
@@ -351,13 +354,7 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     Raises :class:`WeightsNotFoundError` for a missing file and :class:`CheckpointError` ("not a
     readable GGUF file: ...") for one the header scan or the reader refuses.
     """
-    try:
-        _, meta = _open(Path(path))
-    except WeightsNotFoundError:
-        raise
-    except CheckpointError as e:
-        msg = str(e)
-        raise CheckpointError(msg if "not a readable GGUF file" in msg else f"not a readable GGUF file: {msg}") from None
+    _, meta = _open(Path(path))
     return {name: _plain(v) for name, v in meta.items()}
 
 
