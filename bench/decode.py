@@ -44,9 +44,9 @@ from edgevlm.config import DecoderConfig, QuantConfig
 from edgevlm.perf.limits import decoder_step_bytes, git_commit, kv_bytes, matmul_peak, read_bandwidth
 from edgevlm.perf.results import append_rows
 from edgevlm.runtime import quant as Q
-from edgevlm.runtime.decoder import LlamaDecoder
+from edgevlm.runtime.decoder import Decoder
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
-from edgevlm.runtime.readers.hf_llama import to_transformers
+from edgevlm.runtime.readers.hf_decoders import to_transformers
 
 FIELDS = ["timestamp", "git", "cpu", "threads", "torch", "transformers", "edgevlm_kernels", "model", "variant",
           "prompt_tokens", "new_tokens", "ttft_ms", "prefill_tok_s", "prefill_gflops", "fp32_peak_gflops",
@@ -67,13 +67,13 @@ def smollm2_path() -> Path | None:
     return p if p.is_file() else None
 
 
-def fresh_decoder(base: LlamaDecoder) -> LlamaDecoder:
-    return LlamaDecoder.from_state(base.cfg, {k: v.clone() for k, v in base.state_dict().items()}).eval()
+def fresh_decoder(base: Decoder) -> Decoder:
+    return Decoder.from_state(base.cfg, {k: v.clone() for k, v in base.state_dict().items()}).eval()
 
 
 # ---- timing --------------------------------------------------------------------------------------
 
-def time_edgevlm(dec: LlamaDecoder, prompt: list[int], new: int, repeat: int) -> tuple[float, float]:
+def time_edgevlm(dec: Decoder, prompt: list[int], new: int, repeat: int) -> tuple[float, float]:
     """-> (prefill ms incl. first token, mean decode ms per token), best of ``repeat``."""
     cache = dec.new_cache(max_len=len(prompt) + new + 1)
     gen = GenerationConfig(max_new_tokens=new, stop_token_ids=())
@@ -123,7 +123,7 @@ print("RESULT" + json.dumps({"ttft_ms": t1 * 1e3, "decode_ms": (tn - t1) / (new 
 """
 
 
-def time_ort(dec: LlamaDecoder, prompt: list[int], new: int, repeat: int, python: str, threads: int):
+def time_ort(dec: Decoder, prompt: list[int], new: int, repeat: int, python: str, threads: int):
     with tempfile.TemporaryDirectory() as d:
         to_transformers(dec).save_pretrained(d)
         r = subprocess.run([python, "-c", ORT_SCRIPT, d, json.dumps(prompt), str(new), str(repeat), str(threads)],
@@ -150,7 +150,7 @@ def hf_weight_bytes(model) -> int:
 
 # ---- one model -----------------------------------------------------------------------------------
 
-def bench_model(name: str, base: LlamaDecoder, prompt: list[int], args, common: dict, gguf_raw=None) -> list[dict]:
+def bench_model(name: str, base: Decoder, prompt: list[int], args, common: dict, gguf_raw=None) -> list[dict]:
     new, rows = args.new, []
     mean_pos = len(prompt) + new / 2
     params = sum(p.numel() for n, p in base.named_parameters() if "embed" not in n or not base.cfg.tie_embeddings)
@@ -250,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
             from edgevlm.train.text_corpus import heldout_text
 
             g = read_gguf(path)
-            base = LlamaDecoder.from_state(g.config, g.state).eval()
+            base = Decoder.from_state(g.config, g.state).eval()
             pipe = edgevlm.load(path, quant="none")
             prompt = pipe.tokenizer.encode(heldout_text(), add_bos=False)[:args.prompt]
             rows += bench_model("smollm2-135m", base, prompt, args, common, gguf_raw=g.raw)
         elif name == "tinyllama":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                base = LlamaDecoder(TINYLLAMA)
+                base = Decoder(TINYLLAMA)
                 for p in base.parameters():  # LLaMA-like scale, so activations stay finite over 22 layers
                     torch.nn.init.normal_(p, std=0.02) if p.dim() == 2 else torch.nn.init.ones_(p)
             base.eval()

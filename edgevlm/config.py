@@ -80,9 +80,10 @@ class WeightsRef:
 class EncoderConfig:
     """Fields every vision encoder has. Subclasses define the architecture and output layout.
 
-    Output layout contract (what connectors rely on): an encoder returns tokens ``[N, tokens, width]``
+    Output layout contract (what connectors rely on): an encoder returns tokens ``[N, tokens, feature_width]``
     where, if ``global_token`` is true, token 0 is a global token (a ViT class token) followed by the
-    ``grid`` in row-major order; CNN encoders return maps ``[N, width, grid_h, grid_w]``.
+    ``grid`` in row-major order; CNN encoders return maps ``[N, feature_width, grid_h, grid_w]``.
+    ``feature_width`` is ``width`` unless the encoder concatenates several layers' features.
     """
 
     kind: ClassVar[str] = ""
@@ -108,6 +109,11 @@ class EncoderConfig:
         raise NotImplementedError
 
     @property
+    def feature_width(self) -> int:
+        """Channels of the features the encoder returns (what a connector reads)."""
+        return self.width
+
+    @property
     def global_token(self) -> bool:
         return False
 
@@ -126,6 +132,9 @@ class ViTConfig(EncoderConfig):
 
     ``feature_layer`` indexes the list [embeddings, block 1, ..., block depth] like transformers'
     ``hidden_states``: -1 is the last block's output, -2 the penultimate (LLaVA), 0 the embeddings.
+    ``feature_layers`` (instead of ``feature_layer``) selects several such layers, whose features are
+    concatenated on channels in that order (transformers' list ``vision_feature_layer``):
+    ``feature_width = width * len(feature_layers)``.
     ``pos_grid`` is the side of the grid the position table was trained for; the table is
     interpolated bicubically when the input grid differs (DINOv2 trains at 37x37).
     """
@@ -145,6 +154,7 @@ class ViTConfig(EncoderConfig):
     layer_scale: bool = False  # DINOv2's per-channel residual scales
     pos_grid: int = 0  # 0: trained at this config's own grid
     feature_layer: int = -1
+    feature_layers: tuple[int, ...] = ()  # several layers, concatenated on channels; replaces feature_layer
     final_norm: bool = True
     keep_class_token: bool = True
 
@@ -156,8 +166,12 @@ class ViTConfig(EncoderConfig):
         _check(self.image_size >= self.patch_size,
                f"{self.name}: image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         _check(self.mlp_act in MLP_ACTS, f"{self.name}: mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
-        _check(-self.depth - 1 <= self.feature_layer <= self.depth,
-               f"{self.name}: feature_layer {self.feature_layer} outside [-{self.depth + 1}, {self.depth}]")
+        for layer in (self.feature_layer, *self.feature_layers):
+            _check(isinstance(layer, int) and not isinstance(layer, bool) and -self.depth - 1 <= layer <= self.depth,
+                   f"{self.name}: feature layer {layer!r} outside [-{self.depth + 1}, {self.depth}]")
+        _check(not self.feature_layers or self.feature_layer == -1,
+               f"{self.name}: set feature_layer ({self.feature_layer}) or feature_layers "
+               f"({self.feature_layers}), not both")
         _check(self.pos_grid >= 0, f"{self.name}: pos_grid must be >= 0")
 
     @property
@@ -174,9 +188,18 @@ class ViTConfig(EncoderConfig):
         return self.width // self.heads
 
     @property
+    def selected_layers(self) -> tuple[int, ...]:
+        """The feature layers as non-negative indices into [embeddings, block 1, ..., block depth]."""
+        return tuple(i if i >= 0 else self.depth + 1 + i for i in (self.feature_layers or (self.feature_layer,)))
+
+    @property
     def blocks_run(self) -> int:
-        """Number of transformer blocks actually evaluated for the selected feature layer."""
-        return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
+        """Number of transformer blocks actually evaluated for the selected feature layer(s)."""
+        return max(self.selected_layers)
+
+    @property
+    def feature_width(self) -> int:
+        return self.width * len(self.selected_layers)
 
     @property
     def global_token(self) -> bool:
@@ -271,9 +294,29 @@ def round_filters(filters: int, width_mult: float, divisor: int = 8) -> int:
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
+class QFormerTextConfig:
+    """InstructBLIP's instruction input to the Q-Former: token ids of a BERT-style vocabulary of
+    ``vocab_size`` with learned absolute positions ``0 .. max_positions - 1``; ``pad_id`` fills the
+    padded tail of a batch of instructions (masked out, so its value never reaches the output)."""
+
+    vocab_size: int = 30522
+    max_positions: int = 512
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "max_positions")
+        _check(isinstance(self.pad_id, int) and not isinstance(self.pad_id, bool)
+               and 0 <= self.pad_id < self.vocab_size,
+               f"QFormerTextConfig.pad_id must be a token id in [0, {self.vocab_size}), got {self.pad_id!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class QFormerConfig:
-    """BLIP-2 Q-Former, query path only: learned queries, self-attention in every layer,
-    cross-attention onto ``encoder``'s tokens every ``cross_attention_every`` layers, query FFN."""
+    """BLIP-2 Q-Former: learned queries, self-attention in every layer, cross-attention onto
+    ``encoder``'s tokens every ``cross_attention_every`` layers, query FFN.
+
+    ``text`` set (InstructBLIP): the Q-Former also reads an instruction; its tokens join the queries'
+    self-attention and have their own FFN. ``None`` (BLIP-2): the query path only."""
 
     encoder: str
     encoder_width: int
@@ -284,11 +327,14 @@ class QFormerConfig:
     intermediate: int = 3072
     cross_attention_every: int = 2
     norm_eps: float = 1e-12
+    text: QFormerTextConfig | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "encoder_width", "num_queries", "hidden", "layers", "heads", "intermediate",
                   "cross_attention_every")
         _check(self.hidden % self.heads == 0, f"QFormer hidden {self.hidden} not divisible by heads {self.heads}")
+        _check(self.text is None or isinstance(self.text, QFormerTextConfig),
+               f"QFormerConfig.text must be a QFormerTextConfig or None, got {type(self.text).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -488,12 +534,33 @@ CONNECTOR_KINDS: dict[str, type[ConnectorConfig]] = {
 
 
 @dataclass(frozen=True, kw_only=True)
+class AnyresPackConfig:
+    """How the views of one ``anyres`` image become one token sequence (LLaVA-NeXT's ``spatial_unpad``).
+
+    Every view's connector output must be the first encoder's ``gh x gw`` patch grid (no global
+    token). The tiles' grids are stitched into one ``rows*gh x cols*gw`` feature map of the canvas;
+    with ``unpad`` the map's rows (or columns) that show only canvas padding are dropped, judged from
+    the original image size as transformers' ``unpad_image`` does; with ``newline`` a learned
+    ``[out_width]`` token (``pack.newline``) ends every row of the map. The image's sequence is the
+    base view's tokens, then the map row by row, so its length depends on the image's size
+    (:mod:`edgevlm.runtime.connectors.anyres`).
+    """
+
+    unpad: bool = True
+    newline: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class TowerConfig:
-    """Vision encoders + connector + view recipe: images in, LLM-width embeddings out."""
+    """Vision encoders + connector + view recipe: images in, LLM-width embeddings out.
+
+    ``pack`` (``anyres`` views only): the views of an image are packed into one sequence
+    (:class:`AnyresPackConfig`) instead of following each other."""
 
     encoders: tuple[EncoderConfig, ...]
     connector: ConnectorConfig
     views: ViewConfig = field(default_factory=ViewConfig)
+    pack: AnyresPackConfig | None = None
 
     def __post_init__(self) -> None:
         _check(len(self.encoders) > 0, "TowerConfig needs at least one encoder")
@@ -504,19 +571,27 @@ class TowerConfig:
         unused = [n for n in names if n not in self.connector.encoder_names()]
         _check(not unused, f"encoders {unused} are not read by the connector")
         self._check_widths()
+        if self.pack is not None:
+            _check(isinstance(self.pack, AnyresPackConfig),
+                   f"TowerConfig.pack must be an AnyresPackConfig or None, got {type(self.pack).__name__}")
+            _check(self.views.kind == "anyres", f"pack applies to anyres views only, not {self.views.kind!r}")
+            gh, gw = self.pack_grid
+            _check(self.tokens_per_view == gh * gw,
+                   f"pack needs each view's {self.tokens_per_view} tokens to be encoder "
+                   f"{self.encoders[0].name!r}'s {gh}x{gw} patch grid (no global token)")
 
     def _check_widths(self) -> None:
         c = self.connector
         if isinstance(c, (LinearConnectorConfig, MLPConnectorConfig, ResamplerConnectorConfig)):
-            w = self.encoder(c.encoder).width
+            w = self.encoder(c.encoder).feature_width
             _check(c.in_width == w, f"{c.kind} connector in_width {c.in_width} != encoder {c.encoder!r} width {w}")
         if isinstance(c, SphinxFusionConfig):
             for n, w in zip(c.encoders, c.in_widths):
-                _check(self.encoder(n).width == w,
-                       f"fusion in_width for {n!r} is {w}, encoder width is {self.encoder(n).width}")
+                _check(self.encoder(n).feature_width == w,
+                       f"fusion in_width for {n!r} is {w}, encoder width is {self.encoder(n).feature_width}")
         q = getattr(c, "qformer", None)
         if q is not None:
-            w = self.encoder(q.encoder).width
+            w = self.encoder(q.encoder).feature_width
             _check(q.encoder_width == w, f"Q-Former encoder_width {q.encoder_width} != encoder {q.encoder!r} width {w}")
 
     def encoder(self, name: str) -> EncoderConfig:
@@ -539,8 +614,17 @@ class TowerConfig:
         return self.views.max_views
 
     @property
+    def pack_grid(self) -> tuple[int, int]:
+        """The ``(gh, gw)`` token grid of one view that ``pack`` stitches: the first encoder's."""
+        return self.encoders[0].grid
+
+    @property
     def visual_tokens_per_image(self) -> int:
         """LLM positions one image occupies (the maximum for ``anyres``)."""
+        if self.pack is not None:  # base view + the largest grid's map, a newline per map row
+            gh, gw = self.pack_grid
+            nl = int(self.pack.newline)
+            return gh * gw + max(r * gh * (c * gw + nl) for r, c in self.views.anyres_grids)
         return self.views_per_image * self.tokens_per_view
 
     def visual_tokens_for_views(self, n_views: int) -> int:
@@ -558,15 +642,39 @@ class TowerConfig:
 # Decoder and whole model
 # --------------------------------------------------------------------------------------------
 
+DECODER_NORMS = ("rms", "layer")
+DECODER_ACTS = ("silu", "gelu", "gelu_tanh", "relu")
+DECODER_POSITIONS = ("rope", "learned")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "longrope")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
-    """A LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+    """A decoder-only transformer of the LLaMA / Mistral / Phi-3 / OPT kinds, its differences as data
+    (the way llama.cpp's architecture table describes them, one model class for all):
+
+    ========== ======= ======== ======= ============ ===============================
+    family     norm    mlp_act  gated   positions    biases
+    ========== ======= ======== ======= ============ ===============================
+    LLaMA      rms     silu     yes     rope         none (``attention_bias`` opt.)
+    Mistral    rms     silu     yes     rope         none (window clamps the context)
+    Phi-3      rms     silu     yes     rope+longrope none (fused qkv/gate_up split on read)
+    OPT        layer   relu     no      learned (+2) every linear and norm
+    ========== ======= ======== ======= ============ ===============================
+
+    Fused projections in a checkpoint (Phi-3's ``qkv_proj`` / ``gate_up_proj``) are split by its
+    reader, and the quantiser fuses q/k/v and gate/up again for the CPU kernels, so the model has one
+    set of names for every family.
 
     RoPE scaling follows transformers' ``rope_type``: ``linear`` divides the frequencies by
     ``rope_scaling_factor``; ``dynamic`` (NTK) raises the base once a sequence grows past
     ``rope_original_len``; ``llama3`` rescales low/medium frequencies with ``rope_low_freq_factor``,
-    ``rope_high_freq_factor`` and ``rope_original_max_len`` (Llama 3.1's 1.0 / 4.0 / 8192).
-    ``max_seq_len`` is the context this runtime allows (the largest KV cache).
+    ``rope_high_freq_factor`` and ``rope_original_max_len`` (Llama 3.1's 1.0 / 4.0 / 8192);
+    ``longrope`` (Phi-3's "su") divides each frequency by ``rope_short_factor`` (sequences up to
+    ``rope_original_len``) or ``rope_long_factor`` (longer) and scales cos/sin by
+    ``rope_attention_factor``. ``rotary_dim`` < head_dim rotates only the first dims of each head.
+    ``max_seq_len`` is the context this runtime allows (the largest KV cache; the learned position
+    table's size for ``positions="learned"``).
     """
 
     vocab_size: int
@@ -576,12 +684,21 @@ class DecoderConfig:
     kv_heads: int
     intermediate: int
     norm_eps: float = 1e-5
+    norm: str = "rms"  # "rms": RMSNorm (weight) | "layer": LayerNorm (weight and bias)
+    mlp_act: str = "silu"
+    mlp_gated: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))) (OPT's fc1/fc2)
+    positions: str = "rope"  # "rope" | "learned" (a table added to the input embeddings)
+    learned_pos_offset: int = 0  # OPT's table starts 2 rows in
     rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # "none" | "linear" | "dynamic" | "llama3"
+    rope_scaling: str = "none"  # one of ROPE_SCALINGS
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_len: int = 0  # dynamic/llama3: the pre-training context; 0 means max_seq_len
+    rope_original_max_len: int = 0  # dynamic/llama3/longrope: the pre-training context; 0 means max_seq_len
+    rope_short_factor: tuple[float, ...] = ()  # longrope only: one divisor per frequency (rotary_dim / 2)
+    rope_long_factor: tuple[float, ...] = ()
+    rope_attention_factor: float = 1.0  # longrope only: cos/sin multiplier
+    rotary_dim: int = 0  # 0: the whole head
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     head_dim_override: int = 0  # 0: hidden // heads; set when a checkpoint says otherwise (Mistral-Nemo)
@@ -594,24 +711,45 @@ class DecoderConfig:
                f"decoder head_dim_override must be an int >= 0, got {self.head_dim_override!r}")
         if self.head_dim_override == 0:
             _check(self.hidden % self.heads == 0, f"decoder hidden {self.hidden} not divisible by heads {self.heads}")
-        _check(self.head_dim % 2 == 0, f"decoder head_dim {self.head_dim} must be even for RoPE")
         _check(self.heads % self.kv_heads == 0, f"decoder heads {self.heads} not a multiple of kv_heads {self.kv_heads}")
-        _check(self.rope_scaling in ("none", "linear", "dynamic", "llama3"),
-               f"rope_scaling {self.rope_scaling!r} not supported")
+        _check(self.norm in DECODER_NORMS, f"decoder norm must be one of {DECODER_NORMS}, got {self.norm!r}")
+        _check(self.mlp_act in DECODER_ACTS, f"decoder mlp_act must be one of {DECODER_ACTS}, got {self.mlp_act!r}")
+        _check(self.positions in DECODER_POSITIONS,
+               f"decoder positions must be one of {DECODER_POSITIONS}, got {self.positions!r}")
+        _check(self.learned_pos_offset >= 0, "learned_pos_offset must be >= 0")
+        _check(self.rope_scaling in ROPE_SCALINGS, f"rope_scaling {self.rope_scaling!r} not supported; "
+               f"supported: {ROPE_SCALINGS}")
         _check(self.rope_theta > 0 and self.rope_scaling_factor > 0, "rope_theta and rope_scaling_factor must be > 0")
         _check(self.rope_original_max_len >= 0, "rope_original_max_len must be >= 0")
+        _check(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+               f"rotary_dim {self.rotary_dim} must be even and in 0..head_dim {self.head_dim}")
+        if self.positions == "rope":
+            _check(self.rope_dim % 2 == 0, f"decoder rotary dims {self.rope_dim} must be even for RoPE")
         if self.rope_scaling == "llama3":
             _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
                    f"llama3 rope needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
                    f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
+        if self.rope_scaling == "longrope":
+            n = self.rope_dim // 2
+            _check(len(self.rope_short_factor) == n and len(self.rope_long_factor) == n,
+                   f"longrope needs rope_short_factor and rope_long_factor of {n} values each (rotary dims / 2), "
+                   f"got {len(self.rope_short_factor)} and {len(self.rope_long_factor)}")
+            _check(all(f > 0 for f in self.rope_short_factor + self.rope_long_factor),
+                   "longrope factors must be > 0")
+            _check(self.rope_attention_factor > 0, "rope_attention_factor must be > 0")
 
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden // self.heads
 
     @property
+    def rope_dim(self) -> int:
+        """How many dims of each head RoPE rotates (the rest pass through)."""
+        return self.rotary_dim or self.head_dim
+
+    @property
     def rope_original_len(self) -> int:
-        """The context length the RoPE scaling is relative to (dynamic NTK, llama3)."""
+        """The context length the RoPE scaling is relative to (dynamic NTK, llama3, longrope)."""
         return self.rope_original_max_len or self.max_seq_len
 
 
@@ -681,9 +819,16 @@ class QuantConfig:
         return self.scheme + (f"-g{self.group}" if self.group else "")
 
 
+IMAGE_PLACEMENTS = ("after_bos", "before_bos", "placeholder")
+# "template": the checkpoint's jinja template; "sphinx": SPHINX's ###Human/###Assistant turns;
+# "qa": BLIP-2's "Question: ... Answer:" (its language models have no chat template)
+CHAT_FORMATS = ("template", "sphinx", "qa")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A whole VLM. ``image_placement``: ``after_bos`` (SPHINX) or ``placeholder`` (an ``<image>``
+    """A whole VLM. ``image_placement``: ``after_bos`` (SPHINX), ``before_bos`` (BLIP-2 and InstructBLIP put
+    their query tokens first) or ``placeholder`` (an ``<image>``
     token in the prompt is replaced, as LLaVA and BLIP-3 do)."""
 
     name: str
@@ -691,7 +836,7 @@ class ModelConfig:
     decoder: DecoderConfig
     image_placement: str = "after_bos"
     image_token: str = "<image>"
-    chat_format: str = "template"  # "template" (the checkpoint's jinja template) | "sphinx"
+    chat_format: str = "template"  # one of CHAT_FORMATS
     # Real decoder weights and tokenizer, when they live outside the checkpoint (formats: "gguf"
     # for either; "transformers" for a LlamaForCausalLM folder; "tokenizer-json" for a tokenizer folder).
     decoder_weights: WeightsRef | None = None
@@ -702,9 +847,10 @@ class ModelConfig:
     lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
-        _check(self.image_placement in ("after_bos", "placeholder"),
-               f"image_placement must be 'after_bos' or 'placeholder', got {self.image_placement!r}")
-        _check(self.chat_format in ("template", "sphinx"), f"chat_format {self.chat_format!r} not supported")
+        _check(self.image_placement in IMAGE_PLACEMENTS,
+               f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}")
+        _check(self.chat_format in CHAT_FORMATS, f"chat_format {self.chat_format!r} not supported; supported: "
+               f"{CHAT_FORMATS}")
         _check(self.tower.out_width == self.decoder.hidden,
                f"tower out_width {self.tower.out_width} != decoder hidden {self.decoder.hidden}")
 
@@ -806,8 +952,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 __all__ = [
     "RGB", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD", "LITE_MEAN", "LITE_STD", "CLIP_MEAN_RGB8",
     "WeightsRef", "EncoderConfig", "ViTConfig", "ConvNeXtConfig", "EfficientNetConfig", "round_filters",
-    "QFormerConfig", "ConnectorConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
-    "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "TowerConfig", "DecoderConfig", "ModelConfig",
+    "QFormerTextConfig", "QFormerConfig", "ConnectorConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
+    "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "AnyresPackConfig", "TowerConfig", "DecoderConfig", "ModelConfig",
+    "DECODER_NORMS", "DECODER_ACTS", "DECODER_POSITIONS", "ROPE_SCALINGS", "IMAGE_PLACEMENTS", "CHAT_FORMATS",
     "LoRAConfig", "LORA_TARGETS", "QuantConfig", "QUANT_SCHEMES", "QUANT_GROUPS",
     "ENCODER_KINDS", "CONNECTOR_KINDS", "to_dict", "from_dict",
 ]

@@ -26,10 +26,11 @@ from .errors import UnknownPresetError
 # ---- encoders ------------------------------------------------------------------------------
 
 
-def clip_vit_l14(name: str = "clip", image_size: int = 224, **kw) -> ViTConfig:
-    """OpenAI CLIP ViT-L/14 image tower (no projection)."""
+def clip_vit_l14(name: str = "clip", image_size: int = 224, mlp_act: str = "quick_gelu", **kw) -> ViTConfig:
+    """OpenAI CLIP ViT-L/14 image tower (no projection). OpenAI trained it with QuickGELU; SPHINX's
+    inference code builds it through open_clip without pretrained weights, which gives exact GELU."""
     return ViTConfig(name=name, image_size=image_size, patch_size=14, width=1024, depth=24, heads=16,
-                     mlp_dim=4096, mlp_act="quick_gelu", norm_eps=1e-5, patch_bias=False, pre_norm=True,
+                     mlp_dim=4096, mlp_act=mlp_act, norm_eps=1e-5, patch_bias=False, pre_norm=True,
                      mean=CLIP_MEAN, std=CLIP_STD, **kw)
 
 
@@ -57,9 +58,10 @@ def siglip_so400m(name: str = "siglip", image_size: int = 384) -> ViTConfig:
 
 
 def convnext_xxl(name: str = "convnext", image_size: int = 256) -> ConvNeXtConfig:
-    """OpenCLIP ConvNeXt-XXLarge trunk with timm's head LayerNorm kept on the map (as SPHINX runs it)."""
+    """OpenCLIP ConvNeXt-XXLarge trunk with timm's head LayerNorm kept on the map (as SPHINX runs it);
+    timm's ``convnext_xxlarge`` sets every norm's eps to 1e-5 (the other ConvNeXts use 1e-6)."""
     return ConvNeXtConfig(name=name, image_size=image_size, depths=(3, 4, 30, 3), dims=(384, 768, 1536, 3072),
-                          final_norm=True, mean=CLIP_MEAN, std=CLIP_STD)
+                          norm_eps=1e-5, final_norm=True, mean=CLIP_MEAN, std=CLIP_STD)
 
 
 def efficientnet_lite0(name: str = "effnet", image_size: int = 256, weights: WeightsRef | None = None):
@@ -92,7 +94,9 @@ DECODERS: dict[str, DecoderConfig] = {
 
 
 def _sphinx(crop_grid: int) -> ModelConfig:
-    clip, cnx, dino, eva = clip_vit_l14(final_norm=True), convnext_xxl(), dinov2("dinov2", "g"), eva_vit_g()
+    # CLIP with exact GELU, as SPHINX's open_clip build runs it (runtime/readers/sphinx_pth.py says why).
+    clip = clip_vit_l14(final_norm=True, mlp_act="gelu")
+    cnx, dino, eva = convnext_xxl(), dinov2("dinov2", "g"), eva_vit_g()
     fusion = SphinxFusionConfig(encoders=("clip", "convnext", "dinov2"),
                                 in_widths=(clip.width, cnx.width, dino.width), grid=16,
                                 qformer=blip2_qformer("eva", eva.width), out_width=5120)

@@ -23,6 +23,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from edgevlm.config import CHAT_FORMATS, IMAGE_PLACEMENTS
 from edgevlm.errors import ChatTemplateError, ConfigError, PromptError, ShapeError
 from .tokenizer import Tokenizer
 
@@ -233,9 +234,27 @@ def sphinx_prompt(messages: Sequence[dict], add_generation_prompt: bool = True) 
     return "".join(out)
 
 
+def qa_prompt(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """BLIP-2's prompt (its OPT / Flan language models have no chat template): each user turn is
+    ``"Question: ..."``, each answer ``"Answer: ..."``, joined by spaces, ending in ``"Answer:"``.
+    A system message is written first, as plain text; images are placed outside the text."""
+    out = []
+    for m in flatten_messages(messages, None):
+        text = m["content"].strip()
+        if m["role"] == "system":
+            out.append(text)
+        elif m["role"] == "user":
+            out.append(f"Question: {text}")
+        else:
+            out.append(f"Answer: {text}")
+    if add_generation_prompt:
+        out.append("Answer:")
+    return " ".join(t for t in out if t)
+
+
 @dataclass(frozen=True)
 class ChatFormat:
-    """How a model's conversations become prompt text: ``kind`` = ``"template"`` | ``"sphinx"``."""
+    """How a model's conversations become prompt text: ``kind`` = ``"template"`` | ``"sphinx"`` | ``"qa"``."""
 
     kind: str = "template"
     template: str | None = None  # the checkpoint's; None -> DEFAULT_CHAT_TEMPLATE
@@ -246,10 +265,10 @@ class ChatFormat:
     template_vars: dict = field(default_factory=dict)  # extra variables for the template
 
     def __post_init__(self) -> None:
-        if self.kind not in ("template", "sphinx"):
-            raise ConfigError(f"chat format must be 'template' or 'sphinx', got {self.kind!r}")
-        if self.image_placement not in ("after_bos", "placeholder"):
-            raise ConfigError(f"image_placement must be 'after_bos' or 'placeholder', got {self.image_placement!r}")
+        if self.kind not in CHAT_FORMATS:
+            raise ConfigError(f"chat format must be one of {CHAT_FORMATS}, got {self.kind!r}")
+        if self.image_placement not in IMAGE_PLACEMENTS:
+            raise ConfigError(f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}")
 
     @classmethod
     def from_config(cls, config: "ModelConfig", tokenizer: Tokenizer) -> "ChatFormat":
@@ -274,6 +293,8 @@ class ChatFormat:
         messages, ``n_images`` image tokens go at the start of the first user message."""
         if self.kind == "sphinx":
             return sphinx_prompt(messages, add_generation_prompt)
+        if self.kind == "qa":
+            return qa_prompt(messages, add_generation_prompt)
         placeholder = self.image_placement == "placeholder"
         msgs = flatten_messages(messages, self.image_token if placeholder else None)
         if placeholder and n_images and not any(self.image_token in m["content"] for m in msgs):
@@ -369,6 +390,7 @@ def build_multimodal_ids(tokenizer: Tokenizer, prompt_text: str, n_images: int, 
     - ``after_bos`` (SPHINX): all image blocks, in order, right after the first token when it is BOS,
       else at position 0. Image tokens written in the text are removed (there must be none, or one
       per image).
+    - ``before_bos`` (BLIP-2, InstructBLIP): all image blocks at position 0, before BOS and the text.
     - ``placeholder`` (LLaVA, BLIP-3): image ``i`` replaces the ``i``-th image token. With none in the
       text, the blocks go where ``after_bos`` would put them (the start of a raw prompt;
       :meth:`ChatFormat.render` puts placeholders at the start of the first user turn instead).
@@ -377,8 +399,8 @@ def build_multimodal_ids(tokenizer: Tokenizer, prompt_text: str, n_images: int, 
     piece, later pieces as continuations (no SentencePiece prefix space). A BOS the template wrote
     itself is not doubled.
     """
-    if placement not in ("after_bos", "placeholder"):
-        raise ConfigError(f"image placement must be 'after_bos' or 'placeholder', got {placement!r}")
+    if placement not in IMAGE_PLACEMENTS:
+        raise ConfigError(f"image placement must be one of {IMAGE_PLACEMENTS}, got {placement!r}")
     tpi = tuple(int(t) for t in tokens_per_image)
     if len(tpi) != n_images or any(t <= 0 for t in tpi):
         raise PromptError(f"tokens_per_image must hold {n_images} positive counts, got {list(tokens_per_image)}")
@@ -391,9 +413,9 @@ def build_multimodal_ids(tokenizer: Tokenizer, prompt_text: str, n_images: int, 
     if found and found != n_images:
         raise PromptError(f"the prompt has {found} {image_token!r} placeholder(s) but {n_images} image(s) were given")
 
-    if placement == "after_bos" or not found:
+    if placement != "placeholder" or not found:
         ids = _dedupe_bos(tokenizer, tokenizer.encode("".join(pieces), add_bos))
-        head = 1 if ids and ids[0] == tokenizer.bos_id else 0
+        head = 1 if placement != "before_bos" and ids and ids[0] == tokenizer.bos_id else 0
         segs = [("text", tuple(ids[:head])), *(("image", i) for i in range(n_images)), ("text", tuple(ids[head:]))]
     else:
         segs = []
@@ -418,6 +440,6 @@ def _dedupe_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
 
 __all__ = [
     "ChatFormat", "ChatTemplateError", "PromptError", "MultimodalPrompt", "build_multimodal_ids",
-    "render_chat_template", "sphinx_prompt", "flatten_messages", "count_images", "SPHINX_SYSTEM", "SPHINX_STOP",
+    "render_chat_template", "sphinx_prompt", "qa_prompt", "flatten_messages", "count_images", "SPHINX_SYSTEM", "SPHINX_STOP",
     "DEFAULT_CHAT_TEMPLATE", "DEFAULT_STOP", "END_OF_TURN_TOKENS", "IMAGE_SLOT_ID",
 ]

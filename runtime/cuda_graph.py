@@ -1,4 +1,4 @@
-"""One decode step of :class:`~edgevlm.runtime.decoder.LlamaDecoder` with static shapes, for CUDA graphs.
+"""One decode step of :class:`~edgevlm.runtime.decoder.Decoder` with static shapes, for CUDA graphs.
 
 A decode step of a small model is launch-bound: ~10 kernels per layer, each a few microseconds of
 work behind tens of microseconds of Python and launch overhead. A ``torch.cuda.CUDAGraph`` replays
@@ -43,18 +43,19 @@ from torch import nn
 
 from edgevlm.errors import BackendUnavailableError, ConfigError, ShapeError
 
-from .decoder import LlamaDecoder, apply_rope
+from .decoder import Decoder, apply_rope
 from .kv_cache import ContextLengthError, KVCache
 
 
 class GraphedDecodeStep:
     """A one-token decode step over a static :class:`KVCache` (batch 1), capturable in a CUDA graph."""
 
-    def __init__(self, decoder: LlamaDecoder, cache: KVCache, warmup: int = 3) -> None:
+    def __init__(self, decoder: Decoder, cache: KVCache, warmup: int = 3) -> None:
         cfg = decoder.cfg
-        if cfg.rope_scaling == "dynamic":
-            raise ConfigError("GraphedDecodeStep cannot run dynamic-NTK RoPE: its base depends on the sequence "
-                              "length, which a captured step cannot see; use the ordinary cached decoder path")
+        if decoder.rotary is not None and decoder.rotary.length_dependent:
+            raise ConfigError(f"GraphedDecodeStep cannot run rope_scaling={cfg.rope_scaling!r}: its frequencies depend "
+                              "on the sequence length, which a captured step cannot see; use the ordinary cached "
+                              "decoder path")
         if cache.batch != 1:
             raise ShapeError(f"GraphedDecodeStep decodes one sequence; the KV cache has batch {cache.batch}")
         if (cache.layers, cache.kv_heads, cache.head_dim) != (cfg.layers, cfg.kv_heads, cfg.head_dim):
@@ -68,19 +69,20 @@ class GraphedDecodeStep:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # [1, 1] static input
         self.position = torch.zeros(1, dtype=torch.long, device=dev)  # [1] static input
         self.key_positions = torch.arange(cache.max_len, device=dev)  # [S_max]
-        decoder.rotary.inv_freq(self.position.device)  # the device copy must exist before capture
+        if decoder.rotary is not None:
+            decoder.rotary.inv_freq(self.position.device)  # the device copy must exist before capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # [1, V] static output once captured
 
     # ---- the step itself: no Python value in here changes between steps ------------------------
-    def _attend(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def _attend(self, attn: nn.Module, x: torch.Tensor, rope: tuple | None, mask: torch.Tensor) -> torch.Tensor:
         # Attention.forward with the cache write and read made position-independent. x [1, 1, D]
         h, hkv, dh = attn.heads, attn.kv_heads, attn.head_dim
         q = attn.q_proj(x).view(1, 1, h, dh).transpose(1, 2)  # [1, H, 1, Dh]
         k = attn.k_proj(x).view(1, 1, hkv, dh).transpose(1, 2)  # [1, Hkv, 1, Dh]
         v = attn.v_proj(x).view(1, 1, hkv, dh).transpose(1, 2)  # [1, Hkv, 1, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k_all, v_all = self.cache.k[attn.layer_idx], self.cache.v[attn.layer_idx]  # [1, Hkv, S_max, Dh] views
         k_all.index_copy_(2, self.position, k)
         v_all.index_copy_(2, self.position, v)
@@ -91,11 +93,11 @@ class GraphedDecodeStep:
     def _step(self) -> torch.Tensor:
         dec = self.decoder
         x = dec.embed(self.token)  # [1, 1, D]
-        cos, sin = dec.rotary(self.position, x.dtype)  # [1, 1, 1, Dh]
+        x, rope = dec.positional(x, self.position)  # rope: (cos, sin) [1, 1, 1, Dr], or None
         # Keys at or before the position; the entries past it are stale or empty and weigh exactly 0.
         mask = (self.key_positions <= self.position)[None, None, None, :]  # [1, 1, 1, S_max]
         for layer in dec.layers:
-            x = x + self._attend(layer.attn, layer.attn_norm(x), cos, sin, mask)
+            x = x + self._attend(layer.attn, layer.attn_norm(x), rope, mask)
             x = x + layer.mlp(layer.mlp_norm(x))
         return dec.lm_head(dec.norm(x))[:, -1]  # [1, V]
 

@@ -1,29 +1,38 @@
-"""The LLaMA-family decoder in plain PyTorch: the reference every other decoder backend is checked against.
+"""One decoder-only transformer for every family edgevlm reads (LLaMA, Vicuna, Mistral, Phi-3, OPT), in
+plain PyTorch: the reference every other decoder backend is checked against. What differs between the
+families is data in :class:`~edgevlm.config.DecoderConfig` (norm, activation, gating, positions, biases);
+this file has no per-family code.
 
 ::
 
     ids [B, T] --embed_tokens--> x [B, T, D]          (or inputs_embeds [B, T, D] with image embeddings
-    for each of N blocks:                               already spliced in by the caller)
+    (+ embed_positions[pos + offset] when positions are learned: OPT)   already spliced in by the caller)
+    for each of N blocks (pre-norm):
         x = x + o_proj(attn(rope(q_proj(norm(x))), rope(k_proj(norm(x))), v_proj(norm(x))))
-        x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
+        x = x + down_proj(act(gate_proj(norm(x))) * up_proj(norm(x)))      (gated: LLaMA, Phi-3)
+              | down_proj(act(up_proj(norm(x))))                           (plain: OPT's fc1 / fc2)
     logits [B, T, V] = lm_head(norm(x))                 (lm_head shares embed_tokens' weight when tied)
 
-Numerics follow transformers' ``LlamaForCausalLM`` (RMSNorm in fp32, rotate-half RoPE, cos/sin computed
-in fp32 then cast), so a checkpoint gives the same logits within a few times transformers' own fp32
-rounding noise (tests/test_decoder.py measures that noise with a float64 run). Dynamic-NTK RoPE, like
-transformers', picks its base from the longest position of each forward: keys cached before a sequence
-outgrew the trained context keep their old rotation, so past that point cached decoding differs from
-a full recompute (it matches transformers' own cached ``generate``).
+Numerics follow transformers (RMSNorm in fp32, rotate-half RoPE, cos/sin computed in fp32 then cast), so
+a checkpoint gives the same logits within a few times transformers' own fp32 rounding noise
+(tests/test_decoder.py and tests/test_decoder_families.py measure that noise with a float64 run).
+Dynamic-NTK and LongRoPE, like transformers', pick their frequencies from the longest position of each
+forward: keys cached before a sequence outgrew the trained context keep their old rotation, so past
+that point cached decoding differs from a full recompute (it matches transformers' own cached
+``generate``; transformers' Phi-3 recomputes the cache once at the switch, edgevlm does not).
 
-Deployment concerns stay outside: every projection is a plain ``nn.Linear`` with transformers' names
-(``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``, ``lm_head``)
-so quantisation swaps modules from outside, and nothing here syncs with the device except
-dynamic-NTK RoPE (its base depends on the sequence length).
+Deployment concerns stay outside: every projection is a plain ``nn.Linear`` with transformers' LLaMA
+names (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``,
+``lm_head``; OPT's fc1 / fc2 are ``up_proj`` / ``down_proj``) so quantisation swaps modules from
+outside, and nothing here syncs with the device except dynamic-NTK and LongRoPE (their frequencies
+depend on the sequence length).
 
-State dict keys: ``embed_tokens.weight``, ``layers.{i}.attn_norm.weight``,
-``layers.{i}.attn.{q,k,v,o}_proj.{weight,bias}``, ``layers.{i}.mlp_norm.weight``,
-``layers.{i}.mlp.{gate,up,down}_proj.{weight,bias}``, ``norm.weight``, ``lm_head.weight`` (may be left
-out of a loaded state when tied).
+State dict keys: ``embed_tokens.weight``, ``embed_positions.weight`` (learned positions),
+``layers.{i}.attn_norm.{weight,bias}``, ``layers.{i}.attn.{q,k,v,o}_proj.{weight,bias}``,
+``layers.{i}.mlp_norm.{weight,bias}``, ``layers.{i}.mlp.{gate,up,down}_proj.{weight,bias}``,
+``norm.{weight,bias}``, ``lm_head.weight`` (may be left out of a loaded state when tied). Norm biases
+exist for ``norm="layer"`` only, projection biases where the config says so, ``gate_proj`` for gated
+MLPs only.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from edgevlm.config import DecoderConfig
 from edgevlm.errors import CheckpointError, ShapeError
 
 from .kv_cache import ContextLengthError, Int8KVCache, KVCache
+from .layers import activation
 
 
 class RMSNorm(nn.Module):
@@ -56,19 +66,31 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def make_norm(cfg: DecoderConfig) -> nn.Module:
+    """The config's norm over ``hidden``: RMSNorm (weight) or LayerNorm (weight and bias, OPT)."""
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+    return RMSNorm(cfg.hidden, cfg.norm_eps)
+
+
 # ---- RoPE ------------------------------------------------------------------------------------
 
 def rope_inv_freq(cfg: DecoderConfig, seq_len: int | None = None) -> torch.Tensor:
-    """Inverse frequencies ``[Dh/2]`` (fp32, CPU) for ``cfg``'s RoPE and scaling.
+    """Inverse frequencies ``[Dr/2]`` (fp32, CPU; Dr = ``cfg.rope_dim``) for ``cfg``'s RoPE and scaling.
 
-    ``seq_len`` only matters for dynamic NTK: past ``cfg.rope_original_len`` the base grows so the
-    longest wavelength still covers the sequence.
+    ``seq_len`` only matters for dynamic NTK (past ``cfg.rope_original_len`` the base grows so the
+    longest wavelength still covers the sequence) and LongRoPE (past it, the long factors).
     """
-    dim, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
+    dim, base, factor = cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling_factor
     original = cfg.rope_original_len
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim  # [Dh/2]
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim  # [Dr/2]
     if cfg.rope_scaling == "dynamic" and seq_len is not None and seq_len > original:
         base = base * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+    if cfg.rope_scaling == "longrope":
+        # Phi-3: one divisor per frequency, the long set once the sequence outgrows the trained context
+        long = seq_len is not None and seq_len > original
+        ext = torch.tensor(cfg.rope_long_factor if long else cfg.rope_short_factor, dtype=torch.float32, device="cpu")
+        return 1.0 / (ext * base ** exponents)
     inv_freq = 1.0 / (base ** exponents)
     if cfg.rope_scaling == "linear":
         inv_freq = inv_freq / factor  # same as dividing positions by factor
@@ -94,6 +116,8 @@ class Rotary(nn.Module):
         super().__init__()
         self.cfg = cfg
         self._inv_freq = {torch.device("cpu"): rope_inv_freq(cfg)}
+        self.length_dependent = cfg.rope_scaling in ("dynamic", "longrope")
+        self.attention_factor = cfg.rope_attention_factor if cfg.rope_scaling == "longrope" else 1.0
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
@@ -101,26 +125,28 @@ class Rotary(nn.Module):
         return self._inv_freq[device]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions ``[T]`` or ``[B, T]`` -> (cos, signed sin), each ``[B or 1, 1, T, Dh]``.
+        """positions ``[T]`` or ``[B, T]`` -> (cos, signed sin), each ``[B or 1, 1, T, Dr]``.
 
         The sin table comes with rotate-half's sign folded in (first half negated), so that
         :func:`apply_rope` needs one ``roll`` instead of chunk + neg + cat: ``rotate_half(x) * sin ==
         x.roll(Dh/2) * signed_sin`` exactly (the same products, the sign moved from one factor to
         the other). A decode step applies RoPE 2 x layers times, so the saved ops are measurable.
         """
-        if self.cfg.rope_scaling == "dynamic":
+        if self.length_dependent:
             inv_freq = rope_inv_freq(self.cfg, int(positions.max()) + 1).to(positions.device)
         else:
             inv_freq = self.inv_freq(positions.device)
-        freqs = positions[..., None].float() * inv_freq  # [.., T, Dh/2], fp32 like transformers
-        emb = torch.cat((freqs, freqs), dim=-1)  # [.., T, Dh]: rotate-half layout
+        freqs = positions[..., None].float() * inv_freq  # [.., T, Dr/2], fp32 like transformers
+        emb = torch.cat((freqs, freqs), dim=-1)  # [.., T, Dr]: rotate-half layout
         if emb.dim() == 2:
             emb = emb[None]
-        emb = emb[:, None]  # [B|1, 1, T, Dh], broadcasts over heads
-        sin = emb.sin()
+        emb = emb[:, None]  # [B|1, 1, T, Dr], broadcasts over heads
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         half = sin.shape[-1] // 2
         signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return emb.cos().to(dtype), signed.to(dtype)
+        return cos.to(dtype), signed.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +155,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x ``[B, H, T, Dh]`` rotated; ``cos`` / ``signed_sin`` from :class:`Rotary` (see its forward)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    """x ``[B, H, T, Dh]`` rotated; ``cos`` / ``signed_sin`` ``[.., Dr]`` from :class:`Rotary` (see its
+    forward). With Dr < Dh (partial rotary) the first Dr dims rotate and the rest pass through."""
+    dr = cos.shape[-1]
+    if dr == x.shape[-1]:
+        return x * cos + x.roll(dr // 2, dims=-1) * signed_sin
+    rot, rest = x[..., :dr], x[..., dr:]
+    return torch.cat((rot * cos + rot.roll(dr // 2, dims=-1) * signed_sin, rest), dim=-1)
 
 
 def attention_mask(start: int, t: int, device: torch.device) -> torch.Tensor | None:
@@ -158,13 +189,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, d, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
                 cache: KVCache | None, start: int) -> torch.Tensor:
-        b, t, _ = x.shape  # x [B, T, D]
+        b, t, _ = x.shape  # x [B, T, D]; rope: (cos, signed sin) or None (learned positions)
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.write(self.layer_idx, start, k, v)  # [B, Hkv, start + T, Dh]
         # enable_gqa lets SDPA share each KV head across heads // kv_heads query heads without
@@ -175,41 +207,47 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated (SwiGLU and kin): down(act(gate(x)) * up(x)); plain (OPT): down(act(up(x)))."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=cfg.mlp_bias)
+        # None when the MLP is not gated, so the state dict lists only weights that exist
+        self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=cfg.mlp_bias) if cfg.mlp_gated else None
         self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=cfg.mlp_bias)
+        self.act = activation(cfg.mlp_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, start):  # x [B, T, D]
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, rope, mask, cache, start):  # x [B, T, D]
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
 # ---- the model -------------------------------------------------------------------------------
 
-class LlamaDecoder(nn.Module):
+class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.rotary = Rotary(cfg)
+        learned = cfg.positions == "learned"
+        self.embed_positions = nn.Embedding(cfg.max_seq_len + cfg.learned_pos_offset, cfg.hidden) if learned else None
+        self.rotary = None if learned else Rotary(cfg)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
-        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -218,7 +256,7 @@ class LlamaDecoder(nn.Module):
 
     @classmethod
     def from_state(cls, cfg: DecoderConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> "LlamaDecoder":
+                   device: torch.device | str | None = None) -> "Decoder":
         """Build on the meta device and adopt ``state``'s tensors (no random init, no extra copy when
         dtype/device already match). Missing, unexpected or mis-shaped tensors -> CheckpointError."""
         with torch.device("meta"):
@@ -302,13 +340,23 @@ class LlamaDecoder(nn.Module):
             positions = torch.arange(start, start + t, device=x.device)  # [T]
         elif positions.shape[-1] != t:
             raise ShapeError(f"positions must end in T={t}, got {tuple(positions.shape)}")
-        cos, sin = self.rotary(positions, x.dtype)  # [B|1, 1, T, Dh]
+        x, rope = self.positional(x, positions)
         mask = attention_mask(start, t, x.device)  # [T, start + T] or None
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+            x = layer(x, rope, mask, cache, start)
         if cache is not None:
             cache.commit(start + t)
         return self.norm(x)
+
+
+    def positional(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """Position information for ``x [B, T, D]`` at ``positions [T] | [B, T]``: -> (x, rope) where
+        rope is RoPE's (cos, signed sin) ``[B|1, 1, T, Dr]`` for the attention layers, or learned
+        positions are added to x here (and rope is None)."""
+        if self.embed_positions is not None:
+            pos = positions if positions.dim() == 2 else positions[None]  # [B|1, T]
+            return x + self.embed_positions(pos + self.cfg.learned_pos_offset).to(x.dtype), None
+        return x, self.rotary(positions, x.dtype)
 
 
 def _fill_tied_lm_head(module, state_dict, prefix, *args) -> None:
@@ -317,4 +365,4 @@ def _fill_tied_lm_head(module, state_dict, prefix, *args) -> None:
         state_dict[key] = state_dict[src]
 
 
-__all__ = ["LlamaDecoder", "RMSNorm", "Rotary", "rope_inv_freq", "apply_rope", "rotate_half", "attention_mask"]
+__all__ = ["Decoder", "RMSNorm", "make_norm", "Rotary", "rope_inv_freq", "apply_rope", "rotate_half", "attention_mask"]

@@ -5,12 +5,16 @@ Keys are SHA-1 digests of the decoded pixels (shape included), taken after decod
 image and an array of the same picture share one entry. SHA-1 because CPUs with SHA extensions hash a
 1920x1080 RGB frame in about 3 ms -- small beside the tower, but not free: a camera loop whose frames
 never repeat can turn the cache off (``capacity_bytes=0``), which also skips the hashing.
+
+A tower whose Q-Former reads the prompt (InstructBLIP) keys on the instruction's token ids too
+(:func:`instruction_digest`): the same picture under two prompts is two entries.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,6 +32,18 @@ def tensor_digest(t: torch.Tensor) -> str:
     t = t.detach().to("cpu").contiguous()
     h = hashlib.sha1(repr((tuple(t.shape), str(t.dtype))).encode())
     h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def instruction_digest(image_key: str, instruction_ids: Sequence[int] | None) -> str:
+    """Key of an image's embedding made with an instruction (an InstructBLIP Q-Former reads the prompt):
+    ``image_key`` itself without one, else a digest of both, so two prompts on one image never share an
+    entry. Keyed on the real token ids (padding excluded): the embedding does not depend on the batch."""
+    if instruction_ids is None:
+        return image_key
+    h = hashlib.sha1(image_key.encode())
+    h.update(b"\0instruction:")
+    h.update(np.asarray(list(instruction_ids), dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -77,4 +93,4 @@ class EmbeddingCache:
         self.nbytes = 0
 
 
-__all__ = ["EmbeddingCache", "image_digest", "tensor_digest"]
+__all__ = ["EmbeddingCache", "image_digest", "instruction_digest", "tensor_digest"]

@@ -31,7 +31,7 @@ import torch
 
 from edgevlm.errors import ConfigError, ShapeError
 
-from .decoder import LlamaDecoder
+from .decoder import Decoder
 from .kv_cache import ContextLengthError, KVCache
 from .quant import kernel_threads
 
@@ -135,7 +135,7 @@ class TokenStream(Iterator[int]):
         self._gen.close()
 
 
-def _check_prompt(model: LlamaDecoder, cache: KVCache, prompt_ids, prompt_embeds) -> torch.Tensor:
+def _check_prompt(model: Decoder, cache: KVCache, prompt_ids, prompt_embeds) -> torch.Tensor:
     """-> embeddings [1, T, D] on the model's device and dtype."""
     if (prompt_ids is None) == (prompt_embeds is None):
         raise ShapeError("pass exactly one of prompt_ids [T] / [1, T] and prompt_embeds [T, D] / [1, T, D]")
@@ -158,7 +158,7 @@ def _check_prompt(model: LlamaDecoder, cache: KVCache, prompt_ids, prompt_embeds
     return emb.to(device=model.device, dtype=model.dtype)
 
 
-def generate_tokens(model: LlamaDecoder, cache: KVCache, prompt_ids: torch.Tensor | Sequence[int] | None = None,
+def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | Sequence[int] | None = None,
                     prompt_embeds: torch.Tensor | None = None, gen_cfg: GenerationConfig = GenerationConfig(),
                     on_token: Callable[[int], bool | None] | None = None, *,
                     continue_cache: bool = False) -> TokenStream:

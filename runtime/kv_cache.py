@@ -1,4 +1,4 @@
-"""A preallocated key/value cache for :class:`~edgevlm.runtime.decoder.LlamaDecoder`.
+"""A preallocated key/value cache for :class:`~edgevlm.runtime.decoder.Decoder`.
 
 Layout: one K and one V tensor of shape ``[layers, batch, kv_heads, max_len, head_dim]``, allocated
 once. Shapes never change while generating, which is what lets a later backend capture the decode

@@ -29,7 +29,7 @@ from edgevlm.options import LoadOptions
 
 from .chat import ChatFormat
 from .checkpoint import load_checkpoint
-from .decoder import LlamaDecoder
+from .decoder import Decoder
 from .lora import LORA_SUFFIXES, attach_lora, merge_lora_weights
 from .pipeline import Pipeline
 from .quant import quantize_decoder, swap_linears_for_triton
@@ -50,7 +50,7 @@ class ModelParts:
     quantised layers. ``tower``: the vision tower module on the load's device and dtype, or None."""
 
     name: str
-    decoder: LlamaDecoder
+    decoder: Decoder
     tokenizer: Tokenizer
     chat: ChatFormat
     sources: dict[str, str]
@@ -72,24 +72,26 @@ def read_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
         return _from_model_config(cfg, state, opts, allow_random=False, tokenizer_dir=source.path)
     if source.kind == "gguf":
         return _gguf_parts(source.path, opts)
+    if source.kind == "sphinx":
+        return _sphinx_parts(source, opts)
     return _transformers_parts(source, opts)
 
 
 # ---- decoders and tokenizers --------------------------------------------------------------------
 
-def _decoder_from_ref(ref: WeightsRef, opts: LoadOptions) -> tuple[LlamaDecoder, Any]:
+def _decoder_from_ref(ref: WeightsRef, opts: LoadOptions) -> tuple[Decoder, Any]:
     """-> (decoder, GGUF model or None). GGUF files also carry the tokenizer, so keep the reader."""
     if ref.format == "gguf":
         return gguf_decoder(resolve_weights_path(ref), opts.dtype, opts.device, keep_blocks=opts.keeps_gguf_blocks)
     if ref.format == "transformers":
-        from .readers.hf_llama import read_llama_dir
+        from .readers.hf_decoders import read_decoder_dir
 
-        cfg, state = read_llama_dir(resolve_weights_path(ref, folder=True))
-        return LlamaDecoder.from_state(cfg, state, dtype=opts.dtype, device=opts.device), None
+        cfg, state = read_decoder_dir(resolve_weights_path(ref, folder=True))
+        return Decoder.from_state(cfg, state, dtype=opts.dtype, device=opts.device), None
     raise CheckpointError(f"decoder weights format {ref.format!r} not supported; use 'gguf' or 'transformers'")
 
 
-def gguf_decoder(path: Path, dtype, device, *, keep_blocks: bool) -> tuple[LlamaDecoder, Any]:
+def gguf_decoder(path: Path, dtype, device, *, keep_blocks: bool) -> tuple[Decoder, Any]:
     """A GGUF file -> (decoder, its reader).
 
     ``keep_blocks``: the projections stored as Q8_0 / Q4_0 / Q4_1 become quantised layers straight from
@@ -102,7 +104,7 @@ def gguf_decoder(path: Path, dtype, device, *, keep_blocks: bool) -> tuple[Llama
 
     if not keep_blocks:
         g = read_gguf(path)
-        return LlamaDecoder.from_state(g.config, g.state, dtype=dtype, device=device), g
+        return Decoder.from_state(g.config, g.state, dtype=dtype, device=device), g
     g = read_gguf(path, dequantize_weights=False)
     state = {}
     for key, r in g.raw.items():
@@ -111,7 +113,7 @@ def gguf_decoder(path: Path, dtype, device, *, keep_blocks: bool) -> tuple[Llama
             state[key] = torch.empty(r.shape, device="meta")
         else:
             state[key] = torch.from_numpy(dequantize(r.data, r.ggml_type, r.shape)).to(dtype)
-    decoder = LlamaDecoder.from_state(g.config, state)
+    decoder = Decoder.from_state(g.config, state)
     quantize_decoder(decoder, gguf_raw=g.raw)
     left = [n for n, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
     if left:  # a projection the packer refused after all: an edgevlm bug, not a bad file
@@ -143,10 +145,10 @@ def byte_tokenizer(vocab_size: int) -> Tokenizer:
     return Tokenizer.from_gguf_metadata(meta)
 
 
-def _random_decoder(cfg, dtype, device, seed: int) -> LlamaDecoder:
+def _random_decoder(cfg, dtype, device, seed: int) -> Decoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        dec = LlamaDecoder(cfg)
+        dec = Decoder(cfg)
     return dec.to(device=device, dtype=dtype)
 
 
@@ -167,7 +169,7 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], opts: L
     dec_state = {k: v for k, v in dec_all.items() if not k.endswith(LORA_SUFFIXES)}
     gguf_model = None
     if dec_state:
-        decoder = LlamaDecoder.from_state(cfg.decoder, dec_state, dtype=opts.dtype, device=opts.device)
+        decoder = Decoder.from_state(cfg.decoder, dec_state, dtype=opts.dtype, device=opts.device)
         sources["decoder"] = "checkpoint"
     elif cfg.decoder_weights is not None:
         decoder, gguf_model = _decoder_from_ref(cfg.decoder_weights, opts)
@@ -225,31 +227,63 @@ def _gguf_parts(path: Path, opts: LoadOptions) -> ModelParts:
                       {"decoder": str(path), "tokenizer": str(path)}, gguf_raw=g.raw)
 
 
+# How each multimodal transformers folder lays out a prompt: (image placement, chat format). The tower
+# comes from its reader in tower.TRANSFORMERS_TOWERS, the language model from hf_decoders.
+MULTIMODAL_LAYOUTS: dict[str, tuple[str, str]] = {
+    "llava": ("placeholder", "template"),
+    "llava_next": ("placeholder", "template"),
+    "blip-2": ("before_bos", "qa"),  # the 32 query embeddings, then BOS and "Question: ... Answer:"
+    "instructblip": ("before_bos", "template"),
+}
+
+
 def _transformers_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
-    """A transformers folder: a LLaMA-family causal LM, or a LLaVA model (tower + decoder)."""
-    from .readers.hf_llama import SUPPORTED_MODEL_TYPES, read_llama_dir
+    """A transformers folder: a causal LM of a supported family, or a multimodal model (tower + decoder)."""
+    from .readers.hf_decoders import SUPPORTED_MODEL_TYPES, read_decoder_dir
 
     path, model_type = source.path, source.model_type
-    tokenizer = Tokenizer.from_tokenizer_json(path)
     if model_type in SUPPORTED_MODEL_TYPES:
-        cfg, state = read_llama_dir(path)
-        decoder = LlamaDecoder.from_state(cfg, state, dtype=opts.dtype, device=opts.device)
+        tokenizer = Tokenizer.from_tokenizer_json(path)
+        cfg, state = read_decoder_dir(path)
+        decoder = Decoder.from_state(cfg, state, dtype=opts.dtype, device=opts.device)
         return ModelParts(path.name, decoder, tokenizer, _template_chat(tokenizer),
                           {"decoder": str(path), "tokenizer": str(path)})
-    if model_type == "llava":
+    if model_type in MULTIMODAL_LAYOUTS:
         from .readers.safetensors_io import read_json
 
+        tokenizer = Tokenizer.from_tokenizer_json(path)
         tower_cfg, tower_state, _ = resolve_tower_source(source)
         tower = build_tower_model(tower_cfg, tower_state, allow_random=False, seed=opts.seed)
-        dec_cfg, dec_state = read_llama_dir(path)  # the language model inside the LLaVA folder
+        dec_cfg, dec_state = read_decoder_dir(path)  # the language model inside the folder
         hf = read_json(path / "config.json")
-        image_token = tokenizer.id_to_token(hf.get("image_token_id", hf.get("image_token_index", -1))) or "<image>"
-        cfg = ModelConfig(name=path.name, tower=tower_cfg, decoder=dec_cfg, image_placement="placeholder",
-                          image_token=image_token)
+        image_id = hf.get("image_token_id", hf.get("image_token_index", -1))
+        image_token = tokenizer.id_to_token(image_id) if isinstance(image_id, int) and image_id >= 0 else None
+        placement, chat = MULTIMODAL_LAYOUTS[model_type]
+        cfg = ModelConfig(name=path.name, tower=tower_cfg, decoder=dec_cfg, image_placement=placement,
+                          chat_format=chat, image_token=image_token or "<image>")
         return _from_model_config(cfg, {f"{DECODER_PREFIX}{k}": v for k, v in dec_state.items()}, opts,
                                   allow_random=False, tokenizer_dir=path, tower=tower)
     raise CheckpointError(f"{path}: transformers model_type {model_type!r} is not supported; supported: "
-                          f"{sorted((*SUPPORTED_MODEL_TYPES, 'llava'))}")
+                          f"{sorted((*SUPPORTED_MODEL_TYPES, *MULTIMODAL_LAYOUTS))}")
+
+
+def _sphinx_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
+    """A LLaMA2-Accessory SPHINX folder (``consolidated.*.model.pth``): the SPHINX-fusion tower, the LLaMA
+    decoder and the folder's tokenizer (:mod:`.readers.sphinx_pth`); images go after BOS, SPHINX's template."""
+    from .readers.sphinx_pth import read_sphinx, sphinx_tokenizer
+
+    path = source.path
+    tokenizer, tokenizer_src = sphinx_tokenizer(path)
+    ck = read_sphinx(path)
+    cfg = ck.model_config(path.name)
+    if tokenizer.vocab_size > cfg.decoder.vocab_size:
+        raise CheckpointError(f"{tokenizer_src}: {tokenizer.vocab_size} tokens, but the LLM embeds only "
+                              f"{cfg.decoder.vocab_size}")
+    parts = _from_model_config(cfg, ck.state, opts, allow_random=False, tokenizer_dir=None)
+    sources = {**parts.sources, "decoder": f"{ck.llama_type}: {path} ({ck.shards} shard(s))",
+               "tokenizer": tokenizer_src}
+    return dataclasses.replace(parts, tokenizer=tokenizer, chat=ChatFormat.from_config(cfg, tokenizer),
+                               sources=sources)
 
 
 # ---- quantising and assembling -------------------------------------------------------------------

@@ -34,7 +34,7 @@ from edgevlm.errors import ConfigError, PromptError
 from edgevlm.options import KV_CACHES
 
 from .chat import ChatFormat, build_multimodal_ids
-from .decoder import LlamaDecoder
+from .decoder import Decoder
 from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
 from .kv_cache import KVCache
@@ -66,7 +66,7 @@ class GenerateOutput:
 class Pipeline:
     """A decoder, its tokenizer and chat format, and optionally a vision tower."""
 
-    def __init__(self, decoder: LlamaDecoder, tokenizer: Tokenizer, chat: ChatFormat, *,
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, chat: ChatFormat, *,
                  tower: VisionTower | None = None, name: str = "", max_context: int = 2048,
                  sources: dict[str, str] | None = None, reuse_prefix: bool = True, kv_cache: str = "float"):
         """``max_context``: positions of the static KV cache (capped at the decoder's limit);

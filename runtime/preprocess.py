@@ -87,6 +87,7 @@ class PreprocessResult:
     backend: str  # "cpp" or "reference": the one that ran
     ms: float
     backend_reason: str = ""
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's original (h, w)
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,8 @@ class Preprocessor:
             offset += plan.n_views
         masks = self._token_masks(plans) if self.view_cfg.kind == "anyres" else None
         return PreprocessResult(views=views, views_per_image=counts, token_masks=masks, backend=self.backend,
-                                ms=(time.perf_counter() - t0) * 1e3, backend_reason=self.backend_reason)
+                                ms=(time.perf_counter() - t0) * 1e3, backend_reason=self.backend_reason,
+                                image_sizes=[(int(f.shape[0]), int(f.shape[1])) for f in frames])
 
     def _outputs(self, n: int, out: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
         out = out or {}

@@ -18,16 +18,19 @@ from edgevlm.presets import PRESETS, get_preset
 
 from .checkpoint import is_checkpoint_dir
 from .readers.safetensors_io import read_json
+from .readers.sphinx_pth import is_sphinx_dir, llama_type
 
-KINDS = ("config", "checkpoint", "transformers", "gguf")
+KINDS = ("config", "checkpoint", "transformers", "gguf", "sphinx")
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """``kind``: ``config`` (a preset or a ModelConfig: random weights allowed where the config names
     none), ``checkpoint`` (an edgevlm folder), ``transformers`` (a ``config.json`` folder, with its
-    ``model_type``) or ``gguf`` (a file). ``name`` is the source as the caller named it (a preset name,
-a config's name, a path); exports made on first use are cached under it."""
+    ``model_type``), ``gguf`` (a file) or ``sphinx`` (a LLaMA2-Accessory folder of
+    ``consolidated.NN-of-MM.model.pth`` shards; ``model_type`` is its meta.json llama_type). ``name``
+    is the source as the caller named it (a preset name, a config's name, a path); exports made on
+    first use are cached under it."""
 
     kind: str
     name: str
@@ -55,6 +58,8 @@ def resolve_source(source: Any) -> ModelSource:
     if path is not None and path.is_dir():
         if is_checkpoint_dir(path):
             return ModelSource("checkpoint", str(path), path=path)
+        if is_sphinx_dir(path):  # before config.json: a SPHINX folder's config.json holds LLaMA ModelArgs
+            return ModelSource("sphinx", str(path), path=path, model_type=llama_type(path))
         if (path / "config.json").is_file():
             return ModelSource("transformers", str(path), path=path,
                                model_type=read_json(path / "config.json").get("model_type"))

@@ -10,6 +10,7 @@ Two layers:
       tower = load_vision_tower("demo")
       emb = tower(images)                     # [n_images, visual_tokens, llm_width]
       emb = tower.from_pixels(pixel_values)   # already-preprocessed views [n_views, 3, H, W]
+      emb = tower(images, instruction="What is in the picture?")  # InstructBLIP: the Q-Former reads it
 
 All views of all images go through each encoder in one batch.
 """
@@ -17,19 +18,22 @@ All views of all images go through each encoder in one batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevlm.config import ModelConfig, SphinxFusionConfig, TowerConfig
+from edgevlm.config import ModelConfig, QFormerConnectorConfig, SphinxFusionConfig, TowerConfig
 from edgevlm.errors import CheckpointError, ConfigError, ShapeError
 from edgevlm.options import torch_dtype
 
 from .connectors import build_connector
-from .embed_cache import EmbeddingCache, image_digest
+from .connectors.anyres import AnyresPacker
+from .embed_cache import EmbeddingCache, image_digest, instruction_digest
 from .token_keep import MODES as KEEP_MODES
 from .token_keep import cells_to_patches, keep_count, select_cells
 from .vision import build_encoder
@@ -37,14 +41,25 @@ from .vision import build_encoder
 TOWER_PREFIX = "tower."
 
 
+def takes_instruction(config: TowerConfig) -> bool:
+    """Whether the tower's connector reads the prompt too (an InstructBLIP Q-Former, ``qformer.text`` set)."""
+    c = config.connector
+    return isinstance(c, QFormerConnectorConfig) and c.qformer.text is not None
+
+
+Instruction = tuple[torch.Tensor, torch.Tensor | None]  # (ids [n_views, L] int, mask [n_views, L] bool)
+
+
 class VisionTowerModel(nn.Module):
-    """Encoders + connector. ``forward(views) -> [n_views, tokens_per_view, out_width]``."""
+    """Encoders + connector. ``forward(views) -> [n_views, tokens_per_view, out_width]``; then
+    :meth:`per_image` makes one sequence per image (``pack``: LLaVA-NeXT's packing of anyres views)."""
 
     def __init__(self, config: TowerConfig):
         super().__init__()
         self.config = config
         self.encoders = nn.ModuleDict({e.name: build_encoder(e) for e in config.encoders})
         self.connector = build_connector(config.connector, config)
+        self.pack = AnyresPacker(config.pack, config) if config.pack is not None else None
 
     def encode(self, views: dict[str, torch.Tensor], cells: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run each encoder once over all views: [N, 3, R_e, R_e] -> tokens [N, T, C] or maps [N, C, h, w].
@@ -79,13 +94,45 @@ class VisionTowerModel(nn.Module):
         q = c.qformer.encoder if c.qformer is not None else None
         return {e.name for e in self.config.encoders if e.name in c.encoders and e.name != q and e.kind == "vit"}
 
+    @property
+    def takes_instruction(self) -> bool:
+        return takes_instruction(self.config)
+
     def forward(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
-                cells: torch.Tensor | None = None) -> torch.Tensor:
+                cells: torch.Tensor | None = None, text: Instruction | None = None) -> torch.Tensor:
         """-> ``[n_views, tokens_per_view, out_width]``; with kept fused-grid ``cells [n_views, K]``
-        (token dropping) ``[n_views, tokens_per_view - g*g + K, out_width]``."""
+        (token dropping) ``[n_views, tokens_per_view - g*g + K, out_width]``.
+
+        ``text = (ids [n_views, L] integer, mask [n_views, L] bool or None)``: the instruction, one row per
+        view, for a tower whose Q-Former reads it (:attr:`takes_instruction`); without it such a tower
+        runs the Q-Former's query path alone."""
+        if text is not None:
+            if not self.takes_instruction:
+                raise ConfigError(f"this tower's connector ({self.config.connector.kind!r}) takes no instruction; "
+                                  "only a Q-Former with QFormerConfig.text (InstructBLIP) reads one")
+            if not isinstance(text, (tuple, list)) or len(text) != 2:
+                got = f"{len(text)} items" if isinstance(text, (tuple, list)) else type(text).__name__
+                raise ShapeError(f"text must be a pair (ids [n_views, L], mask [n_views, L] or None), got {got}")
+            if cells is not None:
+                raise ConfigError("token dropping (cells) and an instruction do not combine: cells need a "
+                                  "SPHINX-fusion tower, an instruction a Q-Former tower")
+            return self.connector(self.encode(views), masks, text=(text[0], text[1]))
         if cells is None:
             return self.connector(self.encode(views), masks)
         return self.connector(self.encode(views, cells), masks, cells=cells)
+
+    def per_image(self, per_view: torch.Tensor, views_per_image: list[int],
+                  image_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """``[n_views, tpv, D]`` -> one ``[tokens_i, D]`` per image: its views one after the other, or,
+        with ``config.pack``, packed from its original ``image_sizes[i] = (h, w)``."""
+        if self.pack is None:
+            return group_by_image(per_view, views_per_image)
+        if image_sizes is None or len(image_sizes) != len(views_per_image):
+            raise ShapeError(f"packing any-resolution views needs each image's original (h, w): got "
+                             f"{None if image_sizes is None else len(image_sizes)} sizes for {len(views_per_image)} images")
+        if sum(views_per_image) != per_view.shape[0]:
+            raise ShapeError(f"{per_view.shape[0]} views but views_per_image sums to {sum(views_per_image)}")
+        return [self.pack(v, size) for v, size in zip(torch.split(per_view, views_per_image), image_sizes)]
 
 
 def group_by_image(per_view: torch.Tensor, views_per_image: list[int]) -> list[torch.Tensor]:
@@ -113,10 +160,13 @@ class VisionTower:
                  preprocess_backend: str = "auto", threads: int | None = None,
                  max_image_pixels: int | None = None, weights: WeightsReport | None = None,
                  embedding_cache_bytes: int = 64 << 20, runner=None, backend: str = "torch",
-                 keep_ratio: float = 1.0, keep_mode: str = "uniform", keep_seed: int = 0, keep_scorer=None):
+                 keep_ratio: float = 1.0, keep_mode: str = "uniform", keep_seed: int = 0, keep_scorer=None,
+                 instruction_tokenizer=None):
         """``runner(views, masks) -> [n_views, tokens, width]`` runs encoders + connector instead of
         ``model`` (an exported graph's runner, :func:`edgevlm.export.open_export`), named by
-        ``backend``. ``keep_*``: token dropping, as :meth:`set_token_keep` takes it."""
+        ``backend``. ``keep_*``: token dropping, as :meth:`set_token_keep` takes it.
+        ``instruction_tokenizer``: a :class:`~edgevlm.runtime.qformer_tokenizer.QFormerTokenizer` for
+        towers whose Q-Former reads the prompt (InstructBLIP), so that instructions may be given as text."""
         from .image_io import DEFAULT_MAX_PIXELS
         from .preprocess import Preprocessor
 
@@ -133,6 +183,7 @@ class VisionTower:
         # What runs encoders + connector: the eager model, or an exported graph's runner with the same call.
         self.runner = self.model if runner is None else runner
         self.backend = backend if runner is not None else "torch"
+        self.instruction_tokenizer = instruction_tokenizer
         self.keep_ratio, self.keep_mode, self.keep_seed, self.keep_scorer = 1.0, "uniform", 0, None
         if keep_ratio != 1.0 or keep_mode != "uniform" or keep_scorer is not None:
             self.set_token_keep(keep_ratio, keep_mode, keep_seed, keep_scorer)
@@ -176,23 +227,80 @@ class VisionTower:
     def config(self) -> TowerConfig:
         return self.model.config
 
+    @property
+    def takes_instruction(self) -> bool:
+        """Whether the Q-Former reads the prompt (InstructBLIP): then pass ``instruction=`` to get the
+        embeddings the model was trained with; without one it runs its query path alone."""
+        return takes_instruction(self.config)
+
+    # ---- instructions (InstructBLIP) ----------------------------------------------------------
+    def tokenize_instruction(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instruction text(s) -> ``(ids int64 [N, L], mask bool [N, L])`` with the Q-Former's own tokenizer,
+        as ``InstructBlipProcessor`` gives ``qformer_input_ids`` / ``qformer_attention_mask``."""
+        return self._instruction_tokenizer()(texts)
+
+    def _instruction_tokenizer(self):
+        if self.instruction_tokenizer is None:
+            raise ConfigError("this tower has no Q-Former tokenizer to read instruction text (a transformers "
+                              "InstructBLIP folder keeps it in qformer_tokenizer/); set tower.instruction_tokenizer = "
+                              "QFormerTokenizer.from_folder(path) or pass token ids per image")
+        return self.instruction_tokenizer
+
+    def _instruction_rows(self, instruction, n_images: int) -> list[list[int]] | None:
+        """``None``, one str for every image, or one str / id list per image -> Q-Former ids per image."""
+        if instruction is None:
+            return None
+        if not self.takes_instruction:
+            raise ConfigError(f"this tower's connector ({self.config.connector.kind!r}) takes no instruction; "
+                              "only a Q-Former with QFormerConfig.text (InstructBLIP) reads one")
+        if isinstance(instruction, str):
+            instruction = [instruction] * n_images
+        if not isinstance(instruction, Sequence) or len(instruction) != n_images:
+            got = (f"{len(instruction)} instructions" if isinstance(instruction, Sequence)
+                   else type(instruction).__name__)
+            raise ShapeError(f"instruction: expected one str for all images or one per image ({n_images}), got {got}")
+        rows = []
+        for item in instruction:
+            if isinstance(item, str):
+                rows.append(self._instruction_tokenizer().encode(item))
+                continue
+            ids = item.tolist() if isinstance(item, torch.Tensor) and item.ndim == 1 else item
+            if not isinstance(ids, Sequence) or \
+                    not all(isinstance(i, Integral) and not isinstance(i, bool) for i in ids):
+                raise ShapeError(f"instruction: each item must be a str or a 1-D list of token ids, got "
+                                 f"{type(item).__name__}")
+            rows.append([int(i) for i in ids])
+        return rows
+
+    def _instruction_for_views(self, rows: list[list[int]], views_per_image: list[int]) -> Instruction:
+        """Per-image id lists -> ``(ids [n_views, L], mask [n_views, L])``: each view reads its image's instruction."""
+        from .qformer_tokenizer import pad_ids
+
+        per_view = [r for r, v in zip(rows, views_per_image, strict=True) for _ in range(v)]
+        return pad_ids(per_view, self.config.connector.qformer.text.pad_id)
+
     # ---- images -> embeddings -------------------------------------------------------------
-    def _run(self, images) -> list[torch.Tensor]:
+    def _run(self, images, instruction=None) -> list[torch.Tensor]:
         from .image_io import load_images
 
         t0 = time.perf_counter()
         arrays = load_images(images, max_pixels=self.max_image_pixels)
+        rows = self._instruction_rows(instruction, len(arrays))
         cache = self.embedding_cache
-        keys = [image_digest(a) for a in arrays] if cache.enabled else []
+        # The key is the image's content, and the instruction's ids when the Q-Former reads one.
+        keys = [instruction_digest(image_digest(a), None if rows is None else rows[i])
+                for i, a in enumerate(arrays)] if cache.enabled else []
         out = [cache.get(k) for k in keys] if keys else [None] * len(arrays)
         todo = [i for i, e in enumerate(out) if e is None]
         t1 = t2 = t3 = time.perf_counter()
         if todo:
             pre = self.preprocessor([arrays[i] for i in todo])
+            text = None if rows is None else self._instruction_for_views([rows[i] for i in todo], pre.views_per_image)
             t2 = time.perf_counter()
-            per_view = self._forward(pre.views, pre.token_masks)
+            per_view = self._forward(pre.views, pre.token_masks, text)
+            per_image = self._per_image(per_view, pre.views_per_image, pre.image_sizes)
             t3 = time.perf_counter()
-            for i, emb in zip(todo, group_by_image(per_view, pre.views_per_image)):
+            for i, emb in zip(todo, per_image):
                 out[i] = emb
                 if keys:
                     cache.put(keys[i], emb)
@@ -201,44 +309,63 @@ class VisionTower:
         return out
 
     @torch.inference_mode()
-    def _forward(self, views: dict[str, torch.Tensor], masks=None) -> torch.Tensor:
+    def _forward(self, views: dict[str, torch.Tensor], masks=None, text: Instruction | None = None) -> torch.Tensor:
         views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
         if masks is not None:
             masks = {k: v.to(self.device) for k, v in masks.items()}
         cells = self.kept_cells(views)
-        out = self.runner(views, masks) if cells is None else self.model(views, masks, cells=cells)
+        if text is not None:
+            if self.runner is not self.model:
+                raise ConfigError(f"an instruction needs the torch backend: this tower runs {self.backend}, whose "
+                                  "exported graph has no instruction input")
+            text = (text[0].to(self.device), None if text[1] is None else text[1].to(self.device))
+            out = self.model(views, masks, cells=cells, text=text)
+        elif cells is None:
+            out = self.runner(views, masks)
+        else:
+            out = self.model(views, masks, cells=cells)
         if out.device != self.device or out.dtype != self.dtype:  # an engine's output lives where it runs
             out = out.to(self.device, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
 
-    def __call__(self, images) -> torch.Tensor:
+    @torch.inference_mode()
+    def _per_image(self, per_view: torch.Tensor, views_per_image: list[int],
+                   image_sizes: list[tuple[int, int]] | None) -> list[torch.Tensor]:
+        return self.model.per_image(per_view, views_per_image, image_sizes)
+
+    def __call__(self, images, instruction=None) -> torch.Tensor:
         """Paths / PIL images / HWC uint8 arrays (one or a list) -> [n_images, visual_tokens, out_width].
 
         With ``anyres`` views, images with different tile counts cannot share one tensor: use
-        :meth:`embed_each` for those.
+        :meth:`embed_each` for those. ``instruction`` (towers that :attr:`takes_instruction` only): one
+        str for every image, or one str or list of Q-Former token ids per image.
         """
-        per_image = self._run(images)
+        per_image = self._run(images, instruction)
         lengths = {t.shape[0] for t in per_image}
         if len(lengths) > 1:
             raise ShapeError(f"images produced different token counts {sorted(lengths)} (any-resolution views); "
                              "use tower.embed_each(images) for a list of [tokens_i, width] tensors")
         return torch.stack(per_image)
 
-    def embed_each(self, images) -> list[torch.Tensor]:
+    def embed_each(self, images, instruction=None) -> list[torch.Tensor]:
         """Like ``__call__`` but returns one ``[tokens_i, width]`` tensor per image."""
-        return self._run(images)
+        return self._run(images, instruction)
 
     def from_pixels(self, pixel_values: torch.Tensor | dict[str, torch.Tensor],
-                    views_per_image: list[int] | None = None) -> torch.Tensor:
+                    views_per_image: list[int] | None = None, instruction=None,
+                    image_sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Already-preprocessed views -> [n_images, visual_tokens, out_width].
 
         ``pixel_values`` is either a dict ``{encoder_name: [n_views, 3, R_e, R_e]}`` or one tensor
         ``[n_views, 3, H, W]`` normalised for the tower's first encoder; other encoders then get it
         re-normalised with their own mean/std and bicubically resized to their resolution, the way
         SPHINX derives its DINOv2 and ConvNeXt inputs inside the model. ``views_per_image`` defaults
-        to the view recipe's fixed count.
+        to the view recipe's fixed count. ``instruction``: as for ``__call__``, per image. Towers that
+        pack their views (``config.pack``, LLaVA-NeXT) also need each image's original
+        ``image_sizes[i] = (h, w)``; images whose sequences differ in length cannot be stacked (pass
+        them one at a time).
         """
         if isinstance(pixel_values, dict):
             views = pixel_values
@@ -252,8 +379,14 @@ class VisionTower:
             if n_views % v:
                 raise ShapeError(f"{n_views} views is not a multiple of {v} views per image")
             views_per_image = [v] * (n_views // v)
-        per_view = self._forward(views)
-        return torch.stack(group_by_image(per_view, views_per_image))
+        rows = self._instruction_rows(instruction, len(views_per_image))
+        text = None if rows is None else self._instruction_for_views(rows, views_per_image)
+        per_view = self._forward(views, text=text)
+        per_image = self._per_image(per_view, views_per_image, image_sizes)
+        lengths = sorted({t.shape[0] for t in per_image})
+        if len(lengths) > 1:
+            raise ShapeError(f"images produced different token counts {lengths}; pass them one at a time")
+        return torch.stack(per_image)
 
     def _derive_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -334,8 +467,10 @@ def build_tower_model(config: TowerConfig, state: dict[str, torch.Tensor] | None
         covered.update(state)
     all_keys = list(model.state_dict())
     missing = [k for k in all_keys if k not in covered]
-    for part in [e.name for e in config.encoders] + ["connector"]:
-        prefix = "connector." if part == "connector" else f"encoders.{part}."
+    parts = [(e.name, f"encoders.{e.name}.") for e in config.encoders] + [("connector", "connector.")]
+    if config.pack is not None:
+        parts.append(("pack", "pack."))
+    for part, prefix in parts:
         keys = [k for k in all_keys if k.startswith(prefix)]
         if keys and all(k in state for k in keys):
             report.sources[part] = "checkpoint"
@@ -360,7 +495,16 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -
 # transformers model_type -> "module:function" returning (TowerConfig, tower state dict)
 TRANSFORMERS_TOWERS: dict[str, str] = {
     "llava": "edgevlm.runtime.readers.hf_models:read_llava_tower",
+    "llava_next": "edgevlm.runtime.readers.hf_models:read_llava_next_tower",
     "blip-2": "edgevlm.runtime.readers.hf_models:read_blip2_tower",
+    "instructblip": "edgevlm.runtime.readers.hf_models:read_instructblip_tower",
+}
+
+
+# Other checkpoint containers with a vision tower: ModelSource.kind -> "module:function" returning
+# (TowerConfig, tower state dict) for the source's path.
+CONTAINER_TOWERS: dict[str, str] = {
+    "sphinx": "edgevlm.runtime.readers.sphinx_pth:read_sphinx_tower",
 }
 
 
@@ -387,6 +531,10 @@ def resolve_tower_source(source: Any) -> tuple[TowerConfig, dict[str, torch.Tens
         module, fn = TRANSFORMERS_TOWERS[src.model_type].split(":")
         cfg, state = getattr(importlib.import_module(module), fn)(src.path)
         return cfg, state, False
+    if src.kind in CONTAINER_TOWERS:
+        module, fn = CONTAINER_TOWERS[src.kind].split(":")
+        cfg, state = getattr(importlib.import_module(module), fn)(src.path)
+        return cfg, state, False
     raise CheckpointError(f"{src.path}: a .gguf file holds a decoder and its tokenizer, no vision tower")
 
 
@@ -405,19 +553,38 @@ def load_vision_tower(source: Any, *, device: str | torch.device = "cpu", dtype:
                       preprocess_backend: str = "auto", threads: int | None = None,
                       max_image_pixels: int | None = None, seed: int = 0) -> VisionTower:
     """Load a vision tower from a preset name, an edgevlm checkpoint folder, a transformers LLaVA /
-    BLIP-2 folder, or a config object.
+    LLaVA-NeXT / BLIP-2 / InstructBLIP folder, or a config object.
 
     Presets build real encoders where their config names real weights (``demo``) and random weights
     elsewhere; ``tower.weights.sources`` says which is which. Checkpoints must cover every tensor.
+    An InstructBLIP folder's Q-Former tokenizer (``qformer_tokenizer/``) becomes
+    ``tower.instruction_tokenizer``.
     """
-    config, state, allow_random = resolve_tower_source(source)
+    from .source import resolve_source
+
+    src = source if isinstance(source, TowerConfig) else resolve_source(source)
+    config, state, allow_random = resolve_tower_source(src)
     model, report = build_tower_model(config, state, allow_random=allow_random, seed=seed)
     dev = torch.device(device)
     dt = torch_dtype(dtype)
     model = model.to(dev, dt)
     return VisionTower(model, device=dev, dtype=dt, preprocess_backend=preprocess_backend, threads=threads,
-                       max_image_pixels=max_image_pixels, weights=report)
+                       max_image_pixels=max_image_pixels, weights=report,
+                       instruction_tokenizer=instruction_tokenizer_for(src, config))
+
+
+def instruction_tokenizer_for(src: Any, config: TowerConfig):
+    """The Q-Former tokenizer for a tower that :func:`takes_instruction`, read from a transformers folder
+    source (``<folder>/qformer_tokenizer``, truncating to the Q-Former's positions); ``None`` for other
+    towers and sources, or when the folder has none."""
+    from .qformer_tokenizer import load_qformer_tokenizer
+
+    if not takes_instruction(config) or getattr(src, "kind", None) != "transformers" or src.path is None:
+        return None
+    text = config.connector.qformer.text
+    return load_qformer_tokenizer(src.path, max_length=text.max_positions)
 
 
 __all__ = ["VisionTowerModel", "VisionTower", "WeightsReport", "build_tower_model", "load_vision_tower",
-           "resolve_tower_source", "group_by_image", "TRANSFORMERS_TOWERS"]
+           "resolve_tower_source", "group_by_image", "TRANSFORMERS_TOWERS", "CONTAINER_TOWERS", "takes_instruction",
+           "instruction_tokenizer_for", "Instruction"]

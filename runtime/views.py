@@ -10,7 +10,8 @@ pixels. The recipes follow reference/architecture.md:
 - ``stretch`` (BLIP-2): one view, the image resized to R x R ignoring aspect.
 - ``anyres`` (LLaVA-NeXT §5.2, BLIP-3 §3.2): a base view (stretch), then the tiles, row-major, of the
   grid chosen by :func:`select_best_grid`; the image keeps its aspect on the grid's canvas, centred,
-  and the rest of the canvas is fill.
+  and the rest of the canvas is fill. :func:`unpad_box` says which cells of the tiles' stitched
+  feature map show the image (LLaVA-NeXT drops the others).
 """
 
 from __future__ import annotations
@@ -157,6 +158,27 @@ def anyres_layout(h: int, w: int, grid: tuple[int, int], base: int) -> AnyresLay
                         top=(ch - nh) // 2, left=(cw - nw) // 2)
 
 
+def unpad_box(h: int, w: int, map_h: int, map_w: int) -> Box:
+    """The part of an anyres canvas's ``map_h x map_w`` feature map that shows an ``h x w`` image.
+
+    LLaVA-NeXT's ``unpad_image``, judged on the feature map rather than on the canvas pixels: the side
+    that limits the fit spans the whole map; the other keeps ``new = int(size * map / limiting size)``
+    cells (rounded to 7 decimals first, as transformers does, so 11.9999999 counts as 12) and loses
+    ``(map - new) // 2`` cells at *both* ends, so an odd difference keeps one padding cell. The box is
+    ``(y0, x0, y1, x1)`` in map cells, half-open, and may be empty for extreme aspect ratios.
+    """
+    _check_size(h, w)
+    if map_h < 1 or map_w < 1:
+        raise ConfigError(f"unpad_box needs a positive feature map, got {map_h}x{map_w}")
+    if w / h > map_w / map_h:  # wider than the map: full width, rows trimmed top and bottom
+        new_h = int(round(h * (map_w / w), 7))
+        pad = (map_h - new_h) // 2
+        return (pad, 0, map_h - pad, map_w)
+    new_w = int(round(w * (map_h / h), 7))
+    pad = (map_w - new_w) // 2
+    return (0, pad, map_h, map_w - pad)
+
+
 def tile_token_mask(layout: AnyresLayout, patch_grid: tuple[int, int], patch_px: int | None = None) -> np.ndarray:
     """bool ``[n_tiles, gh*gw]``: False for patch tokens lying entirely in the canvas padding.
 
@@ -201,4 +223,4 @@ def views_for(view_cfg: ViewConfig, h: int, w: int, base: int | None = None) -> 
 
 
 __all__ = ["Box", "PadGeometry", "pad_to_square", "crop_boxes", "view_names", "select_best_grid", "AnyresLayout",
-           "anyres_layout", "tile_token_mask", "views_for"]
+           "anyres_layout", "unpad_box", "tile_token_mask", "views_for"]

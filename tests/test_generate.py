@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from edgevlm.errors import ConfigError, ShapeError
-from edgevlm.runtime.decoder import LlamaDecoder
+from edgevlm.runtime.decoder import Decoder
 from edgevlm.runtime.generate import GenerationConfig, Sampler, StopStringMatcher, generate_tokens
 from edgevlm.runtime.kv_cache import ContextLengthError, KVCache
-from edgevlm.runtime.readers.hf_llama import read_llama_dir
+from edgevlm.runtime.readers.hf_decoders import read_decoder_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,8 +20,8 @@ def tiny(tmp_path_factory):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(path)
-    dcfg, state = read_llama_dir(path)
-    return hf, LlamaDecoder.from_state(dcfg, state).eval()
+    dcfg, state = read_decoder_dir(path)
+    return hf, Decoder.from_state(dcfg, state).eval()
 
 
 PROMPT = [5, 17, 99, 3, 200, 42, 42, 7, 130, 1]

@@ -94,10 +94,10 @@ def test_int4_matmul_on_cuda(m, group):
 def test_cuda_graph_step_matches_eager_decoder():
     from edgevlm.config import DecoderConfig
     from edgevlm.runtime.cuda_graph import GraphedDecodeStep
-    from edgevlm.runtime.decoder import LlamaDecoder
+    from edgevlm.runtime.decoder import Decoder
 
     torch.manual_seed(0)
-    dec = LlamaDecoder(DecoderConfig(vocab_size=97, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+    dec = Decoder(DecoderConfig(vocab_size=97, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                                      max_seq_len=64)).cuda().eval()
     dec64 = float64_copy(dec)  # the eager cached path in float64: the fp32 noise of each step
     prompt = torch.randint(0, 97, (1, 7), device="cuda")

@@ -129,10 +129,10 @@ def test_graphed_step_over_triton_linears_matches_cached_path_interpreted(interp
     by GraphedDecodeStep (eagerly here) and by the ordinary cached path, both on the interpreted kernel."""
     from edgevlm.config import DecoderConfig
     from edgevlm.runtime.cuda_graph import GraphedDecodeStep
-    from edgevlm.runtime.decoder import LlamaDecoder
+    from edgevlm.runtime.decoder import Decoder
 
     cfg = DecoderConfig(vocab_size=97, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_seq_len=32)
-    dec = LlamaDecoder(cfg).eval()
+    dec = Decoder(cfg).eval()
     dense = copy.deepcopy(dec)  # becomes the same decoder with nn.Linear over the dequantised int4 weights
     swap_linears_for_triton(dec, group=32)
     assert not any(isinstance(m, nn.Linear) for m in dec.modules())

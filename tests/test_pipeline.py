@@ -18,31 +18,12 @@ from edgevlm.runtime.chat import build_multimodal_ids
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 from edgevlm.runtime.readers import resolve_weights_path
 from edgevlm.presets import SMOLLM2_GGUF
-from edgevlm_testkit import assert_within_noise, float64_copy, max_abs, randomize_params
+from edgevlm_testkit import (BYTE_VOCAB as VOCAB, IMAGE_ID, assert_within_noise, float64_copy, max_abs, randomize_params,
+                             write_byte_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-VOCAB = 300  # 3 specials + 256 bytes + <image> + spare rows
-IMAGE_ID = 259
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def write_byte_tokenizer(folder) -> None:
-    """A byte-level tokenizer.json (no merges) with <s>, </s> and <image> specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(["<s>", "</s>", "<image>"])
-    assert tk.token_to_id("<image>") == IMAGE_ID
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": TEMPLATE}))
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +151,7 @@ def test_follow_up_prefills_only_new_tokens(llama):
 def test_unsupported_transformers_folder(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     write_byte_tokenizer(tmp_path)
-    with pytest.raises(CheckpointError, match="supported: \\['llama', 'llava', 'mistral'\\]"):
+    with pytest.raises(CheckpointError, match=r"supported: \[.*'llama', 'llava', 'llava_next', 'mistral'"):
         edgevlm.load(tmp_path)
 
 

@@ -15,7 +15,7 @@ import edgevlm
 from edgevlm.config import DecoderConfig, QuantConfig
 from edgevlm.errors import ConfigError, EdgeVLMError
 from edgevlm.runtime import quant as Q
-from edgevlm.runtime.decoder import LlamaDecoder
+from edgevlm.runtime.decoder import Decoder
 
 from edgevlm_testkit import (EPS32, SMOLLM_GGUF_NAME, assert_within_noise, max_abs, needs_smollm, randomize_params,
                              smollm_dir)
@@ -124,7 +124,7 @@ def test_quantiser_error_is_half_a_step(bits, group):
 
 def test_bad_group_refused_before_any_change():
     cfg = DecoderConfig(vocab_size=64, hidden=96, layers=1, heads=4, kv_heads=2, intermediate=160)
-    dec = LlamaDecoder(cfg)
+    dec = Decoder(cfg)
     with pytest.raises(ConfigError, match="not a multiple of group 64"):
         Q.quantize_decoder(dec, QuantConfig(scheme="int4", group=64))
     assert not any(isinstance(m, Q.QuantLinear) for m in dec.modules())  # all or nothing
@@ -140,13 +140,13 @@ def test_bad_group_refused_before_any_change():
 def small_decoder():
     cfg = DecoderConfig(vocab_size=256, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256,
                         tie_embeddings=True, attention_bias=True)
-    dec = LlamaDecoder(cfg)
+    dec = Decoder(cfg)
     randomize_params(dec, seed=4, scale=0.08)
     return dec.eval()
 
 
 def _copy(dec):
-    new = LlamaDecoder.from_state(dec.cfg, {k: v.clone() for k, v in dec.state_dict().items()})
+    new = Decoder.from_state(dec.cfg, {k: v.clone() for k, v in dec.state_dict().items()})
     return new.eval()
 
 
@@ -304,7 +304,7 @@ def test_lora_stays_beside_quantised_layers_and_matches_float_merge():
     from edgevlm.runtime.lora import LoRASide, attach_lora, merge_lora_weights
 
     cfg = DecoderConfig(vocab_size=128, hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128)
-    base = LlamaDecoder(cfg)
+    base = Decoder(cfg)
     randomize_params(base, seed=2, scale=0.1)
     lcfg = LoRAConfig(rank=4, alpha=8.0)
     g = torch.Generator().manual_seed(5)

@@ -9,7 +9,7 @@ Stages (the SPHINX recipe, at CPU scale):
   ``[x1,y1,x2,y2]`` boxes, digits): connector + LoRA adapters on the decoder, text batches mixed in.
 
 The model is not a copy: it is the runtime's :class:`~edgevlm.runtime.tower.VisionTowerModel` (its
-connector) and :class:`~edgevlm.runtime.decoder.LlamaDecoder` with LoRA applied from outside, prompts
+connector) and :class:`~edgevlm.runtime.decoder.Decoder` with LoRA applied from outside, prompts
 are built by the runtime's :class:`~edgevlm.runtime.chat.ChatFormat`, so an exported checkpoint gives
 the runtime exactly the logits training saw. Frozen encoders run once per image: their outputs (for
 SPHINX fusion, the channel-aligned tokens before ``visual_proj``) are cached.

@@ -255,7 +255,7 @@ def measure(cfg: BenchConfig, run: BenchRun) -> dict:
     eager = tower.runner is tower.model
     hf = None
     if cfg.peer:
-        from edgevlm.runtime.readers.hf_llama import to_transformers
+        from edgevlm.runtime.readers.hf_decoders import to_transformers
 
         hf = to_transformers(dec).to(device)
     with torch.inference_mode():

@@ -33,10 +33,10 @@ def check_layout(x: torch.Tensor, enc: EncoderConfig, who: str) -> None:
     """Raise ShapeError unless ``x`` has the layout ``enc`` promises (tokens or map)."""
     gh, gw = enc.grid
     if enc.kind in TOKEN_KINDS:
-        want = ("N", enc.tokens, enc.width)
+        want = ("N", enc.tokens, enc.feature_width)
         ok = x.ndim == 3 and tuple(x.shape[1:]) == want[1:]
     elif enc.kind in MAP_KINDS:
-        want = ("N", enc.width, gh, gw)
+        want = ("N", enc.feature_width, gh, gw)
         ok = x.ndim == 4 and tuple(x.shape[1:]) == want[1:]
     else:
         raise ConfigError(f"{who}: encoder {enc.name!r} has kind {enc.kind!r}; known: {TOKEN_KINDS + MAP_KINDS}")
@@ -87,7 +87,9 @@ class MLPConnector(nn.Module):
 
 
 class QFormerConnector(nn.Module):
-    """BLIP-2 / MiniGPT-4: ``proj(qformer(tokens))``; ``proj`` is transformers' ``language_projection``."""
+    """BLIP-2 / MiniGPT-4 / InstructBLIP: ``proj(qformer(tokens[, instruction]))``; ``proj`` is
+    transformers' ``language_projection``. ``text = (ids [N, L], mask [N, L])``, one row per view, is the
+    instruction of an InstructBLIP Q-Former (``cfg.qformer.text`` set)."""
 
     def __init__(self, cfg: QFormerConnectorConfig, tower_cfg: TowerConfig):
         super().__init__()
@@ -95,10 +97,12 @@ class QFormerConnector(nn.Module):
         self.qformer = QFormer(cfg.qformer)
         self.proj = nn.Linear(cfg.qformer.hidden, cfg.out_width)
 
-    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
+                text: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         name = self.cfg.qformer.encoder
         x = as_tokens(encoder_features(features, name, "qformer connector"), self.enc, "qformer connector")
-        return self.proj(self.qformer(x, encoder_mask(masks, name)))  # [N, num_queries, out_width]
+        ids, text_mask = (None, None) if text is None else text
+        return self.proj(self.qformer(x, encoder_mask(masks, name), ids, text_mask))  # [N, num_queries, out_width]
 
 
 __all__ = ["LinearConnector", "MLPConnector", "QFormerConnector", "as_tokens", "check_layout",

@@ -91,9 +91,9 @@ def _kept_vit_layout(x: torch.Tensor, enc: EncoderConfig, g: int, cells: torch.T
     r2 = (gh // g) ** 2
     n, k = cells.shape
     c = int(enc.global_token)
-    if x.ndim != 3 or x.shape[1] != c + k * r2 or x.shape[2] != enc.width:
+    if x.ndim != 3 or x.shape[1] != c + k * r2 or x.shape[2] != enc.feature_width:
         raise ShapeError(f"{who}: encoder {enc.name!r} kept {k} cells x {r2} patches, so its tokens should be "
-                         f"[N, {c + k * r2}, {enc.width}]; got {list(x.shape)}")
+                         f"[N, {c + k * r2}, {enc.feature_width}]; got {list(x.shape)}")
     src = x[:, c:]  # [N, K*r2, C], cell-major
     glob = x[:, :1] if c else src.mean(dim=1, keepdim=True)
     grid = src.reshape(n, k, r2, -1).mean(dim=2)  # [N, K, C]

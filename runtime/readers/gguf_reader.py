@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) checkpoints -> DecoderConfig, LlamaDecoder state, raw quantised blocks and tokenizer data.
+"""GGUF (llama.cpp) checkpoints -> DecoderConfig, Decoder state, raw quantised blocks and tokenizer data.
 
 Parsing goes through the ``gguf`` package's ``GGUFReader``, after a bounds-checked scan of the header
 of our own: ``GGUFReader`` trusts the counts it reads (a corrupt array length makes it loop, a
@@ -14,10 +14,14 @@ Block layouts (32 weights per block, little-endian)::
                    hi nibbles = w16..31]
     Q4_1  [d: f16][m: f16][16 bytes as Q4_0]         w = d * q + m
 
-llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` so each head's rotary pairs are
-interleaved (GPT-J style RoPE, what ggml computes). LlamaDecoder uses transformers' rotate-half RoPE,
-so those rows are put back (in ``state`` and in ``raw`` alike: a row permutation moves whole rows of
-blocks, so the quantised bytes stay exact).
+Architectures (:data:`ARCHITECTURES`, what llama.cpp's converter writes): ``llama`` (also Mistral,
+Vicuna) and ``phi3``. llama.cpp has no OPT architecture. For ``llama`` the converter permutes the rows
+of ``attn_q``/``attn_k`` so each head's rotary pairs are interleaved (GPT-J style RoPE, what ggml
+computes for that architecture); the Decoder uses transformers' rotate-half RoPE, so those rows are
+put back. ``phi3`` runs NeoX-style (rotate-half) RoPE in llama.cpp and is stored unpermuted, with
+fused ``attn_qkv`` and ``ffn_up`` (gate rows, then up rows) and LongRoPE's factors as the tensors
+``rope_factors_short`` / ``rope_factors_long``. Fused tensors are split and q/k rows reordered in
+``state`` and in ``raw`` alike: both move whole rows of blocks, so the quantised bytes stay exact.
 """
 
 from __future__ import annotations
@@ -35,9 +39,25 @@ import torch
 from edgevlm.config import DecoderConfig
 from edgevlm.errors import BackendUnavailableError, CheckpointError, ConfigError, WeightsNotFoundError
 
-from .hf_llama import decoder_shapes
+from .hf_decoders import decoder_shapes
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+@dataclass(frozen=True)
+class Architecture:
+    """How llama.cpp stores one architecture. ``fused``: a block tensor -> the Decoder projections it
+    stacks on rows, in order (split by their shapes)."""
+
+    permuted_qk: bool
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    windowed: bool = False
+
+
+ARCHITECTURES = {
+    "llama": Architecture(permuted_qk=True),
+    "phi3": Architecture(permuted_qk=False, windowed=True,
+                         fused={"attn_qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+                                "ffn_up": ("mlp.gate_proj", "mlp.up_proj")}),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
@@ -76,19 +96,19 @@ class GGUFTokenizer:
 class GGUFModel:
     path: Path
     config: DecoderConfig
-    state: dict[str, torch.Tensor]  # LlamaDecoder names, dequantised (empty with dequantize=False)
-    raw: dict[str, RawTensor]  # LlamaDecoder names, as stored (q/k rows in rotate-half order)
+    state: dict[str, torch.Tensor]  # Decoder names, dequantised (empty with dequantize=False)
+    raw: dict[str, RawTensor]  # Decoder names, as stored (q/k rows in rotate-half order)
     metadata: dict[str, Any]  # every key-value of the file
     tokenizer: GGUFTokenizer | None
     chat_template: str | None
-    types: dict[str, str] = field(default_factory=dict)  # LlamaDecoder name -> ggml type name
+    types: dict[str, str] = field(default_factory=dict)  # Decoder name -> ggml type name
 
     def decoder(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-        from edgevlm.runtime.decoder import LlamaDecoder
+        from edgevlm.runtime.decoder import Decoder
 
         if not self.state:
             raise CheckpointError(f"{self.path}: read with dequantize=False, no dense state to build from")
-        return LlamaDecoder.from_state(self.config, self.state, dtype=dtype, device=device)
+        return Decoder.from_state(self.config, self.state, dtype=dtype, device=device)
 
 
 # ---- dequantisation ----------------------------------------------------------------------------
@@ -243,11 +263,17 @@ def _f32(v: float) -> float:
     return float(np.format_float_positional(np.float32(v), unique=True, trim="-"))
 
 
-def _config(meta: dict[str, Any], names: set[str], path: Path) -> DecoderConfig:
+def _architecture(meta: dict[str, Any], path: Path) -> tuple[str, Architecture]:
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch, ARCHITECTURES[arch]
+
+
+def _config(meta: dict[str, Any], names: set[str], path: Path, extras: dict[str, np.ndarray]) -> DecoderConfig:
+    """``extras``: the small float tensors that are configuration, not weights (LongRoPE's factors)."""
+    arch, spec = _architecture(meta, path)
 
     def get(key: str, default: Any = KeyError) -> Any:
         v = meta.get(f"{arch}.{key}", default)
@@ -262,23 +288,36 @@ def _config(meta: dict[str, Any], names: set[str], path: Path) -> DecoderConfig:
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
     rope_dim = int(get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise CheckpointError(f"{path}: partial RoPE ({rope_dim} of {head_dim} dims) is not supported")
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None
     if vocab is None:
         raise CheckpointError(f"{path}: GGUF metadata gives no vocab size")
     scaling, factor = get("rope.scaling.type", "none"), _f32(get("rope.scaling.factor", 1.0))
     if scaling not in ("none", "linear"):
         raise CheckpointError(f"{path}: rope scaling {scaling!r} is not supported in GGUF; supported: none, linear")
+    rope: dict[str, Any] = {"rope_scaling": scaling, "rope_scaling_factor": factor if scaling == "linear" else 1.0}
+    max_len = int(get("context_length"))
+    if "rope_factors_long.weight" in extras:  # Phi-3's LongRoPE
+        original = int(get("rope.scaling.original_context_length", max_len))
+        ratio = max_len / original
+        default_attn = float(np.sqrt(1 + np.log(ratio) / np.log(original))) if ratio > 1 else 1.0
+        rope = {"rope_scaling": "longrope", "rope_original_max_len": original,
+                "rope_short_factor": tuple(_f32(v) for v in extras["rope_factors_short.weight"]),
+                "rope_long_factor": tuple(_f32(v) for v in extras["rope_factors_long.weight"]),
+                "rope_attention_factor": _f32(get("rope.scaling.attn_factor")) if meta.get(
+                    f"{arch}.rope.scaling.attn_factor") is not None else default_attn}
+    window = get("attention.sliding_window", None) if spec.windowed else None
+    if window:  # exact while the context fits in the window (as for transformers folders)
+        max_len = min(max_len, int(window))
     try:
         return DecoderConfig(
             vocab_size=int(vocab), hidden=hidden, layers=int(get("block_count")), heads=heads,
             kv_heads=int(get("attention.head_count_kv", heads)), intermediate=int(get("feed_forward_length")),
             norm_eps=_f32(get("attention.layer_norm_rms_epsilon")), rope_theta=_f32(get("rope.freq_base", 10000.0)),
-            rope_scaling=scaling, rope_scaling_factor=factor if scaling == "linear" else 1.0,
-            max_seq_len=int(get("context_length")), tie_embeddings="output.weight" not in names,
+            max_seq_len=max_len, tie_embeddings="output.weight" not in names,
             head_dim_override=0 if head_dim == hidden // heads else head_dim,
-            attention_bias="blk.0.attn_q.bias" in names, mlp_bias="blk.0.ffn_gate.bias" in names)
+            rotary_dim=0 if rope_dim == head_dim else rope_dim,
+            attention_bias="blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
+            mlp_bias="blk.0.ffn_gate.bias" in names, **rope)
     except ConfigError as e:
         raise CheckpointError(f"{path}: GGUF metadata is not a valid decoder: {e}") from None
 
@@ -288,16 +327,23 @@ _LAYER_NAMES = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "att
                 "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
               "output.weight": "lm_head.weight"}
+_CONFIG_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def decoder_name(gguf_name: str) -> str | None:
-    """``blk.3.attn_q.weight`` -> ``layers.3.attn.q_proj.weight``; None for tensors LlamaDecoder lacks."""
+def decoder_names(gguf_name: str, arch: Architecture | None = None) -> list[str]:
+    """``blk.3.attn_q.weight`` -> ``["layers.3.attn.q_proj.weight"]``; a fused tensor of ``arch`` -> the
+    names it splits into, in row order; ``[]`` for tensors the Decoder lacks."""
     if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
+        return [_TOP_NAMES[gguf_name]]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return None
+    if len(parts) != 4 or parts[0] != "blk":
+        return []
+    fused = arch.fused if arch is not None else {}
+    if parts[2] in fused:
+        return [f"layers.{parts[1]}.{n}.{parts[3]}" for n in fused[parts[2]]]
+    if parts[2] in _LAYER_NAMES:
+        return [f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"]
+    return []
 
 
 def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
@@ -372,28 +418,41 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     reader, meta = _open(path)
     try:
         names = {t.name for t in reader.tensors}
-        cfg = _config(meta, names, path)
+        _, arch = _architecture(meta, path)
+        extras = {t.name: dequantize(np.asarray(t.data).view(np.uint8), t.tensor_type,
+                                     tuple(int(d) for d in reversed(t.shape.tolist())))
+                  for t in reader.tensors if t.name in _CONFIG_TENSORS}
+        cfg = _config(meta, names, path, extras)
         expected = decoder_shapes(cfg)
         state: dict[str, torch.Tensor] = {}
         raw: dict[str, RawTensor] = {}
         types: dict[str, str] = {}
         for t in reader.tensors:
-            key = decoder_name(t.name)
-            if key is None:
-                continue  # e.g. rope_freqs handled above; other extras are not LlamaDecoder's
+            keys = decoder_names(t.name, arch)
+            if not keys:
+                continue  # e.g. the rope factors read above; other extras are not the Decoder's
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dims innermost first
-            if key not in expected or expected[key] != shape:
+            parts = [expected.get(k) for k in keys]
+            if None in parts or any(p[1:] != shape[1:] for p in parts) or sum(p[0] for p in parts) != shape[0]:
                 raise CheckpointError(f"{path}: tensor {t.name!r} has shape {shape}, expected "
-                                      f"{expected.get(key, 'no such tensor')} for {cfg}")
+                                      f"{parts if len(parts) > 1 else parts[0] or 'no such tensor'} for {cfg}")
             data = np.asarray(t.data).view(np.uint8)
             data = data.reshape(shape[0], -1) if len(shape) == 2 else data.reshape(-1)  # [rows, row_bytes]
-            kind = key.split(".")[-2]
-            if kind in ("q_proj", "k_proj"):
-                data = data[unpermute_rows(shape[0], cfg.heads if kind == "q_proj" else cfg.kv_heads)]
-            raw[key] = RawTensor(t.tensor_type, data, shape)
-            types[key] = t.tensor_type.name
-            if dequantize_weights:
-                state[key] = torch.from_numpy(dequantize(data, t.tensor_type, shape)).to(dtype)
+            start = 0
+            for key, part in zip(keys, parts):
+                if len(keys) > 1:  # a fused tensor: this part's rows (a 1-D one's elements, as rows of bytes)
+                    rows = data.reshape(shape[0], -1)[start:start + part[0]]
+                    rows = rows.reshape(-1) if len(part) == 1 else rows
+                else:
+                    rows = data
+                start += part[0]
+                kind = key.split(".")[-2]
+                if arch.permuted_qk and kind in ("q_proj", "k_proj"):
+                    rows = rows[unpermute_rows(part[0], cfg.heads if kind == "q_proj" else cfg.kv_heads)]
+                raw[key] = RawTensor(t.tensor_type, rows, part)
+                types[key] = t.tensor_type.name
+                if dequantize_weights:
+                    state[key] = torch.from_numpy(dequantize(rows, t.tensor_type, part)).to(dtype)
         tokenizer = _tokenizer(meta)
     except CheckpointError:
         raise
@@ -407,6 +466,5 @@ def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                      chat_template=template if isinstance(template, str) else None, types=types)
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "RawTensor", "GGUFTokenizer", "GGUFModel", "read_gguf", "read_gguf_metadata",
-           "dequantize",
-           "decoder_name", "unpermute_rows"]
+__all__ = ["ARCHITECTURES", "Architecture", "SUPPORTED_ARCHITECTURES", "RawTensor", "GGUFTokenizer", "GGUFModel",
+           "read_gguf", "read_gguf_metadata", "dequantize", "decoder_names", "unpermute_rows"]

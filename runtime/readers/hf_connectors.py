@@ -3,7 +3,8 @@
 - :func:`qformer_from_hf`: any BLIP-2-style Q-Former (``Blip2QFormerModel`` keys) under a prefix;
   also serves SPHINX, whose ``qformer`` is a whole ``Blip2Model`` (prefix ``qformer.qformer.``).
 - :func:`blip2_connector_from_hf`: ``Blip2ForConditionalGeneration`` / ``Blip2Model`` -> Q-Former +
-  ``language_projection``.
+  ``language_projection``; with ``instruction=True`` ``InstructBlipForConditionalGeneration`` (an
+  ``InstructBlipQFormerModel``: instruction embeddings and the text FFN too).
 - :func:`llava_projector_from_hf`: ``LlavaForConditionalGeneration`` -> ``multi_modal_projector``.
 
 The input ``state`` may be a whole checkpoint (vision tower, LLM and all); only the connector's
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from edgevlm.config import MLPConnectorConfig, QFormerConfig, QFormerConnectorConfig
+from edgevlm.config import MLPConnectorConfig, QFormerConfig, QFormerConnectorConfig, QFormerTextConfig
 from edgevlm.errors import CheckpointError, ConfigError
 
 from .safetensors_io import find_prefix, take
@@ -33,6 +34,8 @@ _ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tan
 _QFORMER_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                      "intermediate_size": 3072, "cross_attention_frequency": 2, "layer_norm_eps": 1e-12,
                      "hidden_act": "gelu", "encoder_hidden_size": 1408}
+# ... and of InstructBlipQFormerConfig's instruction input.
+_QFORMER_TEXT_DEFAULTS = {"vocab_size": 30522, "max_position_embeddings": 512, "pad_token_id": 0}
 
 
 def _expected_shapes(build: Callable[[], nn.Module]) -> dict[str, torch.Size]:
@@ -62,7 +65,7 @@ def _get(cfg: dict, key: str, defaults: dict):
 
 
 def qformer_from_hf(hf_qformer_config: dict, state: dict[str, torch.Tensor], prefix: str, query_tokens_key: str,
-                    *, encoder: str) -> tuple[QFormerConfig, dict[str, torch.Tensor]]:
+                    *, encoder: str, instruction: bool = False) -> tuple[QFormerConfig, dict[str, torch.Tensor]]:
     """Read a transformers ``Blip2QFormerModel`` (query path) into :class:`~edgevlm.runtime.connectors.qformer.QFormer`.
 
     ``prefix`` is where the Q-Former's own keys start (``"qformer."`` in a Blip2 checkpoint);
@@ -70,6 +73,12 @@ def qformer_from_hf(hf_qformer_config: dict, state: dict[str, torch.Tensor], pre
     module in transformers. ``hf_qformer_config["encoder_hidden_size"]`` must be the vision width (a
     saved Blip2Config sets it; :func:`blip2_connector_from_hf` fills it from ``vision_config``).
     Text-path weights (``intermediate``/``output`` with ``use_qformer_text_input``) are ignored.
+
+    ``instruction=True`` reads an ``InstructBlipQFormerModel`` instead: the embedding LayerNorm sits
+    at ``embeddings.layernorm``, and the instruction's ``embeddings.word_embeddings`` /
+    ``position_embeddings`` and every layer's text FFN (``intermediate``/``output``) are read too,
+    into ``QFormerConfig.text`` (vocabulary and position-table sizes from the config, checked against
+    the tensors).
     """
     from edgevlm.runtime.connectors.qformer import QFormer
 
@@ -80,18 +89,28 @@ def qformer_from_hf(hf_qformer_config: dict, state: dict[str, torch.Tensor], pre
     qt = take(state, query_tokens_key)
     if qt.ndim != 3 or qt.shape[0] != 1:
         raise CheckpointError(f"{query_tokens_key!r} has shape {tuple(qt.shape)}, expected (1, num_queries, hidden)")
+    text_cfg = None
     try:
+        if instruction:
+            td = _QFORMER_TEXT_DEFAULTS
+            pad = _get(c, "pad_token_id", td)
+            text_cfg = QFormerTextConfig(vocab_size=int(_get(c, "vocab_size", td)),
+                                         max_positions=int(_get(c, "max_position_embeddings", td)),
+                                         pad_id=int(pad if pad is not None else 0))
         cfg = QFormerConfig(encoder=encoder, encoder_width=int(_get(c, "encoder_hidden_size", d)),
                             num_queries=int(qt.shape[1]), hidden=int(_get(c, "hidden_size", d)),
                             layers=int(_get(c, "num_hidden_layers", d)), heads=int(_get(c, "num_attention_heads", d)),
                             intermediate=int(_get(c, "intermediate_size", d)),
                             cross_attention_every=int(_get(c, "cross_attention_frequency", d)),
-                            norm_eps=float(_get(c, "layer_norm_eps", d)))
+                            norm_eps=float(_get(c, "layer_norm_eps", d)), text=text_cfg)
     except ConfigError as e:
         raise CheckpointError(f"Q-Former config is not usable: {e}") from None
 
-    m = {"query_tokens": query_tokens_key, "ln_query.weight": f"{prefix}layernorm.weight",
-         "ln_query.bias": f"{prefix}layernorm.bias"}
+    ln = f"{prefix}embeddings.layernorm" if instruction else f"{prefix}layernorm"
+    m = {"query_tokens": query_tokens_key, "ln_query.weight": f"{ln}.weight", "ln_query.bias": f"{ln}.bias"}
+    if instruction:
+        m["text_embed.weight"] = f"{prefix}embeddings.word_embeddings.weight"
+        m["text_pos_embed.weight"] = f"{prefix}embeddings.position_embeddings.weight"
 
     def attn(ours: str, theirs: str) -> None:
         for a, b in (("q_proj", "attention.query"), ("k_proj", "attention.key"), ("v_proj", "attention.value"),
@@ -109,8 +128,12 @@ def qformer_from_hf(hf_qformer_config: dict, state: dict[str, torch.Tensor], pre
                                   f"{cfg.cross_attention_every}")
         if has_cross:
             attn(f"{dst}.cross_attn", f"{src}.crossattention")
-        for a, b in (("fc1", "intermediate_query.dense"), ("fc2", "output_query.dense"),
-                     ("ffn_norm", "output_query.LayerNorm")):
+        ffn = [("fc1", "intermediate_query.dense"), ("fc2", "output_query.dense"),
+               ("ffn_norm", "output_query.LayerNorm")]
+        if instruction:
+            ffn += [("text_fc1", "intermediate.dense"), ("text_fc2", "output.dense"),
+                    ("text_ffn_norm", "output.LayerNorm")]
+        for a, b in ffn:
             for p in ("weight", "bias"):
                 m[f"{dst}.{a}.{p}"] = f"{src}.{b}.{p}"
     if f"{prefix}encoder.layer.{cfg.layers}.attention.attention.query.weight" in state:
@@ -118,18 +141,21 @@ def qformer_from_hf(hf_qformer_config: dict, state: dict[str, torch.Tensor], pre
     return cfg, _gather(state, m, _expected_shapes(lambda: QFormer(cfg)), "Q-Former")
 
 
-def blip2_connector_from_hf(hf_config: dict, state: dict[str, torch.Tensor], *,
-                            encoder: str = "eva") -> tuple[QFormerConnectorConfig, dict[str, torch.Tensor]]:
+def blip2_connector_from_hf(hf_config: dict, state: dict[str, torch.Tensor], *, encoder: str = "eva",
+                            instruction: bool = False) -> tuple[QFormerConnectorConfig, dict[str, torch.Tensor]]:
     """A whole Blip2Config dict + checkpoint -> :class:`QFormerConnector` config and state dict
-    (keys ``qformer.*`` and ``proj.*``). ``out_width`` is the ``language_projection`` output width."""
+    (keys ``qformer.*`` and ``proj.*``). ``out_width`` is the ``language_projection`` output width.
+    ``instruction=True``: an InstructBlipConfig + checkpoint (see :func:`qformer_from_hf`)."""
     qf_cfg = dict(hf_config.get("qformer_config") or {})
     vision_hidden = (hf_config.get("vision_config") or {}).get("hidden_size")
     if vision_hidden is not None:  # Blip2Config.__post_init__ ties these; trust the vision side
         qf_cfg["encoder_hidden_size"] = vision_hidden
-    qprefix = find_prefix(state, ["qformer.", "model.qformer."], "layernorm.weight")
+    qprefix = find_prefix(state, ["qformer.", "model.qformer."],
+                          "embeddings.layernorm.weight" if instruction else "layernorm.weight")
     tprefix = find_prefix(state, ["", "model."], "query_tokens")
     lprefix = find_prefix(state, ["language_projection.", "model.language_projection."], "weight")
-    qcfg, qsd = qformer_from_hf(qf_cfg, state, qprefix, tprefix + "query_tokens", encoder=encoder)
+    qcfg, qsd = qformer_from_hf(qf_cfg, state, qprefix, tprefix + "query_tokens", encoder=encoder,
+                                instruction=instruction)
     n_q = hf_config.get("num_query_tokens")
     if n_q is not None and n_q != qcfg.num_queries:
         raise CheckpointError(f"num_query_tokens is {n_q} but {tprefix}query_tokens holds {qcfg.num_queries}")

@@ -27,7 +27,9 @@ Parameter names (what the readers in :mod:`edgevlm.runtime.readers` produce)::
     norm.weight/bias [W]                                           (only if cfg.final_norm)
 
 Only the ``cfg.blocks_run`` blocks that the selected ``feature_layer`` needs are built, and the final
-norm only when it is applied: LLaVA's penultimate-layer features then carry no dead weights.
+norm only when it is applied: LLaVA's penultimate-layer features then carry no dead weights. With
+``feature_layers`` the outputs of several layers (each final-normed when ``final_norm``) are
+concatenated on channels: ``[N, T, width * len(feature_layers)]``.
 """
 
 from __future__ import annotations
@@ -175,13 +177,23 @@ class ViT(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, pixels: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
+        layers = self.cfg.selected_layers  # indices into [embeddings, block 1, ...]
         x = self.embed(pixels, keep_ids)  # [N, T0, W] (T0 = cls + K with keep_ids)
-        for blk in self.blocks:  # cfg.blocks_run blocks: stops at feature_layer
+        picked = [x] if 0 in layers else []
+        for i, blk in enumerate(self.blocks, start=1):  # cfg.blocks_run blocks: stops at the deepest layer
             x = blk(x)
-        if self.norm is not None:
+            if len(layers) > 1 and i in layers:
+                picked.append(x)
+        if len(layers) > 1:  # several layers, in the config's order: [N, T0, W * len(layers)]
+            by_layer = dict(zip(sorted(set(layers)), picked))
+            feats = [by_layer[i] for i in layers]
+            if self.norm is not None:
+                feats = [self.norm(f) for f in feats]
+            x = torch.cat(feats, dim=-1)
+        elif self.norm is not None:
             x = self.norm(x)
         if self.cls_token is not None and not self.cfg.keep_class_token:
-            x = x[:, 1:]  # [N, gh*gw, W]
+            x = x[:, 1:]  # [N, gh*gw, feature_width]
         return x
 
 
