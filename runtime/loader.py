@@ -37,7 +37,8 @@ from .readers import resolve_weights_path
 from .readers.safetensors_io import load_safetensors
 from .source import ModelSource
 from .tokenizer import BYTE_TO_CHAR, Tokenizer
-from .tower import TOWER_PREFIX, VisionTower, VisionTowerModel, WeightsReport, build_tower_model, resolve_tower_source
+from .tower import (TOWER_PREFIX, VisionTower, VisionTowerModel, WeightsReport, build_tower_model,
+                    instruction_tokenizer_for, resolve_tower_source)
 
 DECODER_PREFIX = "decoder."
 
@@ -58,6 +59,7 @@ class ModelParts:
     tower_weights: WeightsReport | None = None
     gguf_raw: dict | None = None
     lora: tuple | None = None
+    instruction_tokenizer: Any = None  # InstructBLIP: tokenises the prompt for its Q-Former
 
 
 def read_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
@@ -261,8 +263,9 @@ def _transformers_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
         placement, chat = MULTIMODAL_LAYOUTS[model_type]
         cfg = ModelConfig(name=path.name, tower=tower_cfg, decoder=dec_cfg, image_placement=placement,
                           chat_format=chat, image_token=image_token or "<image>")
-        return _from_model_config(cfg, {f"{DECODER_PREFIX}{k}": v for k, v in dec_state.items()}, opts,
-                                  allow_random=False, tokenizer_dir=path, tower=tower)
+        parts = _from_model_config(cfg, {f"{DECODER_PREFIX}{k}": v for k, v in dec_state.items()}, opts,
+                                   allow_random=False, tokenizer_dir=path, tower=tower)
+        return dataclasses.replace(parts, instruction_tokenizer=instruction_tokenizer_for(source, tower_cfg))
     raise CheckpointError(f"{path}: transformers model_type {model_type!r} is not supported; supported: "
                           f"{sorted((*SUPPORTED_MODEL_TYPES, *MULTIMODAL_LAYOUTS))}")
 
@@ -329,7 +332,8 @@ def assemble(parts: ModelParts, opts: LoadOptions, *, runner=None, backend: str 
         tower = VisionTower(parts.tower, device=opts.device, dtype=opts.dtype,
                             preprocess_backend=opts.preprocess_backend, max_image_pixels=opts.max_image_pixels,
                             weights=parts.tower_weights, embedding_cache_bytes=opts.embedding_cache_bytes,
-                            runner=runner, backend=backend, keep_ratio=opts.keep_ratio, keep_mode=opts.keep_mode)
+                            runner=runner, backend=backend, keep_ratio=opts.keep_ratio, keep_mode=opts.keep_mode,
+                            instruction_tokenizer=parts.instruction_tokenizer)
     elif opts.token_dropping:
         raise ConfigError(f"keep_ratio={opts.keep_ratio}, but model {parts.name!r} has no vision tower")
     return Pipeline(parts.decoder, parts.tokenizer, parts.chat, tower=tower, name=parts.name,

@@ -108,6 +108,16 @@ class Pipeline:
             msgs = [{"role": "system", "content": system}] + [m for m in msgs if m.get("role") != "system"]
         return msgs
 
+    @staticmethod
+    def _instruction(prompt, raw: bool) -> str:
+        """The text a text-conditioned tower reads: the raw prompt, or the last user message's text."""
+        if raw or isinstance(prompt, str):
+            return prompt if isinstance(prompt, str) else ""
+        from .chat import flatten_messages
+
+        users = [m["content"] for m in flatten_messages(prompt, None) if m["role"] == "user"]
+        return users[-1] if users else ""
+
     def _prepare(self, image, prompt, raw: bool,
                  system: str | None) -> tuple[torch.Tensor, dict[str, float], int, list]:
         """-> (inputs_embeds [1, T, D], image-stage timings, visual positions, position keys)."""
@@ -115,7 +125,9 @@ class Pipeline:
         timings: dict[str, float] = {}
         embeds: list[torch.Tensor] = []
         if images:
-            embeds = self.tower.embed_each(images)  # one [T_i, D] per image
+            # InstructBLIP's Q-Former reads the user's words (not the chat-templated text), as its processor does
+            instruction = self._instruction(prompt, raw) if self.tower.takes_instruction else None
+            embeds = self.tower.embed_each(images, instruction=instruction)  # one [T_i, D] per image
             t = self.tower.last_timings
             timings = {"decode_image": t["decode_ms"], "preprocess": t["preprocess_ms"], "vision": t["vision_ms"]}
         tpi = [e.shape[0] for e in embeds]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import edgevlm
 from edgevlm import CheckpointError, ConfigError, ShapeError
 from edgevlm.config import QFormerConfig, QFormerTextConfig, TowerConfig
 from edgevlm.runtime import load_vision_tower
@@ -245,3 +246,19 @@ def test_reader_errors_name_key_and_shapes(ib_dir):
     cfg, sd = read_instructblip_tower(folder)
     _, report = build_tower_model(cfg, sd, allow_random=False)
     assert report.random == []
+
+
+def test_pipeline_feeds_the_user_prompt_to_the_qformer(ib_dir):
+    _, _, folder = ib_dir
+    pipe = edgevlm.load(folder)
+    assert pipe.tower.takes_instruction and pipe.chat.image_placement == "before_bos"
+    img = np.random.default_rng(2).integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+    for prompt in PROMPTS[:2]:
+        out = pipe.generate(img, prompt, max_new_tokens=2)
+        assert out.visual_tokens == N_QUERIES
+        # the embeddings the Pipeline used are the ones the tower makes for exactly this instruction
+        assert pipe.tower.last_timings["cached_images"] == 0
+        assert torch.equal(pipe.tower.embed_each([img], instruction=prompt)[0],
+                           pipe.tower.embed_each([img], instruction=prompt)[0])
+        assert pipe.tower.last_timings["cached_images"] == 1
+    assert len(pipe.tower.embedding_cache) == 2  # one entry per instruction, none for the bare image
