@@ -653,14 +653,14 @@ class DecoderConfig:
     """A decoder-only transformer of the LLaMA / Mistral / Phi-3 / OPT kinds, its differences as data
     (the way llama.cpp's architecture table describes them, one model class for all):
 
-    ========== ======= ======== ======= ============ ===============================
-    family     norm    mlp_act  gated   positions    biases
-    ========== ======= ======== ======= ============ ===============================
-    LLaMA      rms     silu     yes     rope         none (``attention_bias`` opt.)
-    Mistral    rms     silu     yes     rope         none (window clamps the context)
-    Phi-3      rms     silu     yes     rope+longrope none (fused qkv/gate_up split on read)
-    OPT        layer   relu     no      learned (+2) every linear and norm
-    ========== ======= ======== ======= ============ ===============================
+    ========  =====  =======  =====  ==================  =====================================
+    family    norm   mlp_act  gated  positions           biases / notes
+    ========  =====  =======  =====  ==================  =====================================
+    LLaMA     rms    silu     yes    rope                none (``attention_bias`` optional)
+    Mistral   rms    silu     yes    rope                none; the window clamps the context
+    Phi-3     rms    silu     yes    rope (+ longrope)   none; fused qkv / gate_up split on read
+    OPT       layer  relu     no     learned (+2 rows)   every linear and norm
+    ========  =====  =======  =====  ==================  =====================================
 
     Fused projections in a checkpoint (Phi-3's ``qkv_proj`` / ``gate_up_proj``) are split by its
     reader, and the quantiser fuses q/k/v and gate/up again for the CPU kernels, so the model has one

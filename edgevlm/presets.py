@@ -82,6 +82,8 @@ DECODERS: dict[str, DecoderConfig] = {
                                intermediate=11008, max_seq_len=4096),
     "tinyllama-1.1b": DecoderConfig(vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4,
                                     intermediate=5632, max_seq_len=2048),
+    # Phi-3-mini-4k: once its fused qkv / gate_up are split (hf_decoders.py), the LLaMA block exactly
+    # (RMSNorm 1e-5, SwiGLU, full RoPE); its 2047-token sliding window is exact up to that length.
     "phi3-mini": DecoderConfig(vocab_size=32064, hidden=3072, layers=32, heads=32, kv_heads=32,
                                intermediate=8192, max_seq_len=4096),
     "smollm2-135m": DecoderConfig(vocab_size=49152, hidden=576, layers=30, heads=9, kv_heads=3,
