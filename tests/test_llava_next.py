@@ -31,15 +31,12 @@ from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 from edgevlm.runtime.image_io import load_images
 from edgevlm.runtime.preprocess import Preprocessor
 from edgevlm.runtime.views import anyres_layout, select_best_grid, unpad_box
-from edgevlm_testkit import EPS32, FLOOR_ULPS, assert_within_noise, float64_copy, max_abs, randomize_params, scale_of
+from edgevlm_testkit import (BYTE_VOCAB as VOCAB, EPS32, FLOOR_ULPS, IMAGE_ID, assert_within_noise, float64_copy, max_abs,
+                             randomize_params, scale_of, write_byte_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-VOCAB = 300  # 3 specials + 256 bytes + <image> + spare rows
-IMAGE_ID = 259
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
 TILE, PATCH = 40, 8  # a 5x5 token grid per view
 PINPOINTS = [[40, 80], [80, 40], [80, 80]]  # (height, width) canvases: 1x2, 2x1, 2x2 tiles
 PROMPT = "<s>user: <image>\nWhat is this?\nassistant:"
@@ -51,22 +48,6 @@ VARIANTS = {
 }
 # wide (1x2 canvas, rows unpadded), tall (2x1, columns unpadded), near-square (2x2)
 SHAPES = [(30, 70), (70, 30), (61, 64)]
-
-
-def write_byte_tokenizer(folder) -> None:
-    """A byte-level tokenizer.json (no merges) with <s>, </s> and <image> specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(["<s>", "</s>", "<image>"])
-    assert tk.token_to_id("<image>") == IMAGE_ID
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": TEMPLATE}))
 
 
 def build_folder(folder, *, vision: str, layer, strategy: str, seed: int = 7):

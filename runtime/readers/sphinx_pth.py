@@ -62,7 +62,6 @@ straight from the image at its resolution (see :mod:`edgevlm.presets`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pickle
@@ -79,6 +78,8 @@ import torch.nn.functional as F
 from edgevlm.config import DecoderConfig, ModelConfig, SphinxFusionConfig, TowerConfig, ViewConfig, ViTConfig
 from edgevlm.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from edgevlm.presets import clip_vit_l14, convnext_xxl, dinov2
+
+from .safetensors_io import read_json
 
 SHARD_RE = re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.pth$")  # tensor_parallel.py L40-45
 PREFIX = "llma."  # MetaModel keeps the LLM (and its encoders) as self.llma (meta.py L58)
@@ -248,17 +249,8 @@ def is_sphinx_dir(folder: str | os.PathLike) -> bool:
 
 
 def _json(path: Path, required: bool) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise WeightsNotFoundError(f"{path.parent}: missing {path.name}")
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    """A JSON object file (:func:`read_json`'s typed errors); an optional one that is absent is ``{}``."""
+    return read_json(path) if required or path.is_file() else {}
 
 
 def llama_type(folder: str | os.PathLike) -> str:
