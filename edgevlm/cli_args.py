@@ -21,8 +21,8 @@ def add_vision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision-precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="precision of the export made on first use when --vision-export is not given")
     p.add_argument("--keep-ratio", type=float, default=1.0,
-                   help="token dropping: share of the fused grid's cells the ViTs see (SPHINX-fusion towers; "
-                        "default 1.0 = all)")
+                   help="token dropping: share of the keep grid's cells the ViTs see (SPHINX's fused grid, or a "
+                        "single-ViT tower's patch grid: LLaVA, BLIP-2, InstructBLIP, resampler; default 1.0 = all)")
     p.add_argument("--keep-mode", default="uniform", choices=["uniform", "random"],
                    help="which cells token dropping keeps: evenly spread (default) or FLIP's random subset")
 

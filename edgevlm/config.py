@@ -351,6 +351,24 @@ class ConnectorConfig:
     def tokens_per_view(self, tower: "TowerConfig") -> int:
         raise NotImplementedError
 
+    def token_drop_encoders(self) -> tuple[str, ...]:
+        """Token dropping (:mod:`edgevlm.runtime.token_keep`): the encoders whose tokens this connector
+        takes in any number (a token-wise projection then gives fewer outputs, a Q-Former or resampler
+        attends to fewer keys), laid on the one cell grid of :meth:`token_drop_grid`. Empty: the
+        connector needs a fixed token count and token dropping is refused."""
+        return ()
+
+    def token_drop_grid(self) -> int | None:
+        """Side of the square grid whose cells token dropping keeps; None: the dropped encoder's own patch
+        grid (one patch per cell)."""
+        return None
+
+    def reads_token_masks(self) -> bool:
+        """Whether the connector's output depends on the per-token padding masks of ``anyres`` views
+        (attention over an encoder's tokens does; a token-wise projection does not). Export uses it: a
+        graph of a connector that reads none needs no mask inputs."""
+        return True
+
 
 @dataclass(frozen=True, kw_only=True)
 class LinearConnectorConfig(ConnectorConfig):
@@ -366,8 +384,14 @@ class LinearConnectorConfig(ConnectorConfig):
     def encoder_names(self) -> tuple[str, ...]:
         return (self.encoder,)
 
+    def token_drop_encoders(self) -> tuple[str, ...]:
+        return (self.encoder,)  # token-wise: K kept tokens give K outputs
+
     def tokens_per_view(self, tower: "TowerConfig") -> int:
         return tower.encoder(self.encoder).tokens
+
+    def reads_token_masks(self) -> bool:
+        return False  # token-wise: padded tokens are projected like the others
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -389,8 +413,14 @@ class MLPConnectorConfig(ConnectorConfig):
     def encoder_names(self) -> tuple[str, ...]:
         return (self.encoder,)
 
+    def token_drop_encoders(self) -> tuple[str, ...]:
+        return (self.encoder,)  # token-wise: K kept tokens give K outputs (LLaVA's decoder gets K)
+
     def tokens_per_view(self, tower: "TowerConfig") -> int:
         return tower.encoder(self.encoder).tokens
+
+    def reads_token_masks(self) -> bool:
+        return False  # token-wise: padded tokens are projected like the others
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -402,6 +432,9 @@ class QFormerConnectorConfig(ConnectorConfig):
 
     def encoder_names(self) -> tuple[str, ...]:
         return (self.qformer.encoder,)
+
+    def token_drop_encoders(self) -> tuple[str, ...]:
+        return (self.qformer.encoder,)  # cross-attention keys: still num_queries outputs
 
     def tokens_per_view(self, tower: "TowerConfig") -> int:
         return self.qformer.num_queries
@@ -427,6 +460,9 @@ class ResamplerConnectorConfig(ConnectorConfig):
 
     def encoder_names(self) -> tuple[str, ...]:
         return (self.encoder,)
+
+    def token_drop_encoders(self) -> tuple[str, ...]:
+        return (self.encoder,)  # media keys: still num_latents outputs
 
     def tokens_per_view(self, tower: "TowerConfig") -> int:
         return self.num_latents
@@ -474,6 +510,16 @@ class SphinxFusionConfig(ConnectorConfig):
     def tokens_per_view(self, tower: "TowerConfig") -> int:
         q = self.qformer.num_queries if self.qformer else 0
         return 2 * int(self.separators) + q + 1 + self.grid * self.grid
+
+    def token_drop_encoders(self) -> tuple[str, ...]:
+        q = self.qformer.encoder if self.qformer else None  # the Q-Former's encoder sees whole views
+        return tuple(n for n in self.encoders if n != q)  # laid on the fused grid, cells picked
+
+    def token_drop_grid(self) -> int | None:
+        return self.grid  # one fused grid, so that every concatenated encoder keeps the same regions
+
+    def reads_token_masks(self) -> bool:
+        return self.qformer is not None  # grid encoders see whole views; only the Q-Former attends under masks
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,6 +750,8 @@ class DecoderConfig:
     head_dim_override: int = 0  # 0: hidden // heads; set when a checkpoint says otherwise (Mistral-Nemo)
     attention_bias: bool = False  # biases on q/k/v/o projections (LlamaConfig.attention_bias)
     mlp_bias: bool = False  # biases on gate/up/down projections (LlamaConfig.mlp_bias)
+    # a bias on the output projection (xGen-MM / BLIP-3: open_flamingo's DecoupledLinear gives lm_head one)
+    lm_head_bias: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "hidden", "layers", "heads", "kv_heads", "intermediate", "max_seq_len")
@@ -821,18 +869,20 @@ class QuantConfig:
 
 IMAGE_PLACEMENTS = ("after_bos", "before_bos", "placeholder")
 # "template": the checkpoint's jinja template; "sphinx": SPHINX's ###Human/###Assistant turns;
-# "qa": BLIP-2's "Question: ... Answer:" (its language models have no chat template)
-CHAT_FORMATS = ("template", "sphinx", "qa")
+# "qa": BLIP-2's "Question: ... Answer:" (its language models have no chat template);
+# "minigpt4": MiniGPT-4 (Vicuna V0)'s ###Human: <Img><ImageHere></Img> ...###Assistant: turns
+CHAT_FORMATS = ("template", "sphinx", "qa", "minigpt4")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A whole VLM. ``image_placement``: ``after_bos`` (SPHINX), ``before_bos`` (BLIP-2 and InstructBLIP put
     their query tokens first) or ``placeholder`` (an ``<image>``
-    token in the prompt is replaced, as LLaVA and BLIP-3 do)."""
+    token in the prompt is replaced, as LLaVA and BLIP-3 do). ``tower=None``: a text-only model (a
+    causal LM or GGUF file written as an edgevlm checkpoint by ``edgevlm convert``)."""
 
     name: str
-    tower: TowerConfig
+    tower: TowerConfig | None
     decoder: DecoderConfig
     image_placement: str = "after_bos"
     image_token: str = "<image>"
@@ -851,12 +901,14 @@ class ModelConfig:
                f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}")
         _check(self.chat_format in CHAT_FORMATS, f"chat_format {self.chat_format!r} not supported; supported: "
                f"{CHAT_FORMATS}")
-        _check(self.tower.out_width == self.decoder.hidden,
-               f"tower out_width {self.tower.out_width} != decoder hidden {self.decoder.hidden}")
+        _check(self.tower is None or isinstance(self.tower, TowerConfig),
+               f"ModelConfig.tower must be a TowerConfig or None, got {type(self.tower).__name__}")
+        _check(self.tower is None or self.tower.out_width == self.decoder.hidden,
+               f"tower out_width {self.tower and self.tower.out_width} != decoder hidden {self.decoder.hidden}")
 
     @property
     def visual_tokens_per_image(self) -> int:
-        return self.tower.visual_tokens_per_image
+        return self.tower.visual_tokens_per_image if self.tower is not None else 0
 
     # JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

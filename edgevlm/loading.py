@@ -43,9 +43,12 @@ def load(source: Any, options: LoadOptions | None = None, **overrides) -> "Pipel
       tower is exported at ``vision_precision`` into ``$EDGEVLM_CACHE`` (default ``~/.cache/edgevlm``) on
       first use and reused after. With ``device="cuda"`` the onnxruntime backend uses onnxruntime-gpu's
       CUDA execution provider.
-    - ``keep_ratio`` < 1: token dropping for SPHINX-fusion towers: the ViTs see only the patches under
-      that share of the fused grid's cells (``keep_mode`` ``"uniform"`` or ``"random"``), and the
-      decoder gets that many fewer visual positions (:meth:`~edgevlm.runtime.tower.VisionTower.set_token_keep`).
+    - ``keep_ratio`` < 1: token dropping: the ViTs see only the patches under that share of the keep
+      grid's cells (``keep_mode`` ``"uniform"`` or ``"random"``): a SPHINX tower's fused grid, or a
+      single-ViT tower's own patch grid (LLaVA, BLIP-2 / InstructBLIP, a resampler). SPHINX and LLaVA
+      decoders then get that many fewer visual positions; a Q-Former or resampler gives its usual count
+      from fewer image keys. Towers it cannot apply to (any-resolution packing, a projector over a CNN)
+      raise ConfigError (:meth:`~edgevlm.runtime.tower.VisionTower.set_token_keep`).
     - ``seed``: random weights for presets that have none. ``progress``: True draws a bar over the
       loading stages on stderr (the CLI's default), False draws nothing, None (default) draws one only
       for an export made on first use (that takes minutes).

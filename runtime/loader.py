@@ -76,6 +76,8 @@ def read_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
         return _gguf_parts(source.path, opts)
     if source.kind == "sphinx":
         return _sphinx_parts(source, opts)
+    if source.kind == "minigpt4":
+        return _minigpt4_parts(source, opts)
     return _transformers_parts(source, opts)
 
 
@@ -208,12 +210,30 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], opts: L
         tokenizer = byte_tokenizer(cfg.decoder.vocab_size)
         sources["tokenizer"] = "byte-level (no vocabulary in this model)"
 
+    tower_state = {k[len(TOWER_PREFIX):]: v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
+    if cfg.tower is None and tower is None:  # a text-only model (edgevlm convert of a causal LM or GGUF)
+        if tower_state:
+            raise CheckpointError(f"checkpoint holds {len(tower_state)} tower.* tensors but its config has no tower")
+        return ModelParts(cfg.name, decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), sources,
+                          gguf_raw=native, lora=lora)
     if tower is None:
-        tower_state = {k[len(TOWER_PREFIX):]: v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
         tower = build_tower_model(cfg.tower, tower_state, allow_random=allow_random, seed=opts.seed)
     model, report = tower
     return ModelParts(cfg.name, decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), sources,
-                      tower=model.to(opts.device, opts.dtype), tower_weights=report, gguf_raw=native, lora=lora)
+                      tower=model.to(opts.device, opts.dtype), tower_weights=report, gguf_raw=native, lora=lora,
+                      instruction_tokenizer=_checkpoint_instruction_tokenizer(tokenizer_dir, model.config))
+
+
+def _checkpoint_instruction_tokenizer(folder: Path | None, tower_cfg):
+    """An InstructBLIP Q-Former tokenizer kept in a checkpoint folder's ``qformer_tokenizer/`` (as
+    ``edgevlm convert`` writes it), for a tower whose Q-Former reads the prompt; else None."""
+    from .qformer_tokenizer import QFORMER_TOKENIZER_DIR, QFormerTokenizer
+    from .tower import takes_instruction
+
+    if folder is None or not takes_instruction(tower_cfg) or not (folder / QFORMER_TOKENIZER_DIR).is_dir():
+        return None
+    text = tower_cfg.connector.qformer.text
+    return QFormerTokenizer.from_folder(folder / QFORMER_TOKENIZER_DIR, max_length=text.max_positions)
 
 
 def _template_chat(tokenizer: Tokenizer) -> ChatFormat:
@@ -236,7 +256,15 @@ MULTIMODAL_LAYOUTS: dict[str, tuple[str, str]] = {
     "llava_next": ("placeholder", "template"),
     "blip-2": ("before_bos", "qa"),  # the 32 query embeddings, then BOS and "Question: ... Answer:"
     "instructblip": ("before_bos", "template"),
+    "xgenmm": ("placeholder", "template"),  # BLIP-3: each <image> token, in order (interleaved)
 }
+
+# The prompt template of folders whose processor feeds the user's words as they are, for when the folder's
+# tokenizer ships no chat template (the generic "User: ... Assistant:" one would give the language model
+# text it never saw): InstructBLIP's processor lays out the query tokens, then tokenizer(prompt) -- BOS and
+# the prompt, no roles. Turns of a longer conversation are joined by newlines.
+PLAIN_PROMPT_TEMPLATE = "{% for m in messages %}{% if not loop.first %}\n{% endif %}{{ m['content'] }}{% endfor %}"
+PROMPT_AS_TEXT = ("instructblip",)
 
 
 def _transformers_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
@@ -265,7 +293,10 @@ def _transformers_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
                           chat_format=chat, image_token=image_token or "<image>")
         parts = _from_model_config(cfg, {f"{DECODER_PREFIX}{k}": v for k, v in dec_state.items()}, opts,
                                    allow_random=False, tokenizer_dir=path, tower=tower)
-        return dataclasses.replace(parts, instruction_tokenizer=instruction_tokenizer_for(source, tower_cfg))
+        chat = parts.chat
+        if chat.template is None and model_type in PROMPT_AS_TEXT:
+            chat = dataclasses.replace(chat, template=PLAIN_PROMPT_TEMPLATE)
+        return dataclasses.replace(parts, chat=chat, instruction_tokenizer=instruction_tokenizer_for(source, tower_cfg))
     raise CheckpointError(f"{path}: transformers model_type {model_type!r} is not supported; supported: "
                           f"{sorted((*SUPPORTED_MODEL_TYPES, *MULTIMODAL_LAYOUTS))}")
 
@@ -287,6 +318,17 @@ def _sphinx_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
                "tokenizer": tokenizer_src}
     return dataclasses.replace(parts, tokenizer=tokenizer, chat=ChatFormat.from_config(cfg, tokenizer),
                                sources=sources)
+
+
+def _minigpt4_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
+    """A MiniGPT-4 eval config (:mod:`.readers.minigpt4`): BLIP-2's tower with MiniGPT-4's llama_proj, the
+    Vicuna decoder and tokenizer; the 32 image embeddings replace ``<ImageHere>`` in its ###Human prompt."""
+    from .readers.minigpt4 import read_minigpt4
+
+    ck = read_minigpt4(source.path)
+    parts = _from_model_config(ck.config, ck.state, opts, allow_random=False, tokenizer_dir=None)
+    return dataclasses.replace(parts, tokenizer=ck.tokenizer, chat=ChatFormat.from_config(ck.config, ck.tokenizer),
+                               sources={**parts.sources, **ck.sources})
 
 
 # ---- quantising and assembling -------------------------------------------------------------------

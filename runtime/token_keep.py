@@ -1,9 +1,13 @@
 """Which patches the vision encoders keep when token dropping is on: the tower's policy, applied
 before the encoders run (the fused gather itself is :mod:`edgevlm.kernels.token_drop`).
 
-FLIP showed that a ViT fed a subset of its patches loses little; here it is a latency knob. The
-subset is chosen on the *fused* grid of a SPHINX-style tower (``g x g`` cells) so that every encoder
-whose maps are concatenated keeps the same image regions:
+FLIP showed that a ViT fed a subset of its patches loses little; here it is a latency knob. Where it
+applies is data (:func:`keep_plan`): the connector's config names the encoders whose tokens it takes in
+any number (``ConnectorConfig.token_drop_encoders``) and the grid the kept cells lie on
+(``token_drop_grid``). A SPHINX-style tower keeps cells of its *fused* grid (``g x g``) so that every
+encoder whose maps are concatenated keeps the same image regions; a single-ViT tower (LLaVA's MLP
+projector, a BLIP-2 Q-Former, a perceiver resampler) keeps cells of that ViT's own patch grid (r = 1).
+A ViT's class token always stays:
 
     cells [N, K]            kept cells, ascending, row-major on the g x g grid
     -> patch ids [N, K*r*r] a ViT whose grid is r times finer keeps the r x r patches under each
@@ -18,8 +22,11 @@ caller's ``scores [N, g*g]`` (a saliency map, a detector's heat map).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from edgevlm.config import TowerConfig
 from edgevlm.errors import ConfigError, ShapeError
 
 MODES = ("uniform", "random", "score")
@@ -47,7 +54,7 @@ def select_cells(n: int, g: int, keep_ratio: float, mode: str = "uniform", *, sc
         return noise.argsort(dim=1)[:, :k].sort(dim=1).values.to(device)
     if mode == "score":
         if scores is None or tuple(scores.shape) != (n, total):
-            raise ShapeError(f"keep mode 'score' needs scores [{n}, {total}] (one per fused-grid cell), got "
+            raise ShapeError(f"keep mode 'score' needs scores [{n}, {total}] (one per cell of the keep grid), got "
                              f"{None if scores is None else tuple(scores.shape)}")
         return scores.topk(k, dim=1).indices.sort(dim=1).values.to(device)
     raise ConfigError(f"keep mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -76,4 +83,44 @@ def cells_to_patches(cells: torch.Tensor, g: int, grid: int) -> torch.Tensor:
     return (py * grid + px).reshape(cells.shape[0], -1)
 
 
-__all__ = ["MODES", "keep_count", "select_cells", "cells_to_patches"]
+@dataclass(frozen=True)
+class KeepPlan:
+    """Where token dropping acts in a tower: kept cells ``[N, K]`` of a ``grid x grid`` grid; each ViT in
+    ``vits`` runs only on the patches under them (:func:`cells_to_patches`); the connector's other
+    drop encoders (CNNs under a fused grid) run on whole views and the connector picks the cells."""
+
+    grid: int
+    vits: tuple[str, ...]
+
+
+def keep_plan(tower: TowerConfig) -> KeepPlan:
+    """The tower's :class:`KeepPlan`, or a ConfigError saying why token dropping cannot apply to it."""
+    c = tower.connector
+    names = c.token_drop_encoders()
+    if not names:
+        raise ConfigError(f"token dropping needs a connector that takes a variable number of its encoders' "
+                          f"tokens; this tower's {c.kind!r} connector needs a fixed count")
+    if tower.pack is not None:
+        raise ConfigError("token dropping cannot apply to a tower that packs any-resolution views (LLaVA-NeXT): "
+                          "unpadding and the row newlines need every patch of each tile's grid")
+    encs = [tower.encoder(n) for n in names]
+    g = c.token_drop_grid()
+    if g is None:  # one patch per cell of the encoder's own grid
+        cnn = [e for e in encs if e.kind != "vit"]
+        if cnn:
+            raise ConfigError(f"token dropping on encoder {cnn[0].name!r} ({cnn[0].kind}): a CNN's feature map needs "
+                              "the whole view; only a ViT runs on a subset of its patches")
+        grids = {e.grid for e in encs}
+        if len(grids) != 1 or len({side for grid in grids for side in grid}) != 1:
+            raise ConfigError(f"token dropping needs one square patch grid for encoders {list(names)}, got "
+                              f"{sorted(grids)}")
+        g = encs[0].grid[0]
+    vits = tuple(e.name for e in encs if e.kind == "vit")
+    for e in encs:
+        if e.kind == "vit" and (e.grid[0] != e.grid[1] or e.grid[0] % g):
+            raise ConfigError(f"token dropping needs the encoder grid of {e.name!r} ({e.grid[0]}x{e.grid[1]}) to be "
+                              f"a whole multiple of the keep grid ({g})")
+    return KeepPlan(g, vits)
+
+
+__all__ = ["MODES", "KeepPlan", "keep_plan", "keep_count", "select_cells", "cells_to_patches"]

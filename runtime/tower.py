@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevlm.config import ModelConfig, QFormerConnectorConfig, SphinxFusionConfig, TowerConfig
+from edgevlm.config import ModelConfig, QFormerConnectorConfig, TowerConfig
 from edgevlm.errors import CheckpointError, ConfigError, ShapeError
 from edgevlm.options import torch_dtype
 
@@ -35,7 +35,7 @@ from .connectors import build_connector
 from .connectors.anyres import AnyresPacker
 from .embed_cache import EmbeddingCache, image_digest, instruction_digest
 from .token_keep import MODES as KEEP_MODES
-from .token_keep import cells_to_patches, keep_count, select_cells
+from .token_keep import KeepPlan, cells_to_patches, keep_count, keep_plan, select_cells
 from .vision import build_encoder
 
 TOWER_PREFIX = "tower."
@@ -64,10 +64,11 @@ class VisionTowerModel(nn.Module):
     def encode(self, views: dict[str, torch.Tensor], cells: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run each encoder once over all views: [N, 3, R_e, R_e] -> tokens [N, T, C] or maps [N, C, h, w].
 
-        With kept fused-grid ``cells [N, K]`` the ViTs whose tokens the fusion concatenates see only
-        the patches under those cells (see :meth:`forward`); CNNs and the Q-Former's encoder see all.
+        With kept ``cells [N, K]`` of the tower's keep grid (:meth:`keep_plan`) the ViTs the connector
+        takes in any number see only the patches under those cells (see :meth:`forward`), their class
+        token kept: ``[N, cls + K*r*r, C]``; CNNs and a SPHINX Q-Former's encoder see whole views.
         """
-        dropping = self._drop_encoders() if cells is not None else set()
+        dropping = self.kept_patch_ids(cells) if cells is not None else {}
         feats = {}
         n = None
         for e in self.config.encoders:
@@ -80,19 +81,33 @@ class VisionTowerModel(nn.Module):
                 raise ShapeError(f"encoder {e.name!r} got {x.shape[0]} views, the others {n}")
             n = x.shape[0]
             if e.name in dropping:
-                ids = cells_to_patches(cells, self.config.connector.grid, e.grid[0])  # [N, K*r*r]
-                feats[e.name] = self.encoders[e.name](x, keep_ids=ids)
+                feats[e.name] = self.encoders[e.name](x, keep_ids=dropping[e.name])
             else:
                 feats[e.name] = self.encoders[e.name](x)
         return feats
 
-    def _drop_encoders(self) -> set[str]:
-        c = self.config.connector
-        if not isinstance(c, SphinxFusionConfig):
-            raise ConfigError(f"token dropping needs a SPHINX-fusion tower (kept cells of its fused grid); this "
-                              f"tower's connector is {c.kind!r}")
-        q = c.qformer.encoder if c.qformer is not None else None
-        return {e.name for e in self.config.encoders if e.name in c.encoders and e.name != q and e.kind == "vit"}
+    def keep_plan(self) -> KeepPlan:
+        """Where token dropping acts (the keep grid, the ViTs run on kept patches); a ConfigError naming
+        why for towers it cannot apply to (:func:`edgevlm.runtime.token_keep.keep_plan`)."""
+        return keep_plan(self.config)
+
+    def kept_patch_ids(self, cells: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Kept cells ``[N, K]`` -> the patch ids ``[N, K*r*r]`` each dropping ViT keeps
+        (r = its grid / the keep grid)."""
+        plan = self.keep_plan()
+        return {n: cells_to_patches(cells, plan.grid, self.config.encoder(n).grid[0]) for n in plan.vits}
+
+    def kept_masks(self, masks: dict[str, torch.Tensor] | None, cells: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Padding masks ``[N, T]`` of the dropping ViTs cut to their kept tokens ``[N, cls + K*r*r]``, as
+        :meth:`encode` cuts the tokens (anyres tiles' padding stays masked under token dropping)."""
+        if masks is None:
+            return None
+        out = dict(masks)
+        for name, ids in self.kept_patch_ids(cells).items():
+            if name in masks:
+                m, g = masks[name], int(self.config.encoder(name).global_token)
+                out[name] = torch.cat([m[:, :g], m[:, g:].gather(1, ids.to(m.device))], dim=1)
+        return out
 
     @property
     def takes_instruction(self) -> bool:
@@ -100,8 +115,10 @@ class VisionTowerModel(nn.Module):
 
     def forward(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
                 cells: torch.Tensor | None = None, text: Instruction | None = None) -> torch.Tensor:
-        """-> ``[n_views, tokens_per_view, out_width]``; with kept fused-grid ``cells [n_views, K]``
-        (token dropping) ``[n_views, tokens_per_view - g*g + K, out_width]``.
+        """-> ``[n_views, tokens_per_view, out_width]``. With kept ``cells [n_views, K]`` of the keep grid
+        (token dropping, :meth:`keep_plan`): a SPHINX fusion gives ``[n_views, tokens_per_view - g*g + K,
+        out_width]``, a token-wise projector (LLaVA) ``[n_views, cls + K, out_width]``, a Q-Former or
+        resampler still ``[n_views, tokens_per_view, out_width]`` from fewer image keys.
 
         ``text = (ids [n_views, L] integer, mask [n_views, L] bool or None)``: the instruction, one row per
         view, for a tower whose Q-Former reads it (:attr:`takes_instruction`); without it such a tower
@@ -113,18 +130,21 @@ class VisionTowerModel(nn.Module):
             if not isinstance(text, (tuple, list)) or len(text) != 2:
                 got = f"{len(text)} items" if isinstance(text, (tuple, list)) else type(text).__name__
                 raise ShapeError(f"text must be a pair (ids [n_views, L], mask [n_views, L] or None), got {got}")
-            if cells is not None:
-                raise ConfigError("token dropping (cells) and an instruction do not combine: cells need a "
-                                  "SPHINX-fusion tower, an instruction a Q-Former tower")
-            return self.connector(self.encode(views), masks, text=(text[0], text[1]))
+            # the instruction's tokens meet the image only as cross-attention keys: any number of them
+            if cells is None:
+                return self.connector(self.encode(views), masks, text=(text[0], text[1]))
+            return self.connector(self.encode(views, cells), self.kept_masks(masks, cells), cells=cells,
+                                  text=(text[0], text[1]))
         if cells is None:
             return self.connector(self.encode(views), masks)
-        return self.connector(self.encode(views, cells), masks, cells=cells)
+        return self.connector(self.encode(views, cells), self.kept_masks(masks, cells), cells=cells)
 
     def per_image(self, per_view: torch.Tensor, views_per_image: list[int],
                   image_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
         """``[n_views, tpv, D]`` -> one ``[tokens_i, D]`` per image: its views one after the other, or,
-        with ``config.pack``, packed from its original ``image_sizes[i] = (h, w)``."""
+        with ``config.pack``, packed from its original ``image_sizes[i] = (h, w)``. Not part of
+        :meth:`forward`, hence not of an exported graph: it runs in torch on whichever backend's per-view
+        output, since how it packs depends on each image's size."""
         if self.pack is None:
             return group_by_image(per_view, views_per_image)
         if image_sizes is None or len(image_sizes) != len(views_per_image):
@@ -190,23 +210,27 @@ class VisionTower:
 
     def set_token_keep(self, keep_ratio: float = 1.0, mode: str = "uniform", seed: int = 0,
                        scorer=None) -> None:
-        """Keep ``keep_ratio`` of the fused grid's cells per view (token dropping; 1.0 = off).
+        """Keep ``keep_ratio`` of the keep grid's cells per view (token dropping; 1.0 = off).
 
-        Every ViT the fusion concatenates then runs only on the patches under the kept cells, and the
-        decoder gets ``1 + K`` grid positions per view instead of ``1 + g*g``: fewer tokens in the tower
-        and in prefill. ``mode``: ``"uniform"`` (evenly spread, the same for every image), ``"random"``
-        (FLIP's, seeded by ``seed``: the same subset on every call) or ``"score"``: ``scorer(views)``
-        returns ``[n_views, g*g]`` scores (a saliency or detector heat map pooled to the fused grid)
-        and the top cells are kept. See :func:`edgevlm.runtime.token_keep.select_cells`.
+        The keep grid (:meth:`VisionTowerModel.keep_plan`) is a SPHINX tower's fused ``g x g`` grid, or a
+        single-ViT tower's own patch grid. Every ViT the connector takes in any number then runs only
+        on the patches under the kept cells (its class token kept): a SPHINX fusion gives the decoder
+        ``1 + K`` grid positions per view instead of ``1 + g*g``, LLaVA's projector ``K`` patch tokens
+        instead of ``g*g``, a Q-Former or resampler its usual count from fewer image keys. Refused
+        (ConfigError, saying why) where it cannot apply: any-resolution packing (LLaVA-NeXT), a projector
+        over a CNN.
+        ``mode``: ``"uniform"`` (evenly spread, the same for every image), ``"random"`` (FLIP's, seeded
+        by ``seed``: the same subset on every call) or ``"score"``: ``scorer(views)`` returns
+        ``[n_views, g*g]`` scores on the keep grid (a saliency or detector heat map pooled to it) and
+        the top cells are kept. See :func:`edgevlm.runtime.token_keep.select_cells`.
         """
-        g = self.config.connector.grid if isinstance(self.config.connector, SphinxFusionConfig) else 0
         if mode not in KEEP_MODES:
             raise ConfigError(f"keep mode must be one of {', '.join(KEEP_MODES)}, got {mode!r}")
         if (mode == "score") != (scorer is not None):
             raise ConfigError("keep mode 'score' takes a scorer(views) -> [n_views, g*g], and only it does")
-        keep_count(max(g * g, 1), keep_ratio)  # validates the ratio
+        keep_count(1, keep_ratio)  # validates the ratio
         if keep_ratio < 1.0:
-            self.model._drop_encoders()  # refuses towers without a fused grid
+            self.model.keep_plan()  # refuses towers token dropping cannot apply to, saying why
             if self.backend != "torch":
                 raise ConfigError(f"token dropping runs on the torch backend only (this tower runs {self.backend})")
         self.keep_ratio, self.keep_mode, self.keep_seed = float(keep_ratio), mode, int(seed)
@@ -214,13 +238,13 @@ class VisionTower:
         self.embedding_cache.clear()  # cached embeddings were made with the previous setting
 
     def kept_cells(self, views: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The fused-grid cells token dropping keeps for ``views`` (``[n_views, K]``), None when it is off."""
+        """The keep-grid cells token dropping keeps for ``views`` (``[n_views, K]``), None when it is off."""
         if self.keep_ratio >= 1.0:
             return None
         n = next(iter(views.values())).shape[0]
         gen = torch.Generator().manual_seed(self.keep_seed) if self.keep_mode == "random" else None
         scores = self.keep_scorer(views) if self.keep_scorer is not None else None
-        return select_cells(n, self.config.connector.grid, self.keep_ratio, self.keep_mode, generator=gen,
+        return select_cells(n, self.model.keep_plan().grid, self.keep_ratio, self.keep_mode, generator=gen,
                             scores=scores, device=self.device)
 
     @property
@@ -498,6 +522,7 @@ TRANSFORMERS_TOWERS: dict[str, str] = {
     "llava_next": "edgevlm.runtime.readers.hf_models:read_llava_next_tower",
     "blip-2": "edgevlm.runtime.readers.hf_models:read_blip2_tower",
     "instructblip": "edgevlm.runtime.readers.hf_models:read_instructblip_tower",
+    "xgenmm": "edgevlm.runtime.readers.xgenmm:read_xgenmm_tower",  # BLIP-3: SigLIP -> perceiver resampler
 }
 
 
@@ -505,6 +530,7 @@ TRANSFORMERS_TOWERS: dict[str, str] = {
 # (TowerConfig, tower state dict) for the source's path.
 CONTAINER_TOWERS: dict[str, str] = {
     "sphinx": "edgevlm.runtime.readers.sphinx_pth:read_sphinx_tower",
+    "minigpt4": "edgevlm.runtime.readers.minigpt4:read_minigpt4_tower",
 }
 
 
@@ -520,9 +546,13 @@ def resolve_tower_source(source: Any) -> tuple[TowerConfig, dict[str, torch.Tens
         return source, {}, True
     src = resolve_source(source)
     if src.kind == "config":
+        if src.config.tower is None:
+            raise ConfigError(f"model config {src.config.name!r} is text-only (no tower)")
         return src.config.tower, _tower_state(src.config, {}), True
     if src.kind == "checkpoint":
         cfg, state = load_checkpoint(src.path)
+        if cfg.tower is None:
+            raise CheckpointError(f"{src.path}: this checkpoint is a text-only model (its config has no tower)")
         return cfg.tower, _tower_state(cfg, state), False
     if src.kind == "transformers":
         if src.model_type not in TRANSFORMERS_TOWERS:
@@ -575,13 +605,19 @@ def load_vision_tower(source: Any, *, device: str | torch.device = "cpu", dtype:
 
 def instruction_tokenizer_for(src: Any, config: TowerConfig):
     """The Q-Former tokenizer for a tower that :func:`takes_instruction`, read from a transformers folder
-    source (``<folder>/qformer_tokenizer``, truncating to the Q-Former's positions); ``None`` for other
+    or edgevlm checkpoint source (``<folder>/qformer_tokenizer``, truncating to the Q-Former's positions); ``None`` for other
     towers and sources, or when the folder has none."""
     from .qformer_tokenizer import load_qformer_tokenizer
 
-    if not takes_instruction(config) or getattr(src, "kind", None) != "transformers" or src.path is None:
+    kind = getattr(src, "kind", None)
+    if not takes_instruction(config) or kind not in ("transformers", "checkpoint") or src.path is None:
         return None
     text = config.connector.qformer.text
+    if kind == "checkpoint":  # only its qformer_tokenizer/: the folder's own tokenizer.json is the decoder's
+        from .qformer_tokenizer import QFORMER_TOKENIZER_DIR
+
+        folder = src.path / QFORMER_TOKENIZER_DIR
+        return load_qformer_tokenizer(folder, max_length=text.max_positions) if folder.is_dir() else None
     return load_qformer_tokenizer(src.path, max_length=text.max_positions)
 
 

@@ -30,7 +30,8 @@ from edgevlm.runtime.qformer_tokenizer import (
 from edgevlm.runtime.readers.hf_connectors import blip2_connector_from_hf
 from edgevlm.runtime.readers.safetensors_io import load_safetensors_dir, read_json
 from edgevlm.runtime.tower import VisionTowerModel, build_tower_model
-from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs, randomize_params
+from edgevlm_testkit import (BYTE_VOCAB, IMAGE_ID, assert_close_rel, assert_differs, assert_within_noise,
+                             float64_copy, max_abs, randomize_params, write_byte_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,6 +45,18 @@ def _bert(vocab):
     return transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
 
 
+def _llm_tokenizer(tmp):
+    """The language model's tokenizer: the testkit's byte-level vocabulary (<s> 1, </s> 2, <image> 259) as a
+    transformers fast tokenizer that starts every text with BOS, as a LLaMA / Vicuna tokenizer does."""
+    from tokenizers import Tokenizer, processors
+
+    write_byte_tokenizer(tmp)
+    tk = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<unk>")
+
+
 @pytest.fixture(scope="module")
 def ib_dir(tmp_path_factory):
     cfg = transformers.InstructBlipConfig(
@@ -51,20 +64,23 @@ def ib_dir(tmp_path_factory):
                            image_size=40, patch_size=4),
         qformer_config=dict(hidden_size=QF_HIDDEN, num_hidden_layers=3, num_attention_heads=2, intermediate_size=96,
                             cross_attention_frequency=2, vocab_size=len(VOCAB), max_position_embeddings=MAX_POS),
-        text_config=dict(model_type="llama", hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, vocab_size=64),
-        num_query_tokens=N_QUERIES)
+        text_config=dict(model_type="llama", hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=BYTE_VOCAB,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        num_query_tokens=N_QUERIES, image_token_index=IMAGE_ID)
     torch.manual_seed(0)
     model = transformers.InstructBlipForConditionalGeneration(cfg).eval()
     randomize_params(model.vision_model, 3)
     randomize_params(model.qformer, 4, scale=0.2)
     randomize_params(model.language_projection, 5, scale=0.2)
+    randomize_params(model.language_model, 6)
     with torch.no_grad():
         model.query_tokens.copy_(torch.randn(model.query_tokens.shape))
     folder = tmp_path_factory.mktemp("instructblip")
     model.save_pretrained(folder)
     image_processor = transformers.BlipImageProcessor(size={"height": 40, "width": 40})
-    processor = transformers.InstructBlipProcessor(image_processor=image_processor, tokenizer=_bert(VOCAB),
+    processor = transformers.InstructBlipProcessor(image_processor=image_processor,
+                                                   tokenizer=_llm_tokenizer(tmp_path_factory.mktemp("llm_tok")),
                                                    qformer_tokenizer=_bert(VOCAB), num_query_tokens=N_QUERIES)
     processor.save_pretrained(folder)
     return model, transformers.InstructBlipProcessor.from_pretrained(folder), folder
@@ -262,3 +278,98 @@ def test_pipeline_feeds_the_user_prompt_to_the_qformer(ib_dir):
                            pipe.tower.embed_each([img], instruction=prompt)[0])
         assert pipe.tower.last_timings["cached_images"] == 1
     assert len(pipe.tower.embedding_cache) == 2  # one entry per instruction, none for the bare image
+
+
+def test_instructblip_greedy_tokens_and_logits_match_transformers_generate(ib_dir):
+    """The whole model: InstructBlipProcessor's inputs (the query tokens' <image> slots, then BOS and the prompt;
+    the prompt again for the Q-Former) into transformers' generate, against edgevlm.load(folder)."""
+    from edgevlm.runtime.generate import GenerationConfig, generate_tokens
+    from edgevlm.runtime.image_io import load_images
+
+    model, processor, folder = ib_dir
+    pipe = edgevlm.load(folder)
+    prompt = PROMPTS[0]
+    img = np.random.default_rng(5).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)  # the model's size: no resize
+    enc = processor(images=img, text=prompt, return_tensors="pt")
+    px = enc["pixel_values"]
+    # the same pixels up to the rounding of the normalisation (no resize at 40x40): (x/255 - mean)/std in
+    # another order rounds a few times, each at most an ulp of the result
+    assert_close_rel(pipe.tower.preprocessor(load_images([img])).views["eva"], px, "preprocessed pixels", ulps=4)
+
+    # The prompt the Pipeline lays out is the processor's: 6 query slots, BOS, the prompt's bytes -- no roles
+    # (the folder's tokenizer has no chat template; see runtime/loader.py PLAIN_PROMPT_TEMPLATE).
+    mp = pipe.chat.build(pipe.tokenizer, [{"role": "user", "content": prompt}], [N_QUERIES])
+    ids = [IMAGE_ID if i < 0 else i for i in mp.input_ids]
+    assert ids == enc["input_ids"][0].tolist()
+    assert ids[N_QUERIES] == 1 and pipe.tokenizer.decode(ids[N_QUERIES + 1:]) == prompt
+
+    emb = pipe.tower.from_pixels(px, instruction=prompt)[0]  # the Q-Former reads the prompt
+    x = mp.embed(pipe.decoder.embed, [emb])
+    with torch.no_grad():
+        ref = model(**enc).logits[0, -1]
+        ref64 = float64_copy(model)(**{**enc, "pixel_values": px.double()}).logits[0, -1]
+        ours = pipe.decoder(inputs_embeds=x)[0, -1]
+    assert_within_noise(ours, ref, "instructblip next-token logits vs transformers", noise=max_abs(ref, ref64))
+
+    n = 24
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0].tolist()
+    ref_tokens = out[-n:]
+    ours_tokens = list(generate_tokens(pipe.decoder, pipe.decoder.new_cache(max_len=96), prompt_embeds=x,
+                                       gen_cfg=GenerationConfig(max_new_tokens=n)))
+    assert ours_tokens == ref_tokens
+
+    # and the Pipeline itself on the image (its own preprocessing), stopping at EOS where transformers' did not
+    answer = pipe.generate(img, prompt, max_new_tokens=n)
+    got = answer.token_ids
+    assert answer.visual_tokens == N_QUERIES and answer.prompt_tokens == len(ids)
+    assert got == ref_tokens[:len(got)]
+    assert len(got) == n or ref_tokens[len(got) - 1] == 2 or ref_tokens[len(got)] == 2  # stopped at EOS (2)
+
+
+class _KeptVision(torch.nn.Module):
+    """Stands in for InstructBLIP's ``vision_model``: its own embeddings, the kept rows (class token first),
+    its encoder and post-LN -- so that transformers' get_image_features runs its Q-Former, instruction and
+    all, on the kept patches."""
+
+    def __init__(self, vm, rows):
+        super().__init__()
+        self.vm, self.rows = vm, rows
+
+    def forward(self, pixel_values, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        vm = self.vm
+        h = vm.embeddings(pixel_values)
+        h = h.gather(1, self.rows[..., None].expand(-1, -1, h.shape[-1]))
+        h = vm.post_layernorm(vm.encoder(inputs_embeds=h).last_hidden_state)
+        return BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=vm.post_layernorm(h[:, 0]))
+
+
+def test_token_dropping_with_an_instruction_matches_transformers_on_kept_patches(ib_dir):
+    import copy
+
+    from edgevlm.runtime.token_keep import keep_count
+
+    model, processor, folder = ib_dir
+    tower = load_vision_tower(folder)
+    px = torch.randn(3, 3, 40, 40)
+    enc = processor(text=PROMPTS, padding=True, return_tensors="pt")
+    ids, mask = enc["qformer_input_ids"], enc["qformer_attention_mask"]
+    full = tower.from_pixels(px, instruction=PROMPTS)
+    tower.set_token_keep(0.5, "random", seed=4)
+    ours = tower.from_pixels(px, instruction=PROMPTS)
+    cells = tower.kept_cells({"eva": px})
+    assert cells.shape == (3, keep_count(100, 0.5)) and ours.shape == full.shape == (3, N_QUERIES, TEXT_HIDDEN)
+
+    def reference(m, x):
+        m = copy.deepcopy(m)
+        rows = torch.cat([torch.zeros(3, 1, dtype=torch.long), cells + 1], dim=1)  # class token + kept patches
+        m.vision_model = _KeptVision(m.vision_model, rows)
+        return _reference(m, x, ids, mask)
+
+    ref, ref64 = reference(model, px), reference(float64_copy(model), px.double())
+    assert_within_noise(ours, ref, "instructblip tower on kept patches, with instructions, vs transformers fed them",
+                        noise=max_abs(ref, ref64))
+    assert_differs(ours, full, "kept patches vs all patches", rel=0.01)

@@ -269,7 +269,7 @@ def measure(cfg: BenchConfig, run: BenchRun) -> dict:
                 cells = tower.kept_cells(views)
                 feats = clock("tower", lambda: tower.model.encode(views, cells), keep)
                 clock("projector", lambda: tower.model.connector(feats, masks) if cells is None
-                      else tower.model.connector(feats, masks, cells=cells), keep)
+                      else tower.model.connector(feats, tower.model.kept_masks(masks, cells), cells=cells), keep)
             else:
                 clock("tower", lambda: tower.runner(views, masks), keep)
             if hf is None:

@@ -7,6 +7,10 @@ Every connector module has the same call signature::
 
 ``features[name]`` is what encoder ``name`` returned for all views: tokens ``[N, T, C]`` for ViTs,
 maps ``[N, C, h, w]`` for CNNs. ``masks[name]`` (optional) is ``[N, T]`` bool, True = real token.
+
+Every connector derives from :class:`~.base.Connector`, which also splits it for training on frozen
+encoders: ``prepare(features, masks)`` (no parameters, cached once per image) then
+``from_prepared(prepared)`` (every parameter); see :mod:`.base`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from edgevlm.config import ResamplerConnectorConfig, TowerConfig
 from edgevlm.errors import ShapeError
 from edgevlm.kernels.attention import attention
 
+from .base import Connector
 from .projectors import as_tokens, encoder_features, encoder_mask
 from .qformer import bool_key_mask
 
@@ -104,7 +105,7 @@ class PerceiverResampler(nn.Module):
         return self.projection(self.norm(latents))  # [N, L, out_width]
 
 
-class ResamplerConnector(nn.Module):
+class ResamplerConnector(Connector):
     """Connector wrapper: reads ``cfg.encoder``'s tokens (maps are flattened) and its optional mask."""
 
     def __init__(self, cfg: ResamplerConnectorConfig, tower_cfg: TowerConfig):
@@ -113,9 +114,11 @@ class ResamplerConnector(nn.Module):
         self.resampler = PerceiverResampler(cfg.in_width, cfg.out_width, cfg.depth, cfg.heads, cfg.head_dim,
                                             cfg.num_latents, cfg.ff_mult, cfg.norm_eps)
 
-    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None):
-        # A global token, if the encoder keeps one, is just another media token to the resampler.
-        x = as_tokens(encoder_features(features, self.cfg.encoder, "resampler"), self.enc, "resampler")
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
+                cells: torch.Tensor | None = None):
+        # A global token, if the encoder keeps one, is just another media token to the resampler; with
+        # kept cells (token dropping) the latents attend to cls + K media tokens: same output shape.
+        x = as_tokens(encoder_features(features, self.cfg.encoder, "resampler"), self.enc, "resampler", cells)
         return self.resampler(x, encoder_mask(masks, self.cfg.encoder))  # [N, num_latents, out_width]
 
 

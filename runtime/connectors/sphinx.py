@@ -28,6 +28,7 @@ from torch import nn
 from edgevlm.config import EncoderConfig, SphinxFusionConfig, TowerConfig
 from edgevlm.errors import ConfigError, ShapeError
 
+from .base import MASK_PREFIX, Connector, Prepared, split_prepared
 from .projectors import MAP_KINDS, as_tokens, check_layout, encoder_features, encoder_mask
 from .qformer import QFormer
 
@@ -116,7 +117,7 @@ def sincos_2d(g: int, d: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, d), table])[None]  # [1, 1 + g*g, d]
 
 
-class SphinxFusion(nn.Module):
+class SphinxFusion(Connector):
     """``forward(features, masks=None) -> [N, tokens_per_view, out_width]`` (see the module docstring)."""
 
     def __init__(self, cfg: SphinxFusionConfig, tower_cfg: TowerConfig):
@@ -153,6 +154,24 @@ class SphinxFusion(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
                 cells: torch.Tensor | None = None):
         return self.from_aligned(self.aligned_tokens(features, cells), features, masks, cells)
+
+    # The training split (base.Connector): the grid layout and channel concat hold no parameter, so
+    # training caches their result, "aligned" [N, 1 + g*g, sum(in_widths)], and the Q-Former's encoder tokens.
+    def prepare(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None) -> Prepared:
+        out = {"aligned": self.aligned_tokens(features)}
+        if self.cfg.qformer is not None:
+            name = self.cfg.qformer.encoder
+            out[name] = encoder_features(features, name, "sphinx q-former")
+            if encoder_mask(masks, name) is not None:
+                out[MASK_PREFIX + name] = masks[name]
+        return out
+
+    def from_prepared(self, prepared: Prepared) -> torch.Tensor:
+        feats, masks = split_prepared(prepared)
+        return self.from_aligned(feats.pop("aligned"), feats, masks)
+
+    def prepare_key(self) -> list:
+        return [list(self.cfg.encoders), self.cfg.grid]
 
     def from_aligned(self, aligned: torch.Tensor, features: dict[str, torch.Tensor] | None = None,
                      masks: dict[str, torch.Tensor] | None = None, cells: torch.Tensor | None = None) -> torch.Tensor:
