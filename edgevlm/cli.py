@@ -1,5 +1,5 @@
 """The ``edgevlm`` command line: ``run``, ``chat``, ``export``, ``bench``, ``train ...``, ``eval``,
-``demo``, ``info``.
+``demo``, ``info``, ``convert``.
 
 Subcommands are small functions registered in :data:`COMMANDS`; each takes parsed arguments and
 returns an exit code. The flags mean the same everywhere: ``--model/-m`` picks the model (a preset,
@@ -383,7 +383,25 @@ def _print_bench(rows: list[dict]) -> None:
     print("times in ms (median); bound = a decode step's bytes at this machine's measured read bandwidth")
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}
+# ---- convert ---------------------------------------------------------------------------------
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Any loadable source -> an edgevlm checkpoint folder (edgevlm.json, model.safetensors, tokenizer)."""
+    from edgevlm.runtime.convert import convert
+
+    set_threads(args)
+    out = convert(args.source, args.out, dtype=args.dtype, force=args.force, progress=not args.json)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    size = sum((out / f).stat().st_size for f in files)
+    if args.json:
+        print(json.dumps({"out": str(out), "files": files, "bytes": size}, indent=2))
+    else:
+        print(f"wrote {out} ({_fmt_bytes(size)}: {', '.join(files)})")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench,
+            "convert": cmd_convert}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -460,6 +478,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     add_model_args(info)
     info.set_defaults(model=None)
+
+    convert = sub.add_parser(
+        "convert", help="write any loadable model as an edgevlm checkpoint folder",
+        description="Read SRC as `edgevlm run --model SRC --quant none` would (float weights, LoRA merged, GGUF "
+        "blocks dequantised) and write an edgevlm checkpoint folder: edgevlm.json (the whole model config), "
+        "model.safetensors (decoder.* and tower.* tensors), tokenizer.json + tokenizer_config.json (tokenizer "
+        "and chat template) and, for InstructBLIP, qformer_tokenizer/. The folder is read back and compared "
+        "with the source before it is put in place. It is written to a hidden folder beside --out and renamed: "
+        "a run that fails leaves nothing behind, and --out is never half-written (a killed run may leave "
+        "the hidden .OUT.convert-* folder).")
+    convert.add_argument("source", metavar="SRC", help="anything --model loads: preset name, edgevlm checkpoint "
+                         "folder, transformers folder, LLaMA2-Accessory SPHINX folder, .gguf file, ...")
+    convert.add_argument("--out", "-o", required=True, help="the checkpoint folder to write (must not exist or be "
+                         "empty, unless --force)")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                         help="dtype of the written float weights (default: float32)")
+    convert.add_argument("--force", action="store_true", help="replace a non-empty --out (after the new folder "
+                         "is complete)")
+    convert.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    convert.add_argument("--json", action="store_true", help="print the written files as JSON (and no progress bar)")
 
     return p
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,8 +35,10 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
 
 
 def save_checkpoint(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                    *, metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
-    """Write ``config`` and ``state_dict`` to the folder ``path`` atomically."""
+                    *, metadata: dict[str, str] | None = None, overwrite: bool = False,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``config`` and ``state_dict`` to the folder ``path`` atomically. ``write_extra(folder)``
+    adds files that belong beside the weights (a tokenizer) before the folder is put in place."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -49,6 +52,8 @@ def save_checkpoint(path: str | os.PathLike, config: ModelConfig, state_dict: di
         # safetensors refuses shared or non-contiguous storage; a checkpoint is a plain snapshot.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
+        if write_extra is not None:
+            write_extra(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -91,6 +91,15 @@ class QFormerTokenizer:
             raise CheckpointError(f"{found}: the Q-Former tokenizer names no pad token; pass pad_id")
         return cls(tk, pad_id=pad_id, max_length=max_length)
 
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (its pad token) to ``folder``, a folder
+        :meth:`from_folder` reads back (truncation is set again from its ``max_length``)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tk.save(str(folder / "tokenizer.json"))
+        cfg = {"pad_token": self._tk.id_to_token(self.pad_id)}
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
     def encode(self, text: str) -> list[int]:
         """Ids of one instruction, with the file's template tokens (``[CLS] ... [SEP]`` for BERT)."""
         if not isinstance(text, str):

@@ -255,6 +255,24 @@ class Tokenizer:
                    piece_bytes=piece_bytes,
                    strip_first_space=strip, continuation_tk=cont)
 
+    # ------------------------------------------------------------------------------------- writing
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write this tokenizer as a transformers tokenizer folder that :meth:`from_tokenizer_json` reads
+        back: ``tokenizer.json`` (the whole ``tokenizers`` pipeline, built from GGUF or SentencePiece
+        metadata or as read) and ``tokenizer_config.json`` (bos/eos/pad tokens, ``add_bos_token``, the chat
+        template). What the folder cannot say (extra stop ids, a vocabulary whose spellings repeat) is not
+        checked here; ``edgevlm convert`` reads the folder back and compares."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        self._tk.save(os.path.join(folder, "tokenizer.json"))
+        name = lambda i: self.id_to_token(i) if i is not None else None  # noqa: E731
+        cfg = {"bos_token": name(self.bos_id), "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
+               "add_bos_token": self.add_bos}
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, ensure_ascii=False)
+
 
 class StreamDecoder:
     """Incremental detokeniser: ``feed(id)`` returns the new text (possibly ``""``), ``flush()`` the rest.

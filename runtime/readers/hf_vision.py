@@ -305,6 +305,13 @@ def _vit_from_hf(hf: dict, state: dict, prefix: str, name: str, image_size: int 
     return cfg, _convert(fam, _Source(state, prefix, where), cfg)
 
 
+def vit_config_from_hf(hf_config: dict, *, name: str, image_size: int | None = None, where: str = "config.json",
+                       **overrides) -> ViTConfig:
+    """The :class:`ViTConfig` a transformers *vision* config dict describes, without reading weights
+    (``image_size`` and ``overrides`` as in :func:`vit_from_hf`)."""
+    return _config(_family(hf_config, where), hf_config, name, image_size, overrides, where)
+
+
 def read_hf_vision_dir(path: str | os.PathLike, *, name: str = "vision",
                        **overrides) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
     """Read a ``save_pretrained`` folder (``config.json`` + safetensors) of a supported vision model.
@@ -329,4 +336,4 @@ def read_hf_vision_dir(path: str | os.PathLike, *, name: str = "vision",
     return _vit_from_hf(hf, state, prefix, name, image_size, overrides, where=str(path))
 
 
-__all__ = ["FAMILIES", "WHOLE_MODELS", "vit_from_hf", "read_hf_vision_dir"]
+__all__ = ["FAMILIES", "WHOLE_MODELS", "vit_from_hf", "vit_config_from_hf", "read_hf_vision_dir"]
