@@ -7,7 +7,8 @@ Three steps, each usable alone:
    (``"<image>\\nHi"``), or dropped when the model places images after BOS (SPHINX), whose text
    never mentions them. ``None`` content is ``""``.
 2. **Render** the prompt text: the checkpoint's jinja chat template in a sandbox
-   (:func:`render_chat_template`), SPHINX's fixed format (:func:`sphinx_prompt`), or
+   (:func:`render_chat_template`), SPHINX's fixed format (:func:`sphinx_prompt`), MiniGPT-4's
+   (:func:`minigpt4_prompt`), or
    :data:`DEFAULT_CHAT_TEMPLATE` when the checkpoint has no template. :class:`ChatFormat` picks
    one from ``ModelConfig.chat_format`` and knows the stop strings.
 3. **Place images** (:func:`build_multimodal_ids`): text is split at each image token and the pieces
@@ -33,6 +34,13 @@ if TYPE_CHECKING:
 SPHINX_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 SPHINX_STOP = "\n###"
+
+# MiniGPT-4 (Vicuna V0): CONV_VISION_Vicuna0, Vision-CAIR/MiniGPT-4 @ d94738a7
+# minigpt4/conversation/conversation.py L110-118 (system, roles "Human: " / "Assistant: ", sep "###").
+MINIGPT4_SYSTEM = ("Give the following image: <Img>ImageContent</Img>. "
+                   "You will be able to see the image once I provide it to you. Please answer my questions.")
+MINIGPT4_IMAGE = "<Img><ImageHere></Img>"  # one uploaded image's Human message (conversation.py L228)
+MINIGPT4_STOP = "###"  # demo.py L72 stops on "###" ids; Chat.answer cuts the text there (conversation.py L190)
 
 # Used when chat_format="template" and the checkpoint ships no template: plain text, no special
 # tokens (so it works with any vocabulary), one turn per line; generation stops at the next "\nUser:".
@@ -234,6 +242,49 @@ def sphinx_prompt(messages: Sequence[dict], add_generation_prompt: bool = True) 
     return "".join(out)
 
 
+def minigpt4_prompt(messages: Sequence[dict], add_generation_prompt: bool = True, n_images: int = 0) -> str:
+    """MiniGPT-4 (Vicuna V0)'s conversation: ``Conversation.get_prompt`` with SINGLE separators
+    (minigpt4/conversation/conversation.py L38-46 @ d94738a7) on ``CONV_VISION_Vicuna0`` (L110-118)::
+
+        system + "###" + "Human: " + q + "###" + "Assistant: " + a + "###" ... + "Assistant: "
+
+    A turn with empty content writes its role only (L44-45). A leading system message replaces the
+    default system text. An image part is written ``<Img><ImageHere></Img>`` (``Chat.upload_img``, L228)
+    and parts are joined by a space, as ``Chat.ask`` joins the question to the image message (L151-156).
+    With ``n_images`` > 0 but no ``<ImageHere>`` in the messages, ``n_images`` such markers go before the
+    first user message's text: ``"<Img><ImageHere></Img> question"``.
+    """
+    def joined(m):  # content parts flattened one by one, so that they join with " " (not "\n")
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, (list, tuple)):
+            return m
+        parts = [flatten_messages([{**m, "content": [p]}], MINIGPT4_IMAGE)[0]["content"] for p in content]
+        return {**m, "content": " ".join(p for p in parts if p)}
+
+    if isinstance(messages, (list, tuple)):
+        messages = [joined(m) for m in messages]
+    msgs = flatten_messages(messages, MINIGPT4_IMAGE)  # validates roles and content
+    system = MINIGPT4_SYSTEM
+    if msgs and msgs[0]["role"] == "system":
+        system, msgs = msgs[0]["content"], msgs[1:]
+    if n_images and not any("<ImageHere>" in m["content"] for m in msgs):
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+        if first is None:
+            raise PromptError(f"{n_images} image(s) given but the conversation has no user message to attach them to")
+        text = " ".join([MINIGPT4_IMAGE] * n_images + ([msgs[first]["content"]] if msgs[first]["content"] else []))
+        msgs = [*msgs[:first], {**msgs[first], "content": text}, *msgs[first + 1:]]
+    out = [system, "###"]
+    for n, m in enumerate(msgs):
+        role = {"user": "Human: ", "assistant": "Assistant: "}.get(m["role"])
+        if role is None:
+            raise PromptError(f"MiniGPT-4 prompts take user/assistant turns after one optional system message; "
+                              f"message {n} has role {m['role']!r}")
+        out.append(role + m["content"] + "###" if m["content"] else role)
+    if add_generation_prompt:
+        out.append("Assistant: ")
+    return "".join(out)
+
+
 def qa_prompt(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
     """BLIP-2's prompt (its OPT / Flan language models have no chat template): each user turn is
     ``"Question: ..."``, each answer ``"Answer: ..."``, joined by spaces, ending in ``"Answer:"``.
@@ -254,7 +305,8 @@ def qa_prompt(messages: Sequence[dict], add_generation_prompt: bool = True) -> s
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """How a model's conversations become prompt text: ``kind`` = ``"template"`` | ``"sphinx"`` | ``"qa"``."""
+    """How a model's conversations become prompt text: ``kind`` = ``"template"`` | ``"sphinx"`` | ``"qa"`` |
+    ``"minigpt4"``."""
 
     kind: str = "template"
     template: str | None = None  # the checkpoint's; None -> DEFAULT_CHAT_TEMPLATE
@@ -281,6 +333,8 @@ class ChatFormat:
         """Text that ends the answer (cut it off); checkpoint templates rely on stop ids instead."""
         if self.kind == "sphinx":
             return (SPHINX_STOP,)
+        if self.kind == "minigpt4":
+            return (MINIGPT4_STOP,)
         return () if self.template else (DEFAULT_STOP,)
 
     def stop_ids(self, tokenizer: Tokenizer) -> frozenset[int]:
@@ -293,6 +347,8 @@ class ChatFormat:
         messages, ``n_images`` image tokens go at the start of the first user message."""
         if self.kind == "sphinx":
             return sphinx_prompt(messages, add_generation_prompt)
+        if self.kind == "minigpt4":
+            return minigpt4_prompt(messages, add_generation_prompt, n_images)
         if self.kind == "qa":
             return qa_prompt(messages, add_generation_prompt)
         placeholder = self.image_placement == "placeholder"
@@ -441,5 +497,6 @@ def _dedupe_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
 __all__ = [
     "ChatFormat", "ChatTemplateError", "PromptError", "MultimodalPrompt", "build_multimodal_ids",
     "render_chat_template", "sphinx_prompt", "qa_prompt", "flatten_messages", "count_images", "SPHINX_SYSTEM", "SPHINX_STOP",
+    "minigpt4_prompt", "MINIGPT4_SYSTEM", "MINIGPT4_IMAGE", "MINIGPT4_STOP",
     "DEFAULT_CHAT_TEMPLATE", "DEFAULT_STOP", "END_OF_TURN_TOKENS", "IMAGE_SLOT_ID",
 ]

@@ -248,7 +248,7 @@ class Decoder(nn.Module):
         self.rotary = None if learned else Rotary(cfg)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
             # A tied checkpoint stores the matrix once; fill lm_head from it so load_state_dict works.

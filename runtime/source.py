@@ -17,10 +17,11 @@ from edgevlm.errors import CheckpointError, UnknownPresetError, WeightsNotFoundE
 from edgevlm.presets import PRESETS, get_preset
 
 from .checkpoint import is_checkpoint_dir
+from .readers.minigpt4 import is_minigpt4_config, is_minigpt4_dir
 from .readers.safetensors_io import read_json
 from .readers.sphinx_pth import is_sphinx_dir, llama_type
 
-KINDS = ("config", "checkpoint", "transformers", "gguf", "sphinx")
+KINDS = ("config", "checkpoint", "transformers", "gguf", "sphinx", "minigpt4")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class ModelSource:
     """``kind``: ``config`` (a preset or a ModelConfig: random weights allowed where the config names
     none), ``checkpoint`` (an edgevlm folder), ``transformers`` (a ``config.json`` folder, with its
     ``model_type``), ``gguf`` (a file) or ``sphinx`` (a LLaMA2-Accessory folder of
-    ``consolidated.NN-of-MM.model.pth`` shards; ``model_type`` is its meta.json llama_type). ``name``
+    ``consolidated.NN-of-MM.model.pth`` shards; ``model_type`` is its meta.json llama_type) or
+    ``minigpt4`` (a MiniGPT-4 eval config ``.yaml``, or a folder holding one: :mod:`.readers.minigpt4`). ``name``
     is the source as the caller named it (a preset name, a config's name, a path); exports made on
     first use are cached under it."""
 
@@ -52,6 +54,8 @@ def resolve_source(source: Any) -> ModelSource:
         return ModelSource("config", source, config=get_preset(source))
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is not None and path.is_file():
+        if is_minigpt4_config(path):  # a MiniGPT-4 eval config (.yaml) names its weights itself
+            return ModelSource("minigpt4", str(path), path=path)
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: only .gguf files load directly; other checkpoints are folders")
         return ModelSource("gguf", str(path), path=path)
@@ -60,6 +64,8 @@ def resolve_source(source: Any) -> ModelSource:
             return ModelSource("checkpoint", str(path), path=path)
         if is_sphinx_dir(path):  # before config.json: a SPHINX folder's config.json holds LLaMA ModelArgs
             return ModelSource("sphinx", str(path), path=path, model_type=llama_type(path))
+        if is_minigpt4_dir(path):  # before config.json, like SPHINX: its .yaml names the weights elsewhere
+            return ModelSource("minigpt4", str(path), path=path)
         if (path / "config.json").is_file():
             return ModelSource("transformers", str(path), path=path,
                                model_type=read_json(path / "config.json").get("model_type"))

@@ -21,7 +21,8 @@ tests/test_decoder_families.py):
 
 :func:`read_decoder_dir` opens a ``save_pretrained`` folder of a causal LM, or the language model
 inside a multimodal folder (``llava``, ``llava_next``, ``blip-2``, ``instructblip``: its
-``text_config`` and ``language_model`` weights). :func:`decoder_from_hf` does the mapping for any
+``text_config`` and ``language_model`` weights; ``xgenmm``: ``vlm.lang_model`` with its decoupled
+embedding and head folded by :mod:`.xgenmm`, a ``STATE_ADAPTERS`` row). :func:`decoder_from_hf` does the mapping for any
 prefix, for readers of other checkpoints. Encoder-decoder language models (Flan-T5) are refused with
 the list of what is supported.
 
@@ -207,7 +208,12 @@ FAMILIES: dict[str, Family] = {
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # multimodal folders whose text_config / language_model we can read -> their text_config's default model_type
-WRAPPERS = {"llava": "llama", "llava_next": "llama", "blip-2": "opt", "instructblip": "llama"}
+# xgenmm: xGen-MM (BLIP-3), weights under vlm.lang_model.
+WRAPPERS = {"llava": "llama", "llava_next": "llama", "blip-2": "opt", "instructblip": "llama", "xgenmm": "phi3"}
+# wrapper model_type -> "module:function" (path, config.json, text config, state) -> (text config, state):
+# a family whose language model stores its tensors in another shape than its causal LM does.
+STATE_ADAPTERS: dict[str, str] = {"xgenmm": "edgevlm.runtime.readers.xgenmm:adapt_decoder_state"}
+LM_HEAD_BIAS_KEY = "_edgevlm_lm_head_bias"  # an adapter's text config sets it: lm_head has a bias
 _ENCODER_DECODERS = ("t5", "mt5", "umt5", "bart")
 
 
@@ -233,6 +239,8 @@ def config_from_hf(hf: dict[str, Any]) -> DecoderConfig:
 
     try:
         fields = fam.config(hf, get)
+        if hf.get(LM_HEAD_BIAS_KEY):  # set by a STATE_ADAPTERS reader, never by transformers
+            fields["lm_head_bias"] = True
         return DecoderConfig(vocab_size=get("vocab_size"), layers=get("num_hidden_layers"),
                              tie_embeddings=bool(get("tie_word_embeddings")), **fields)
     except (ConfigError, TypeError, ZeroDivisionError) as e:
@@ -296,6 +304,11 @@ def decoder_from_hf(text_config: dict[str, Any], state: dict[str, torch.Tensor],
             src = next((k for k in _lm_head_candidates(prefix) if k in state), None)
             if src is None:
                 raise CheckpointError(f"checkpoint lacks the untied lm_head (tried {_lm_head_candidates(prefix)})")
+        elif key == "lm_head.bias":  # beside the head's weight (only with LM_HEAD_BIAS_KEY)
+            tried = [k[: -len("weight")] + "bias" for k in _lm_head_candidates(prefix)]
+            src = next((k for k in tried if k in state), None)
+            if src is None:
+                raise CheckpointError(f"checkpoint lacks the lm_head bias (tried {tried})")
         elif key.startswith("layers."):
             _, i, rest = key.split(".", 2)
             src = f"{body}layers.{i}.{fam.layer_keys[rest]}"
@@ -327,7 +340,7 @@ def text_config_of(path: Path, hf: dict[str, Any]) -> tuple[dict[str, Any], list
         if not isinstance(text, dict):
             raise CheckpointError(f"{path / 'config.json'}: text_config is not an object")
         return {"model_type": WRAPPERS[model_type], **text}, ["language_model.model.", "model.language_model.",
-                                                               "language_model."]
+                                                               "language_model.", "vlm.lang_model.model."]
     if model_type in FAMILIES or model_type in _ENCODER_DECODERS:
         _family(model_type)
         return hf, ["model.", ""]
@@ -338,9 +351,15 @@ def text_config_of(path: Path, hf: dict[str, Any]) -> tuple[dict[str, Any], list
 def read_decoder_dir(path: str | os.PathLike) -> tuple[DecoderConfig, dict[str, torch.Tensor]]:
     """A transformers ``save_pretrained`` folder (config.json + safetensors) -> (DecoderConfig, state)."""
     path = Path(path)
-    text, prefixes = text_config_of(path, read_json(path / "config.json"))
+    hf = read_json(path / "config.json")
+    text, prefixes = text_config_of(path, hf)
     config_from_hf(text)  # fail on the config before reading gigabytes of weights
     state = load_safetensors_dir(path)
+    if hf.get("model_type") in STATE_ADAPTERS:
+        import importlib
+
+        module, fn = STATE_ADAPTERS[hf["model_type"]].split(":")
+        text, state = getattr(importlib.import_module(module), fn)(path, hf, text, state)
     try:
         return decoder_from_hf(text, state, find_decoder_prefix(state, text, prefixes))
     except CheckpointError as e:
