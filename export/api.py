@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from edgevlm.errors import ConfigError, ExportError, StaleExportError
@@ -41,10 +42,43 @@ def validation_batches(contract: ExportContract, images: list) -> list[dict[str,
     from edgevlm.runtime.preprocess import Preprocessor
 
     pre = Preprocessor(contract.tower_config())
+    if len(contract.view_counts) > 1:
+        return _anyres_batches(pre, contract, images)
     k = min(len(images), contract.max_images)
     batches = [pre(images[:k]).views]
     if k > 1:
         batches.append(pre(images[k - 1:k]).views)
+    return batches
+
+
+def aspect_crops(image, grids) -> list:
+    """Centre crops of ``image`` shaped like each ``(rows, cols)`` canvas (rows:cols = height:width), so that
+    an any-resolution recipe picks each grid at least once whatever the validation photos' shapes."""
+    h, w = image.shape[:2]
+    out = []
+    for r, c in grids:
+        ch, cw = (max(1, round(w * r / c)), w) if h * c > w * r else (h, max(1, round(h * c / r)))
+        y, x = (h - ch) // 2, (w - cw) // 2
+        out.append(np.ascontiguousarray(image[y:y + ch, x:x + cw]))
+    return out
+
+
+def _anyres_batches(pre, contract: ExportContract, images: list) -> list[dict[str, torch.Tensor]]:
+    """Any-resolution views: one batch of mixed view counts (as many images as the profile's maximum takes),
+    then one image alone per count of views, so the graph is checked at every count an image can have (the
+    profile's minimum included) and with several images of different counts in one batch."""
+    grids = contract.tower_config().views.anyres_grids
+    images = aspect_crops(images[0], grids) + list(images)  # the crops first: the mixed batch gets every count
+    counts = pre.views_per_image(images)
+    mixed, total = [], 0
+    for i, n in enumerate(counts):
+        if total + n > contract.profile.max_views:
+            break
+        mixed.append(i)
+        total += n
+    alone = {n: i for i, n in reversed(list(enumerate(counts)))}  # the first image with each count
+    batches = [pre([images[i] for i in mixed]).views] if mixed else []
+    batches += [pre([images[alone[n]]]).views for n in sorted(alone)]
     return batches
 
 
@@ -136,7 +170,10 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
                             source={"name": source_name, "tower_sha256": tower_digest(model), "weights": weights or {}},
                             tools={**tool_versions(), "opset": str(opset)},
                             validation={"images": f"{len(images)} bundled images (2 photos, 2 held-out "
-                                                  "scenes, a digit), none calibrated on", **checks, **extra},
+                                                  "scenes, a digit), none calibrated on" + (
+                                                      "; for any-resolution views also crops of the first "
+                                                      "shaped like each grid" if len(contract.view_counts) > 1
+                                                      else ""), **checks, **extra},
                             device=device, created=now())
         write_manifest(tmp, manifest)
         if out.exists():

@@ -26,7 +26,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     for t in c.outputs:
         print(f"  output  {t.name:<22} {list(t.shape)}")
     p = c.profile
-    print(f"  views   {c.views_per_image} per image; profile min/opt/max {p.min_views}/{p.opt_views}/{p.max_views} views")
+    per_image = " or ".join(map(str, c.view_counts))  # anyres: one count per grid size
+    print(f"  views   {per_image} per image; profile min/opt/max {p.min_views}/{p.opt_views}/{p.max_views} views")
     for role, f in m.files.items():
         print(f"  file    {f['path']:<22} {f['bytes'] / 2**20:.1f} MB  ({role})")
     final = "tensorrt" if m.target == "tensorrt" else m.precision
@@ -45,7 +46,8 @@ def add_parser(sub) -> None:
                        "resampler) as one graph with a dynamic number of views, validate it against eager "
                        "PyTorch on real images, and write it with a manifest.json to --out.")
     p.add_argument("source", nargs="?", default=None, metavar="MODEL",
-                   help="preset name, edgevlm checkpoint folder or transformers LLaVA / BLIP-2 folder (default: demo)")
+                   help="preset name, edgevlm checkpoint folder or transformers LLaVA / LLaVA-NeXT / BLIP-2 folder "
+                   "(default: demo)")
     p.add_argument("--model", "-m", default=None, help="same as MODEL")
     p.add_argument("--to", default="onnx", choices=TARGETS, help="onnx (ONNX Runtime) or tensorrt (needs a GPU)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,

@@ -7,9 +7,21 @@ manifest. The graph is the whole :class:`~edgevlm.runtime.tower.VisionTowerModel
     inputs   pixels.<encoder>   float32 [views, 3, R_e, R_e]   one per encoder, normalised views
     output   visual_embeds      float32 [views, tokens_per_view, out_width]
 
-``views`` is the only dynamic axis: every image contributes ``views_per_image`` views (global view
-plus crops) in image-major order, so a batch of ``k`` images is ``k * views_per_image`` views. The
-profile bounds it between one image and ``max_images`` images.
+``views`` is the only dynamic axis. With a fixed view recipe every image contributes
+``views_per_image`` views (global view plus crops) in image-major order, so a batch of ``k`` images is
+``k * views_per_image`` views, and the profile bounds it between one image and ``max_images`` images.
+
+Any-resolution (``anyres``, LLaVA-NeXT) towers export the same per-view graph: an image's base view and
+its tiles are just views, and how many it has (``view_counts``: ``1 + rows*cols`` for each grid the
+recipe may choose) depends on its aspect ratio. The profile then runs from the smallest image
+(``min(view_counts)`` views) to ``max_images`` of the largest. Packing an image's views into its
+sequence (:class:`~edgevlm.runtime.connectors.anyres.AnyresPacker`: stitching, unpadding,
+``image_newline``) depends on each image's original size, so it stays in torch after the graph.
+Such a tower exports only when its connector does not read the views' padding masks
+(``ConnectorConfig.reads_token_masks``, false for LLaVA's token-wise MLP): ``token_masks = "unused"``
+then tells runners to accept the preprocessor's masks and drop them. A resampler (xGen-MM) reads them
+and would need them as graph inputs, which is not done yet; it is refused. So are towers whose
+Q-Former reads an instruction (InstructBLIP): the graph has no text input.
 """
 
 from __future__ import annotations
@@ -17,13 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgevlm.config import TowerConfig
-from edgevlm.errors import ConfigError
+from edgevlm.config import QFormerConnectorConfig, TowerConfig
+from edgevlm.errors import ConfigError, ShapeError
 from edgevlm.options import VISION_PRECISIONS
 
 INPUT_PREFIX = "pixels."
 OUTPUT_NAME = "visual_embeds"
 VIEWS_AXIS = "views"
+TOKEN_MASKS = ("none", "unused")  # what runners do with anyres padding masks: none come / accepted and dropped
 PRECISIONS = VISION_PRECISIONS  # one list for load(vision_precision=...) and export
 TARGETS = ("onnx", "tensorrt")
 
@@ -58,24 +71,44 @@ class Profile:
 class ExportContract:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    views_per_image: int
+    views_per_image: int  # the most views one image has (the only count for fixed recipes)
     profile: Profile
     tower: dict[str, Any] = field(default_factory=dict)  # TowerConfig.to_dict(): preprocessing travels along
+    view_counts: tuple[int, ...] = ()  # every count of views one image may have, ascending; () = (views_per_image,)
+    token_masks: str = "none"  # "unused": anyres padding masks come with the views and are dropped (see above)
+
+    def __post_init__(self):
+        if not self.view_counts:
+            object.__setattr__(self, "view_counts", (self.views_per_image,))
+        if self.token_masks not in TOKEN_MASKS:
+            raise ConfigError(f"token_masks must be one of {TOKEN_MASKS}, got {self.token_masks!r}")
 
     @classmethod
     def for_tower(cls, config: TowerConfig, *, max_images: int = 4, opt_images: int = 1) -> "ExportContract":
+        c = config.connector
+        if isinstance(c, QFormerConnectorConfig) and c.qformer.text is not None:
+            raise ConfigError("this tower's Q-Former reads the prompt (InstructBLIP: QFormerConfig.text), and an "
+                              "exported graph has no instruction input (qformer_ids / qformer_mask) yet; run "
+                              "it with vision_backend='torch'")
+        masks = "none"
         if not config.views.fixed_views:
-            # Any-resolution towers need per-view token masks as extra inputs; not exported yet.
-            raise ConfigError(f"views kind {config.views.kind!r} (variable views per image) cannot be exported yet; "
-                              "fixed-view towers (pad_square, stretch, crops) can")
+            if c.reads_token_masks():
+                raise ConfigError(f"views kind {config.views.kind!r} with a {c.kind!r} connector cannot be exported "
+                                  "yet: the connector attends under the views' padding masks, which the graph "
+                                  "would need as inputs; anyres towers with a token-wise connector (LLaVA-NeXT's "
+                                  "MLP) and fixed-view towers (pad_square, stretch, crops) export")
+            masks = "unused"
         if max_images < 1 or not 1 <= opt_images <= max_images:
             raise ConfigError(f"need 1 <= opt_images <= max_images, got opt_images={opt_images}, max_images={max_images}")
         v = config.views_per_image
+        counts = (v,) if config.views.fixed_views else \
+            tuple(sorted({1 + r * cols for r, cols in config.views.anyres_grids}))
         inputs = tuple(TensorSpec(INPUT_PREFIX + e.name, (VIEWS_AXIS, 3, e.image_size, e.image_size))
                        for e in config.encoders)
         outputs = (TensorSpec(OUTPUT_NAME, (VIEWS_AXIS, config.tokens_per_view, config.out_width)),)
         return cls(inputs=inputs, outputs=outputs, views_per_image=v,
-                   profile=Profile(v, v * opt_images, v * max_images), tower=config.to_dict())
+                   profile=Profile(counts[0], v * opt_images, v * max_images), tower=config.to_dict(),
+                   view_counts=counts, token_masks=masks)
 
     # ---- views onto the contract ---------------------------------------------------------------
     @property
@@ -108,6 +141,20 @@ class ExportContract:
         return {t.name: (t.concrete(p.min_views), t.concrete(p.opt_views), t.concrete(p.max_views))
                 for t in self.inputs}
 
+    def drop_masks(self, masks: dict[str, Any] | None, n_views: int) -> None:
+        """Runners' check of the token masks that came with ``n_views`` views: none for a graph without
+        mask inputs, except anyres padding masks the connector does not read (``token_masks="unused"``),
+        which must still line up with the views, and are then not fed."""
+        if masks is None:
+            return
+        if self.token_masks != "unused":
+            raise ConfigError("token masks (any-resolution views) are not part of this exported tower")
+        for name, m in masks.items():
+            if name not in self.encoder_names:
+                raise ShapeError(f"token mask for encoder {name!r}, but the graph has {self.encoder_names}")
+            if m.dim() != 2 or m.shape[0] != n_views:
+                raise ShapeError(f"token mask for encoder {name!r}: expected [{n_views}, tokens], got {list(m.shape)}")
+
     def example_shapes(self, images: int = 1) -> dict[str, tuple[int, ...]]:
         return {t.name: t.concrete(images * self.views_per_image) for t in self.inputs}
 
@@ -118,7 +165,8 @@ class ExportContract:
         p = self.profile
         return {"inputs": [spec(t) for t in self.inputs], "outputs": [spec(t) for t in self.outputs],
                 "dynamic_axes": {k: {str(i): d for i, d in v.items()} for k, v in self.dynamic_axes().items()},
-                "views_per_image": self.views_per_image,
+                "views_per_image": self.views_per_image, "view_counts": list(self.view_counts),
+                "token_masks": self.token_masks,
                 "profile": {"min_views": p.min_views, "opt_views": p.opt_views, "max_views": p.max_views},
                 "tower": self.tower}
 
@@ -127,7 +175,9 @@ class ExportContract:
         def spec(x: dict) -> TensorSpec:
             return TensorSpec(x["name"], tuple(x["shape"]), x.get("dtype", "float32"))
         return cls(inputs=tuple(spec(x) for x in d["inputs"]), outputs=tuple(spec(x) for x in d["outputs"]),
-                   views_per_image=int(d["views_per_image"]), profile=Profile(**d["profile"]), tower=d["tower"])
+                   views_per_image=int(d["views_per_image"]), profile=Profile(**d["profile"]), tower=d["tower"],
+                   view_counts=tuple(int(n) for n in d.get("view_counts", ())),
+                   token_masks=d.get("token_masks", "none"))
 
 
 def check_precision(precision: str, target: str = "onnx") -> str:
@@ -138,5 +188,5 @@ def check_precision(precision: str, target: str = "onnx") -> str:
     return precision
 
 
-__all__ = ["ExportContract", "TensorSpec", "Profile", "INPUT_PREFIX", "OUTPUT_NAME", "VIEWS_AXIS", "PRECISIONS",
-           "TARGETS", "check_precision"]
+__all__ = ["ExportContract", "TensorSpec", "Profile", "INPUT_PREFIX", "OUTPUT_NAME", "VIEWS_AXIS", "TOKEN_MASKS",
+           "PRECISIONS", "TARGETS", "check_precision"]

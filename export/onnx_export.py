@@ -26,7 +26,12 @@ DEFAULT_OPSET = 18
 
 
 class TowerGraph(nn.Module):
-    """Positional-input face of :class:`VisionTowerModel` for tracing: one tensor per encoder."""
+    """Positional-input face of :class:`VisionTowerModel` for tracing: one tensor per encoder.
+
+    The graph is the per-view part only (encoders + connector): any-resolution towers' base views and
+    tiles go through it like any other views, and packing each image's views into its sequence
+    (``VisionTowerModel.per_image``: unpad + ``image_newline``, which depend on the image's original size)
+    runs in torch on the graph's output, for every backend alike."""
 
     def __init__(self, tower: VisionTowerModel, encoder_names: list[str]):
         super().__init__()

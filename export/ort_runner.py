@@ -1,8 +1,9 @@
 """Run an exported tower with ONNX Runtime, behind the same call as the eager model.
 
 ``runner(views, masks) -> [views, tokens_per_view, out_width]`` with ``views`` the preprocessed
-``{encoder: [N, 3, R, R]}`` dict the preprocessor makes, so :class:`~edgevlm.runtime.tower.VisionTower`
-swaps backends without changing anything else.
+``{encoder: [N, 3, R, R]}`` dict the preprocessor makes (for an any-resolution tower, every image's base
+view and tiles; the caller packs them per image afterwards, as with the eager model), so
+:class:`~edgevlm.runtime.tower.VisionTower` swaps backends without changing anything else.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgevlm.errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
+from edgevlm.errors import BackendUnavailableError, ExportError, ShapeError
 
 from .contract import ExportContract
 
@@ -70,8 +71,6 @@ class OrtTowerRunner:
         return self.session.get_providers()
 
     def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if masks is not None:
-            raise ConfigError("token masks (any-resolution views) are not part of exported towers")
         feed, n = {}, None
         for name, spec in zip(self.contract.encoder_names, self.contract.inputs):
             if name not in views:
@@ -82,6 +81,7 @@ class OrtTowerRunner:
             if tuple(x.shape) != want:
                 raise ShapeError(f"views for encoder {name!r}: expected {list(want)}, got {list(x.shape)}")
             feed[spec.name] = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        self.contract.drop_masks(masks, n)  # anyres padding masks the connector does not read: checked, not fed
         out = self.session.run(self.contract.output_names, feed)[0]
         return torch.from_numpy(out)
 

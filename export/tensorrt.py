@@ -144,8 +144,6 @@ class TrtTowerRunner:
             raise CorruptExportError(f"{engine_path}: engine lacks tensors {missing} that the manifest lists")
 
     def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if masks is not None:
-            raise ConfigError("token masks (any-resolution views) are not part of exported towers")
         n = None
         keep = []  # inputs must outlive the enqueue
         p = self.contract.profile
@@ -163,6 +161,7 @@ class TrtTowerRunner:
             keep.append(x)
             self.context.set_input_shape(spec.name, tuple(x.shape))
             self.context.set_tensor_address(spec.name, x.data_ptr())
+        self.contract.drop_masks(masks, n)  # anyres padding masks the connector does not read: checked, not fed
         out_spec = self.contract.outputs[0]
         out = torch.empty(out_spec.concrete(n), device=self.device, dtype=torch.float32)
         self.context.set_tensor_address(out_spec.name, out.data_ptr())

@@ -43,7 +43,7 @@ def validate(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: torc
     ``output`` and the error when the precision's bound is exceeded, else return the worst numbers."""
     metric, bound = TOLERANCES[precision]
     worst: dict[str, float] = {"max_abs": 0.0, "rel_max": 0.0, "rel_rms": 0.0, "min_cosine": 1.0}
-    views_seen = 0
+    batch_views = []
     model = model.float().eval()
     for views in batches:
         with torch.inference_mode():
@@ -56,14 +56,15 @@ def validate(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: torc
             raise ExportValidationError(f"{what}: output {output!r} has non-finite values", output=output)
         c = compare(got, ref)
         worst = {k: (min if k == "min_cosine" else max)(worst[k], c[k]) for k in worst}
-        views_seen += ref.shape[0]
+        batch_views.append(int(ref.shape[0]))
     if worst[metric] > bound:
         raise ExportValidationError(
             f"{what}: output {output!r} differs from eager PyTorch: {metric} {worst[metric]:.3g} > {bound:g} "
             f"(max_abs {worst['max_abs']:.3g}, rel_max {worst['rel_max']:.3g}, rel_rms {worst['rel_rms']:.3g}, "
             f"min cosine {worst['min_cosine']:.5f})",
             output=output, error=worst[metric], tolerance=bound)
-    return {**worst, "metric": metric, "bound": bound, "views": views_seen, "batches": len(batches)}
+    return {**worst, "metric": metric, "bound": bound, "views": sum(batch_views), "batches": len(batches),
+            "batch_views": batch_views}
 
 
 __all__ = ["validate", "compare", "TOLERANCES"]
