@@ -31,18 +31,51 @@ DEMO_STAGE2 = dict(stage="stage2", steps=600, batch_size=4, lr=3e-3, lora_rank=8
 DEMO_EVAL = dict(n_scenes=60, n_digits=60, seed=0)
 
 
-def _components(model: str, threads: int):
-    """Base model (no trained weights layered on) -> (config, tower model, decoder, tokenizer, preprocessor)."""
+def _components(model, threads: int):
+    """What to train -> (config, tower model, decoder, tokenizer, preprocessor, write_extra).
+
+    ``model`` is anything ``edgevlm.load`` takes. A preset (or a ModelConfig) is its base model: the
+    trained weights shipped beside it and its LoRA are left out, as the demo recipe starts from. Any
+    other source (an edgevlm checkpoint folder, a transformers LLaVA / BLIP-2 folder, ...) is trained as
+    it loads: its connector continues from its weights, LoRA it carries is merged into the decoder, and
+    the exported checkpoint holds every tensor (its config names no WeightsRef, as ``edgevlm convert``
+    writes one) and, through ``write_extra(folder)``, the tokenizer.
+    """
     import torch
 
-    import edgevlm
-    from edgevlm.presets import get_preset
+    from edgevlm.errors import ConfigError
+    from edgevlm.options import LoadOptions
+    from edgevlm.runtime.loader import assemble, read_parts
+    from edgevlm.runtime.source import resolve_source
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = replace(get_preset(model), weights=None, lora=None)
-    pipe = edgevlm.load(cfg, quant="none")  # training needs float nn.Linear layers (a GGUF decoder would keep its blocks)
-    return cfg, pipe.tower.model, pipe.decoder, pipe.tokenizer, pipe.tower.preprocessor
+    src = resolve_source(model)
+    if src.kind == "config":
+        src = resolve_source(replace(src.config, weights=None, lora=None))
+    # quant=None: training needs float nn.Linear layers (a GGUF decoder would keep its blocks), LoRA merged
+    opts = LoadOptions(quant=None, progress=False)
+    parts = read_parts(src, opts)
+    if parts.tower is None:
+        raise ConfigError(f"{src.name}: a model without a vision tower has no connector to train")
+    cfg, write_extra = src.config, None
+    if src.kind != "config":
+        from edgevlm.runtime.convert import model_config_of
+
+        cfg, write_extra = model_config_of(parts), _tokenizer_writer(parts)
+    pipe = assemble(parts, opts)
+    return cfg, pipe.tower.model, pipe.decoder, pipe.tokenizer, pipe.tower.preprocessor, write_extra
+
+
+def _tokenizer_writer(parts):
+    """``folder -> None`` writing the tokenizer the exported checkpoint loads with (its config names none)."""
+    from edgevlm.errors import ConfigError
+
+    chat = parts.chat
+    if chat.kind == "template" and chat.template != parts.tokenizer.chat_template:
+        raise ConfigError(f"{parts.name}: its chat template is not its tokenizer's, which an exported checkpoint "
+                          "cannot record; convert it first (edgevlm convert) and train the converted folder")
+    return parts.tokenizer.save
 
 
 def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict | None = None,
@@ -57,7 +90,7 @@ def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict |
 
     tc = TrainConfig(**train_kw)
     data_kw = data_kw or DEMO_DATA
-    cfg, tower, decoder, tok, pre = _components(model, threads)
+    cfg, tower, decoder, tok, pre, write_extra = _components(model, threads)
     init_state = load_checkpoint(init)[1] if init else None
     samples = build_split("train", data_kw["n_scenes"], data_kw["n_digits"], seed=data_kw["seed"])
     t0 = time.perf_counter()
@@ -65,9 +98,9 @@ def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict |
                          samples=samples, init_state=init_state, feature_cache=feature_cache or out / "features.safetensors",
                          text_source=text_batches(tok, tc.text_len, tc.text_batch, tc.seed))
     history = trainer.train(out, progress=progress)
-    ckpt = trainer.export(out / "checkpoint")
+    ckpt = trainer.export(out / "checkpoint", write_extra=write_extra)
     log = {"train_config": asdict(tc), "data": data_kw, "init": str(init) if init else None,
-           "examples": len(trainer.examples), "images": int(trainer.features["aligned"].shape[0]),
+           "examples": len(trainer.examples), "images": len(trainer.views_per_image),
            "encode_seconds": trainer.encode_s, "seconds": time.perf_counter() - t0, "history": history}
     (out / "log.json").write_text(json.dumps(log, indent=1))
     return ckpt
@@ -105,7 +138,8 @@ def cmd_demo(args) -> int:
 def cmd_stage(args) -> int:
     kw = dict(DEMO_STAGE1 if args.command == "stage1" else DEMO_STAGE2)
     kw.update(_overrides(args))
-    ckpt = run_stage(kw, Path(args.out), model=args.model, init=Path(args.init) if args.init else None,
+    data = {**DEMO_DATA, **{k: getattr(args, k) for k in ("n_scenes", "n_digits") if getattr(args, k) is not None}}
+    ckpt = run_stage(kw, Path(args.out), model=args.model, data_kw=data, init=Path(args.init) if args.init else None,
                      threads=args.threads, progress=not args.json)
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt), "log": str(Path(args.out) / "log.json")}, indent=2))
@@ -232,7 +266,13 @@ def add_parsers(sub) -> None:
                        ("stage2", "instruction tuning on all tasks (connector + LoRA)")):
         p = tsub.add_parser(name, help=what)
         _add_train_args(p)
-        p.add_argument("--model", "-m", default="demo", help="preset to train (default: demo)")
+        p.add_argument("--model", "-m", default="demo",
+                       help="what to train, as edgevlm.load takes it: a preset (its base model), an edgevlm "
+                            "checkpoint folder, a transformers LLaVA / BLIP-2 folder, ... (default: demo)")
+        p.add_argument("--n-scenes", dest="n_scenes", type=int, default=None,
+                       help=f"training scenes (default: {DEMO_DATA['n_scenes']})")
+        p.add_argument("--n-digits", dest="n_digits", type=int, default=None,
+                       help=f"training digit images (default: {DEMO_DATA['n_digits']})")
         p.add_argument("--init", default=None, help="checkpoint folder to start from (e.g. stage 1's)")
         p.set_defaults(func=cmd_stage, command=name)
     for name, module, what in (("qformer", "qformer_pretrain", "BLIP-2 Q-Former pre-training (ITC, ITM, ITG)"),

@@ -11,8 +11,13 @@ Stages (the SPHINX recipe, at CPU scale):
 The model is not a copy: it is the runtime's :class:`~edgevlm.runtime.tower.VisionTowerModel` (its
 connector) and :class:`~edgevlm.runtime.decoder.Decoder` with LoRA applied from outside, prompts
 are built by the runtime's :class:`~edgevlm.runtime.chat.ChatFormat`, so an exported checkpoint gives
-the runtime exactly the logits training saw. Frozen encoders run once per image: their outputs (for
-SPHINX fusion, the channel-aligned tokens before ``visual_proj``) are cached.
+the runtime exactly the logits training saw. Frozen encoders run once per image and what the
+connector's ``prepare`` makes of their outputs is cached (:mod:`edgevlm.runtime.connectors.base`: an
+MLP projector, a Q-Former or a perceiver resampler keep the encoder's tokens; SPHINX fusion its
+channel-aligned tokens before ``visual_proj``); every step runs the connector's ``from_prepared``, so
+the visual token count per image is whatever the connector makes (MLP: the encoder's tokens; Q-Former:
+its queries; resampler: its latents; per view). An InstructBLIP Q-Former, which reads the question, is
+refused (:class:`~edgevlm.errors.ConfigError`): the trainer gives the connector no question text.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,8 +38,10 @@ from edgevlm.config import LORA_TARGETS, LoRAConfig, ModelConfig, to_dict
 from edgevlm.errors import CheckpointError, ConfigError
 from edgevlm.runtime.chat import ChatFormat, MultimodalPrompt
 from edgevlm.runtime.checkpoint import save_checkpoint
+from edgevlm.runtime.connectors.base import Connector
 from edgevlm.runtime.lora import LORA_SUFFIXES, apply_lora, lora_disabled, lora_state_dict
 from edgevlm.runtime.readers.safetensors_io import load_safetensors
+from edgevlm.runtime.tower import takes_instruction
 
 IGNORE = -100
 
@@ -144,25 +152,40 @@ def make_example(tokenizer, chat: ChatFormat, image_row: int, qa: list[tuple[str
 
 # ---- feature cache -------------------------------------------------------------------------
 
+VIEWS_KEY, SIZE_KEY = "_views", "_image_size"  # cache-file entries beside the prepared tensors
+
+
 @torch.inference_mode()
 def encode_images(tower_model, preprocessor, images: list[np.ndarray], batch: int = 16,
                   desc: str = "encoding images") -> dict[str, torch.Tensor]:
-    """Frozen-encoder features per image, kept in fp32 so training sees exactly what the runtime
-    computes: ``"aligned"`` ``[n, V, 1 + g^2, C]`` (SPHINX fusion's tokens before ``visual_proj``) and,
-    when the fusion has a Q-Former, its encoder's tokens ``[n, V, T, C_q]``."""
+    """Frozen-encoder outputs per image, prepared by the connector (``connector.prepare``, see
+    :mod:`edgevlm.runtime.connectors.base`) and kept in fp32 so training sees exactly what the runtime
+    computes: ``{key: [n, V, ...]}`` with ``V`` the most views any image has (an ``anyres`` image with
+    fewer has zero rows after its own), plus ``"_views"`` ``[n]`` (each image's view count) and
+    ``"_image_size"`` ``[n, 2]`` (its original ``(h, w)``, for towers that pack their views)."""
     conn = tower_model.connector
-    if not hasattr(conn, "from_aligned"):
-        raise ConfigError(f"feature caching needs a SPHINX-fusion connector, got {type(conn).__name__}")
-    qf = conn.cfg.qformer.encoder if conn.cfg.qformer is not None else None
-    out: dict[str, list[torch.Tensor]] = {"aligned": [], **({qf: []} if qf else {})}
+    if not isinstance(conn, Connector):
+        raise ConfigError(f"feature caching needs a connector with the training split (a "
+                          f"edgevlm.runtime.connectors.base.Connector), got {type(conn).__name__}")
+    rows: list[dict[str, torch.Tensor]] = []  # one prepared dict [V_i, ...] per image
+    sizes: list[tuple[int, int]] = []
     for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False):
         pre = preprocessor(images[i: i + batch])
-        n, v = len(pre.views_per_image), pre.views_per_image[0]
-        feats = tower_model.encode(pre.views)
-        out["aligned"].append(conn.aligned_tokens(feats).reshape(n, v, -1, conn.cfg.fused_width))
-        if qf:
-            out[qf].append(feats[qf].reshape(n, v, *feats[qf].shape[1:]))
-    return {k: torch.cat(t) for k, t in out.items()}
+        prepared = conn.prepare(tower_model.encode(pre.views), pre.token_masks)  # [n_views, ...] each
+        per_image = {k: torch.split(v, pre.views_per_image) for k, v in prepared.items()}
+        rows += [{k: v[j] for k, v in per_image.items()} for j in range(len(pre.views_per_image))]
+        sizes += pre.image_sizes
+    views = [next(iter(r.values())).shape[0] for r in rows]
+    v_max = max(views)
+    out = {}
+    for k in rows[0]:
+        t = torch.zeros(len(rows), v_max, *rows[0][k].shape[1:], dtype=rows[0][k].dtype)
+        for j, r in enumerate(rows):
+            t[j, : views[j]] = r[k]
+        out[k] = t
+    out[VIEWS_KEY] = torch.tensor(views, dtype=torch.int64)
+    out[SIZE_KEY] = torch.tensor(sizes, dtype=torch.int64).reshape(len(rows), 2)
+    return out
 
 
 def cached_features(tower_model, preprocessor, images: list[np.ndarray], model_cfg: ModelConfig,
@@ -173,11 +196,12 @@ def cached_features(tower_model, preprocessor, images: list[np.ndarray], model_c
 
     from safetensors.torch import save_file
 
-    # Only what shapes the cached tensors: the encoders, the views, and the fusion's grid layout
-    # (not its trainable parts, so changing the projector keeps the cache).
+    # Only what shapes the cached tensors: the encoders, the views, and what the connector's prepare
+    # depends on (not its trainable parts, so changing the projector keeps the cache). The entry is
+    # named "fusion" because SPHINX fusion was cached first: its existing cache files keep their key.
     t = model_cfg.tower
     what = {"encoders": [to_dict(e) for e in t.encoders], "views": to_dict(t.views),
-            "fusion": [list(t.connector.encoders), t.connector.grid]}
+            "fusion": tower_model.connector.prepare_key()}
     h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     for im in images:
         h.update(np.ascontiguousarray(im).data)
@@ -187,7 +211,13 @@ def cached_features(tower_model, preprocessor, images: list[np.ndarray], model_c
 
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("key") == key:
-                return {k: f.get_tensor(k) for k in f.keys()}
+                feats = {k: f.get_tensor(k) for k in f.keys()}
+                if VIEWS_KEY not in feats and t.views.fixed_views and t.pack is None:  # a file from before
+                    n, v = next(iter(feats.values())).shape[:2]  # these entries: fixed views, sizes unused
+                    feats[VIEWS_KEY] = torch.full((n,), v, dtype=torch.int64)
+                    feats[SIZE_KEY] = torch.zeros(n, 2, dtype=torch.int64)
+                if VIEWS_KEY in feats:
+                    return feats
     feats = encode_images(tower_model, preprocessor, images)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +235,12 @@ class VLMTrainer:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, *, tower_model, decoder, tokenizer,
                  preprocessor, samples, init_state: dict[str, torch.Tensor] | None = None,
                  text_source=None, feature_cache: Path | None = None):
+        if takes_instruction(model_cfg.tower):
+            # Its Q-Former reads the prompt, so its output differs per question while the cache holds one
+            # image embedding per image (and a packed conversation asks several questions of one image).
+            raise ConfigError("training an InstructBLIP tower (a Q-Former that reads the instruction, "
+                              "QFormerConfig.text set) is not supported: the trainer feeds the connector no "
+                              "question text; train a BLIP-2-style Q-Former (text=None) instead")
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.tower, self.decoder, self.tokenizer = tower_model, decoder, tokenizer
         self.chat = ChatFormat.from_config(model_cfg, tokenizer)
@@ -236,26 +272,51 @@ class VLMTrainer:
                 images.append(s.image)
         t0 = time.perf_counter()
         # Every image of the split is cached, not only this stage's tasks, so later stages reuse the file.
-        self.features = cached_features(self.tower, preprocessor, images, model_cfg, feature_cache)
+        self.features = dict(cached_features(self.tower, preprocessor, images, model_cfg, feature_cache))
         self.encode_s = time.perf_counter() - t0
+        # What the connector's from_prepared takes stays in self.features ({key: [n_images, V, ...]}).
+        self.views_per_image: list[int] = self.features.pop(VIEWS_KEY).tolist()
+        self.image_sizes = [tuple(s) for s in self.features.pop(SIZE_KEY).tolist()]  # original (h, w)
         tasks = train_cfg.tasks or (("caption",) if train_cfg.stage == "stage1" else ())
         samples = [s for s in samples if not tasks or s.task in tasks]
         if not samples:
             raise ConfigError(f"no training samples for tasks {tasks}")
-        vt = model_cfg.tower.tokens_per_view * self.features["aligned"].shape[1]
-        self.examples = self._examples(samples, rows, vt)
+        self.examples = self._examples(samples, rows, self._visual_tokens())
         self.text = text_source
         self.text_used = 0  # batches taken from text_source: a resumed run skips as many to see the same text
         self.step_n = 0
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=train_cfg.weight_decay)
         self.history: list[dict[str, float]] = []
 
-    def _examples(self, samples, rows: dict[int, int], vt: int) -> list[Example]:
+    @torch.no_grad()
+    def _visual_tokens(self) -> list[int]:
+        """Visual positions of each cached image, from the connector's output: one view's tokens (MLP:
+        the encoder's tokens; Q-Former: its queries; resampler: its latents; SPHINX: separators, queries,
+        global and grid) times the image's views, or what the tower's packing makes of them."""
+        one_image = {k: t[0, : self.views_per_image[0]] for k, t in self.features.items()}
+        tpv, d = self.connector.from_prepared(one_image).shape[1:]  # [views, tokens_per_view, D]
+        counts: dict[tuple, int] = {}
+        out = []
+        for v, size in zip(self.views_per_image, self.image_sizes):
+            if (v, size) not in counts:  # packing keeps a number of rows that depends on the image's size
+                counts[v, size] = self.tower.per_image(torch.zeros(v, tpv, d), [v], [size])[0].shape[0]
+            out.append(counts[v, size])
+        return out
+
+    def visual_embeddings(self, rows: list[int]) -> list[torch.Tensor]:
+        """Cached images -> one ``[visual_tokens_i, D]`` per image, through the trainable connector
+        (``from_prepared``) and the tower's per-image grouping, as the runtime's tower computes them."""
+        views = [self.views_per_image[r] for r in rows]
+        prepared = {k: torch.cat([t[r, :v] for r, v in zip(rows, views)]) for k, t in self.features.items()}
+        per_view = self.connector.from_prepared(prepared)  # [sum(views), tokens_per_view, D]
+        return self.tower.per_image(per_view, views, [self.image_sizes[r] for r in rows])
+
+    def _examples(self, samples, rows: dict[int, int], vt: list[int]) -> list[Example]:
         """Single-turn examples, or with ``pack`` one shuffled conversation per image."""
         tok, chat = self.tokenizer, self.chat
         if not self.cfg.pack:
-            return [make_example(tok, chat, rows[id(s.image)], [(s.question, s.answer)], vt, (s.task,))
-                    for s in samples]
+            return [make_example(tok, chat, rows[id(s.image)], [(s.question, s.answer)], vt[rows[id(s.image)]],
+                                 (s.task,)) for s in samples]
         by_image: dict[int, list] = {}
         for s in samples:
             by_image.setdefault(id(s.image), []).append(s)
@@ -264,10 +325,12 @@ class VLMTrainer:
         for key, group in by_image.items():
             group = [group[i] for i in rng.permutation(len(group))]  # no fixed task order to lean on
             qa, tasks = [(s.question, s.answer) for s in group], tuple(s.task for s in group)
+            n_vis = vt[rows[key]]
             try:
-                out.append(make_example(tok, chat, rows[key], qa, vt, tasks))
+                out.append(make_example(tok, chat, rows[key], qa, n_vis, tasks))
             except ConfigError:  # the template cannot pack: keep this image's questions single-turn
-                out += [make_example(tok, chat, rows[key], [(s.question, s.answer)], vt, (s.task,)) for s in group]
+                out += [make_example(tok, chat, rows[key], [(s.question, s.answer)], n_vis, (s.task,))
+                        for s in group]
         return out
 
     # -- parameters -------------------------------------------------------------------------
@@ -296,11 +359,17 @@ class VLMTrainer:
     def export_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint needs to rebuild the model: the trained tensors plus every frozen tensor
         that no WeightsRef in the config can supply (random-weight presets, encoders without refs)."""
-        out = self.trainable_state()
+        return {**self.trainable_state(), **self.frozen_state()}
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """The frozen tensors no WeightsRef in the config supplies (see :meth:`export_state`)."""
+        out = {}
         for enc in self.model_cfg.tower.encoders:
             if enc.weights is None:
                 out.update({f"tower.encoders.{enc.name}.{k}": v.detach().clone()
                             for k, v in self.tower.encoders[enc.name].state_dict().items()})
+        if self.tower.pack is not None:  # LLaVA-NeXT's newline token: frozen, but no WeightsRef supplies it
+            out.update({f"tower.pack.{k}": v.detach().clone() for k, v in self.tower.pack.state_dict().items()})
         if self.model_cfg.decoder_weights is None and not self.cfg.unfreeze_llm:
             out.update({f"decoder.{k.replace('.base.', '.')}": v.detach().clone()
                         for k, v in self.decoder.state_dict().items() if not k.endswith(LORA_SUFFIXES)})
@@ -333,12 +402,7 @@ class VLMTrainer:
 
     def vlm_loss(self, idx: list[int]) -> torch.Tensor:
         ex = [self.examples[i] for i in idx]
-        rows = [e.image for e in ex]
-        feats = {k: t[rows].flatten(0, 1) for k, t in self.features.items()}  # [B*V, ...]
-        aligned = feats.pop("aligned")
-        b = len(ex)
-        visual = self.connector.from_aligned(aligned, feats)  # [B*V, tokens_per_view, D]
-        visual = visual.reshape(b, -1, visual.shape[-1])  # [B, V*tokens_per_view, D]
+        visual = self.visual_embeddings([e.image for e in ex])  # B x [visual_tokens_i, D]
         seqs, labels = [], []
         for e, vis in zip(ex, visual):
             seqs.append(e.sequence.embed(self.decoder.embed, [vis])[0])  # [L, D]
@@ -455,15 +519,21 @@ class VLMTrainer:
             next(self.text)
 
     # -- export -----------------------------------------------------------------------------
-    def export(self, path: Path, *, overwrite: bool = True, half: bool = True) -> Path:
+    def export(self, path: Path, *, overwrite: bool = True, half: bool = True,
+               write_extra: Callable[[Path], None] | None = None) -> Path:
         """An edgevlm checkpoint: the model config (with its LoRA section) + the trained tensors.
-        Frozen parts keep pointing at their WeightsRefs. ``half`` stores fp16 (a few MB)."""
-        state = self.export_state()
+        Frozen parts keep pointing at their WeightsRefs. ``half`` stores the trained tensors in fp16 (a
+        few MB); frozen tensors no WeightsRef supplies are stored as they are.
+        ``write_extra(folder)``: files the checkpoint needs beside its weights (the tokenizer of a model
+        whose config names none), written before the folder is put in place."""
+        state = self.trainable_state()
         if half:
             state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+        # Frozen tensors keep their dtype: the checkpoint rebuilds exactly the encoders and decoder training ran.
+        state.update(self.frozen_state())
         cfg = replace(self.model_cfg, lora=self.lora_cfg, weights=None)
         meta = {"stage": self.cfg.stage, "steps": str(self.step_n), "train_config": json.dumps(asdict(self.cfg))}
-        return save_checkpoint(path, cfg, state, metadata=meta, overwrite=overwrite)
+        return save_checkpoint(path, cfg, state, metadata=meta, overwrite=overwrite, write_extra=write_extra)
 
 
 def _has_lora(state: dict[str, torch.Tensor] | None) -> bool:
