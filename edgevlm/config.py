@@ -597,6 +597,17 @@ class AnyresPackConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StripRegroupConfig:
+    """xGen-MM's (BLIP-3's) ``anyres_patch_sampling``: before the connector, the tiles' tokens of one
+    ``anyres`` image are stitched into the canvas's ``rows*g x cols*g`` token map, which is cut in
+    raster order into ``rows*cols`` groups of ``g*g`` tokens (horizontal strips when ``cols > 1``,
+    not tiles), each with a padding mask from ``unpad_image`` on that map; the base view stays as it
+    is. The connector then runs on each group under its mask
+    (:mod:`edgevlm.runtime.connectors.strip_regroup`). No fields: the layout follows from the views,
+    the first encoder's grid and each image's size."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TowerConfig:
     """Vision encoders + connector + view recipe: images in, LLM-width embeddings out.
 
@@ -607,6 +618,7 @@ class TowerConfig:
     connector: ConnectorConfig
     views: ViewConfig = field(default_factory=ViewConfig)
     pack: AnyresPackConfig | None = None
+    regroup: StripRegroupConfig | None = None
 
     def __post_init__(self) -> None:
         _check(len(self.encoders) > 0, "TowerConfig needs at least one encoder")
@@ -625,6 +637,21 @@ class TowerConfig:
             _check(self.tokens_per_view == gh * gw,
                    f"pack needs each view's {self.tokens_per_view} tokens to be encoder "
                    f"{self.encoders[0].name!r}'s {gh}x{gw} patch grid (no global token)")
+        if self.regroup is not None:
+            self._check_regroup()
+
+    def _check_regroup(self) -> None:
+        _check(isinstance(self.regroup, StripRegroupConfig),
+               f"TowerConfig.regroup must be a StripRegroupConfig or None, got {type(self.regroup).__name__}")
+        _check(self.views.kind == "anyres", f"regroup applies to anyres views only, not {self.views.kind!r}")
+        _check(self.pack is None, "regroup and pack are two ways to join anyres views; set one")
+        _check(len(self.encoders) == 1, f"regroup needs one encoder, got {[e.name for e in self.encoders]}")
+        e = self.encoders[0]
+        _check(not e.global_token and e.grid[0] == e.grid[1],
+               f"regroup needs encoder {e.name!r} to give a square patch grid without a global token, got "
+               f"grid {e.grid} global_token={e.global_token}")
+        _check(self.connector.reads_token_masks(),
+               f"regroup masks padding tokens; the {self.connector.kind!r} connector does not read token masks")
 
     def _check_widths(self) -> None:
         c = self.connector
@@ -1005,7 +1032,7 @@ __all__ = [
     "RGB", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD", "LITE_MEAN", "LITE_STD", "CLIP_MEAN_RGB8",
     "WeightsRef", "EncoderConfig", "ViTConfig", "ConvNeXtConfig", "EfficientNetConfig", "round_filters",
     "QFormerTextConfig", "QFormerConfig", "ConnectorConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
-    "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "AnyresPackConfig", "TowerConfig", "DecoderConfig", "ModelConfig",
+    "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "AnyresPackConfig", "StripRegroupConfig", "TowerConfig", "DecoderConfig", "ModelConfig",
     "DECODER_NORMS", "DECODER_ACTS", "DECODER_POSITIONS", "ROPE_SCALINGS", "IMAGE_PLACEMENTS", "CHAT_FORMATS",
     "LoRAConfig", "LORA_TARGETS", "QuantConfig", "QUANT_SCHEMES", "QUANT_GROUPS",
     "ENCODER_KINDS", "CONNECTOR_KINDS", "to_dict", "from_dict",

@@ -18,8 +18,8 @@ from dataclasses import replace
 from .config import (
     CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD,
     ConvNeXtConfig, DecoderConfig, EfficientNetConfig, LoRAConfig, MLPConnectorConfig, ModelConfig, QFormerConfig,
-    QFormerConnectorConfig, ResamplerConnectorConfig, SphinxFusionConfig, TowerConfig, ViewConfig, ViTConfig,
-    WeightsRef,
+    QFormerConnectorConfig, ResamplerConnectorConfig, SphinxFusionConfig, StripRegroupConfig, TowerConfig, ViewConfig,
+    ViTConfig, WeightsRef,
 )
 from .errors import UnknownPresetError
 
@@ -138,8 +138,11 @@ def _xgen_mm() -> ModelConfig:
     sig = siglip_so400m()
     conn = ResamplerConnectorConfig(encoder="siglip", in_width=sig.width, out_width=3072, depth=6, heads=16,
                                     head_dim=96, num_latents=128)
-    views = ViewConfig(kind="anyres", anyres_grids=((1, 2), (2, 1), (2, 2), (3, 1), (1, 3)))
-    tower = TowerConfig(encoders=(sig,), connector=conn, views=views)
+    # The released v1.5 configs' anyres_grids [W, H] = [384,768], [768,384], [768,768], [1152,384], [384,1152]
+    # as (rows, cols), in their order (ties go to the earlier grid), and anyres_patch_sampling's strip
+    # regrouping before the resampler (runtime/connectors/strip_regroup.py): base + up to 4 groups x 128.
+    views = ViewConfig(kind="anyres", anyres_grids=((2, 1), (1, 2), (2, 2), (1, 3), (3, 1)))
+    tower = TowerConfig(encoders=(sig,), connector=conn, views=views, regroup=StripRegroupConfig())
     return ModelConfig(name="xgen-mm", tower=tower, decoder=DECODERS["phi3-mini"], image_placement="placeholder")
 
 

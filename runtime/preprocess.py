@@ -88,6 +88,9 @@ class PreprocessResult:
     ms: float
     backend_reason: str = ""
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's original (h, w)
+    # towers with TowerConfig.regroup (xGen-MM anyres): encoder name -> int64 [n_views_total, tokens], the
+    # gather that regroups the tiles' tokens (connectors.strip_regroup); token_masks are then the groups' masks
+    token_order: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -230,10 +233,17 @@ class Preprocessor:
             else:
                 self._run_reference(f, plan, arrays, offset)
             offset += plan.n_views
-        masks = self._token_masks(plans) if self.view_cfg.kind == "anyres" else None
+        sizes = [(int(f.shape[0]), int(f.shape[1])) for f in frames]
+        order = None
+        if self.tower.regroup is not None:  # the groups' masks on the stitched token map, not per tile
+            from .connectors.strip_regroup import regroup_inputs
+
+            order, masks = regroup_inputs(self.tower, counts, sizes)
+        else:
+            masks = self._token_masks(plans) if self.view_cfg.kind == "anyres" else None
         return PreprocessResult(views=views, views_per_image=counts, token_masks=masks, backend=self.backend,
                                 ms=(time.perf_counter() - t0) * 1e3, backend_reason=self.backend_reason,
-                                image_sizes=[(int(f.shape[0]), int(f.shape[1])) for f in frames])
+                                image_sizes=sizes, token_order=order)
 
     def _outputs(self, n: int, out: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
         out = out or {}

@@ -33,6 +33,7 @@ from edgevlm.options import torch_dtype
 
 from .connectors import build_connector
 from .connectors.anyres import AnyresPacker
+from .connectors.strip_regroup import apply_order, regroup_inputs
 from .embed_cache import EmbeddingCache, image_digest, instruction_digest
 from .token_keep import MODES as KEEP_MODES
 from .token_keep import KeepPlan, cells_to_patches, keep_count, keep_plan, select_cells
@@ -61,8 +62,13 @@ class VisionTowerModel(nn.Module):
         self.connector = build_connector(config.connector, config)
         self.pack = AnyresPacker(config.pack, config) if config.pack is not None else None
 
-    def encode(self, views: dict[str, torch.Tensor], cells: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, views: dict[str, torch.Tensor], cells: torch.Tensor | None = None,
+               order: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Run each encoder once over all views: [N, 3, R_e, R_e] -> tokens [N, T, C] or maps [N, C, h, w].
+
+        A tower with ``config.regroup`` (xGen-MM's anyres strips) needs ``order {encoder: [N, T]}`` from
+        :func:`~edgevlm.runtime.connectors.strip_regroup.regroup_inputs`: the tokens are then regrouped
+        with it (:func:`~edgevlm.runtime.connectors.strip_regroup.apply_order`) before they are returned.
 
         With kept ``cells [N, K]`` of the tower's keep grid (:meth:`keep_plan`) the ViTs the connector
         takes in any number see only the patches under those cells (see :meth:`forward`), their class
@@ -84,11 +90,21 @@ class VisionTowerModel(nn.Module):
                 feats[e.name] = self.encoders[e.name](x, keep_ids=dropping[e.name])
             else:
                 feats[e.name] = self.encoders[e.name](x)
+        if self.config.regroup is not None:
+            if order is None or set(order) != set(feats):
+                raise ShapeError(f"this tower regroups its any-resolution tiles before the connector (xGen-MM "
+                                 f"strips): encode needs order for {sorted(feats)} (regroup_inputs(config, "
+                                 f"views_per_image, image_sizes)), got {None if order is None else sorted(order)}")
+            feats = {k: apply_order(v, order[k]) for k, v in feats.items()}
         return feats
 
     def keep_plan(self) -> KeepPlan:
         """Where token dropping acts (the keep grid, the ViTs run on kept patches); a ConfigError naming
         why for towers it cannot apply to (:func:`edgevlm.runtime.token_keep.keep_plan`)."""
+        if self.config.regroup is not None:
+            raise ConfigError("token dropping cannot apply to a tower that regroups its any-resolution tiles "
+                              "(xGen-MM strips): the regrouped groups and their unpad masks need every patch of "
+                              "every tile")
         return keep_plan(self.config)
 
     def kept_patch_ids(self, cells: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,7 +130,8 @@ class VisionTowerModel(nn.Module):
         return takes_instruction(self.config)
 
     def forward(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
-                cells: torch.Tensor | None = None, text: Instruction | None = None) -> torch.Tensor:
+                cells: torch.Tensor | None = None, text: Instruction | None = None,
+                order: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """-> ``[n_views, tokens_per_view, out_width]``. With kept ``cells [n_views, K]`` of the keep grid
         (token dropping, :meth:`keep_plan`): a SPHINX fusion gives ``[n_views, tokens_per_view - g*g + K,
         out_width]``, a token-wise projector (LLaVA) ``[n_views, cls + K, out_width]``, a Q-Former or
@@ -122,7 +139,15 @@ class VisionTowerModel(nn.Module):
 
         ``text = (ids [n_views, L] integer, mask [n_views, L] bool or None)``: the instruction, one row per
         view, for a tower whose Q-Former reads it (:attr:`takes_instruction`); without it such a tower
-        runs the Q-Former's query path alone."""
+        runs the Q-Former's query path alone.
+
+        ``order``: for a tower with ``config.regroup`` (xGen-MM anyres), the token regrouping that
+        :meth:`encode` applies; ``masks`` are then the groups' masks from the same
+        :func:`~edgevlm.runtime.connectors.strip_regroup.regroup_inputs`."""
+        if self.config.regroup is not None or order is not None:
+            if cells is not None or text is not None:
+                raise ConfigError("a tower that regroups its tiles takes neither kept cells nor an instruction")
+            return self.connector(self.encode(views, order=order), masks)
         if text is not None:
             if not self.takes_instruction:
                 raise ConfigError(f"this tower's connector ({self.config.connector.kind!r}) takes no instruction; "
@@ -321,7 +346,7 @@ class VisionTower:
             pre = self.preprocessor([arrays[i] for i in todo])
             text = None if rows is None else self._instruction_for_views([rows[i] for i in todo], pre.views_per_image)
             t2 = time.perf_counter()
-            per_view = self._forward(pre.views, pre.token_masks, text)
+            per_view = self._forward(pre.views, pre.token_masks, text, order=pre.token_order)
             per_image = self._per_image(per_view, pre.views_per_image, pre.image_sizes)
             t3 = time.perf_counter()
             for i, emb in zip(todo, per_image):
@@ -333,17 +358,26 @@ class VisionTower:
         return out
 
     @torch.inference_mode()
-    def _forward(self, views: dict[str, torch.Tensor], masks=None, text: Instruction | None = None) -> torch.Tensor:
+    def _forward(self, views: dict[str, torch.Tensor], masks=None, text: Instruction | None = None,
+                 order: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
         if masks is not None:
             masks = {k: v.to(self.device) for k, v in masks.items()}
+        if order is not None:  # tiles regrouped before the connector (xGen-MM anyres): the eager model only
+            if self.runner is not self.model:
+                raise ConfigError(f"a tower that regroups its any-resolution tiles runs on the torch backend only "
+                                  f"(this one runs {self.backend})")
+            out = self.model(views, masks, order=order)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return out
         cells = self.kept_cells(views)
         if text is not None:
-            if self.runner is not self.model:
-                raise ConfigError(f"an instruction needs the torch backend: this tower runs {self.backend}, whose "
-                                  "exported graph has no instruction input")
-            text = (text[0].to(self.device), None if text[1] is None else text[1].to(self.device))
-            out = self.model(views, masks, cells=cells, text=text)
+            if self.runner is not self.model:  # an exported InstructBLIP graph takes it as qformer_input_ids/_mask
+                out = self.runner(views, masks, text=text)  # (token dropping is torch-only: cells is None here)
+            else:
+                text = (text[0].to(self.device), None if text[1] is None else text[1].to(self.device))
+                out = self.model(views, masks, cells=cells, text=text)
         elif cells is None:
             out = self.runner(views, masks)
         else:
@@ -387,8 +421,8 @@ class VisionTower:
         re-normalised with their own mean/std and bicubically resized to their resolution, the way
         SPHINX derives its DINOv2 and ConvNeXt inputs inside the model. ``views_per_image`` defaults
         to the view recipe's fixed count. ``instruction``: as for ``__call__``, per image. Towers that
-        pack their views (``config.pack``, LLaVA-NeXT) also need each image's original
-        ``image_sizes[i] = (h, w)``; images whose sequences differ in length cannot be stacked (pass
+        pack their views (``config.pack``, LLaVA-NeXT) or regroup their tiles (``config.regroup``, xGen-MM)
+        also need each image's original ``image_sizes[i] = (h, w)``; images whose sequences differ in length cannot be stacked (pass
         them one at a time).
         """
         if isinstance(pixel_values, dict):
@@ -405,7 +439,10 @@ class VisionTower:
             views_per_image = [v] * (n_views // v)
         rows = self._instruction_rows(instruction, len(views_per_image))
         text = None if rows is None else self._instruction_for_views(rows, views_per_image)
-        per_view = self._forward(views, text=text)
+        order = masks = None
+        if self.config.regroup is not None:  # xGen-MM anyres: the groups and their masks from each image's size
+            order, masks = regroup_inputs(self.config, views_per_image, image_sizes)
+        per_view = self._forward(views, masks, text=text, order=order)
         per_image = self._per_image(per_view, views_per_image, image_sizes)
         lengths = sorted({t.shape[0] for t in per_image})
         if len(lengths) > 1:

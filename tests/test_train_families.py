@@ -199,7 +199,7 @@ def test_family_stage1_stage2_train_only_the_connector_and_export(preset, tmp_pa
         logits_train64 = d64(inputs_embeds=ex.sequence.embed(d64.embed, vis64))[0, -1]
         pre = loaded.tower.preprocessor([img])
         lt64, ld64 = float64_copy(loaded.tower.model), float64_copy(loaded.decoder)
-        per_view64 = lt64({k: x.double() for k, x in pre.views.items()}, pre.token_masks)
+        per_view64 = lt64({k: x.double() for k, x in pre.views.items()}, pre.token_masks, order=pre.token_order)
         emb64 = lt64.per_image(per_view64, pre.views_per_image, pre.image_sizes)
         logits_rt64 = ld64(inputs_embeds=ex.sequence.embed(ld64.embed, emb64))[0, -1]
     assert_within_noise(emb[0], vis[0], f"{preset}: runtime vs training visual embeddings",

@@ -171,7 +171,8 @@ def encode_images(tower_model, preprocessor, images: list[np.ndarray], batch: in
     sizes: list[tuple[int, int]] = []
     for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False):
         pre = preprocessor(images[i: i + batch])
-        prepared = conn.prepare(tower_model.encode(pre.views), pre.token_masks)  # [n_views, ...] each
+        # token_order: a tower that regroups its tiles (xGen-MM anyres) also regroups before caching
+        prepared = conn.prepare(tower_model.encode(pre.views, order=pre.token_order), pre.token_masks)  # [n_views, ...]
         per_image = {k: torch.split(v, pre.views_per_image) for k, v in prepared.items()}
         rows += [{k: v[j] for k, v in per_image.items()} for j in range(len(pre.views_per_image))]
         sizes += pre.image_sizes

@@ -39,16 +39,30 @@ code that copies it:
   0..1, normalise with mean = std = 0.5 (``factory.py`` SigLIP branch l.80-94, the encoder being
   ``model.vision_model`` l.85; the HF ``Blip3ImageProcessor``
   ``resize_mode="squash"``).
+* ``image_aspect_ratio="anyres"`` with ``anyres_patch_sampling=True`` (the released configs' setting and
+  XGenMMPerceiver's defaults, ``xgenmm.py`` l.22-23): views are the base view (the image squashed to
+  the base size) then the ``rows x cols`` tiles of the best grid (``any_res_data_utils.py``
+  ``process_anyres_image`` l.174-202, ``select_best_resolution`` l.67-94, ``resize_and_pad_image``
+  l.97-129: aspect kept, the other side ``ceil``'ed, centred on black). ``anyres_grids`` are
+  ``[width, height]`` pixel pairs (open_flamingo's default ``(1,2),(2,1),(2,2),(3,1),(1,3)`` times the
+  base size, ``sft_data_utils.py`` l.317-320), read here as ``(rows, cols)`` in the same order, since
+  ties go to the earlier grid. ``_encode_vision_x_anyres`` (``vlm.py`` l.187-281) does not resample
+  tile by tile: it stitches the tiles' tokens into one ``(rows*g, cols*g)`` map, masks it with
+  ``unpad_image(keep_original_shape=True)`` on that map (``int()`` of the scaled side, ``(map - new)
+  // 2`` cells off both ends, ``any_res_data_utils.py`` l.23-60), and cuts it with
+  ``view(-1, rows, cols, g*g)`` (l.255, l.258) -- raster order, so with ``cols > 1`` a group is a
+  horizontal strip, not a tile. The base view (all-ones mask) and each group are resampled on their
+  own under their masks (``xgenmm.py`` l.123-139, ``helpers.py`` l.78-94) and joined base first, then
+  the groups, with no separator (l.158-162): ``(1 + rows*cols) * num_vis_tokens`` tokens replace the
+  image's ``<image>``. In edgevlm: ``TowerConfig.regroup`` (:class:`~edgevlm.config.StripRegroupConfig`)
+  and :mod:`edgevlm.runtime.connectors.strip_regroup`, applied between the encoder and the resampler.
 
-Not implemented: ``image_aspect_ratio="anyres"`` (the released configs' setting), refused with a
-:class:`CheckpointError`. Its tiles are not resampled tile by tile as edgevlm's ``anyres`` views would
-be: ``_encode_vision_x_anyres`` (``vlm.py`` l.187-303) stitches the tiles' tokens into one
-``(rows*g, cols*g)`` map, masks it with ``unpad_image`` on that token map (``int()`` of the scaled
-side, ``any_res_data_utils.py`` l.23-60), then regroups it with ``view(-1, rows, cols, g*g)``
-(l.255, l.258) -- a reshape of the raster order, so with ``cols > 1`` each resampled group is a
-horizontal strip of a row band (half of tile 0 and half of tile 1 for a 1x2 grid), not a tile. Parity
-needs that regrouping and mask rule in the tower, which edgevlm's ``anyres`` views
-(per-tile views, pixel-overlap masks in ``views.tile_token_mask``) do not have.
+Refused with a :class:`CheckpointError`: ``anyres_patch_sampling=false`` (all of an image's tokens
+resampled at once, padded across the batch, ``vlm.py`` l.262-303), a checkpoint with an ``image_newline``
+(``vlm.py`` l.249-253; XGenMMPerceiver has none), other ``image_aspect_ratio`` values, grids that are not
+multiples of the encoder's size. Token dropping (``keep_ratio < 1``) and ONNX export of an anyres
+xGen-MM tower are refused with a ``ConfigError`` (the groups and their masks need every tile patch; the
+exported graph would need the masks and the regrouping as inputs).
 """
 
 from __future__ import annotations
@@ -58,7 +72,7 @@ from typing import Any
 
 import torch
 
-from edgevlm.config import ResamplerConnectorConfig, TowerConfig, ViewConfig
+from edgevlm.config import ResamplerConnectorConfig, StripRegroupConfig, TowerConfig, ViewConfig
 from edgevlm.errors import CheckpointError
 
 from .hf_vision import vit_from_hf
@@ -78,7 +92,10 @@ KNOWN_VISION_ENCODERS: dict[str, dict[str, Any]] = {
         num_attention_heads=16, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
         layer_norm_eps=1e-6),
 }
-SUPPORTED_ASPECT_RATIOS = ("pad",)  # base view only; "anyres" (the released default) is not implemented
+SUPPORTED_ASPECT_RATIOS = ("pad", "anyres")  # base view only / base view + tiles regrouped into strips
+# open_flamingo's default grids, (width, height) in multiples of the base size (instruction_finetune.py l.162,
+# made pixels by sft_data_utils.py l.317-320); the released processor and configs use the same five, in this order
+DEFAULT_ANYRES_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 
 def _section(path: Path, hf: dict, key: str) -> dict:
@@ -141,10 +158,45 @@ def _aspect_ratio(path: Path, enc: dict) -> str:
     mode = enc.get("image_aspect_ratio", "anyres")  # XGenMMPerceiver's default
     if mode not in SUPPORTED_ASPECT_RATIOS:
         raise CheckpointError(f"{path / 'config.json'}: vision_encoder_config.image_aspect_ratio {mode!r} is not "
-                              f"supported: edgevlm runs xGen-MM's base view only ({', '.join(SUPPORTED_ASPECT_RATIOS)}); "
-                              "the any-resolution tiles of 'anyres' (regrouped into row strips before the resampler) "
-                              "are not implemented for this layout")
+                              f"supported; supported: {', '.join(SUPPORTED_ASPECT_RATIOS)}")
+    if mode == "anyres" and enc.get("anyres_patch_sampling", True) is not True:  # XGenMMPerceiver's default: True
+        raise CheckpointError(f"{path / 'config.json'}: vision_encoder_config.anyres_patch_sampling "
+                              f"{enc.get('anyres_patch_sampling')!r} is not supported: edgevlm runs 'anyres' with "
+                              "anyres_patch_sampling=true (tiles regrouped into strips, each resampled on its own); "
+                              "without it the reference resamples all of an image's tokens at once, padded across "
+                              "the batch (vlm.py l.262-303), which is not implemented")
     return mode
+
+
+def _anyres_views(path: Path, enc: dict, base: int) -> ViewConfig:
+    """``anyres_grids`` (``[width, height]`` in pixels, read as ``select_best_resolution`` reads them)
+    -> ViewConfig ``(rows, cols)`` grids in the same order (ties go to the earlier grid), black canvas
+    fill (``resize_and_pad_image``, any_res_data_utils.py l.124)."""
+    grids = enc.get("anyres_grids")
+    if grids is None:
+        grids = [[base * m, base * n] for m, n in DEFAULT_ANYRES_GRIDS]
+    where = f"{path / 'config.json'}: vision_encoder_config.anyres_grids"
+    if not isinstance(grids, (list, tuple)) or not grids:
+        raise CheckpointError(f"{where} must be a non-empty list of [width, height] pixel pairs, got {grids!r}")
+    out = []
+    for g in grids:
+        ok = isinstance(g, (list, tuple)) and len(g) == 2 and \
+            all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % base == 0 for v in g)
+        if not ok:
+            raise CheckpointError(f"{where}: entry {g!r} must be [width, height], positive multiples of the vision "
+                                  f"encoder's image_size {base}")
+        out.append((g[1] // base, g[0] // base))  # (rows, cols)
+    return ViewConfig(kind="anyres", anyres_grids=tuple(out), anyres_fill=(0, 0, 0))
+
+
+def _refuse_image_newline(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """``_encode_vision_x_anyres`` appends ``image_newline`` to every map row when the model has one
+    (vlm.py l.249-253, l.268-272); XGenMMPerceiver never creates it, so a checkpoint holding it is
+    another model."""
+    extra = sorted(k for k in state if k.split(".")[-1] == "image_newline" or ".image_newline." in k)
+    if extra:
+        raise CheckpointError(f"{path}: checkpoint has {extra[0]!r}: an image_newline after each token-map row "
+                              "is not implemented for xgenmm folders (the released models have none)")
 
 
 def _resampler_state(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
@@ -190,9 +242,10 @@ def read_xgenmm_tower(path: str | Path) -> tuple[TowerConfig, dict[str, torch.Te
     enc = _section(path, hf, "vision_encoder_config")
     tok = _section(path, hf, "vision_tokenizer_config")
     text = _section(path, hf, "text_config")
-    _aspect_ratio(path, enc)
+    mode = _aspect_ratio(path, enc)
     vision = _vision_config(path, enc)
     state = load_safetensors_dir(path, keep=lambda k: not k.startswith(LM_PREFIX))
+    _refuse_image_newline(path, state)
     image_size = vision.get("image_size", 224)
     vit_cfg, vit_state = vit_from_hf(vision, state, VISION_PREFIX, name="siglip",
                                      **_check_preprocessor(path, image_size if isinstance(image_size, int) else 0))
@@ -206,7 +259,11 @@ def read_xgenmm_tower(path: str | Path) -> tuple[TowerConfig, dict[str, torch.Te
                                     heads=RESAMPLER_HEADS, head_dim=RESAMPLER_HEAD_DIM,
                                     num_latents=int(tok.get("num_vis_tokens", 128)), ff_mult=RESAMPLER_FF_MULT,
                                     norm_eps=RESAMPLER_EPS)
-    tower = TowerConfig(encoders=(vit_cfg,), connector=conn, views=ViewConfig(kind="stretch"))
+    if mode == "anyres":  # base view + tiles, the tiles' tokens regrouped into strips before the resampler
+        tower = TowerConfig(encoders=(vit_cfg,), connector=conn, views=_anyres_views(path, enc, vit_cfg.image_size),
+                            regroup=StripRegroupConfig())
+    else:
+        tower = TowerConfig(encoders=(vit_cfg,), connector=conn, views=ViewConfig(kind="stretch"))
     out = {"encoders." + vit_cfg.name + "." + k: v for k, v in vit_state.items()}
     out.update(_resampler_state(state, RESAMPLER_DEPTH))
     return tower, out
@@ -280,4 +337,4 @@ def adapt_decoder_state(path: Path, hf: dict, text: dict, state: dict[str, torch
 
 
 __all__ = ["read_xgenmm_tower", "adapt_decoder_state", "check_special_tokens", "SPECIAL_TOKENS",
-           "KNOWN_VISION_ENCODERS"]
+           "KNOWN_VISION_ENCODERS", "DEFAULT_ANYRES_GRIDS"]
