@@ -51,6 +51,36 @@ def validation_batches(contract: ExportContract, images: list) -> list[dict[str,
     return batches
 
 
+def validation_instruction_lengths(contract: ExportContract) -> tuple[int, ...]:
+    """The instruction lengths an InstructBLIP export is validated at: the Q-Former's longest (``max_positions``,
+    rows padded to it) and a short one; () for towers without an instruction."""
+    t = contract.instruction
+    if t is None:
+        return ()
+    return (t.max_tokens, min(5, t.max_tokens - 1)) if t.max_tokens > 1 else (1,)
+
+
+def validation_feeds(contract: ExportContract, images: list) -> list:
+    """What :func:`~.validate.validate` runs: :func:`validation_batches`, and for an InstructBLIP tower each
+    batch paired with a :func:`~.calibration.synthetic_instruction` -- the first at the longest instruction
+    (rows of different lengths padded to it), the next at a short one without padding, so that the
+    ``instruction_tokens`` axis is checked at two lengths (a single batch of views is run at both)."""
+    from .calibration import synthetic_instruction
+
+    batches = validation_batches(contract, images)
+    lengths = validation_instruction_lengths(contract)
+    if not lengths:
+        return batches
+    if len(batches) < len(lengths):
+        batches = batches + [batches[-1]] * (len(lengths) - len(batches))
+    feeds = []
+    for i, views in enumerate(batches):
+        n = next(iter(views.values())).shape[0]
+        length = lengths[min(i, len(lengths) - 1)]
+        feeds.append((views, synthetic_instruction(contract.instruction, n, length, seed=i, padded=i == 0)))
+    return feeds
+
+
 def aspect_crops(image, grids) -> list:
     """Centre crops of ``image`` shaped like each ``(rows, cols)`` canvas (rows:cols = height:width), so that
     an any-resolution recipe picks each grid at least once whatever the validation photos' shapes."""
@@ -119,7 +149,7 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
     (tmp / "fp32").mkdir(parents=True)
     try:
         images = validation_images()
-        vbatches = validation_batches(contract, images)
+        vbatches = validation_feeds(contract, images)
         with stages("export fp32 ONNX"):
             fp32 = export_onnx(model, contract, tmp / "fp32" / "tower.fp32.onnx", opset=opset)
         # Past 2 GB the exporter writes tensors beside the graph; later graphs must do the same.
@@ -173,7 +203,7 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
                                                   "scenes, a digit), none calibrated on" + (
                                                       "; for any-resolution views also crops of the first "
                                                       "shaped like each grid" if len(contract.view_counts) > 1
-                                                      else ""), **checks, **extra},
+                                                      else "") + _instruction_note(contract), **checks, **extra},
                             device=device, created=now())
         write_manifest(tmp, manifest)
         if out.exists():
@@ -186,9 +216,19 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
     return manifest
 
 
+def _instruction_note(contract: ExportContract) -> str:
+    lengths = validation_instruction_lengths(contract)
+    if not lengths:
+        return ""
+    return (f"; instructions: seeded Q-Former ids (not words) of {' and '.join(map(str, lengths))} tokens, "
+            "the first with rows padded to it")
+
+
 def export_tower(source: Any, *, out: str | Path, to: str = "onnx", precision: str = "fp32", **kw) -> Manifest:
     """Export the vision tower + connector of ``source`` (a preset name, an edgevlm checkpoint folder,
-    a transformers LLaVA / BLIP-2 folder, or a config) to ``out``.
+    a transformers LLaVA / BLIP-2 / InstructBLIP folder, or a config) to ``out``. An InstructBLIP tower's
+    graph also takes the instruction (``qformer_input_ids`` / ``qformer_attention_mask``, see
+    :mod:`.contract`).
 
     ``to``: ``"onnx"`` or ``"tensorrt"`` (needs ``tensorrt`` and a CUDA GPU). ``precision``: ``"fp32"``,
     ``"fp16"`` or ``"int8"`` (static quantization calibrated on ``calib_images`` images: a folder
@@ -206,7 +246,8 @@ def export_tower(source: Any, *, out: str | Path, to: str = "onnx", precision: s
 
 def open_export(folder: str | Path, *, backend: str, model: VisionTowerModel | None = None,
                 threads: int | None = None, providers: tuple[str, ...] | None = None, digest: str | None = None):
-    """Check an export folder and return a runner ``(views, masks=None) -> embeddings``.
+    """Check an export folder and return a runner ``(views, masks=None, text=None) -> embeddings`` (``text``:
+    an InstructBLIP tower's instruction, as :meth:`VisionTowerModel.forward` takes it).
 
     With ``model`` (the tower the runtime loaded), the export must have been made from the same
     weights (:class:`~edgevlm.errors.StaleExportError` otherwise). A TensorRT engine must match this
@@ -270,4 +311,5 @@ def cached_export(model: VisionTowerModel, *, backend: str, precision: str = "fp
     return folder
 
 
-__all__ = ["export_tower", "export_model", "open_export", "cached_export", "cache_dir", "BACKENDS"]
+__all__ = ["export_tower", "export_model", "open_export", "cached_export", "cache_dir", "BACKENDS", "validation_feeds",
+           "validation_batches"]

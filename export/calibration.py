@@ -15,9 +15,9 @@ from typing import Iterable
 import numpy as np
 
 from edgevlm.config import TowerConfig
-from edgevlm.errors import ImageError
+from edgevlm.errors import ConfigError, ImageError
 
-from .contract import ExportContract
+from .contract import INSTRUCTION_IDS, INSTRUCTION_MASK, ExportContract, InstructionProfile
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -83,18 +83,50 @@ def _skimage_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
+def synthetic_instruction(profile: InstructionProfile, n_views: int, length: int, *, seed: int,
+                          padded: bool = True):
+    """An instruction for an InstructBLIP tower's export, calibration and validation: ``(ids int64 [n_views,
+    length], mask bool [n_views, length])``, seeded ids drawn from the Q-Former's vocabulary (never its pad id).
+
+    With ``padded`` the rows' lengths cycle through ``length``, about half of it and 1, so that the mask hides
+    padding (as a batch of images with different questions has it) and a one-token row is in there too;
+    otherwise every row is ``length`` tokens. Export has only the weights, not the Q-Former tokenizer, so the
+    ids are not words; the graph computes the same for any ids, and the bound is on the difference to eager."""
+    import torch
+
+    if not 1 <= length <= profile.max_tokens:
+        raise ConfigError(f"instruction length {length} outside [1, {profile.max_tokens}]")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, profile.vocab_size - 1, (n_views, length), generator=g)
+    ids = ids + (ids >= profile.pad_id).long()  # skip the pad id: [0, vocab) without it
+    cycle = (length, max(1, (length + 1) // 2), 1) if padded else (length,)
+    lengths = torch.tensor([cycle[i % len(cycle)] for i in range(n_views)])
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    ids = ids.masked_fill(~mask, profile.pad_id)  # right-padded, as the Q-Former's BERT tokenizer pads
+    return ids, mask
+
+
 def view_batches(tower: TowerConfig, contract: ExportContract, images: Iterable[np.ndarray],
                  per_batch: int = 1) -> list[dict[str, np.ndarray]]:
-    """Images -> graph feeds ``{input name: [views, 3, R, R]}``, ``per_batch`` images each."""
+    """Images -> graph feeds ``{input name: [views, 3, R, R]}``, ``per_batch`` images each. An InstructBLIP
+    tower's feeds also carry a :func:`synthetic_instruction` per batch (lengths varying between batches): the
+    Q-Former stays float, but the graph needs every input to run."""
     from edgevlm.runtime.preprocess import Preprocessor
 
     pre = Preprocessor(tower)
     images = list(images)
     out = []
+    t = contract.instruction
     for i in range(0, len(images), per_batch):
         views = pre(images[i:i + per_batch]).views
-        out.append({spec.name: views[enc].numpy() for enc, spec in zip(contract.encoder_names, contract.inputs)})
+        feed = {spec.name: views[enc].numpy() for enc, spec in zip(contract.encoder_names, contract.pixel_inputs)}
+        if t is not None:
+            n = next(iter(views.values())).shape[0]
+            ids, mask = synthetic_instruction(t, n, 1 + (i * 7) % t.max_tokens, seed=1000 + i)
+            feed[INSTRUCTION_IDS], feed[INSTRUCTION_MASK] = ids.numpy(), mask.long().numpy()
+        out.append(feed)
     return out
 
 
-__all__ = ["calibration_images", "validation_images", "view_batches", "IMAGE_SUFFIXES", "SKIMAGE_PHOTOS"]
+__all__ = ["calibration_images", "validation_images", "view_batches", "synthetic_instruction", "IMAGE_SUFFIXES",
+           "SKIMAGE_PHOTOS"]

@@ -28,6 +28,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     p = c.profile
     per_image = " or ".join(map(str, c.view_counts))  # anyres: one count per grid size
     print(f"  views   {per_image} per image; profile min/opt/max {p.min_views}/{p.opt_views}/{p.max_views} views")
+    if c.instruction is not None:  # InstructBLIP: the Q-Former reads the instruction, a second dynamic axis
+        t = c.instruction
+        print(f"  instr   Q-Former instruction, profile min/opt/max {t.min_tokens}/{t.opt_tokens}/{t.max_tokens} tokens")
     for role, f in m.files.items():
         print(f"  file    {f['path']:<22} {f['bytes'] / 2**20:.1f} MB  ({role})")
     final = "tensorrt" if m.target == "tensorrt" else m.precision
@@ -46,8 +49,8 @@ def add_parser(sub) -> None:
                        "resampler) as one graph with a dynamic number of views, validate it against eager "
                        "PyTorch on real images, and write it with a manifest.json to --out.")
     p.add_argument("source", nargs="?", default=None, metavar="MODEL",
-                   help="preset name, edgevlm checkpoint folder or transformers LLaVA / LLaVA-NeXT / BLIP-2 folder "
-                   "(default: demo)")
+                   help="preset name, edgevlm checkpoint folder or transformers LLaVA / LLaVA-NeXT / BLIP-2 / "
+                   "InstructBLIP folder (default: demo)")
     p.add_argument("--model", "-m", default=None, help="same as MODEL")
     p.add_argument("--to", default="onnx", choices=TARGETS, help="onnx (ONNX Runtime) or tensorrt (needs a GPU)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,

@@ -20,13 +20,23 @@ sequence (:class:`~edgevlm.runtime.connectors.anyres.AnyresPacker`: stitching, u
 Such a tower exports only when its connector does not read the views' padding masks
 (``ConnectorConfig.reads_token_masks``, false for LLaVA's token-wise MLP): ``token_masks = "unused"``
 then tells runners to accept the preprocessor's masks and drop them. A resampler (xGen-MM) reads them
-and would need them as graph inputs, which is not done yet; it is refused. So are towers whose
-Q-Former reads an instruction (InstructBLIP): the graph has no text input.
+and would need them as graph inputs, which is not done yet; it is refused.
+
+A tower whose Q-Former reads the instruction (InstructBLIP, ``QFormerConfig.text`` set) takes it as two
+more inputs, named as ``InstructBlipProcessor`` names them, one row per view (each view reads its image's
+instruction, right-padded to the longest)::
+
+    inputs   qformer_input_ids       int64 [views, instruction_tokens]   Q-Former (BERT) token ids
+             qformer_attention_mask  int64 [views, instruction_tokens]   1 = real token, 0 = padding
+
+``instruction_tokens`` is a second dynamic axis, bounded by :class:`InstructionProfile` (TensorRT: 1 to
+the Q-Former's ``max_positions``, tuned at 32). Towers without an instruction keep exactly the graph
+above: no such inputs, and no ``instruction`` entry in the contract.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgevlm.config import QFormerConnectorConfig, TowerConfig
@@ -36,6 +46,11 @@ from edgevlm.options import VISION_PRECISIONS
 INPUT_PREFIX = "pixels."
 OUTPUT_NAME = "visual_embeds"
 VIEWS_AXIS = "views"
+# InstructBLIP: the instruction's inputs, named as InstructBlipProcessor names them, and their length axis
+INSTRUCTION_IDS = "qformer_input_ids"
+INSTRUCTION_MASK = "qformer_attention_mask"
+INSTRUCTION_AXIS = "instruction_tokens"
+OPT_INSTRUCTION_TOKENS = 32  # TensorRT tunes at this length (a short question), clipped to max_positions
 TOKEN_MASKS = ("none", "unused")  # what runners do with anyres padding masks: none come / accepted and dropped
 PRECISIONS = VISION_PRECISIONS  # one list for load(vision_precision=...) and export
 TARGETS = ("onnx", "tensorrt")
@@ -49,8 +64,11 @@ class TensorSpec:
     shape: tuple[int | str, ...]
     dtype: str = "float32"
 
-    def concrete(self, views: int) -> tuple[int, ...]:
-        return tuple(views if d == VIEWS_AXIS else int(d) for d in self.shape)
+    def concrete(self, views: int, tokens: int | None = None) -> tuple[int, ...]:
+        """The shape for ``views`` views (and, for the instruction's inputs, ``tokens`` tokens)."""
+        if tokens is None and INSTRUCTION_AXIS in self.shape:
+            raise ConfigError(f"input {self.name!r} has an {INSTRUCTION_AXIS!r} axis: its shape needs a token count")
+        return tuple(views if d == VIEWS_AXIS else tokens if d == INSTRUCTION_AXIS else int(d) for d in self.shape)
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,32 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class InstructionProfile:
+    """Bounds of the ``instruction_tokens`` axis (InstructBLIP): TensorRT builds for [min, max] tokens and
+    tunes at ``opt``; ``max_tokens`` is the Q-Former's ``max_positions`` (its position table), which also
+    bounds ONNX Runtime. ``vocab_size`` bounds the ids (the graph's Gather would fail on others)."""
+
+    min_tokens: int
+    opt_tokens: int
+    max_tokens: int
+    vocab_size: int
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.min_tokens <= self.opt_tokens <= self.max_tokens:
+            raise ConfigError(f"instruction profile needs 1 <= min <= opt <= max tokens, got "
+                              f"{self.min_tokens}/{self.opt_tokens}/{self.max_tokens}")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ConfigError(f"instruction pad_id {self.pad_id} is outside the vocabulary [0, {self.vocab_size})")
+
+    @classmethod
+    def for_text(cls, text) -> "InstructionProfile":
+        """From a :class:`~edgevlm.config.QFormerTextConfig`."""
+        return cls(1, min(OPT_INSTRUCTION_TOKENS, text.max_positions), text.max_positions, text.vocab_size,
+                   text.pad_id)
+
+
+@dataclass(frozen=True)
 class ExportContract:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -76,21 +120,28 @@ class ExportContract:
     tower: dict[str, Any] = field(default_factory=dict)  # TowerConfig.to_dict(): preprocessing travels along
     view_counts: tuple[int, ...] = ()  # every count of views one image may have, ascending; () = (views_per_image,)
     token_masks: str = "none"  # "unused": anyres padding masks come with the views and are dropped (see above)
+    instruction: InstructionProfile | None = None  # InstructBLIP: the graph takes qformer_input_ids / _attention_mask
 
     def __post_init__(self):
         if not self.view_counts:
             object.__setattr__(self, "view_counts", (self.views_per_image,))
         if self.token_masks not in TOKEN_MASKS:
             raise ConfigError(f"token_masks must be one of {TOKEN_MASKS}, got {self.token_masks!r}")
+        has_inputs = [n for n in (INSTRUCTION_IDS, INSTRUCTION_MASK) if n in self.input_names]
+        if (self.instruction is None and has_inputs) or (self.instruction is not None and len(has_inputs) != 2):
+            raise ConfigError(f"contract: the instruction inputs ({INSTRUCTION_IDS}, {INSTRUCTION_MASK}) and the "
+                              f"instruction profile come together; got inputs {has_inputs} and profile "
+                              f"{self.instruction}")
 
     @classmethod
     def for_tower(cls, config: TowerConfig, *, max_images: int = 4, opt_images: int = 1) -> "ExportContract":
         c = config.connector
-        if isinstance(c, QFormerConnectorConfig) and c.qformer.text is not None:
-            raise ConfigError("this tower's Q-Former reads the prompt (InstructBLIP: QFormerConfig.text), and an "
-                              "exported graph has no instruction input (qformer_ids / qformer_mask) yet; run "
-                              "it with vision_backend='torch'")
         masks = "none"
+        if config.regroup is not None:  # checked first: its error says what the graph lacks
+            raise ConfigError("a tower that regroups its any-resolution tiles before the connector (xGen-MM's "
+                              "anyres strips, TowerConfig.regroup) cannot be exported yet: the graph would need "
+                              "the per-image token order and the groups' masks as inputs; export the base-image "
+                              "path (image_aspect_ratio 'pad') or run the tower in torch")
         if not config.views.fixed_views:
             if c.reads_token_masks():
                 raise ConfigError(f"views kind {config.views.kind!r} with a {c.kind!r} connector cannot be exported "
@@ -105,10 +156,15 @@ class ExportContract:
             tuple(sorted({1 + r * cols for r, cols in config.views.anyres_grids}))
         inputs = tuple(TensorSpec(INPUT_PREFIX + e.name, (VIEWS_AXIS, 3, e.image_size, e.image_size))
                        for e in config.encoders)
+        instruction = None
+        if isinstance(c, QFormerConnectorConfig) and c.qformer.text is not None:  # InstructBLIP
+            instruction = InstructionProfile.for_text(c.qformer.text)
+            inputs += (TensorSpec(INSTRUCTION_IDS, (VIEWS_AXIS, INSTRUCTION_AXIS), "int64"),
+                       TensorSpec(INSTRUCTION_MASK, (VIEWS_AXIS, INSTRUCTION_AXIS), "int64"))
         outputs = (TensorSpec(OUTPUT_NAME, (VIEWS_AXIS, config.tokens_per_view, config.out_width)),)
         return cls(inputs=inputs, outputs=outputs, views_per_image=v,
                    profile=Profile(counts[0], v * opt_images, v * max_images), tower=config.to_dict(),
-                   view_counts=counts, token_masks=masks)
+                   view_counts=counts, token_masks=masks, instruction=instruction)
 
     # ---- views onto the contract ---------------------------------------------------------------
     @property
@@ -120,8 +176,13 @@ class ExportContract:
         return [t.name for t in self.outputs]
 
     @property
+    def pixel_inputs(self) -> tuple[TensorSpec, ...]:
+        """The views' inputs, one per encoder, in the graph's order (the instruction's follow them)."""
+        return tuple(t for t in self.inputs if t.name.startswith(INPUT_PREFIX))
+
+    @property
     def encoder_names(self) -> list[str]:
-        return [n[len(INPUT_PREFIX):] for n in self.input_names]
+        return [t.name[len(INPUT_PREFIX):] for t in self.pixel_inputs]
 
     @property
     def max_images(self) -> int:
@@ -136,10 +197,55 @@ class ExportContract:
                 for t in (*self.inputs, *self.outputs)}
 
     def trt_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """For a TensorRT optimisation profile: input name -> (min, opt, max) shapes."""
-        p = self.profile
-        return {t.name: (t.concrete(p.min_views), t.concrete(p.opt_views), t.concrete(p.max_views))
-                for t in self.inputs}
+        """For a TensorRT optimisation profile: input name -> (min, opt, max) shapes. The instruction's
+        inputs take the views' bounds on their first axis and :class:`InstructionProfile`'s on their second."""
+        p, t = self.profile, self.instruction
+        lo, opt, hi = (t.min_tokens, t.opt_tokens, t.max_tokens) if t is not None else (None, None, None)
+        return {s.name: (s.concrete(p.min_views, lo), s.concrete(p.opt_views, opt), s.concrete(p.max_views, hi))
+                for s in self.inputs}
+
+    def instruction_inputs(self, text, n_views: int, *, min_tokens: int = 0):
+        """Runners' check of the instruction that came with ``n_views`` views -> ``(ids int64 [n_views, L],
+        mask int64 [n_views, L])`` on the CPU, or None for a tower without one.
+
+        ``text`` is what :meth:`~edgevlm.runtime.tower.VisionTowerModel.forward` takes: ``(ids, mask or None)``.
+        ``None`` for an instruction tower feeds an empty instruction (L = 0), which is the Q-Former's query
+        path (the eager model without ``text``) where the runtime allows zero-length inputs (ONNX Runtime);
+        ``min_tokens`` is the least L the runner's engine was built for (TensorRT: the profile's minimum)."""
+        t = self.instruction
+        if t is None:
+            if text is not None:
+                raise ConfigError("this exported tower's connector takes no instruction (only an InstructBLIP "
+                                  "Q-Former reads one)")
+            return None
+        import torch
+
+        if text is None:
+            ids, mask = torch.zeros(n_views, 0, dtype=torch.long), None
+        else:
+            if not isinstance(text, (tuple, list)) or len(text) != 2:
+                raise ShapeError("instruction must be a pair (ids [n_views, L], mask [n_views, L] or None)")
+            ids, mask = text
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != n_views \
+                or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            got = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ShapeError(f"{INSTRUCTION_IDS}: expected integer ids [{n_views}, L] (one row per view), got {got}")
+        length = ids.shape[1]
+        if not min_tokens <= length <= t.max_tokens:
+            raise ShapeError(f"{INSTRUCTION_IDS}: {length} tokens are outside the exported tower's "
+                             f"[{min_tokens}, {t.max_tokens}] (max_positions of the Q-Former"
+                             + (", the least its engine was built for)" if min_tokens else ")"))
+        if length and (int(ids.min()) < 0 or int(ids.max()) >= t.vocab_size):
+            raise ShapeError(f"{INSTRUCTION_IDS} must lie in [0, {t.vocab_size}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        if mask is None:
+            mask = torch.ones(n_views, length, dtype=torch.long)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (n_views, length) \
+                or mask.dtype.is_floating_point or mask.dtype.is_complex:
+            got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ShapeError(f"{INSTRUCTION_MASK}: expected a bool or 0/1 integer mask [{n_views}, {length}] like "
+                             f"the ids, got {got}")
+        return ids.to("cpu", torch.long), (mask.to("cpu") != 0).to(torch.long)
 
     def drop_masks(self, masks: dict[str, Any] | None, n_views: int) -> None:
         """Runners' check of the token masks that came with ``n_views`` views: none for a graph without
@@ -155,8 +261,12 @@ class ExportContract:
             if m.dim() != 2 or m.shape[0] != n_views:
                 raise ShapeError(f"token mask for encoder {name!r}: expected [{n_views}, tokens], got {list(m.shape)}")
 
-    def example_shapes(self, images: int = 1) -> dict[str, tuple[int, ...]]:
-        return {t.name: t.concrete(images * self.views_per_image) for t in self.inputs}
+    def example_shapes(self, images: int = 1, tokens: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Input shapes for ``images`` images (of the most views), instructions of ``tokens`` tokens
+        (default: the profile's ``opt``)."""
+        if tokens is None and self.instruction is not None:
+            tokens = self.instruction.opt_tokens
+        return {t.name: t.concrete(images * self.views_per_image, tokens) for t in self.inputs}
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +278,7 @@ class ExportContract:
                 "views_per_image": self.views_per_image, "view_counts": list(self.view_counts),
                 "token_masks": self.token_masks,
                 "profile": {"min_views": p.min_views, "opt_views": p.opt_views, "max_views": p.max_views},
+                **({"instruction": asdict(self.instruction)} if self.instruction is not None else {}),
                 "tower": self.tower}
 
     @classmethod
@@ -177,7 +288,8 @@ class ExportContract:
         return cls(inputs=tuple(spec(x) for x in d["inputs"]), outputs=tuple(spec(x) for x in d["outputs"]),
                    views_per_image=int(d["views_per_image"]), profile=Profile(**d["profile"]), tower=d["tower"],
                    view_counts=tuple(int(n) for n in d.get("view_counts", ())),
-                   token_masks=d.get("token_masks", "none"))
+                   token_masks=d.get("token_masks", "none"),
+                   instruction=InstructionProfile(**d["instruction"]) if d.get("instruction") else None)
 
 
 def check_precision(precision: str, target: str = "onnx") -> str:
@@ -188,5 +300,6 @@ def check_precision(precision: str, target: str = "onnx") -> str:
     return precision
 
 
-__all__ = ["ExportContract", "TensorSpec", "Profile", "INPUT_PREFIX", "OUTPUT_NAME", "VIEWS_AXIS", "TOKEN_MASKS",
-           "PRECISIONS", "TARGETS", "check_precision"]
+__all__ = ["ExportContract", "TensorSpec", "Profile", "InstructionProfile", "INPUT_PREFIX", "OUTPUT_NAME", "VIEWS_AXIS",
+           "TOKEN_MASKS", "INSTRUCTION_IDS", "INSTRUCTION_MASK", "INSTRUCTION_AXIS", "PRECISIONS", "TARGETS",
+           "check_precision"]

@@ -33,19 +33,27 @@ class TowerGraph(nn.Module):
     (``VisionTowerModel.per_image``: unpad + ``image_newline``, which depend on the image's original size)
     runs in torch on the graph's output, for every backend alike."""
 
-    def __init__(self, tower: VisionTowerModel, encoder_names: list[str]):
+    def __init__(self, tower: VisionTowerModel, encoder_names: list[str], instruction: bool = False):
         super().__init__()
         self.tower = tower
         self.encoder_names = list(encoder_names)
+        self.instruction = instruction  # InstructBLIP: two more inputs after the views, ids and mask [N, L]
 
-    def forward(self, *views: torch.Tensor) -> torch.Tensor:
-        return self.tower(dict(zip(self.encoder_names, views)))
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        n = len(self.encoder_names)
+        views = dict(zip(self.encoder_names, inputs[:n]))
+        if self.instruction:
+            ids, mask = inputs[n:]  # int64 [N, L] each; the Q-Former reads mask != 0
+            return self.tower(views, text=(ids, mask))
+        return self.tower(views)
 
 
 def export_onnx(model: VisionTowerModel, contract: ExportContract, path: str | Path, *,
                 opset: int = DEFAULT_OPSET) -> Path:
     """Trace ``model`` (fp32, CPU) into ``path``; example inputs have two images so that no size
-    in the graph can be mistaken for a batch of one."""
+    in the graph can be mistaken for a batch of one. An instruction tower's example instruction has rows of
+    different lengths (padding under the mask); its length is traced as the dynamic ``instruction_tokens``
+    axis, and validation runs the graph at two other lengths."""
     try:
         import onnx
     except ImportError:
@@ -54,8 +62,15 @@ def export_onnx(model: VisionTowerModel, contract: ExportContract, path: str | P
     model = model.float().eval()
     shapes = contract.example_shapes(images=2)
     gen = torch.Generator().manual_seed(0)
-    example = tuple(torch.randn(shapes[n], generator=gen) for n in contract.input_names)
-    graph = TowerGraph(model, contract.encoder_names).eval()
+    example = tuple(torch.randn(shapes[t.name], generator=gen) for t in contract.pixel_inputs)
+    if contract.instruction is not None:
+        from .calibration import synthetic_instruction
+
+        n = shapes[contract.pixel_inputs[0].name][0]
+        length = min(contract.instruction.max_tokens, 7)  # any length traces the same graph; a short one is quick
+        ids, mask = synthetic_instruction(contract.instruction, n, length, seed=0)  # rows padded to 7, 4 and 1
+        example += (ids, mask.long())
+    graph = TowerGraph(model, contract.encoder_names, instruction=contract.instruction is not None).eval()
     with warnings.catch_warnings():
         # The tower turns spatial sizes into constants on purpose (fixed by the contract); the tracer
         # warns about every such int().

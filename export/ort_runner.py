@@ -1,9 +1,12 @@
 """Run an exported tower with ONNX Runtime, behind the same call as the eager model.
 
-``runner(views, masks) -> [views, tokens_per_view, out_width]`` with ``views`` the preprocessed
+``runner(views, masks, text=None) -> [views, tokens_per_view, out_width]`` with ``views`` the preprocessed
 ``{encoder: [N, 3, R, R]}`` dict the preprocessor makes (for an any-resolution tower, every image's base
 view and tiles; the caller packs them per image afterwards, as with the eager model), so
-:class:`~edgevlm.runtime.tower.VisionTower` swaps backends without changing anything else.
+:class:`~edgevlm.runtime.tower.VisionTower` swaps backends without changing anything else. ``text`` is
+an InstructBLIP tower's instruction as the eager model takes it, ``(ids [N, L], mask [N, L] or None)``,
+fed as ``qformer_input_ids`` / ``qformer_attention_mask``; without one such a graph gets an empty
+instruction (L = 0), which computes the Q-Former's query path as the eager model does without ``text``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 from edgevlm.errors import BackendUnavailableError, ExportError, ShapeError
 
-from .contract import ExportContract
+from .contract import INSTRUCTION_IDS, INSTRUCTION_MASK, ExportContract
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -54,7 +57,7 @@ def ort_session(path: str | Path, *, threads: int | None = None, providers: tupl
 
 
 class OrtTowerRunner:
-    """``(views, masks=None) -> torch.Tensor`` backed by an ONNX Runtime session."""
+    """``(views, masks=None, text=None) -> torch.Tensor`` backed by an ONNX Runtime session."""
 
     backend = "onnxruntime"
 
@@ -70,9 +73,10 @@ class OrtTowerRunner:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
+                 text=None) -> torch.Tensor:
         feed, n = {}, None
-        for name, spec in zip(self.contract.encoder_names, self.contract.inputs):
+        for name, spec in zip(self.contract.encoder_names, self.contract.pixel_inputs):
             if name not in views:
                 raise ShapeError(f"no views for encoder {name!r}; got views for {sorted(views)}")
             x = views[name]
@@ -82,6 +86,9 @@ class OrtTowerRunner:
                 raise ShapeError(f"views for encoder {name!r}: expected {list(want)}, got {list(x.shape)}")
             feed[spec.name] = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         self.contract.drop_masks(masks, n)  # anyres padding masks the connector does not read: checked, not fed
+        instruction = self.contract.instruction_inputs(text, n)  # InstructBLIP: (ids, mask) int64 [n, L]
+        if instruction is not None:
+            feed[INSTRUCTION_IDS], feed[INSTRUCTION_MASK] = (np.ascontiguousarray(t.numpy()) for t in instruction)
         out = self.session.run(self.contract.output_names, feed)[0]
         return torch.from_numpy(out)
 

@@ -1,7 +1,8 @@
 """TensorRT engines from the exported ONNX graph, and a runner for them.
 
 Build (``build_engine``): parse the ONNX graph, one optimisation profile from the contract
-(``views`` between one image and ``max_images`` images, tuned at ``opt``), a strongly typed network
+(``views`` between one image and ``max_images`` images, tuned at ``opt``; an InstructBLIP tower's
+``instruction_tokens`` between 1 and the Q-Former's ``max_positions``, tuned at 32), a strongly typed network
 where TensorRT has one (10.x; 11.x has nothing else), so precision comes from the graph: the fp16
 graph (:func:`edgevlm.export.onnx_precision.convert_fp16`) builds an FP16 engine, the symmetric QDQ graph an
 INT8 one (explicit quantization). A timing cache is reused across builds, and a DLA core with GPU
@@ -28,7 +29,7 @@ import torch
 
 from edgevlm.errors import BackendUnavailableError, ConfigError, CorruptExportError, ExportError, ShapeError, StaleExportError
 
-from .contract import ExportContract
+from .contract import INSTRUCTION_IDS, INSTRUCTION_MASK, ExportContract
 
 
 def trt_module():
@@ -124,7 +125,8 @@ def _network_flags(trt) -> tuple[int, bool]:
 
 
 class TrtTowerRunner:
-    """``(views, masks=None) -> torch.Tensor`` (on the GPU) backed by a TensorRT engine."""
+    """``(views, masks=None, text=None) -> torch.Tensor`` (on the GPU) backed by a TensorRT engine; ``text`` as
+    :class:`~edgevlm.export.ort_runner.OrtTowerRunner` takes it, within the engine's instruction profile."""
 
     backend = "tensorrt"
 
@@ -143,11 +145,12 @@ class TrtTowerRunner:
         if missing:
             raise CorruptExportError(f"{engine_path}: engine lacks tensors {missing} that the manifest lists")
 
-    def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
+                 text=None) -> torch.Tensor:
         n = None
         keep = []  # inputs must outlive the enqueue
         p = self.contract.profile
-        for enc, spec in zip(self.contract.encoder_names, self.contract.inputs):
+        for enc, spec in zip(self.contract.encoder_names, self.contract.pixel_inputs):
             if enc not in views:
                 raise ShapeError(f"no views for encoder {enc!r}; got views for {sorted(views)}")
             x = views[enc]
@@ -162,6 +165,14 @@ class TrtTowerRunner:
             self.context.set_input_shape(spec.name, tuple(x.shape))
             self.context.set_tensor_address(spec.name, x.data_ptr())
         self.contract.drop_masks(masks, n)  # anyres padding masks the connector does not read: checked, not fed
+        t = self.contract.instruction
+        instruction = self.contract.instruction_inputs(text, n, min_tokens=t.min_tokens if t is not None else 0)
+        if instruction is not None:  # InstructBLIP: ids and mask, in the integer type the engine declares
+            for name, x in zip((INSTRUCTION_IDS, INSTRUCTION_MASK), instruction):
+                x = x.to(self.device, self._int_dtype(name)).contiguous()
+                keep.append(x)
+                self.context.set_input_shape(name, tuple(x.shape))
+                self.context.set_tensor_address(name, x.data_ptr())
         out_spec = self.contract.outputs[0]
         out = torch.empty(out_spec.concrete(n), device=self.device, dtype=torch.float32)
         self.context.set_tensor_address(out_spec.name, out.data_ptr())
@@ -170,6 +181,18 @@ class TrtTowerRunner:
             raise ExportError("TensorRT execution failed (see its log above)")
         stream.synchronize()
         return out
+
+    def _int_dtype(self, name: str) -> torch.dtype:
+        """The torch type of an integer input as the engine declares it: INT64 where TensorRT keeps the graph's
+        int64 (10.x), INT32 where its parser narrowed it (8.x)."""
+        trt = trt_module()
+        kind = self.engine.get_tensor_dtype(name)
+        types = {trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
+        if hasattr(trt.DataType, "INT64"):
+            types[trt.DataType.INT64] = torch.int64
+        if kind not in types:
+            raise CorruptExportError(f"engine input {name!r} has type {kind}, not an integer type")
+        return types[kind]
 
 
 __all__ = ["build_engine", "TrtTowerRunner", "check_engine_device", "device_key", "trt_module"]

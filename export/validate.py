@@ -37,18 +37,27 @@ def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
             "min_cosine": float(cos.min())}
 
 
-def validate(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: torch.nn.Module,
-             batches: list[dict[str, torch.Tensor]], precision: str, *, output: str, what: str) -> dict:
+def validate(run: Callable[..., torch.Tensor], model: torch.nn.Module,
+             batches: list[dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], tuple]], precision: str, *,
+             output: str, what: str) -> dict:
     """Run ``run`` and ``model`` on every batch of views; raise :class:`ExportValidationError` naming
-    ``output`` and the error when the precision's bound is exceeded, else return the worst numbers."""
+    ``output`` and the error when the precision's bound is exceeded, else return the worst numbers.
+
+    A batch is a views dict, or for an InstructBLIP tower a pair ``(views, (ids [N, L], mask [N, L]))``:
+    then both run with that instruction (``run(views, text=...)``, ``model(views, text=...)``) and the
+    result also lists each batch's instruction length (``instruction_tokens``)."""
     metric, bound = TOLERANCES[precision]
     worst: dict[str, float] = {"max_abs": 0.0, "rel_max": 0.0, "rel_rms": 0.0, "min_cosine": 1.0}
-    batch_views = []
+    batch_views, batch_tokens = [], []
     model = model.float().eval()
-    for views in batches:
+    for batch in batches:
+        views, text = batch if isinstance(batch, tuple) else (batch, None)
         with torch.inference_mode():
-            ref = model({k: v.float() for k, v in views.items()}).numpy()
-        got = run(views).detach().to("cpu", torch.float32).numpy()
+            fp32 = {k: v.float() for k, v in views.items()}
+            ref = (model(fp32) if text is None else model(fp32, text=text)).numpy()
+        got = (run(views) if text is None else run(views, text=text)).detach().to("cpu", torch.float32).numpy()
+        if text is not None:
+            batch_tokens.append(int(text[0].shape[1]))
         if got.shape != ref.shape:
             raise ExportValidationError(f"{what}: output {output!r} has shape {list(got.shape)}, eager "
                                         f"{list(ref.shape)}", output=output)
@@ -64,7 +73,7 @@ def validate(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], model: torc
             f"min cosine {worst['min_cosine']:.5f})",
             output=output, error=worst[metric], tolerance=bound)
     return {**worst, "metric": metric, "bound": bound, "views": sum(batch_views), "batches": len(batches),
-            "batch_views": batch_views}
+            "batch_views": batch_views, **({"instruction_tokens": batch_tokens} if batch_tokens else {})}
 
 
 __all__ = ["validate", "compare", "TOLERANCES"]

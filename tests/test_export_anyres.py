@@ -11,6 +11,7 @@ embeddings also within the export's own validation bound (``TOLERANCES``); greed
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -93,24 +94,15 @@ def test_contract_records_variable_views(model):
     assert ExportContract.from_dict(old) == fixed
 
 
-def test_towers_that_need_more_graph_inputs_are_refused_at_export(tmp_path):
-    # xGen-MM: anyres views into a resampler that attends under the padding masks
-    with pytest.raises(ConfigError, match="'anyres' with a 'resampler' connector .* padding masks"):
+def test_towers_that_need_more_graph_inputs_are_refused_at_export():
+    # xGen-MM's released anyres: the tiles' tokens are regrouped per image before the resampler
+    with pytest.raises(ConfigError, match="regroups its any-resolution tiles .* cannot be exported"):
         ExportContract.for_tower(get_preset("xgen-mm").tower)
-    # InstructBLIP: the Q-Former reads the prompt; the graph has no qformer_ids / qformer_mask inputs
-    from edgevlm.config import (
-        QFormerConfig, QFormerConnectorConfig, QFormerTextConfig, TowerConfig, ViewConfig, ViTConfig,
-    )
-
-    vit = ViTConfig(name="vit", image_size=32, patch_size=8, width=24, depth=1, heads=2, mlp_dim=48)
-    qf = QFormerConfig(encoder="vit", encoder_width=24, num_queries=4, hidden=32, layers=2, heads=2, intermediate=64,
-                       text=QFormerTextConfig(vocab_size=30, max_positions=8))
-    cfg = TowerConfig(encoders=(vit,), connector=QFormerConnectorConfig(qformer=qf, out_width=32),
-                      views=ViewConfig(kind="stretch"))
-    m, _ = build_tower_model(cfg, allow_random=True)
-    with pytest.raises(ConfigError, match="reads the prompt .* no instruction input"):
-        export_model(m, out=tmp_path / "ib", progress=False)
-    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    # an anyres resampler without regrouping still attends under per-view padding masks the graph lacks
+    tower = replace(get_preset("xgen-mm").tower, regroup=None)
+    with pytest.raises(ConfigError, match="'anyres' with a 'resampler' connector .* padding masks"):
+        ExportContract.for_tower(tower)
+    # InstructBLIP's instruction inputs: tests/test_export_instructblip.py
     # BLIP-2's Q-Former (no text) still exports: test_export.py::test_other_connectors_export_matches_eager
 
 
