@@ -14,6 +14,8 @@ Three steps, each usable alone:
 3. **Place images** (:func:`build_multimodal_ids`): text is split at each image token and the pieces
    encoded separately, so the image token is never tokenised as text; the result lists text and
    image segments and builds ``inputs_embeds`` from a token-embedding function and image embeddings.
+   Pieces after the first continue it, except in formats listed in :data:`SEPARATE_SEGMENT_FORMATS`,
+   whose reference code encodes every piece as a string of its own (MiniGPT-4).
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ MINIGPT4_SYSTEM = ("Give the following image: <Img>ImageContent</Img>. "
                    "You will be able to see the image once I provide it to you. Please answer my questions.")
 MINIGPT4_IMAGE = "<Img><ImageHere></Img>"  # one uploaded image's Human message (conversation.py L228)
 MINIGPT4_STOP = "###"  # demo.py L72 stops on "###" ids; Chat.answer cuts the text there (conversation.py L190)
+
+# Chat formats whose reference code tokenises the text between images one piece at a time, each a fresh
+# string (BOS on the first piece only), so with a SentencePiece vocabulary every later piece gets its own
+# dummy-prefix "▁". MiniGPT-4: get_context_emb, minigpt4/models/minigpt_base.py L68-78 @ d94738a7
+# (and prompt_wrap, L110-121, the same way in training). Every other format encodes later pieces as
+# continuations of the first. ChatFormat.separate_segments defaults to membership here.
+SEPARATE_SEGMENT_FORMATS = frozenset({"minigpt4"})
 
 # Used when chat_format="template" and the checkpoint ships no template: plain text, no special
 # tokens (so it works with any vocabulary), one turn per line; generation stops at the next "\nUser:".
@@ -315,12 +324,19 @@ class ChatFormat:
     image_placement: str = "after_bos"
     image_token: str = "<image>"
     template_vars: dict = field(default_factory=dict)  # extra variables for the template
+    # Encode each text piece between images as a fresh string (see build_multimodal_ids); None: True
+    # for the formats in SEPARATE_SEGMENT_FORMATS, else False.
+    separate_segments: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CHAT_FORMATS:
             raise ConfigError(f"chat format must be one of {CHAT_FORMATS}, got {self.kind!r}")
         if self.image_placement not in IMAGE_PLACEMENTS:
             raise ConfigError(f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}")
+        if self.separate_segments is None:  # frozen: derived defaults go through object.__setattr__
+            object.__setattr__(self, "separate_segments", self.kind in SEPARATE_SEGMENT_FORMATS)
+        elif not isinstance(self.separate_segments, bool):
+            raise ConfigError(f"separate_segments must be a bool or None, got {self.separate_segments!r}")
 
     @classmethod
     def from_config(cls, config: "ModelConfig", tokenizer: Tokenizer) -> "ChatFormat":
@@ -362,8 +378,14 @@ class ChatFormat:
               add_generation_prompt: bool = True) -> "MultimodalPrompt":
         """``render`` + :func:`build_multimodal_ids`: one call from messages to positions."""
         text = self.render(messages, add_generation_prompt, n_images=len(tokens_per_image))
-        return build_multimodal_ids(tokenizer, text, len(tokens_per_image), tokens_per_image,
-                                    self.image_placement, self.image_token)
+        return self.encode(tokenizer, text, tokens_per_image)
+
+    def encode(self, tokenizer: Tokenizer, prompt_text: str,
+               tokens_per_image: Sequence[int] = ()) -> "MultimodalPrompt":
+        """Already rendered (or raw) prompt text -> positions, with this format's image placement, image
+        token and segment encoding (:func:`build_multimodal_ids`)."""
+        return build_multimodal_ids(tokenizer, prompt_text, len(tokens_per_image), tokens_per_image,
+                                    self.image_placement, self.image_token, separate_segments=self.separate_segments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +462,8 @@ class MultimodalPrompt:
 
 
 def build_multimodal_ids(tokenizer: Tokenizer, prompt_text: str, n_images: int, tokens_per_image: Sequence[int],
-                         placement: str, image_token: str = "<image>", add_bos: bool | None = None) -> MultimodalPrompt:
+                         placement: str, image_token: str = "<image>", add_bos: bool | None = None, *,
+                         separate_segments: bool = False) -> MultimodalPrompt:
     """Token ids and image positions for one prompt.
 
     - ``after_bos`` (SPHINX): all image blocks, in order, right after the first token when it is BOS,
@@ -452,8 +475,10 @@ def build_multimodal_ids(tokenizer: Tokenizer, prompt_text: str, n_images: int, 
       :meth:`ChatFormat.render` puts placeholders at the start of the first user turn instead).
 
     The text is split at each image token and the pieces encoded separately: BOS only on the first
-    piece, later pieces as continuations (no SentencePiece prefix space). A BOS the template wrote
-    itself is not doubled.
+    piece (per ``add_bos``), later pieces as continuations (no SentencePiece prefix space), or with
+    ``separate_segments`` each as a fresh string without BOS, as ``tokenizer(piece,
+    add_special_tokens=False)`` would (a SentencePiece vocabulary gives each piece its own dummy-prefix
+    "▁": ``"</Img> Hi"`` -> ``▁</Img>▁Hi``). A BOS the template wrote itself is not doubled.
     """
     if placement not in IMAGE_PLACEMENTS:
         raise ConfigError(f"image placement must be one of {IMAGE_PLACEMENTS}, got {placement!r}")
@@ -476,8 +501,12 @@ def build_multimodal_ids(tokenizer: Tokenizer, prompt_text: str, n_images: int, 
     else:
         segs = []
         for j, piece in enumerate(pieces):
-            ids = (_dedupe_bos(tokenizer, tokenizer.encode(piece, add_bos)) if j == 0
-                   else tokenizer.encode(piece, continuation=True))
+            if j == 0:
+                ids = _dedupe_bos(tokenizer, tokenizer.encode(piece, add_bos))
+            elif separate_segments:
+                ids = tokenizer.encode(piece, add_bos=False)  # a string of its own: prefix space, no BOS
+            else:
+                ids = tokenizer.encode(piece, continuation=True)
             segs.append(("text", tuple(ids)))
             if j < n_images:
                 segs.append(("image", j))
@@ -497,6 +526,6 @@ def _dedupe_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
 __all__ = [
     "ChatFormat", "ChatTemplateError", "PromptError", "MultimodalPrompt", "build_multimodal_ids",
     "render_chat_template", "sphinx_prompt", "qa_prompt", "flatten_messages", "count_images", "SPHINX_SYSTEM", "SPHINX_STOP",
-    "minigpt4_prompt", "MINIGPT4_SYSTEM", "MINIGPT4_IMAGE", "MINIGPT4_STOP",
+    "minigpt4_prompt", "MINIGPT4_SYSTEM", "MINIGPT4_IMAGE", "MINIGPT4_STOP", "SEPARATE_SEGMENT_FORMATS",
     "DEFAULT_CHAT_TEMPLATE", "DEFAULT_STOP", "END_OF_TURN_TOKENS", "IMAGE_SLOT_ID",
 ]

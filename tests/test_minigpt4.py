@@ -11,9 +11,13 @@ Facts relied on, from Vision-CAIR/MiniGPT-4 @ d94738a7:
 - ``minigpt4.py`` L189-193: the MiniGPT-4 checkpoint is ``torch.load(ckpt)["model"]``, loaded with
   ``strict=False``; the released ``pretrained_minigpt4*.pth`` holds ``llama_proj.weight`` / ``.bias``.
 - ``minigpt4/models/minigpt_base.py`` L68-81 (``get_context_emb``): the prompt is split at
-  ``<ImageHere>``, each piece tokenised with ``add_special_tokens=(i == 0)`` (BOS on the first piece
-  only), embedded with the LLM's ``embed_tokens``, and the image embeddings put between the pieces;
-  the result goes to ``llama_model.generate(inputs_embeds=...)`` (conversation.py L171-174, L204-208).
+  ``<ImageHere>``, each piece tokenised by its own ``llama_tokenizer(seg, add_special_tokens=(i == 0))``
+  call (L72-76: BOS on the first piece only; a SentencePiece tokenizer gives every piece its dummy-prefix
+  "▁"), embedded with the LLM's ``embed_tokens``, and the image embeddings put between the pieces;
+  the result goes to ``llama_model.generate(inputs_embeds=...)`` (conversation.py L162, L171-174, L204-208).
+- ``minigpt4/models/base_model.py`` L174: the Vicuna tokenizer is ``LlamaTokenizer.from_pretrained(path)``.
+  The tests stand in a LLaMA-style ``tokenizer.json`` (BPE with byte fallback, a ``Metaspace`` pre-tokenizer
+  with ``prepend_scheme="first"``, as ``LlamaTokenizerFast`` writes) loaded by transformers' AutoTokenizer.
 - ``minigpt4/conversation/conversation.py`` L38-46 (``get_prompt``, SINGLE), L110-118
   (``CONV_VISION_Vicuna0``: system text, roles ``"Human: "`` / ``"Assistant: "``, sep ``"###"``), L151-156
   (``ask`` joins the question to the ``<Img><ImageHere></Img>`` message with a space), L160
@@ -24,6 +28,8 @@ Facts relied on, from Vision-CAIR/MiniGPT-4 @ d94738a7:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -33,8 +39,7 @@ from edgevlm.errors import CheckpointError, WeightsNotFoundError
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
 from edgevlm.runtime.source import resolve_source
 from edgevlm.runtime.tower import load_vision_tower
-from edgevlm_testkit import (BYTE_VOCAB, assert_within_noise, float64_copy, max_abs, randomize_params,
-                             write_byte_tokenizer)
+from edgevlm_testkit import assert_within_noise, float64_copy, max_abs, randomize_params
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("yaml")
@@ -69,6 +74,38 @@ def _yaml(ckpt: str, llama_model: str, q_former_model: str | None, **override) -
     return "\n".join(lines)
 
 
+def _write_llama_tokenizer(folder) -> int:
+    """A small Vicuna-style tokenizer folder -> its vocabulary size. LLaMA's id layout (<unk> 0, <s> 1, </s> 2,
+    <0x00>..<0xFF> 3..258, then pieces); the pieces and merges are learnt from the MiniGPT-4 prompt words, so
+    "▁</Img>"-style splits depend on the prefix space as they do in the real vocabulary."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    space = "\u2581"
+    learn = Tokenizer(models.BPE(unk_token="<unk>"))
+    learn.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="always", split=True)
+    learn.train_from_iterator([EXPECTED_PROMPT, "<Img></Img> image picture question answer"],
+                              trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    learnt = json.loads(learn.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(learnt["vocab"], key=learnt["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learnt["merges"]]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    return tk.get_vocab_size()
+
+
 def _save_proj(path, weight: torch.Tensor, bias: torch.Tensor, **extra) -> None:
     torch.save({"model": {"llama_proj.weight": weight, "llama_proj.bias": bias}, **extra}, path)
 
@@ -82,7 +119,7 @@ def minigpt4(tmp_path_factory):
         qformer_config=dict(hidden_size=QF_HIDDEN, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                             encoder_hidden_size=48, vocab_size=100),
         # only the vision model, Q-Former and query tokens are read: a one-layer OPT keeps the folder small
-        text_config=dict(model_type="opt", vocab_size=BYTE_VOCAB, hidden_size=40, ffn_dim=48, num_hidden_layers=1,
+        text_config=dict(model_type="opt", vocab_size=300, hidden_size=40, ffn_dim=48, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=40),
         num_query_tokens=QUERIES)
     torch.manual_seed(0)
@@ -90,13 +127,14 @@ def minigpt4(tmp_path_factory):
     randomize_params(blip2, 21)
     blip2.save_pretrained(root / "blip2")
 
-    llama_cfg = transformers.LlamaConfig(vocab_size=BYTE_VOCAB, hidden_size=LLM_HIDDEN, intermediate_size=96,
+    (root / "vicuna").mkdir()
+    vocab = _write_llama_tokenizer(root / "vicuna")
+    llama_cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=LLM_HIDDEN, intermediate_size=96,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     llama = transformers.LlamaForCausalLM(llama_cfg).eval()
     randomize_params(llama, 22)
     llama.save_pretrained(root / "vicuna")
-    write_byte_tokenizer(root / "vicuna")
 
     llama_proj = torch.nn.Linear(QF_HIDDEN, LLM_HIDDEN)  # minigpt4.py L73-75
     randomize_params(llama_proj, 23)
@@ -118,15 +156,22 @@ def _encode_img(blip2, llama_proj, pixels):
     return llama_proj(q)
 
 
-def _context_emb(llama, tokenizer_file, prompt: str, img_list):
-    """minigpt_base.py L68-81: split at <ImageHere>, BOS on the first piece only, images between pieces.
-    The byte tokenizer stands in for Vicuna's LlamaTokenizer (add_bos_token=True, BOS id 1)."""
-    from tokenizers import Tokenizer
+def _reference_seg_ids(vicuna, prompt: str) -> list[list[int]]:
+    """minigpt_base.py L70-76 with transformers' AutoTokenizer on the Vicuna folder: split at <ImageHere>, one
+    tokenizer call per piece, special tokens (BOS) on the first piece only."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(vicuna)
+    return [tokenizer(seg, add_special_tokens=i == 0).input_ids for i, seg in enumerate(prompt.split("<ImageHere>"))]
 
-    tk = Tokenizer.from_file(str(tokenizer_file))
-    segs = prompt.split("<ImageHere>")
-    assert len(segs) == len(img_list) + 1
-    seg_ids = [([1] if i == 0 else []) + tk.encode(seg, add_special_tokens=False).ids for i, seg in enumerate(segs)]
+
+def _layout(seg_ids: list[list[int]], tokens_per_image: int) -> list[int]:
+    """get_context_emb's positions as MultimodalPrompt.input_ids writes them: -1 for each image position."""
+    return [t for i, ids in enumerate(seg_ids) for t in ([-1] * tokens_per_image if i else []) + ids]
+
+
+def _context_emb(llama, vicuna, prompt: str, img_list):
+    """minigpt_base.py L68-81: the pieces' embeddings with the image embeddings between them."""
+    seg_ids = _reference_seg_ids(vicuna, prompt)
+    assert len(seg_ids) == len(img_list) + 1
     embed = llama.get_input_embeddings()
     seg_embs = [embed(torch.tensor([ids])) for ids in seg_ids]
     mixed = [e for pair in zip(seg_embs[:-1], img_list) for e in pair] + [seg_embs[-1]]
@@ -150,12 +195,34 @@ def test_minigpt4_prompt_matches_its_conversation(minigpt4):
     assert pipe.chat.render([{"role": "user", "content": parts}], n_images=1) == EXPECTED_PROMPT
     assert pipe.chat.stop_strings == ("###",)  # demo.py L72 stop words, conversation.py L190
 
+    assert pipe.chat.separate_segments  # the "minigpt4" format encodes each piece on its own
+
     mp = pipe.chat.build(pipe.tokenizer, [{"role": "user", "content": QUESTION}], [QUERIES])
+    ref = _reference_seg_ids(minigpt4["root"] / "vicuna", EXPECTED_PROMPT)
     head, tail = EXPECTED_PROMPT.split("<ImageHere>")
-    start = 1 + len(head.encode())  # BOS + one byte token per byte
-    assert mp.image_spans == [(start, start + QUERIES)] and mp.input_ids[0] == 1
+    start = len(ref[0])
+    assert mp.input_ids == _layout(ref, QUERIES) and mp.input_ids[0] == 1  # BOS on the first piece only
+    assert mp.image_spans == [(start, start + QUERIES)]
     assert pipe.tokenizer.decode(mp.input_ids[1:start]) == head
     assert pipe.tokenizer.decode(mp.input_ids[start + QUERIES:]) == tail
+    # The piece after the image is a string of its own: SentencePiece's dummy prefix starts it ("▁", "</Img>",
+    # ...), where a continuation of the text before the image would start at "</Img>".
+    after = mp.input_ids[start + QUERIES:]
+    assert pipe.tokenizer.id_to_token(after[0]).startswith("\u2581")
+    continued = dataclasses.replace(pipe.chat, separate_segments=False).build(
+        pipe.tokenizer, [{"role": "user", "content": QUESTION}], [QUERIES])
+    assert continued.input_ids[:start + QUERIES] == mp.input_ids[:start + QUERIES]
+    assert continued.input_ids[start + QUERIES] != after[0]
+    assert continued.input_ids[start + QUERIES:] == pipe.tokenizer.encode(tail, continuation=True)
+
+    # Two images and a second turn: every piece after an image gets its own prefix, as get_context_emb's.
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]},
+            {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And the colour?"}]
+    text = pipe.chat.render(msgs, n_images=2)
+    assert text.count("<Img><ImageHere></Img> <Img><ImageHere></Img> What") == 1
+    two = pipe.chat.build(pipe.tokenizer, msgs, [QUERIES, 3])
+    ref = _reference_seg_ids(minigpt4["root"] / "vicuna", text)
+    assert two.input_ids == ref[0] + [-1] * QUERIES + ref[1] + [-1] * 3 + ref[2]
 
 
 def test_minigpt4_logits_and_greedy_tokens_match_reference(minigpt4):
@@ -169,13 +236,13 @@ def test_minigpt4_logits_and_greedy_tokens_match_reference(minigpt4):
         ours_img = pipe.tower.from_pixels(px)[0]
     assert_within_noise(ours_img, ref_img[0], "MiniGPT-4 image embeddings", noise=max_abs(ref_img, ref_img64))
 
-    tk_file = minigpt4["root"] / "vicuna" / "tokenizer.json"
+    vicuna = minigpt4["root"] / "vicuna"
     llama64 = float64_copy(llama)
     with torch.no_grad():
-        embs, seg_ids = _context_emb(llama, tk_file, EXPECTED_PROMPT, [ref_img])
-        embs64, _ = _context_emb(llama64, tk_file, EXPECTED_PROMPT, [ref_img64])
+        embs, seg_ids = _context_emb(llama, vicuna, EXPECTED_PROMPT, [ref_img])
+        embs64, _ = _context_emb(llama64, vicuna, EXPECTED_PROMPT, [ref_img64])
         mp = pipe.chat.build(pipe.tokenizer, [{"role": "user", "content": QUESTION}], [QUERIES])
-        assert mp.input_ids == seg_ids[0] + [-1] * QUERIES + seg_ids[1]  # get_context_emb's token layout
+        assert mp.input_ids == _layout(seg_ids, QUERIES)  # get_context_emb's token layout
         x = mp.embed(pipe.decoder.embed, [ours_img])
         ref = llama(inputs_embeds=embs).logits[0, -1]
         ref64 = llama64(inputs_embeds=embs64).logits[0, -1]

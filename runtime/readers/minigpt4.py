@@ -52,11 +52,15 @@ The prompt (:func:`edgevlm.runtime.chat.minigpt4_prompt`) is ``CONV_VISION_Vicun
 bicubic resize to the ViT's square size and CLIP mean/std (``minigpt4/processors/blip_processors.py``
 L19-25, L114-121), which is the BLIP-2 tower's own view recipe.
 
-Known difference (not emulated): get_context_emb tokenises the text after ``<ImageHere>`` on its own with
-the slow ``LlamaTokenizer`` of transformers 4.30 (``environment.yml`` L22), whose SentencePiece model adds its
-dummy-prefix "▁" to every piece; edgevlm encodes later pieces as continuations (no prefix space,
-:func:`~edgevlm.runtime.chat.build_multimodal_ids`). With a real Vicuna vocabulary the first token after
-the image (the start of ``</Img>``) can therefore differ; the byte-level test vocabulary cannot show it.
+Prompt ids: get_context_emb (``minigpt_base.py`` L68-78, called from ``Chat.answer_prepare``,
+``conversation.py`` L162) splits the prompt at ``<ImageHere>`` and calls the tokenizer once per piece, with
+``add_special_tokens`` only for the first (BOS); training's ``prompt_wrap`` (L110-121) also tokenises each
+piece on its own. The
+slow ``LlamaTokenizer`` it uses (base_model.py L174; transformers 4.30, ``environment.yml`` L22) runs
+SentencePiece per call, so every piece after an image starts with its own dummy-prefix "▁" (``"</Img> What"``
+-> ``▁</Img>▁What``), not as a continuation of the text before the image. The ``"minigpt4"`` chat format
+is in :data:`~edgevlm.runtime.chat.SEPARATE_SEGMENT_FORMATS`, so
+:func:`~edgevlm.runtime.chat.build_multimodal_ids` encodes the pieces the same way (``separate_segments``).
 """
 
 from __future__ import annotations
