@@ -33,7 +33,7 @@ import torch
 from edgevlm.errors import ConfigError, PromptError
 from edgevlm.options import KV_CACHES
 
-from .chat import ChatFormat, build_multimodal_ids
+from .chat import ChatFormat
 from .decoder import Decoder
 from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
@@ -134,8 +134,7 @@ class Pipeline:
         if raw:
             if not isinstance(prompt, str):
                 raise PromptError("raw=True needs the prompt as one string")
-            mp = build_multimodal_ids(self.tokenizer, prompt, len(tpi), tpi, self.chat.image_placement,
-                                      self.chat.image_token)
+            mp = self.chat.encode(self.tokenizer, prompt, tpi)  # the format's placement and segment encoding
         else:
             mp = self.chat.build(self.tokenizer, self._messages(prompt, system), tpi)
         x = mp.embed(self.decoder.embed, embeds)  # [1, T, D]

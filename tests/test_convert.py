@@ -274,7 +274,10 @@ def _every_config() -> list:
                             decoder_weights=C.WeightsRef(format="gguf", path="/d.gguf"))
               for i, t in enumerate(towers)]
     models.append(C.ModelConfig(name="text", tower=None, decoder=dec))
-    return models + [C.QuantConfig.named("int4-g64"), C.QuantConfig.named("int8")]
+    from edgevlm.presets import get_preset
+
+    regrouped = get_preset("xgen-mm").tower  # anyres views + StripRegroupConfig (xGen-MM's strips)
+    return [regrouped] + models + [C.QuantConfig.named("int4-g64"), C.QuantConfig.named("int8")]
 
 
 def test_every_config_class_round_trips_through_json():
