@@ -30,7 +30,7 @@ from .manifest import (
     MANIFEST, Manifest, check_source, file_entry, now, read_manifest, tool_versions, tower_digest, write_manifest,
 )
 from .onnx_export import DEFAULT_OPSET, export_onnx
-from .validate import validate
+from .validate import Feed, validate
 
 BACKENDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}  # vision backend -> export target it reads
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with a margin
@@ -39,15 +39,20 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with a margin
 def validation_batches(contract: ExportContract, images: list) -> list[dict[str, torch.Tensor]]:
     """Real images -> view batches: all of them at once (up to the profile's maximum), then one alone,
     so both ends of the dynamic axis are checked."""
+    return [r.views for r in _preprocessed_batches(contract, images)]
+
+
+def _preprocessed_batches(contract: ExportContract, images: list) -> list:
+    """:func:`validation_batches` as the preprocessor's results (views with their token masks and order)."""
     from edgevlm.runtime.preprocess import Preprocessor
 
     pre = Preprocessor(contract.tower_config())
     if len(contract.view_counts) > 1:
         return _anyres_batches(pre, contract, images)
     k = min(len(images), contract.max_images)
-    batches = [pre(images[:k]).views]
+    batches = [pre(images[:k])]
     if k > 1:
-        batches.append(pre(images[k - 1:k]).views)
+        batches.append(pre(images[k - 1:k]))
     return batches
 
 
@@ -60,25 +65,39 @@ def validation_instruction_lengths(contract: ExportContract) -> tuple[int, ...]:
     return (t.max_tokens, min(5, t.max_tokens - 1)) if t.max_tokens > 1 else (1,)
 
 
-def validation_feeds(contract: ExportContract, images: list) -> list:
-    """What :func:`~.validate.validate` runs: :func:`validation_batches`, and for an InstructBLIP tower each
-    batch paired with a :func:`~.calibration.synthetic_instruction` -- the first at the longest instruction
-    (rows of different lengths padded to it), the next at a short one without padding, so that the
-    ``instruction_tokens`` axis is checked at two lengths (a single batch of views is run at both)."""
+def validation_feeds(contract: ExportContract, images: list) -> list[Feed]:
+    """What :func:`~.validate.validate` runs: :func:`validation_batches` as :class:`~.validate.Feed` s, with
+    the token masks and regrouping order of towers whose graph reads them (``token_masks="input"``), and for
+    an InstructBLIP tower each batch paired with a :func:`~.calibration.synthetic_instruction` -- the first at
+    the longest instruction (rows of different lengths padded to it), the next at a short one without
+    padding, so that the ``instruction_tokens`` axis is checked at two lengths (a single batch of views is
+    run at both)."""
     from .calibration import synthetic_instruction
 
-    batches = validation_batches(contract, images)
+    results = _preprocessed_batches(contract, images)
+    feeds = [Feed(r.views, _token_extra(contract, r)) for r in results]
     lengths = validation_instruction_lengths(contract)
     if not lengths:
-        return batches
-    if len(batches) < len(lengths):
-        batches = batches + [batches[-1]] * (len(lengths) - len(batches))
-    feeds = []
-    for i, views in enumerate(batches):
-        n = next(iter(views.values())).shape[0]
+        return feeds
+    if len(feeds) < len(lengths):
+        feeds = feeds + [feeds[-1]] * (len(lengths) - len(feeds))
+    out = []
+    for i, f in enumerate(feeds):
+        n = next(iter(f.views.values())).shape[0]
         length = lengths[min(i, len(lengths) - 1)]
-        feeds.append((views, synthetic_instruction(contract.instruction, n, length, seed=i, padded=i == 0)))
-    return feeds
+        text = synthetic_instruction(contract.instruction, n, length, seed=i, padded=i == 0)
+        out.append(Feed(f.views, {**f.extra, "text": text}))
+    return out
+
+
+def _token_extra(contract: ExportContract, result) -> dict[str, Any]:
+    """The preprocessor's token masks and order, for a graph that takes them as inputs."""
+    if contract.token_masks != "input":
+        return {}
+    extra = {"masks": result.token_masks}
+    if contract.order_inputs:
+        extra["order"] = result.token_order
+    return extra
 
 
 def aspect_crops(image, grids) -> list:
@@ -93,7 +112,7 @@ def aspect_crops(image, grids) -> list:
     return out
 
 
-def _anyres_batches(pre, contract: ExportContract, images: list) -> list[dict[str, torch.Tensor]]:
+def _anyres_batches(pre, contract: ExportContract, images: list) -> list:
     """Any-resolution views: one batch of mixed view counts (as many images as the profile's maximum takes),
     then one image alone per count of views, so the graph is checked at every count an image can have (the
     profile's minimum included) and with several images of different counts in one batch."""
@@ -107,8 +126,8 @@ def _anyres_batches(pre, contract: ExportContract, images: list) -> list[dict[st
         mixed.append(i)
         total += n
     alone = {n: i for i, n in reversed(list(enumerate(counts)))}  # the first image with each count
-    batches = [pre([images[i] for i in mixed]).views] if mixed else []
-    batches += [pre([images[alone[n]]]).views for n in sorted(alone)]
+    batches = [pre([images[i] for i in mixed])] if mixed else []
+    batches += [pre([images[alone[n]]]) for n in sorted(alone)]
     return batches
 
 

@@ -108,7 +108,8 @@ def synthetic_instruction(profile: InstructionProfile, n_views: int, length: int
 
 def view_batches(tower: TowerConfig, contract: ExportContract, images: Iterable[np.ndarray],
                  per_batch: int = 1) -> list[dict[str, np.ndarray]]:
-    """Images -> graph feeds ``{input name: [views, 3, R, R]}``, ``per_batch`` images each. An InstructBLIP
+    """Images -> graph feeds ``{input name: [views, 3, R, R]}``, ``per_batch`` images each, with the token
+    masks and order of a graph that reads them (``token_masks="input"``). An InstructBLIP
     tower's feeds also carry a :func:`synthetic_instruction` per batch (lengths varying between batches): the
     Q-Former stays float, but the graph needs every input to run."""
     from edgevlm.runtime.preprocess import Preprocessor
@@ -118,8 +119,13 @@ def view_batches(tower: TowerConfig, contract: ExportContract, images: Iterable[
     out = []
     t = contract.instruction
     for i in range(0, len(images), per_batch):
-        views = pre(images[i:i + per_batch]).views
+        result = pre(images[i:i + per_batch])
+        views = result.views
         feed = {spec.name: views[enc].numpy() for enc, spec in zip(contract.encoder_names, contract.pixel_inputs)}
+        if contract.token_masks == "input":  # anyres masks (and a regrouping's order) the graph reads
+            n = next(iter(views.values())).shape[0]
+            feed.update({k: v.numpy() for k, v in contract.token_inputs(result.token_masks, result.token_order,
+                                                                        n).items()})
         if t is not None:
             n = next(iter(views.values())).shape[0]
             ids, mask = synthetic_instruction(t, n, 1 + (i * 7) % t.max_tokens, seed=1000 + i)

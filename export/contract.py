@@ -17,10 +17,16 @@ recipe may choose) depends on its aspect ratio. The profile then runs from the s
 (``min(view_counts)`` views) to ``max_images`` of the largest. Packing an image's views into its
 sequence (:class:`~edgevlm.runtime.connectors.anyres.AnyresPacker`: stitching, unpadding,
 ``image_newline``) depends on each image's original size, so it stays in torch after the graph.
-Such a tower exports only when its connector does not read the views' padding masks
-(``ConnectorConfig.reads_token_masks``, false for LLaVA's token-wise MLP): ``token_masks = "unused"``
-then tells runners to accept the preprocessor's masks and drop them. A resampler (xGen-MM) reads them
-and would need them as graph inputs, which is not done yet; it is refused.
+A connector that does not read the views' padding masks (``ConnectorConfig.reads_token_masks``, false
+for LLaVA's token-wise MLP) gets ``token_masks = "unused"``: runners accept the preprocessor's masks,
+check them and drop them. One that reads them (a resampler) gets ``token_masks = "input"``: the masks
+are graph inputs, and a tower that regroups its tiles before the connector (xGen-MM's strips,
+``TowerConfig.regroup``) also takes the regrouping's gather index, both from the preprocessor (or
+:func:`~edgevlm.runtime.connectors.strip_regroup.regroup_inputs`), since both depend on each image's size::
+
+    inputs   token_mask.<encoder>    bool  [views, encoder tokens]   True = real token (False: canvas padding)
+             token_order.<encoder>   int64 [views, encoder tokens]   regrouping towers only: which of the
+                                                                     batch's views*tokens lands at each place
 
 A tower whose Q-Former reads the instruction (InstructBLIP, ``QFormerConfig.text`` set) takes it as two
 more inputs, named as ``InstructBlipProcessor`` names them, one row per view (each view reads its image's
@@ -51,7 +57,10 @@ INSTRUCTION_IDS = "qformer_input_ids"
 INSTRUCTION_MASK = "qformer_attention_mask"
 INSTRUCTION_AXIS = "instruction_tokens"
 OPT_INSTRUCTION_TOKENS = 32  # TensorRT tunes at this length (a short question), clipped to max_positions
-TOKEN_MASKS = ("none", "unused")  # what runners do with anyres padding masks: none come / accepted and dropped
+# what runners do with anyres padding masks: none come / accepted, checked and dropped / fed to the graph
+TOKEN_MASKS = ("none", "unused", "input")
+MASK_PREFIX = "token_mask."
+ORDER_PREFIX = "token_order."
 PRECISIONS = VISION_PRECISIONS  # one list for load(vision_precision=...) and export
 TARGETS = ("onnx", "tensorrt")
 
@@ -137,18 +146,8 @@ class ExportContract:
     def for_tower(cls, config: TowerConfig, *, max_images: int = 4, opt_images: int = 1) -> "ExportContract":
         c = config.connector
         masks = "none"
-        if config.regroup is not None:  # checked first: its error says what the graph lacks
-            raise ConfigError("a tower that regroups its any-resolution tiles before the connector (xGen-MM's "
-                              "anyres strips, TowerConfig.regroup) cannot be exported yet: the graph would need "
-                              "the per-image token order and the groups' masks as inputs; export the base-image "
-                              "path (image_aspect_ratio 'pad') or run the tower in torch")
         if not config.views.fixed_views:
-            if c.reads_token_masks():
-                raise ConfigError(f"views kind {config.views.kind!r} with a {c.kind!r} connector cannot be exported "
-                                  "yet: the connector attends under the views' padding masks, which the graph "
-                                  "would need as inputs; anyres towers with a token-wise connector (LLaVA-NeXT's "
-                                  "MLP) and fixed-view towers (pad_square, stretch, crops) export")
-            masks = "unused"
+            masks = "input" if c.reads_token_masks() or config.regroup is not None else "unused"
         if max_images < 1 or not 1 <= opt_images <= max_images:
             raise ConfigError(f"need 1 <= opt_images <= max_images, got opt_images={opt_images}, max_images={max_images}")
         v = config.views_per_image
@@ -156,6 +155,12 @@ class ExportContract:
             tuple(sorted({1 + r * cols for r, cols in config.views.anyres_grids}))
         inputs = tuple(TensorSpec(INPUT_PREFIX + e.name, (VIEWS_AXIS, 3, e.image_size, e.image_size))
                        for e in config.encoders)
+        if masks == "input":  # the preprocessor's masks (and regrouping's order) are per image: graph inputs
+            # (a regrouping tower has one encoder, TowerConfig checks it)
+            inputs += tuple(TensorSpec(MASK_PREFIX + e.name, (VIEWS_AXIS, e.tokens), "bool") for e in config.encoders)
+            if config.regroup is not None:
+                inputs += tuple(TensorSpec(ORDER_PREFIX + e.name, (VIEWS_AXIS, e.tokens), "int64")
+                                for e in config.encoders)
         instruction = None
         if isinstance(c, QFormerConnectorConfig) and c.qformer.text is not None:  # InstructBLIP
             instruction = InstructionProfile.for_text(c.qformer.text)
@@ -247,19 +252,60 @@ class ExportContract:
                              f"the ids, got {got}")
         return ids.to("cpu", torch.long), (mask.to("cpu") != 0).to(torch.long)
 
-    def drop_masks(self, masks: dict[str, Any] | None, n_views: int) -> None:
-        """Runners' check of the token masks that came with ``n_views`` views: none for a graph without
-        mask inputs, except anyres padding masks the connector does not read (``token_masks="unused"``),
-        which must still line up with the views, and are then not fed."""
+    @property
+    def mask_inputs(self) -> tuple[TensorSpec, ...]:
+        """``token_mask.<encoder>`` inputs (``token_masks == "input"``), in the graph's order."""
+        return tuple(t for t in self.inputs if t.name.startswith(MASK_PREFIX))
+
+    @property
+    def order_inputs(self) -> tuple[TensorSpec, ...]:
+        """``token_order.<encoder>`` inputs (a tower that regroups its tiles), in the graph's order."""
+        return tuple(t for t in self.inputs if t.name.startswith(ORDER_PREFIX))
+
+    def token_inputs(self, masks: dict[str, Any] | None, order: dict[str, Any] | None,
+                     n_views: int) -> dict[str, Any]:
+        """Runners' check of the token masks (and regrouping order) that came with ``n_views`` views -> the
+        graph feeds they make, ``{input name: CPU tensor}`` (bool masks, int64 order), empty when the graph
+        takes none. Graphs without mask inputs take no masks, except anyres padding masks the connector does
+        not read (``token_masks="unused"``), which must still line up with the views, and are then not fed."""
+        import torch
+
+        if order is not None and not self.order_inputs:
+            raise ConfigError("a token order (regrouped any-resolution tiles) is not part of this exported tower")
         if masks is None:
-            return
-        if self.token_masks != "unused":
+            if self.mask_inputs:
+                raise ShapeError(f"this exported tower reads the views' token masks "
+                                 f"({', '.join(t.name for t in self.mask_inputs)}): "
+                                 "pass the preprocessor's token_masks")
+            return {}
+        if self.token_masks == "none":
             raise ConfigError("token masks (any-resolution views) are not part of this exported tower")
         for name, m in masks.items():
             if name not in self.encoder_names:
                 raise ShapeError(f"token mask for encoder {name!r}, but the graph has {self.encoder_names}")
-            if m.dim() != 2 or m.shape[0] != n_views:
-                raise ShapeError(f"token mask for encoder {name!r}: expected [{n_views}, tokens], got {list(m.shape)}")
+            if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.shape[0] != n_views:
+                got = list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ShapeError(f"token mask for encoder {name!r}: expected [{n_views}, tokens], got {got}")
+        feeds = {}
+        for spec in self.mask_inputs:
+            enc = spec.name[len(MASK_PREFIX):]
+            m = masks.get(enc)
+            if m is None or tuple(m.shape) != spec.concrete(n_views):
+                got = "none" if m is None else list(m.shape)
+                raise ShapeError(f"{spec.name}: expected a mask {list(spec.concrete(n_views))}, got {got}")
+            feeds[spec.name] = m.to("cpu", torch.bool)
+        for spec in self.order_inputs:
+            enc = spec.name[len(ORDER_PREFIX):]
+            o = None if order is None else order.get(enc)
+            want = spec.concrete(n_views)
+            if o is None or tuple(o.shape) != want or o.dtype.is_floating_point or o.dtype == torch.bool:
+                got = "none" if o is None else f"{o.dtype} {list(o.shape)}"
+                raise ShapeError(f"{spec.name}: expected integer indices {list(want)} (regroup_inputs), got {got}")
+            if o.numel() and (int(o.min()) < 0 or int(o.max()) >= o.numel()):  # the graph's Gather would fail
+                raise ShapeError(f"{spec.name}: indices must lie in [0, {o.numel()}) (the batch's tokens), got "
+                                 f"[{int(o.min())}, {int(o.max())}]")
+            feeds[spec.name] = o.to("cpu", torch.long)
+        return feeds
 
     def example_shapes(self, images: int = 1, tokens: int | None = None) -> dict[str, tuple[int, ...]]:
         """Input shapes for ``images`` images (of the most views), instructions of ``tokens`` tokens
@@ -301,5 +347,5 @@ def check_precision(precision: str, target: str = "onnx") -> str:
 
 
 __all__ = ["ExportContract", "TensorSpec", "Profile", "InstructionProfile", "INPUT_PREFIX", "OUTPUT_NAME", "VIEWS_AXIS",
-           "TOKEN_MASKS", "INSTRUCTION_IDS", "INSTRUCTION_MASK", "INSTRUCTION_AXIS", "PRECISIONS", "TARGETS",
+           "TOKEN_MASKS", "MASK_PREFIX", "ORDER_PREFIX", "INSTRUCTION_IDS", "INSTRUCTION_MASK", "INSTRUCTION_AXIS", "PRECISIONS", "TARGETS",
            "check_precision"]

@@ -20,32 +20,38 @@ from torch import nn
 from edgevlm.errors import BackendUnavailableError, ExportError
 from edgevlm.runtime.tower import VisionTowerModel
 
-from .contract import ExportContract
+from .contract import (INPUT_PREFIX, INSTRUCTION_IDS, INSTRUCTION_MASK, MASK_PREFIX, ORDER_PREFIX,
+                       ExportContract)
 
 DEFAULT_OPSET = 18
 
 
 class TowerGraph(nn.Module):
-    """Positional-input face of :class:`VisionTowerModel` for tracing: one tensor per encoder.
+    """Positional-input face of :class:`VisionTowerModel` for tracing, inputs in the contract's order: one
+    tensor per encoder, then (anyres towers whose connector reads them) the token masks and a regrouping's
+    order, then (InstructBLIP) the instruction's ids and mask.
 
     The graph is the per-view part only (encoders + connector): any-resolution towers' base views and
     tiles go through it like any other views, and packing each image's views into its sequence
     (``VisionTowerModel.per_image``: unpad + ``image_newline``, which depend on the image's original size)
     runs in torch on the graph's output, for every backend alike."""
 
-    def __init__(self, tower: VisionTowerModel, encoder_names: list[str], instruction: bool = False):
+    def __init__(self, tower: VisionTowerModel, contract: ExportContract):
         super().__init__()
         self.tower = tower
-        self.encoder_names = list(encoder_names)
-        self.instruction = instruction  # InstructBLIP: two more inputs after the views, ids and mask [N, L]
+        self.names = contract.input_names
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        n = len(self.encoder_names)
-        views = dict(zip(self.encoder_names, inputs[:n]))
-        if self.instruction:
-            ids, mask = inputs[n:]  # int64 [N, L] each; the Q-Former reads mask != 0
-            return self.tower(views, text=(ids, mask))
-        return self.tower(views)
+        by_name = dict(zip(self.names, inputs, strict=True))
+
+        def group(prefix: str) -> dict[str, torch.Tensor] | None:
+            got = {k[len(prefix):]: v for k, v in by_name.items() if k.startswith(prefix)}
+            return got or None
+
+        text = None
+        if INSTRUCTION_IDS in by_name:  # int64 [N, L] each; the Q-Former reads mask != 0
+            text = (by_name[INSTRUCTION_IDS], by_name[INSTRUCTION_MASK])
+        return self.tower(group(INPUT_PREFIX), group(MASK_PREFIX), text=text, order=group(ORDER_PREFIX))
 
 
 def export_onnx(model: VisionTowerModel, contract: ExportContract, path: str | Path, *,
@@ -63,14 +69,18 @@ def export_onnx(model: VisionTowerModel, contract: ExportContract, path: str | P
     shapes = contract.example_shapes(images=2)
     gen = torch.Generator().manual_seed(0)
     example = tuple(torch.randn(shapes[t.name], generator=gen) for t in contract.pixel_inputs)
+    n = shapes[contract.pixel_inputs[0].name][0]
+    for t in contract.mask_inputs:  # some padding masked in every view: any mask traces the same graph
+        example += (torch.rand(shapes[t.name], generator=gen) > 0.25,)
+    for t in contract.order_inputs:  # a shuffle of the batch's tokens: any permutation traces the same gather
+        example += (torch.randperm(n * shapes[t.name][1], generator=gen).view(shapes[t.name]),)
     if contract.instruction is not None:
         from .calibration import synthetic_instruction
 
-        n = shapes[contract.pixel_inputs[0].name][0]
         length = min(contract.instruction.max_tokens, 7)  # any length traces the same graph; a short one is quick
         ids, mask = synthetic_instruction(contract.instruction, n, length, seed=0)  # rows padded to 7, 4 and 1
         example += (ids, mask.long())
-    graph = TowerGraph(model, contract.encoder_names, instruction=contract.instruction is not None).eval()
+    graph = TowerGraph(model, contract).eval()
     with warnings.catch_warnings():
         # The tower turns spatial sizes into constants on purpose (fixed by the contract); the tracer
         # warns about every such int().

@@ -1,8 +1,9 @@
 """Run an exported tower with ONNX Runtime, behind the same call as the eager model.
 
-``runner(views, masks, text=None) -> [views, tokens_per_view, out_width]`` with ``views`` the preprocessed
-``{encoder: [N, 3, R, R]}`` dict the preprocessor makes (for an any-resolution tower, every image's base
-view and tiles; the caller packs them per image afterwards, as with the eager model), so
+``runner(views, masks, text=None, order=None) -> [views, tokens_per_view, out_width]`` with ``views`` the
+preprocessed ``{encoder: [N, 3, R, R]}`` dict the preprocessor makes (for an any-resolution tower, every
+image's base view and tiles; the caller packs them per image afterwards, as with the eager model) and
+``masks`` / ``order`` its ``token_masks`` / ``token_order`` (graph inputs where the contract says so), so
 :class:`~edgevlm.runtime.tower.VisionTower` swaps backends without changing anything else. ``text`` is
 an InstructBLIP tower's instruction as the eager model takes it, ``(ids [N, L], mask [N, L] or None)``,
 fed as ``qformer_input_ids`` / ``qformer_attention_mask``; without one such a graph gets an empty
@@ -57,7 +58,7 @@ def ort_session(path: str | Path, *, threads: int | None = None, providers: tupl
 
 
 class OrtTowerRunner:
-    """``(views, masks=None, text=None) -> torch.Tensor`` backed by an ONNX Runtime session."""
+    """``(views, masks=None, text=None, order=None) -> torch.Tensor`` backed by an ONNX Runtime session."""
 
     backend = "onnxruntime"
 
@@ -74,7 +75,7 @@ class OrtTowerRunner:
         return self.session.get_providers()
 
     def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
-                 text=None) -> torch.Tensor:
+                 text=None, order: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         feed, n = {}, None
         for name, spec in zip(self.contract.encoder_names, self.contract.pixel_inputs):
             if name not in views:
@@ -85,7 +86,9 @@ class OrtTowerRunner:
             if tuple(x.shape) != want:
                 raise ShapeError(f"views for encoder {name!r}: expected {list(want)}, got {list(x.shape)}")
             feed[spec.name] = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        self.contract.drop_masks(masks, n)  # anyres padding masks the connector does not read: checked, not fed
+        # anyres padding masks: fed where the connector reads them (with a regrouping's order), else checked only
+        for name, t in self.contract.token_inputs(masks, order, n).items():
+            feed[name] = np.ascontiguousarray(t.numpy())
         instruction = self.contract.instruction_inputs(text, n)  # InstructBLIP: (ids, mask) int64 [n, L]
         if instruction is not None:
             feed[INSTRUCTION_IDS], feed[INSTRUCTION_MASK] = (np.ascontiguousarray(t.numpy()) for t in instruction)

@@ -125,8 +125,9 @@ def _network_flags(trt) -> tuple[int, bool]:
 
 
 class TrtTowerRunner:
-    """``(views, masks=None, text=None) -> torch.Tensor`` (on the GPU) backed by a TensorRT engine; ``text`` as
-    :class:`~edgevlm.export.ort_runner.OrtTowerRunner` takes it, within the engine's instruction profile."""
+    """``(views, masks=None, text=None, order=None) -> torch.Tensor`` (on the GPU) backed by a TensorRT engine;
+    ``masks`` / ``order`` / ``text`` as :class:`~edgevlm.export.ort_runner.OrtTowerRunner` takes them, within the
+    engine's profiles."""
 
     backend = "tensorrt"
 
@@ -146,7 +147,7 @@ class TrtTowerRunner:
             raise CorruptExportError(f"{engine_path}: engine lacks tensors {missing} that the manifest lists")
 
     def __call__(self, views: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None = None,
-                 text=None) -> torch.Tensor:
+                 text=None, order: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         n = None
         keep = []  # inputs must outlive the enqueue
         p = self.contract.profile
@@ -164,7 +165,12 @@ class TrtTowerRunner:
             keep.append(x)
             self.context.set_input_shape(spec.name, tuple(x.shape))
             self.context.set_tensor_address(spec.name, x.data_ptr())
-        self.contract.drop_masks(masks, n)  # anyres padding masks the connector does not read: checked, not fed
+        # anyres padding masks (and a regrouping's order) where the graph reads them, in the engine's types
+        for name, x in self.contract.token_inputs(masks, order, n).items():
+            x = x.to(self.device, self._int_dtype(name)).contiguous()
+            keep.append(x)
+            self.context.set_input_shape(name, tuple(x.shape))
+            self.context.set_tensor_address(name, x.data_ptr())
         t = self.contract.instruction
         instruction = self.contract.instruction_inputs(text, n, min_tokens=t.min_tokens if t is not None else 0)
         if instruction is not None:  # InstructBLIP: ids and mask, in the integer type the engine declares
@@ -183,15 +189,15 @@ class TrtTowerRunner:
         return out
 
     def _int_dtype(self, name: str) -> torch.dtype:
-        """The torch type of an integer input as the engine declares it: INT64 where TensorRT keeps the graph's
-        int64 (10.x), INT32 where its parser narrowed it (8.x)."""
+        """The torch type of an integer or bool input as the engine declares it: INT64 where TensorRT keeps the
+        graph's int64 (10.x), INT32 where its parser narrowed it (8.x), BOOL for token masks."""
         trt = trt_module()
         kind = self.engine.get_tensor_dtype(name)
         types = {trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
         if hasattr(trt.DataType, "INT64"):
             types[trt.DataType.INT64] = torch.int64
         if kind not in types:
-            raise CorruptExportError(f"engine input {name!r} has type {kind}, not an integer type")
+            raise CorruptExportError(f"engine input {name!r} has type {kind}, not an integer or bool type")
         return types[kind]
 
 

@@ -11,7 +11,8 @@ per-token cosine similarity, and the numbers go into the manifest as the accurac
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,27 +38,35 @@ def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
             "min_cosine": float(cos.min())}
 
 
-def validate(run: Callable[..., torch.Tensor], model: torch.nn.Module,
-             batches: list[dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], tuple]], precision: str, *,
-             output: str, what: str) -> dict:
-    """Run ``run`` and ``model`` on every batch of views; raise :class:`ExportValidationError` naming
-    ``output`` and the error when the precision's bound is exceeded, else return the worst numbers.
+@dataclass(frozen=True)
+class Feed:
+    """One validation batch: the views, and what else the graph takes as keyword arguments that both the
+    runner and the eager model read: ``text`` (an InstructBLIP instruction ``(ids [N, L], mask [N, L])``),
+    ``masks`` and ``order`` (anyres token masks and a regrouping's gather, as the preprocessor makes them)."""
 
-    A batch is a views dict, or for an InstructBLIP tower a pair ``(views, (ids [N, L], mask [N, L]))``:
-    then both run with that instruction (``run(views, text=...)``, ``model(views, text=...)``) and the
-    result also lists each batch's instruction length (``instruction_tokens``)."""
+    views: dict[str, torch.Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def validate(run: Callable[..., torch.Tensor], model: torch.nn.Module,
+             batches: list[dict[str, torch.Tensor] | Feed], precision: str, *,
+             output: str, what: str) -> dict:
+    """Run ``run`` and ``model`` on every batch of views (a views dict, or a :class:`Feed` whose ``extra``
+    both get as keyword arguments); raise :class:`ExportValidationError` naming ``output`` and the error
+    when the precision's bound is exceeded, else return the worst numbers. With an instruction the result
+    also lists each batch's instruction length (``instruction_tokens``)."""
     metric, bound = TOLERANCES[precision]
     worst: dict[str, float] = {"max_abs": 0.0, "rel_max": 0.0, "rel_rms": 0.0, "min_cosine": 1.0}
     batch_views, batch_tokens = [], []
     model = model.float().eval()
     for batch in batches:
-        views, text = batch if isinstance(batch, tuple) else (batch, None)
+        feed = batch if isinstance(batch, Feed) else Feed(batch)
         with torch.inference_mode():
-            fp32 = {k: v.float() for k, v in views.items()}
-            ref = (model(fp32) if text is None else model(fp32, text=text)).numpy()
-        got = (run(views) if text is None else run(views, text=text)).detach().to("cpu", torch.float32).numpy()
-        if text is not None:
-            batch_tokens.append(int(text[0].shape[1]))
+            fp32 = {k: v.float() for k, v in feed.views.items()}
+            ref = model(fp32, **feed.extra).numpy()
+        got = run(feed.views, **feed.extra).detach().to("cpu", torch.float32).numpy()
+        if feed.extra.get("text") is not None:
+            batch_tokens.append(int(feed.extra["text"][0].shape[1]))
         if got.shape != ref.shape:
             raise ExportValidationError(f"{what}: output {output!r} has shape {list(got.shape)}, eager "
                                         f"{list(ref.shape)}", output=output)
@@ -76,4 +85,4 @@ def validate(run: Callable[..., torch.Tensor], model: torch.nn.Module,
             "batch_views": batch_views, **({"instruction_tokens": batch_tokens} if batch_tokens else {})}
 
 
-__all__ = ["validate", "compare", "TOLERANCES"]
+__all__ = ["validate", "compare", "Feed", "TOLERANCES"]

@@ -95,16 +95,15 @@ class VisionTowerModel(nn.Module):
                 raise ShapeError(f"this tower regroups its any-resolution tiles before the connector (xGen-MM "
                                  f"strips): encode needs order for {sorted(feats)} (regroup_inputs(config, "
                                  f"views_per_image, image_sizes)), got {None if order is None else sorted(order)}")
-            feats = {k: apply_order(v, order[k]) for k, v in feats.items()}
+            # A group may take tokens from several tiles (a strip), so kept tokens go back to their places
+            # first (zeros where dropped; kept_masks hides those) and the regrouping gathers whole views.
+            feats = {k: apply_order(v if k not in dropping else _scatter_kept(v, dropping[k], self.config.encoder(k)),
+                                    order[k]) for k, v in feats.items()}
         return feats
 
     def keep_plan(self) -> KeepPlan:
         """Where token dropping acts (the keep grid, the ViTs run on kept patches); a ConfigError naming
         why for towers it cannot apply to (:func:`edgevlm.runtime.token_keep.keep_plan`)."""
-        if self.config.regroup is not None:
-            raise ConfigError("token dropping cannot apply to a tower that regroups its any-resolution tiles "
-                              "(xGen-MM strips): the regrouped groups and their unpad masks need every patch of "
-                              "every tile")
         return keep_plan(self.config)
 
     def kept_patch_ids(self, cells: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,9 +112,21 @@ class VisionTowerModel(nn.Module):
         plan = self.keep_plan()
         return {n: cells_to_patches(cells, plan.grid, self.config.encoder(n).grid[0]) for n in plan.vits}
 
-    def kept_masks(self, masks: dict[str, torch.Tensor] | None, cells: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def kept_masks(self, masks: dict[str, torch.Tensor] | None, cells: torch.Tensor,
+                   order: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
         """Padding masks ``[N, T]`` of the dropping ViTs cut to their kept tokens ``[N, cls + K*r*r]``, as
-        :meth:`encode` cuts the tokens (anyres tiles' padding stays masked under token dropping)."""
+        :meth:`encode` cuts the tokens (anyres tiles' padding stays masked under token dropping).
+
+        A regrouping tower (``order`` given) keeps every place instead, as :meth:`encode` does: its groups'
+        masks ``[N, T]`` then also hide the dropped tokens, found where the regrouping moved them."""
+        if order is not None:
+            out = dict(masks or {})
+            for name, ids in self.kept_patch_ids(cells).items():
+                t = self.config.encoder(name).tokens
+                kept = torch.zeros(ids.shape[0], t, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+                moved = apply_order(kept.unsqueeze(-1), order[name].to(ids.device)).squeeze(-1)
+                out[name] = moved if name not in out else out[name].to(moved.device) & moved
+            return out
         if masks is None:
             return None
         out = dict(masks)
@@ -145,9 +156,12 @@ class VisionTowerModel(nn.Module):
         :meth:`encode` applies; ``masks`` are then the groups' masks from the same
         :func:`~edgevlm.runtime.connectors.strip_regroup.regroup_inputs`."""
         if self.config.regroup is not None or order is not None:
-            if cells is not None or text is not None:
-                raise ConfigError("a tower that regroups its tiles takes neither kept cells nor an instruction")
-            return self.connector(self.encode(views, order=order), masks)
+            if text is not None:
+                raise ConfigError("a tower that regroups its tiles takes no instruction")
+            if cells is None:
+                return self.connector(self.encode(views, order=order), masks)
+            # token dropping: the ViT ran on kept patches only; the groups attend to their kept, unpadded tokens
+            return self.connector(self.encode(views, cells, order=order), self.kept_masks(masks, cells, order))
         if text is not None:
             if not self.takes_instruction:
                 raise ConfigError(f"this tower's connector ({self.config.connector.kind!r}) takes no instruction; "
@@ -178,6 +192,16 @@ class VisionTowerModel(nn.Module):
         if sum(views_per_image) != per_view.shape[0]:
             raise ShapeError(f"{per_view.shape[0]} views but views_per_image sums to {sum(views_per_image)}")
         return [self.pack(v, size) for v, size in zip(torch.split(per_view, views_per_image), image_sizes)]
+
+
+def _scatter_kept(tokens: torch.Tensor, ids: torch.Tensor, enc) -> torch.Tensor:
+    """A ViT's kept tokens ``[N, K, C]`` (no class token: regrouping towers have none) back at their patch
+    ids ``[N, K]`` in a zero ``[N, T, C]``."""
+    if enc.global_token:
+        raise ShapeError(f"encoder {enc.name!r} has a class token; a regrouping tower's encoder has none")
+    n, k, c = tokens.shape
+    full = tokens.new_zeros(n, enc.tokens, c)
+    return full.scatter(1, ids.to(tokens.device).unsqueeze(-1).expand(n, k, c), tokens)
 
 
 def group_by_image(per_view: torch.Tensor, views_per_image: list[int]) -> list[torch.Tensor]:
@@ -363,16 +387,14 @@ class VisionTower:
         views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
         if masks is not None:
             masks = {k: v.to(self.device) for k, v in masks.items()}
-        if order is not None:  # tiles regrouped before the connector (xGen-MM anyres): the eager model only
-            if self.runner is not self.model:
-                raise ConfigError(f"a tower that regroups its any-resolution tiles runs on the torch backend only "
-                                  f"(this one runs {self.backend})")
-            out = self.model(views, masks, order=order)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            return out
         cells = self.kept_cells(views)
-        if text is not None:
+        if order is not None:  # tiles regrouped before the connector (xGen-MM anyres): the gather is an input
+            order = {k: v.to(self.device) for k, v in order.items()}
+            if cells is None:  # an exported graph takes the order and the groups' masks as inputs
+                out = self.runner(views, masks, order=order)
+            else:  # (token dropping is torch-only)
+                out = self.model(views, masks, cells=cells, order=order)
+        elif text is not None:
             if self.runner is not self.model:  # an exported InstructBLIP graph takes it as qformer_input_ids/_mask
                 out = self.runner(views, masks, text=text)  # (token dropping is torch-only: cells is None here)
             else:

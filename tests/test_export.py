@@ -82,9 +82,8 @@ def test_contract_names_axes_and_profile():
     assert again == c and again.tower_config() == cfg
 
 
-def test_contract_refuses_variable_view_towers_and_bad_profiles():
-    with pytest.raises(ConfigError, match="anyres"):
-        ExportContract.for_tower(get_preset("xgen-mm").tower)
+def test_contract_refuses_bad_profiles():
+    # (any-resolution towers export: tests/test_export_anyres.py, tests/test_xgenmm_anyres_export.py)
     with pytest.raises(ConfigError, match="max_images"):
         ExportContract.for_tower(get_preset("tiny").tower, max_images=0)
 

@@ -94,14 +94,34 @@ def test_contract_records_variable_views(model):
     assert ExportContract.from_dict(old) == fixed
 
 
-def test_towers_that_need_more_graph_inputs_are_refused_at_export():
-    # xGen-MM's released anyres: the tiles' tokens are regrouped per image before the resampler
-    with pytest.raises(ConfigError, match="regroups its any-resolution tiles .* cannot be exported"):
-        ExportContract.for_tower(get_preset("xgen-mm").tower)
-    # an anyres resampler without regrouping still attends under per-view padding masks the graph lacks
-    tower = replace(get_preset("xgen-mm").tower, regroup=None)
-    with pytest.raises(ConfigError, match="'anyres' with a 'resampler' connector .* padding masks"):
-        ExportContract.for_tower(tower)
+def test_connectors_that_read_masks_take_them_as_graph_inputs():
+    """A resampler attends under the views' padding masks, so they become graph inputs; xGen-MM's released
+    anyres also regroups the tiles' tokens per image, whose gather index is one more input (both made by
+    the preprocessor from each image's size). Parity: tests/test_xgenmm_anyres_export.py."""
+    tower = get_preset("xgen-mm").tower
+    e = tower.encoders[0]
+    c = ExportContract.for_tower(tower)
+    assert c.token_masks == "input"
+    assert [(t.name, t.shape, t.dtype) for t in c.inputs[1:]] == [
+        (f"token_mask.{e.name}", ("views", e.tokens), "bool"), (f"token_order.{e.name}", ("views", e.tokens), "int64")]
+    assert c.trt_shapes()[f"token_order.{e.name}"][2] == (c.profile.max_views, e.tokens)
+    assert ExportContract.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    # an anyres resampler without regrouping: the masks only
+    plain = ExportContract.for_tower(replace(tower, regroup=None))
+    assert [t.name for t in plain.inputs[1:]] == [f"token_mask.{e.name}"] and not plain.order_inputs
+    # runners' checks of what comes with the views
+    n = 2 * c.views_per_image
+    with pytest.raises(ShapeError, match="token masks"):
+        c.token_inputs(None, None, n)
+    mask = {e.name: torch.ones(n, e.tokens, dtype=torch.bool)}
+    with pytest.raises(ShapeError, match="token_order"):
+        c.token_inputs(mask, None, n)
+    with pytest.raises(ShapeError, match=r"indices must lie in \[0, "):
+        c.token_inputs(mask, {e.name: torch.full((n, e.tokens), n * e.tokens)}, n)
+    feeds = c.token_inputs(mask, {e.name: torch.arange(n * e.tokens).view(n, e.tokens)}, n)
+    assert sorted(feeds) == [f"token_mask.{e.name}", f"token_order.{e.name}"]
+    with pytest.raises(ConfigError, match="token order"):
+        plain.token_inputs(mask, {e.name: torch.zeros(n, e.tokens, dtype=torch.long)}, n)
     # InstructBLIP's instruction inputs: tests/test_export_instructblip.py
     # BLIP-2's Q-Former (no text) still exports: test_export.py::test_other_connectors_export_matches_eager
 

@@ -114,7 +114,7 @@ def test_validation_ran_at_two_instruction_lengths(fp32_export, photos):
     assert 0 <= v["rel_max"] <= TOLERANCES["fp32"][1]
     assert "instructions" in manifest.validation["images"]
     feeds = validation_feeds(manifest.contract, validation_images())
-    (_, (ids0, mask0)), (_, (ids1, mask1)) = feeds
+    (ids0, mask0), (ids1, mask1) = (f.extra["text"] for f in feeds)
     assert not bool(mask0.all()) and bool(mask1.all())  # the long one is padded per row, the short one not
     assert int(ids0.max()) < len(VOCAB) and int(ids1.min()) >= 0
 

@@ -510,16 +510,9 @@ def test_anyres_greedy_tokens_match_the_reference(xgenmm_anyres):
     assert_differs(tiles_x, x_ref, "prompt embeddings with per-tile groups", rel=1e-3)
 
 
-def test_anyres_token_dropping_and_export_are_refused(xgenmm_anyres):
-    from edgevlm.errors import ConfigError
-    from edgevlm.export.contract import ExportContract
-
+def test_anyres_without_its_order_is_refused(xgenmm_anyres):
+    """Token dropping and export of this path: tests/test_xgenmm_anyres_export.py."""
     _, _, pipe = xgenmm_anyres
-    with pytest.raises(ConfigError, match="regroups its any-resolution tiles"):
-        pipe.tower.set_token_keep(0.5)
-    assert pipe.tower.keep_ratio == 1.0
-    with pytest.raises(ConfigError, match="cannot be exported"):
-        ExportContract.for_tower(pipe.tower.config)
     # the encoders without the regrouping would feed the resampler tiles, not strips: refused, not run
     with pytest.raises(edgevlm.errors.ShapeError, match="regroups"):
         pipe.tower.model.encode(pipe.tower.preprocessor([_image(0)]).views)
