@@ -100,9 +100,6 @@ def keep_plan(tower: TowerConfig) -> KeepPlan:
     if not names:
         raise ConfigError(f"token dropping needs a connector that takes a variable number of its encoders' "
                           f"tokens; this tower's {c.kind!r} connector needs a fixed count")
-    if tower.pack is not None:
-        raise ConfigError("token dropping cannot apply to a tower that packs any-resolution views (LLaVA-NeXT): "
-                          "unpadding and the row newlines need every patch of each tile's grid")
     encs = [tower.encoder(n) for n in names]
     g = c.token_drop_grid()
     if g is None:  # one patch per cell of the encoder's own grid

@@ -179,9 +179,11 @@ class VisionTowerModel(nn.Module):
         return self.connector(self.encode(views, cells), self.kept_masks(masks, cells), cells=cells)
 
     def per_image(self, per_view: torch.Tensor, views_per_image: list[int],
-                  image_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+                  image_sizes: list[tuple[int, int]] | None = None,
+                  cells: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``[n_views, tpv, D]`` -> one ``[tokens_i, D]`` per image: its views one after the other, or,
-        with ``config.pack``, packed from its original ``image_sizes[i] = (h, w)``. Not part of
+        with ``config.pack``, packed from its original ``image_sizes[i] = (h, w)``; with token dropping's
+        kept ``cells [n_views, K]`` the packing leaves the dropped places out. Not part of
         :meth:`forward`, hence not of an exported graph: it runs in torch on whichever backend's per-view
         output, since how it packs depends on each image's size."""
         if self.pack is None:
@@ -191,7 +193,11 @@ class VisionTowerModel(nn.Module):
                              f"{None if image_sizes is None else len(image_sizes)} sizes for {len(views_per_image)} images")
         if sum(views_per_image) != per_view.shape[0]:
             raise ShapeError(f"{per_view.shape[0]} views but views_per_image sums to {sum(views_per_image)}")
-        return [self.pack(v, size) for v, size in zip(torch.split(per_view, views_per_image), image_sizes)]
+        views = torch.split(per_view, views_per_image)
+        if cells is None:
+            return [self.pack(v, size) for v, size in zip(views, image_sizes)]
+        (ids,) = self.kept_patch_ids(cells).values()  # a packing tower has one encoder that drops
+        return [self.pack(v, size, kept=k) for v, size, k in zip(views, image_sizes, torch.split(ids, views_per_image))]
 
 
 def _scatter_kept(tokens: torch.Tensor, ids: torch.Tensor, enc) -> torch.Tensor:
@@ -265,9 +271,10 @@ class VisionTower:
         single-ViT tower's own patch grid. Every ViT the connector takes in any number then runs only
         on the patches under the kept cells (its class token kept): a SPHINX fusion gives the decoder
         ``1 + K`` grid positions per view instead of ``1 + g*g``, LLaVA's projector ``K`` patch tokens
-        instead of ``g*g``, a Q-Former or resampler its usual count from fewer image keys. Refused
-        (ConfigError, saying why) where it cannot apply: any-resolution packing (LLaVA-NeXT), a projector
-        over a CNN.
+        instead of ``g*g`` (LLaVA-NeXT's packing leaves the dropped places out of its rows), a Q-Former or
+        resampler its usual count from fewer image keys (xGen-MM's strips mask the dropped ones). Refused
+        (ConfigError, saying why) where it cannot apply: a projector over a CNN, a connector that needs a
+        fixed token count.
         ``mode``: ``"uniform"`` (evenly spread, the same for every image), ``"random"`` (FLIP's, seeded
         by ``seed``: the same subset on every call) or ``"score"``: ``scorer(views)`` returns
         ``[n_views, g*g]`` scores on the keep grid (a saliency or detector heat map pooled to it) and
@@ -370,8 +377,8 @@ class VisionTower:
             pre = self.preprocessor([arrays[i] for i in todo])
             text = None if rows is None else self._instruction_for_views([rows[i] for i in todo], pre.views_per_image)
             t2 = time.perf_counter()
-            per_view = self._forward(pre.views, pre.token_masks, text, order=pre.token_order)
-            per_image = self._per_image(per_view, pre.views_per_image, pre.image_sizes)
+            per_view, cells = self._forward(pre.views, pre.token_masks, text, order=pre.token_order)
+            per_image = self._per_image(per_view, pre.views_per_image, pre.image_sizes, cells)
             t3 = time.perf_counter()
             for i, emb in zip(todo, per_image):
                 out[i] = emb
@@ -383,7 +390,8 @@ class VisionTower:
 
     @torch.inference_mode()
     def _forward(self, views: dict[str, torch.Tensor], masks=None, text: Instruction | None = None,
-                 order: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                 order: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> ``(per-view embeddings, kept cells or None)``: packing needs to know which tokens were kept."""
         views = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in views.items()}
         if masks is not None:
             masks = {k: v.to(self.device) for k, v in masks.items()}
@@ -408,12 +416,12 @@ class VisionTower:
             out = out.to(self.device, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return out
+        return out, cells
 
     @torch.inference_mode()
     def _per_image(self, per_view: torch.Tensor, views_per_image: list[int],
-                   image_sizes: list[tuple[int, int]] | None) -> list[torch.Tensor]:
-        return self.model.per_image(per_view, views_per_image, image_sizes)
+                   image_sizes: list[tuple[int, int]] | None, cells: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return self.model.per_image(per_view, views_per_image, image_sizes, cells)
 
     def __call__(self, images, instruction=None) -> torch.Tensor:
         """Paths / PIL images / HWC uint8 arrays (one or a list) -> [n_images, visual_tokens, out_width].
@@ -464,8 +472,8 @@ class VisionTower:
         order = masks = None
         if self.config.regroup is not None:  # xGen-MM anyres: the groups and their masks from each image's size
             order, masks = regroup_inputs(self.config, views_per_image, image_sizes)
-        per_view = self._forward(views, masks, text=text, order=order)
-        per_image = self._per_image(per_view, views_per_image, image_sizes)
+        per_view, cells = self._forward(views, masks, text=text, order=order)
+        per_image = self._per_image(per_view, views_per_image, image_sizes, cells)
         lengths = sorted({t.shape[0] for t in per_image})
         if len(lengths) > 1:
             raise ShapeError(f"images produced different token counts {lengths}; pass them one at a time")

@@ -168,7 +168,7 @@ def test_tower_and_pipeline_option(tmp_path):
 
 
 def test_token_dropping_is_refused_where_it_cannot_apply(tmp_path):
-    from edgevlm.config import AnyresPackConfig, MLPConnectorConfig, ViewConfig
+    from edgevlm.config import MLPConnectorConfig
     from edgevlm.runtime.tower import VisionTower
 
     def tower_of(encoder, **kw):
@@ -180,15 +180,7 @@ def test_token_dropping_is_refused_where_it_cannot_apply(tmp_path):
     cnn = ConvNeXtConfig(name="c", image_size=32, depths=(1, 1, 1, 1), dims=(8, 8, 8, 16), final_norm=True)
     with pytest.raises(ConfigError, match=r"'c' \(convnext\): a CNN's feature map needs the whole view"):
         tower_of(cnn).set_token_keep(0.5)
-    # LLaVA-NeXT packing: unpadding and the row newlines need each tile's whole grid
-    vit = ViTConfig(name="v", image_size=32, patch_size=8, width=16, depth=1, heads=2, mlp_dim=16,
-                    keep_class_token=False)
-    packed = tower_of(vit, views=ViewConfig(kind="anyres", anyres_grids=((1, 2),)), pack=AnyresPackConfig())
-    with pytest.raises(ConfigError, match="packs any-resolution views"):
-        packed.set_token_keep(0.5)
-    with pytest.raises(ConfigError, match="packs any-resolution views"):
-        packed.model({"v": torch.randn(1, 3, 32, 32)}, cells=torch.tensor([[0, 1]]))
-    tower_of(vit).set_token_keep(0.5)  # the same ViT and projector without packing: allowed
+    # (LLaVA-NeXT packing leaves dropped places out: tests/test_llava_next_token_drop.py)
     tiny = edgevlm.runtime.load_vision_tower("tiny")
     tiny.backend = "onnxruntime"  # as a tower built with an exported graph's runner
     with pytest.raises(ConfigError, match="torch backend"):
