@@ -122,7 +122,7 @@ def convert(source: Any, out: str | os.PathLike, *, dtype: str = "float32", forc
             folder = tmp / "checkpoint"
             with stages("write"):
                 save_checkpoint(folder, cfg, state, metadata={"converted_from": src.kind, "dtype": dtype})
-                _write_tokenizers(parts, folder)
+                write_tokenizers(parts, folder)
             with stages("verify"):
                 _verify(parts, cfg, folder)
             with stages("rename"):
@@ -137,7 +137,10 @@ def convert(source: Any, out: str | os.PathLike, *, dtype: str = "float32", forc
     return out
 
 
-def _write_tokenizers(parts: ModelParts, folder: Path) -> None:
+def write_tokenizers(parts: ModelParts, folder: Path) -> None:
+    """The files a converted (or trained) checkpoint prompts with, its config naming no tokenizer: the
+    decoder's tokenizer, the chat format's template where the loader chose one the tokenizer does not
+    carry, and an InstructBLIP Q-Former's tokenizer in ``qformer_tokenizer/``."""
     from .qformer_tokenizer import QFORMER_TOKENIZER_DIR, QFormerTokenizer
 
     parts.tokenizer.save(folder)
@@ -202,4 +205,4 @@ def _verify(parts: ModelParts, cfg: ModelConfig, folder: Path) -> None:
                 raise _differs(f"the Q-Former ids of {text!r}", q2.encode(text), q.encode(text))
 
 
-__all__ = ["convert", "model_config_of", "state_of", "CONVERT_DTYPES"]
+__all__ = ["convert", "model_config_of", "state_of", "write_tokenizers", "CONVERT_DTYPES"]

@@ -18,10 +18,20 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgevlm.cli_args import QUANT_HELP, add_vision_args, set_threads, vision_kwargs
+
+if TYPE_CHECKING:  # the CLI imports torch and the runtime only when a command runs
+    from edgevlm.config import ModelConfig
+    from edgevlm.runtime.decoder import Decoder
+    from edgevlm.runtime.preprocess import Preprocessor
+    from edgevlm.runtime.qformer_tokenizer import QFormerTokenizer
+    from edgevlm.runtime.tokenizer import Tokenizer
+    from edgevlm.runtime.tower import VisionTowerModel
 
 # The shipped demo model was trained with exactly these settings (see docs/training.md).
 DEMO_DATA = dict(n_scenes=1500, n_digits=600, seed=0)
@@ -31,15 +41,33 @@ DEMO_STAGE2 = dict(stage="stage2", steps=600, batch_size=4, lr=3e-3, lora_rank=8
 DEMO_EVAL = dict(n_scenes=60, n_digits=60, seed=0)
 
 
-def _components(model, threads: int):
-    """What to train -> (config, tower model, decoder, tokenizer, preprocessor, write_extra).
+@dataclass(frozen=True)
+class TrainComponents:
+    """What :class:`~edgevlm.train.vlm.VLMTrainer` trains, read from a source by :func:`training_components`.
 
-    ``model`` is anything ``edgevlm.load`` takes. A preset (or a ModelConfig) is its base model: the
-    trained weights shipped beside it and its LoRA are left out, as the demo recipe starts from. Any
-    other source (an edgevlm checkpoint folder, a transformers LLaVA / BLIP-2 folder, ...) is trained as
-    it loads: its connector continues from its weights, LoRA it carries is merged into the decoder, and
-    the exported checkpoint holds every tensor (its config names no WeightsRef, as ``edgevlm convert``
-    writes one) and, through ``write_extra(folder)``, the tokenizer.
+    ``instruction_tokenizer``: the Q-Former's tokenizer of a tower that reads the question (InstructBLIP),
+    else None. ``write_extra(folder)``: writes the tokenizers (and a chat template the tokenizer does not
+    carry) into an exported checkpoint whose config names none; None for presets."""
+
+    config: ModelConfig
+    tower: VisionTowerModel
+    decoder: Decoder
+    tokenizer: Tokenizer
+    preprocessor: Preprocessor
+    instruction_tokenizer: QFormerTokenizer | None = None
+    write_extra: Callable[[Path], None] | None = None
+
+
+def training_components(model, threads: int = 0) -> TrainComponents:
+    """What to train, from ``model``: anything ``edgevlm.load`` takes.
+
+    A preset (or a ModelConfig) is its base model: the trained weights shipped beside it and its LoRA are
+    left out, as the demo recipe starts from. Any other source (an edgevlm checkpoint folder, a
+    transformers LLaVA / LLaVA-NeXT / BLIP-2 / InstructBLIP folder, a MiniGPT-4 eval config, ...) is
+    trained as it loads: its connector continues from its weights, LoRA it carries is merged into the
+    decoder, and the exported checkpoint holds every tensor (its config names no WeightsRef, as
+    ``edgevlm convert`` writes one) and, through ``write_extra(folder)``, the tokenizers ``edgevlm
+    convert`` would write (an InstructBLIP Q-Former's in ``qformer_tokenizer/``).
     """
     import torch
 
@@ -60,22 +88,18 @@ def _components(model, threads: int):
         raise ConfigError(f"{src.name}: a model without a vision tower has no connector to train")
     cfg, write_extra = src.config, None
     if src.kind != "config":
-        from edgevlm.runtime.convert import model_config_of
+        from functools import partial
 
-        cfg, write_extra = model_config_of(parts), _tokenizer_writer(parts)
+        # The writer edgevlm convert uses (its output is read back and compared with the source there and in
+        # test_convert.py): the decoder's tokenizer, a chat template the loader chose that the tokenizer does
+        # not carry (InstructBLIP's plain prompt) and the Q-Former tokenizer, so the export prompts as its source.
+        from edgevlm.runtime.convert import write_tokenizers, model_config_of
+
+        cfg, write_extra = model_config_of(parts), partial(write_tokenizers, parts)
     pipe = assemble(parts, opts)
-    return cfg, pipe.tower.model, pipe.decoder, pipe.tokenizer, pipe.tower.preprocessor, write_extra
-
-
-def _tokenizer_writer(parts):
-    """``folder -> None`` writing the tokenizer the exported checkpoint loads with (its config names none)."""
-    from edgevlm.errors import ConfigError
-
-    chat = parts.chat
-    if chat.kind == "template" and chat.template != parts.tokenizer.chat_template:
-        raise ConfigError(f"{parts.name}: its chat template is not its tokenizer's, which an exported checkpoint "
-                          "cannot record; convert it first (edgevlm convert) and train the converted folder")
-    return parts.tokenizer.save
+    t = pipe.tower
+    return TrainComponents(cfg, t.model, pipe.decoder, pipe.tokenizer, t.preprocessor,
+                           instruction_tokenizer=t.instruction_tokenizer, write_extra=write_extra)
 
 
 def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict | None = None,
@@ -90,15 +114,17 @@ def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict |
 
     tc = TrainConfig(**train_kw)
     data_kw = data_kw or DEMO_DATA
-    cfg, tower, decoder, tok, pre, write_extra = _components(model, threads)
+    c = training_components(model, threads)
     init_state = load_checkpoint(init)[1] if init else None
     samples = build_split("train", data_kw["n_scenes"], data_kw["n_digits"], seed=data_kw["seed"])
     t0 = time.perf_counter()
-    trainer = VLMTrainer(cfg, tc, tower_model=tower, decoder=decoder, tokenizer=tok, preprocessor=pre,
-                         samples=samples, init_state=init_state, feature_cache=feature_cache or out / "features.safetensors",
-                         text_source=text_batches(tok, tc.text_len, tc.text_batch, tc.seed))
+    trainer = VLMTrainer(c.config, tc, tower_model=c.tower, decoder=c.decoder, tokenizer=c.tokenizer,
+                         preprocessor=c.preprocessor, samples=samples, init_state=init_state,
+                         feature_cache=feature_cache or out / "features.safetensors",
+                         text_source=text_batches(c.tokenizer, tc.text_len, tc.text_batch, tc.seed),
+                         instruction_tokenizer=c.instruction_tokenizer)
     history = trainer.train(out, progress=progress)
-    ckpt = trainer.export(out / "checkpoint", write_extra=write_extra)
+    ckpt = trainer.export(out / "checkpoint", write_extra=c.write_extra)
     log = {"train_config": asdict(tc), "data": data_kw, "init": str(init) if init else None,
            "examples": len(trainer.examples), "images": len(trainer.views_per_image),
            "encode_seconds": trainer.encode_s, "seconds": time.perf_counter() - t0, "history": history}
@@ -150,7 +176,7 @@ def cmd_stage(args) -> int:
 
 def _overrides(args) -> dict:
     out = {}
-    for k in ("steps", "batch_size", "lr", "lora_rank", "seed"):
+    for k in ("steps", "batch_size", "lr", "lora_rank", "seed", "tasks"):
         v = getattr(args, k, None)
         if v is not None:
             out[k] = v
@@ -268,12 +294,17 @@ def add_parsers(sub) -> None:
         _add_train_args(p)
         p.add_argument("--model", "-m", default="demo",
                        help="what to train, as edgevlm.load takes it: a preset (its base model), an edgevlm "
-                            "checkpoint folder, a transformers LLaVA / BLIP-2 folder, ... (default: demo)")
+                            "checkpoint folder, a transformers LLaVA / LLaVA-NeXT / BLIP-2 / InstructBLIP folder, "
+                            "a MiniGPT-4 eval YAML, ... (default: demo)")
         p.add_argument("--n-scenes", dest="n_scenes", type=int, default=None,
                        help=f"training scenes (default: {DEMO_DATA['n_scenes']})")
         p.add_argument("--n-digits", dest="n_digits", type=int, default=None,
                        help=f"training digit images (default: {DEMO_DATA['n_digits']})")
         p.add_argument("--init", default=None, help="checkpoint folder to start from (e.g. stage 1's)")
+        p.add_argument("--tasks", type=_task_list, default=None,
+                       help="comma-separated tasks to train on, a subset of edgevlm.train.data.TASKS (caption, "
+                            "color, shape, count, ground, digit); default: stage1 caption, stage2 all. Short-answer "
+                            "tasks fit decoders with few positions")
         p.set_defaults(func=cmd_stage, command=name)
     for name, module, what in (("qformer", "qformer_pretrain", "BLIP-2 Q-Former pre-training (ITC, ITM, ITG)"),
                                ("flip", "flip", "FLIP masked image-encoder training"),
@@ -298,6 +329,17 @@ def add_parsers(sub) -> None:
     ev.set_defaults(func=cmd_eval)
 
 
+def _task_list(text: str) -> tuple[str, ...]:
+    # imported here, not at the top: building the parser must not import numpy and the scenes
+    from .data import TASKS
+
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if not tasks or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(TASKS)}, got {text!r}")
+    return tasks
+
+
 def _delegate(module: str):
     def run(args) -> int:
         import importlib
@@ -307,4 +349,5 @@ def _delegate(module: str):
     return run
 
 
-__all__ = ["add_parsers", "run_stage", "DEMO_DATA", "DEMO_STAGE1", "DEMO_STAGE2", "DEMO_EVAL"]
+__all__ = ["add_parsers", "run_stage", "training_components", "TrainComponents", "DEMO_DATA", "DEMO_STAGE1",
+           "DEMO_STAGE2", "DEMO_EVAL"]

@@ -16,8 +16,10 @@ connector's ``prepare`` makes of their outputs is cached (:mod:`edgevlm.runtime.
 MLP projector, a Q-Former or a perceiver resampler keep the encoder's tokens; SPHINX fusion its
 channel-aligned tokens before ``visual_proj``); every step runs the connector's ``from_prepared``, so
 the visual token count per image is whatever the connector makes (MLP: the encoder's tokens; Q-Former:
-its queries; resampler: its latents; per view). An InstructBLIP Q-Former, which reads the question, is
-refused (:class:`~edgevlm.errors.ConfigError`): the trainer gives the connector no question text.
+its queries; resampler: its latents; per view). An InstructBLIP Q-Former reads the question too: each
+example then carries its question as Q-Former token ids (the tower's own instruction tokenizer, as the
+runtime's :class:`~edgevlm.runtime.tower.VisionTower` makes them), the connector runs on them every step,
+and such examples are never packed (see :meth:`VLMTrainer._examples`).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from edgevlm.config import LORA_TARGETS, LoRAConfig, ModelConfig, to_dict
-from edgevlm.errors import CheckpointError, ConfigError
+from edgevlm.errors import CheckpointError, ConfigError, ShapeError
 from edgevlm.runtime.chat import ChatFormat, MultimodalPrompt
 from edgevlm.runtime.checkpoint import save_checkpoint
-from edgevlm.runtime.connectors.base import Connector
+from edgevlm.runtime.connectors.base import Connector, split_prepared
 from edgevlm.runtime.lora import LORA_SUFFIXES, apply_lora, lora_disabled, lora_state_dict
+from edgevlm.runtime.qformer_tokenizer import QFORMER_TOKENIZER_DIR, pad_ids
 from edgevlm.runtime.readers.safetensors_io import load_safetensors
 from edgevlm.runtime.tower import takes_instruction
 
@@ -71,7 +74,8 @@ class TrainConfig:
     # AVX512-BF16 this is ~4x the fp32 matmul rate; "none" trains in plain fp32.
     autocast: str = "bf16"
     # Several questions about one image in one multi-turn sequence (LLaVA-style): the image and the
-    # system prompt are paid once for all of them. Falls back to single turns when the template can't.
+    # system prompt are paid once for all of them. Falls back to single turns when the template can't, and
+    # is never done for a tower whose Q-Former reads the question (InstructBLIP): see VLMTrainer._examples.
     pack: bool = True
     # What the text-only batches teach: "lm" (next-token loss on the text, SPHINX's recipe, used when the
     # whole LLM trains) or "kl_base" (stay close to the untuned LLM's predictions on the text: the
@@ -98,12 +102,15 @@ class TrainConfig:
 @dataclass
 class Example:
     """A conversation about one image, as positions: ``sequence`` covers it all (image slot included)
-    and ``labels`` holds ``(p, id)`` pairs — position ``p`` predicts answer token ``id`` at ``p + 1``."""
+    and ``labels`` holds ``(p, id)`` pairs — position ``p`` predicts answer token ``id`` at ``p + 1``.
+    ``instruction``: the question as Q-Former token ids, for a tower whose Q-Former reads it (InstructBLIP;
+    one question per example), else None."""
 
     image: int  # row in the feature cache
     sequence: MultimodalPrompt
     labels: list[tuple[int, int]]
     tasks: tuple[str, ...] = ()
+    instruction: tuple[int, ...] | None = None
 
     @property
     def length(self) -> int:
@@ -235,13 +242,23 @@ class VLMTrainer:
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, *, tower_model, decoder, tokenizer,
                  preprocessor, samples, init_state: dict[str, torch.Tensor] | None = None,
-                 text_source=None, feature_cache: Path | None = None):
-        if takes_instruction(model_cfg.tower):
-            # Its Q-Former reads the prompt, so its output differs per question while the cache holds one
-            # image embedding per image (and a packed conversation asks several questions of one image).
-            raise ConfigError("training an InstructBLIP tower (a Q-Former that reads the instruction, "
-                              "QFormerConfig.text set) is not supported: the trainer feeds the connector no "
-                              "question text; train a BLIP-2-style Q-Former (text=None) instead")
+                 text_source=None, feature_cache: Path | None = None, instruction_tokenizer=None):
+        """``instruction_tokenizer``: the Q-Former's own tokenizer (a
+        :class:`~edgevlm.runtime.qformer_tokenizer.QFormerTokenizer`, ``VisionTower.instruction_tokenizer``)
+        for a tower whose Q-Former reads the question (InstructBLIP); required there, unused elsewhere."""
+        self.takes_instruction = takes_instruction(model_cfg.tower)
+        if self.takes_instruction:
+            if instruction_tokenizer is None:
+                raise ConfigError("this tower's Q-Former reads the question (InstructBLIP, QFormerConfig.text set), "
+                                  "so training needs its Q-Former tokenizer: pass instruction_tokenizer= (a "
+                                  "QFormerTokenizer; a transformers InstructBLIP folder or an edgevlm checkpoint "
+                                  f"keeps it in {QFORMER_TOKENIZER_DIR}/, which this source lacks)")
+            if type(tower_model.connector).prepare is not Connector.prepare:
+                # visual_embeddings runs the connector's forward with the question on the cached tensors; that
+                # equals from_prepared only while prepare passes the encoders' outputs through unchanged.
+                raise ConfigError(f"{type(tower_model.connector).__name__} overrides prepare(); the trainer feeds a "
+                                  "question only to a connector whose cached tensors are its encoders' outputs")
+        self.instruction_tokenizer = instruction_tokenizer if self.takes_instruction else None
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.tower, self.decoder, self.tokenizer = tower_model, decoder, tokenizer
         self.chat = ChatFormat.from_config(model_cfg, tokenizer)
@@ -283,6 +300,11 @@ class VLMTrainer:
         if not samples:
             raise ConfigError(f"no training samples for tasks {tasks}")
         self.examples = self._examples(samples, rows, self._visual_tokens())
+        longest, limit = max(e.length for e in self.examples), decoder.cfg.max_seq_len
+        if longest > limit:  # here, not at whichever step first draws it
+            raise ConfigError(f"the longest training example has {longest} positions (visual tokens included), "
+                              f"more than the decoder's max_seq_len {limit}; train tasks with shorter answers "
+                              "(TrainConfig.tasks) or without packing (pack=False)")
         self.text = text_source
         self.text_used = 0  # batches taken from text_source: a resumed run skips as many to see the same text
         self.step_n = 0
@@ -304,17 +326,48 @@ class VLMTrainer:
             out.append(counts[v, size])
         return out
 
-    def visual_embeddings(self, rows: list[int]) -> list[torch.Tensor]:
+    def visual_embeddings(self, rows: list[int],
+                          instructions: list[tuple[int, ...]] | None = None) -> list[torch.Tensor]:
         """Cached images -> one ``[visual_tokens_i, D]`` per image, through the trainable connector
-        (``from_prepared``) and the tower's per-image grouping, as the runtime's tower computes them."""
+        (``from_prepared``) and the tower's per-image grouping, as the runtime's tower computes them.
+        ``instructions`` (a tower whose Q-Former reads the question, and only there): one list of Q-Former
+        ids per row, which every view of that row reads, as ``tower(image, instruction=question)`` does."""
         views = [self.views_per_image[r] for r in rows]
         prepared = {k: torch.cat([t[r, :v] for r, v in zip(rows, views)]) for k, t in self.features.items()}
-        per_view = self.connector.from_prepared(prepared)  # [sum(views), tokens_per_view, D]
+        if not self.takes_instruction:
+            if instructions is not None:
+                raise ConfigError("instructions given, but this tower's connector reads no question")
+            per_view = self.connector.from_prepared(prepared)  # [sum(views), tokens_per_view, D]
+        else:
+            if instructions is None or len(instructions) != len(rows):
+                got = "none" if instructions is None else f"{len(instructions)}"
+                raise ShapeError(f"this tower's Q-Former reads the question: expected one instruction (Q-Former ids) "
+                                 f"per image row ({len(rows)}), got {got}")
+            # Each view reads its row's question, right-padded with the config's pad id and masked, as
+            # VisionTower._instruction_for_views builds them for the runtime.
+            text = pad_ids([ids for ids, v in zip(instructions, views) for _ in range(v)],
+                           self.model_cfg.tower.connector.qformer.text.pad_id)
+            # Connector.from_prepared takes no question; the check in __init__ makes this its forward on them.
+            feats, masks = split_prepared(prepared)
+            per_view = self.connector(feats, masks, text=text)
         return self.tower.per_image(per_view, views, [self.image_sizes[r] for r in rows])
 
     def _examples(self, samples, rows: dict[int, int], vt: list[int]) -> list[Example]:
-        """Single-turn examples, or with ``pack`` one shuffled conversation per image."""
+        """Single-turn examples, or with ``pack`` one shuffled conversation per image.
+
+        A tower whose Q-Former reads the question (InstructBLIP) gets single turns whatever ``pack`` says,
+        each carrying its question's Q-Former ids: its visual embedding is a function of the question, and
+        a packed conversation has one image slot whose embedding every answer in it attends to. Giving
+        that slot one question's embedding would train the other answers on an embedding the runtime
+        never shows them (it reads the question being answered, VisionTower(image, instruction=...)); a
+        slot per question would be a conversation the runtime never builds. The frozen encoder output
+        is still cached once per image; only the Q-Former and projection run per example."""
         tok, chat = self.tokenizer, self.chat
+        if self.takes_instruction:
+            q_tok = self.instruction_tokenizer
+            return [replace(make_example(tok, chat, rows[id(s.image)], [(s.question, s.answer)],
+                                         vt[rows[id(s.image)]], (s.task,)), instruction=tuple(q_tok.encode(s.question)))
+                    for s in samples]
         if not self.cfg.pack:
             return [make_example(tok, chat, rows[id(s.image)], [(s.question, s.answer)], vt[rows[id(s.image)]],
                                  (s.task,)) for s in samples]
@@ -403,7 +456,8 @@ class VLMTrainer:
 
     def vlm_loss(self, idx: list[int]) -> torch.Tensor:
         ex = [self.examples[i] for i in idx]
-        visual = self.visual_embeddings([e.image for e in ex])  # B x [visual_tokens_i, D]
+        instructions = [e.instruction for e in ex] if self.takes_instruction else None
+        visual = self.visual_embeddings([e.image for e in ex], instructions)  # B x [visual_tokens_i, D]
         seqs, labels = [], []
         for e, vis in zip(ex, visual):
             seqs.append(e.sequence.embed(self.decoder.embed, [vis])[0])  # [L, D]
@@ -428,7 +482,8 @@ class VLMTrainer:
 
     def _lm_loss(self, seqs: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
         t = max(s.shape[0] for s in seqs)
-        t = -(-t // 16) * 16  # few distinct shapes: oneDNN builds (and caches) kernels per shape
+        # few distinct shapes: oneDNN builds (and caches) kernels per shape; never past the decoder's positions
+        t = min(-(-t // 16) * 16, self.decoder.cfg.max_seq_len)
         x = torch.zeros(len(seqs), t, seqs[0].shape[-1], dtype=seqs[0].dtype)
         y = torch.full((len(seqs), t), IGNORE, dtype=torch.long)
         for i, (s, lab) in enumerate(zip(seqs, labels)):  # right padding: causal attention never sees it
@@ -526,7 +581,9 @@ class VLMTrainer:
         Frozen parts keep pointing at their WeightsRefs. ``half`` stores the trained tensors in fp16 (a
         few MB); frozen tensors no WeightsRef supplies are stored as they are.
         ``write_extra(folder)``: files the checkpoint needs beside its weights (the tokenizer of a model
-        whose config names none), written before the folder is put in place."""
+        whose config names none), written before the folder is put in place. The Q-Former tokenizer of a
+        tower that reads the question is written to ``qformer_tokenizer/`` when ``write_extra`` did not:
+        the loaded checkpoint needs it to feed the runtime's questions to the Q-Former."""
         state = self.trainable_state()
         if half:
             state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
@@ -534,7 +591,15 @@ class VLMTrainer:
         state.update(self.frozen_state())
         cfg = replace(self.model_cfg, lora=self.lora_cfg, weights=None)
         meta = {"stage": self.cfg.stage, "steps": str(self.step_n), "train_config": json.dumps(asdict(self.cfg))}
-        return save_checkpoint(path, cfg, state, metadata=meta, overwrite=overwrite, write_extra=write_extra)
+        q_tok = self.instruction_tokenizer
+
+        def extra(folder: Path) -> None:
+            if write_extra is not None:
+                write_extra(folder)
+            if q_tok is not None and not (folder / QFORMER_TOKENIZER_DIR).exists():
+                q_tok.save(folder / QFORMER_TOKENIZER_DIR)
+
+        return save_checkpoint(path, cfg, state, metadata=meta, overwrite=overwrite, write_extra=extra)
 
 
 def _has_lora(state: dict[str, torch.Tensor] | None) -> bool:
