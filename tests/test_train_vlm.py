@@ -117,6 +117,89 @@ def test_trainer_lowers_loss_and_freezes_what_it_should():
     assert all(torch.equal(v, tr.tower.encoders.state_dict()[k]) for k, v in frozen_before.items())
 
 
+def test_answer_weighting_averages_each_answer_first():
+    """loss_weighting="answer": the loss is the mean over answers of each answer's mean token loss, computed
+    here from the same logits by hand; "token" is the plain mean over target tokens."""
+    import torch.nn.functional as F
+
+    tr = _tiny_trainer(1, loss_weighting="answer")
+    idx = tr.batch_indices(0)
+    examples = [tr.examples[i] for i in idx]
+    # (the tiny preset's template does not pack: one answer per example, of different lengths in this batch)
+    assert len({len(e.answer_of) for e in examples}) > 1
+    with torch.no_grad():
+        got = tr.vlm_loss(idx).item()
+        visual = tr.visual_embeddings([e.image for e in examples])
+        per_answer, per_token = [], []
+        for e, vis in zip(examples, visual):
+            h = tr.decoder.hidden_states(inputs_embeds=e.sequence.embed(tr.decoder.embed, [vis]))[0]
+            pos, ids = zip(*e.labels)
+            ce = F.cross_entropy(tr.decoder.lm_head(h[list(pos)]).float(), torch.tensor(ids), reduction="none")
+            per_token += ce.tolist()
+            for a in sorted(set(e.answer_of)):
+                per_answer.append(ce[[i for i, k in enumerate(e.answer_of) if k == a]].mean().item())
+        token_mean = replace(tr.cfg, loss_weighting="token")
+        tr.cfg = token_mean
+        plain = tr.vlm_loss(idx).item()
+    # the batch is right-padded to a common length (causal: padding never reaches the labels), so batched and
+    # one-by-one runs differ only by fp32 rounding (~1e-6 relative here): 1e-4 is far above it and far below
+    # the gap between the two weightings, asserted next
+    assert got == pytest.approx(sum(per_answer) / len(per_answer), rel=1e-4)
+    assert plain == pytest.approx(sum(per_token) / len(per_token), rel=1e-4)
+    assert abs(got - plain) > 1e-3  # the two weightings really differ on this batch
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        TrainConfig(loss_weighting="sample")
+
+
+@pytest.mark.parametrize("kind", ["sphinx", "mlp", "linear", "qformer"])
+def test_connectors_scale_their_output_exactly(kind):
+    """scale_output_(2) doubles every output token. A power of two scales floats without rounding, so the
+    outputs are compared bit for bit."""
+    from edgevlm.config import LinearConnectorConfig, MLPConnectorConfig, QFormerConnectorConfig
+    from edgevlm.runtime.connectors import build_connector
+
+    tower = get_preset("tiny").tower
+    vit = tower.encoder("vit")
+    cfg = {"sphinx": tower.connector,
+           "mlp": MLPConnectorConfig(encoder="vit", in_width=vit.feature_width, hidden=16, out_width=24),
+           "linear": LinearConnectorConfig(encoder="vit", in_width=vit.feature_width, out_width=24),
+           "qformer": QFormerConnectorConfig(qformer=tower.connector.qformer, out_width=24)}[kind]
+    torch.manual_seed(0)
+    conn = build_connector(cfg, tower).eval()
+    with torch.no_grad():  # any finite learned values, not the init's (LayerNorm's bias starts at zero)
+        for p in conn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    feats = {e.name: torch.randn(2, e.tokens, e.feature_width) if e.kind == "vit" else
+             torch.randn(2, e.feature_width, *e.grid) for e in tower.encoders}
+    with torch.no_grad():
+        before = conn(feats)
+        conn.scale_output_(2.0)
+        after = conn(feats)
+    assert torch.equal(after, 2 * before)
+
+
+def test_visual_scale_text_starts_image_tokens_at_the_embedding_scale():
+    pipe = edgevlm.load(get_preset("tiny"))
+    pipe.tower.model.connector.scale_output_(7.0)  # a connector far from the text scale
+    samples = build_split("train", n_scenes=8, n_digits=0, seed=0)
+    tc = TrainConfig(stage="stage1", steps=1, batch_size=2, autocast="none", visual_scale="text")
+    tr = VLMTrainer(get_preset("tiny"), tc, tower_model=pipe.tower.model, decoder=pipe.decoder,
+                    tokenizer=pipe.tokenizer, preprocessor=pipe.tower.preprocessor, samples=samples)
+    with torch.no_grad():
+        vis = torch.cat(tr.visual_embeddings(list(range(len(tr.views_per_image))))).float()
+        text_rms = pipe.decoder.embed_tokens.weight.float().pow(2).mean().sqrt()
+    assert 0.1 < tr.visual_scale_factor < 0.2  # about 1/7
+    # the factor was measured on these same cached images: equal up to fp32 rounding of two RMS (~1e-6)
+    assert vis.pow(2).mean().sqrt().item() == pytest.approx(text_rms.item(), rel=1e-4)
+    # a connector carried over from an earlier stage keeps its scale
+    kept = VLMTrainer(get_preset("tiny"), replace(tc, stage="stage2", lora_rank=0), tower_model=pipe.tower.model,
+                      decoder=pipe.decoder, tokenizer=pipe.tokenizer, preprocessor=pipe.tower.preprocessor,
+                      samples=samples, init_state=tr.trainable_state())
+    assert kept.visual_scale_factor is None
+    with pytest.raises(ConfigError, match="visual_scale"):
+        TrainConfig(visual_scale="unit")
+
+
 def test_text_objectives():
     kl = _tiny_trainer(2)
     # LoRA B starts at zero: the adapted logits are the base logits plus exact zeros, bit for bit, so the KL
@@ -227,6 +310,10 @@ def test_packed_conversation_labels_are_the_answers():
     ids = packed.sequence.input_ids
     assert all(ids[p + 1] == t for p, t in packed.labels)  # position p predicts the token at p + 1
     assert tok.decode([t for _, t in packed.labels]) == "red<|im_end|>3<|im_end|>[0.12,0.40,0.33,0.61]<|im_end|>"
+    # each answer's tokens (its end-of-turn included) are grouped, for loss_weighting="answer"
+    per_answer = [len(tok.encode(a, add_bos=False)) + 1 for _, a in qa]
+    assert packed.answer_of == tuple(k for k, n in enumerate(per_answer) for _ in range(n))
+    assert sum(packed.label_weights()) == pytest.approx(len(qa)) and packed.label_weights()[0] == 1 / per_answer[0]
     single = make_example(tok, chat, 0, qa[:1], 67)
     assert packed.labels[: len(single.labels)] == single.labels
     assert single.sequence.input_ids == ids[: single.length]

@@ -176,7 +176,7 @@ def cmd_stage(args) -> int:
 
 def _overrides(args) -> dict:
     out = {}
-    for k in ("steps", "batch_size", "lr", "lora_rank", "seed", "tasks"):
+    for k in ("steps", "batch_size", "lr", "lora_rank", "seed", "tasks", "loss_weighting", "visual_scale"):
         v = getattr(args, k, None)
         if v is not None:
             out[k] = v
@@ -277,6 +277,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=None, help="LoRA rank (0: no LoRA)")
     p.add_argument("--seed", type=int, default=None,
                    help="training seed: initialisation and batch order (default: 0; the data keep theirs)")
+    p.add_argument("--loss-weighting", dest="loss_weighting", choices=("token", "answer"), default=None,
+                   help="answer tokens share the loss per token (long boxes and captions dominate) or per answer "
+                        "(every answer weighs one); default: the demo recipe's")
+    p.add_argument("--visual-scale", dest="visual_scale", choices=("learned", "text"), default=None,
+                   help="a fresh connector's output scale: as initialised, or rescaled to the decoder's token "
+                        "embeddings before the first step; default: the demo recipe's")
     p.add_argument("--json", action="store_true", help="print the checkpoint and log paths as JSON (no progress bar)")
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -81,6 +82,14 @@ class TrainConfig:
     # whole LLM trains) or "kl_base" (stay close to the untuned LLM's predictions on the text: the
     # adapters may only change what images need, and general text keeps its perplexity).
     text_objective: str = "kl_base"
+    # How answer tokens share the loss: "token" (each target token alike, LLaVA's mean) or "answer" (each
+    # answer alike, its tokens sharing its weight). With "token" a 21-token box or a caption outweighs a
+    # one-token colour or digit answer in the same conversation twentyfold.
+    loss_weighting: str = "token"
+    # A fresh connector's output scale: "learned" (as initialised: a LayerNorm output is ~sqrt(width) per
+    # token, about 7x the demo LLM's token embeddings) or "text" (rescaled once, before the first step, to
+    # the RMS of the decoder's token embeddings, so that image and text tokens start alike).
+    visual_scale: str = "learned"
 
     def __post_init__(self) -> None:
         if self.stage not in ("stage1", "stage2"):
@@ -93,6 +102,10 @@ class TrainConfig:
             raise ConfigError(f"text_objective must be 'lm' or 'kl_base', got {self.text_objective!r}")
         if self.autocast not in ("bf16", "none"):
             raise ConfigError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.loss_weighting not in ("token", "answer"):
+            raise ConfigError(f"loss_weighting must be 'token' or 'answer', got {self.loss_weighting!r}")
+        if self.visual_scale not in ("learned", "text"):
+            raise ConfigError(f"visual_scale must be 'learned' or 'text', got {self.visual_scale!r}")
 
     @property
     def trains_decoder(self) -> bool:
@@ -111,6 +124,12 @@ class Example:
     labels: list[tuple[int, int]]
     tasks: tuple[str, ...] = ()
     instruction: tuple[int, ...] | None = None
+    answer_of: tuple[int, ...] = ()  # per label: which answer of the conversation it belongs to
+
+    def label_weights(self) -> list[float]:
+        """Per label, ``1 / (tokens of its answer)``: every answer weighs one (``loss_weighting="answer"``)."""
+        counts = Counter(self.answer_of)
+        return [1.0 / counts[a] for a in self.answer_of]
 
     @property
     def length(self) -> int:
@@ -138,7 +157,8 @@ def make_example(tokenizer, chat: ChatFormat, image_row: int, qa: list[tuple[str
         target = tokenizer.encode(a, add_bos=False) + [eot]
         seq = MultimodalPrompt(prompt.segments + (("text", tuple(target)),), prompt.tokens_per_image)
         p0 = prompt.length - 1
-        return Example(image_row, seq, [(p0 + i, t) for i, t in enumerate(target)], tasks)
+        return Example(image_row, seq, [(p0 + i, t) for i, t in enumerate(target)], tasks,
+                       answer_of=(0,) * len(target))
     msgs: list[dict] = []
     starts = []
     for q, a in qa:
@@ -147,14 +167,15 @@ def make_example(tokenizer, chat: ChatFormat, image_row: int, qa: list[tuple[str
         msgs.append({"role": "assistant", "content": a})
     seq = chat.build(tokenizer, msgs, [visual_tokens], add_generation_prompt=False)
     ids = seq.input_ids
-    labels = []
-    for start, (_, a) in zip(starts, qa):
+    labels, answer_of = [], []
+    for k, (start, (_, a)) in enumerate(zip(starts, qa)):
         target = tokenizer.encode(a, add_bos=False) + [eot]
         if ids[start: start + len(target)] != target:
             raise ConfigError("this chat template does not end assistant turns with the end-of-turn token "
                               "right after the answer; train with pack=False")
         labels += [(start - 1 + i, t) for i, t in enumerate(target)]
-    return Example(image_row, seq, labels, tasks)
+        answer_of += [k] * len(target)
+    return Example(image_row, seq, labels, tasks, answer_of=tuple(answer_of))
 
 
 # ---- feature cache -------------------------------------------------------------------------
@@ -308,8 +329,34 @@ class VLMTrainer:
         self.text = text_source
         self.text_used = 0  # batches taken from text_source: a resumed run skips as many to see the same text
         self.step_n = 0
+        self.visual_scale_factor = None
+        if train_cfg.visual_scale == "text" and not _has_connector(init_state):  # a carried-over one keeps its own
+            self.visual_scale_factor = self._match_text_scale()
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=train_cfg.weight_decay)
         self.history: list[dict[str, float]] = []
+
+    @torch.no_grad()
+    def _match_text_scale(self) -> float:
+        """Rescale the connector so its tokens' RMS (over up to 16 cached images) is the decoder's token
+        embeddings' RMS; returns the factor applied."""
+        table = getattr(self.decoder.embed_tokens, "weight", None)
+        if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+            raise ConfigError("visual_scale='text' needs the decoder's float token-embedding table")
+        text_rms = table.float().pow(2).mean().sqrt().item()
+        rows = list(range(min(16, len(self.views_per_image))))
+        vis = torch.cat(self.visual_embeddings(rows, self._probe_instructions(rows))).float()
+        factor = text_rms / vis.pow(2).mean().sqrt().item()
+        self.connector.scale_output_(factor)
+        return factor
+
+    def _probe_instructions(self, rows: list[int]) -> list[tuple[int, ...]] | None:
+        """For a tower whose Q-Former reads the question: the first example's question of each row."""
+        if not self.takes_instruction:
+            return None
+        first = {}
+        for e in self.examples:
+            first.setdefault(e.image, e.instruction)
+        return [first.get(r, ()) for r in rows]
 
     @torch.no_grad()
     def _visual_tokens(self) -> list[int]:
@@ -458,14 +505,19 @@ class VLMTrainer:
         ex = [self.examples[i] for i in idx]
         instructions = [e.instruction for e in ex] if self.takes_instruction else None
         visual = self.visual_embeddings([e.image for e in ex], instructions)  # B x [visual_tokens_i, D]
-        seqs, labels = [], []
+        seqs, labels, weights = [], [], []
+        per_answer = self.cfg.loss_weighting == "answer"
         for e, vis in zip(ex, visual):
             seqs.append(e.sequence.embed(self.decoder.embed, [vis])[0])  # [L, D]
             lab = torch.full((e.length,), IGNORE, dtype=torch.long)
             pos, ids = zip(*e.labels)
             lab[list(pos)] = torch.tensor(ids)  # position p predicts token p + 1
             labels.append(lab)
-        return self._lm_loss(seqs, labels)
+            if per_answer:
+                w = torch.zeros(e.length)
+                w[list(pos)] = torch.tensor(e.label_weights())
+                weights.append(w)
+        return self._lm_loss(seqs, labels, weights if per_answer else None)
 
     def text_loss(self) -> torch.Tensor:
         chunks = next(self.text)
@@ -480,19 +532,28 @@ class VLMTrainer:
         logp = F.log_softmax(self.decoder(inputs_embeds=x).float(), dim=-1)
         return F.kl_div(logp, ref, log_target=True, reduction="batchmean") / x.shape[1]  # per token
 
-    def _lm_loss(self, seqs: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    def _lm_loss(self, seqs: list[torch.Tensor], labels: list[torch.Tensor],
+                 weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Cross-entropy over the labelled positions: their mean, or with per-position ``weights`` their
+        weighted mean."""
         t = max(s.shape[0] for s in seqs)
         # few distinct shapes: oneDNN builds (and caches) kernels per shape; never past the decoder's positions
         t = min(-(-t // 16) * 16, self.decoder.cfg.max_seq_len)
         x = torch.zeros(len(seqs), t, seqs[0].shape[-1], dtype=seqs[0].dtype)
         y = torch.full((len(seqs), t), IGNORE, dtype=torch.long)
+        w = torch.zeros(len(seqs), t) if weights is not None else None
         for i, (s, lab) in enumerate(zip(seqs, labels)):  # right padding: causal attention never sees it
             x[i, : s.shape[0]] = s
             y[i, : lab.shape[0]] = lab
+            if w is not None:
+                w[i, : lab.shape[0]] = weights[i]
         h = self.decoder.hidden_states(inputs_embeds=x)  # [B, T, D]
         keep = y != IGNORE
         logits = self.decoder.lm_head(h[keep])  # [n_targets, V]: only where a loss is taken
-        return F.cross_entropy(logits.float(), y[keep])
+        if w is None:
+            return F.cross_entropy(logits.float(), y[keep])
+        ce = F.cross_entropy(logits.float(), y[keep], reduction="none")
+        return (ce * w[keep]).sum() / w[keep].sum()
 
     def step(self) -> dict[str, float]:
         f = self._lr_factor()
@@ -600,6 +661,10 @@ class VLMTrainer:
                 q_tok.save(folder / QFORMER_TOKENIZER_DIR)
 
         return save_checkpoint(path, cfg, state, metadata=meta, overwrite=overwrite, write_extra=extra)
+
+
+def _has_connector(state: dict[str, torch.Tensor] | None) -> bool:
+    return bool(state) and any(k.startswith("tower.connector.") for k in state)
 
 
 def _has_lora(state: dict[str, torch.Tensor] | None) -> bool:

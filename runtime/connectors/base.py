@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgevlm.config import ConnectorConfig
-from edgevlm.errors import ShapeError
+from edgevlm.errors import ConfigError, ShapeError
 
 MASK_PREFIX = "mask."  # prepared key of encoder e's token mask: "mask.e"
 
@@ -57,6 +57,13 @@ class Connector(nn.Module):
         """The trainable part: ``[N, tokens_per_view, out_width]``."""
         feats, masks = split_prepared(prepared)
         return self(feats, masks)
+
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        """Multiply every output token by ``factor`` by scaling the parameters that make it (a training-time
+        initialisation, e.g. to start visual tokens at the LLM's embedding scale); the architecture is
+        unchanged. Connectors whose output is not a plain affine image of their parameters refuse."""
+        raise ConfigError(f"the {self.cfg.kind!r} connector cannot rescale its output")
 
     def prepare_key(self) -> Any:
         """JSON-able: what, besides the encoders' and views' configs, decides :meth:`prepare`'s output. A

@@ -78,6 +78,11 @@ class LinearConnector(Connector):
                       cells)
         return self.proj(x)  # [N, T, out_width]
 
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        for p in self.proj.parameters():
+            p.mul_(factor)
+
 
 class MLPConnector(Connector):
     """LLaVA's ``mlp2x_gelu``: ``fc2(act(fc1(x)))`` on every token (transformers: linear_1/linear_2)."""
@@ -95,6 +100,11 @@ class MLPConnector(Connector):
         # decoder then gets K image positions.
         x = as_tokens(encoder_features(features, self.cfg.encoder, "mlp connector"), self.enc, "mlp connector", cells)
         return self.fc2(self.act(self.fc1(x)))  # [N, T, out_width]
+
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        for p in self.fc2.parameters():
+            p.mul_(factor)
 
 
 class QFormerConnector(Connector):
@@ -115,6 +125,11 @@ class QFormerConnector(Connector):
         x = as_tokens(encoder_features(features, name, "qformer connector"), self.enc, "qformer connector", cells)
         ids, text_mask = (None, None) if text is None else text
         return self.proj(self.qformer(x, encoder_mask(masks, name), ids, text_mask))  # [N, num_queries, out_width]
+
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        for p in self.proj.parameters():
+            p.mul_(factor)
 
 
 __all__ = ["LinearConnector", "MLPConnector", "QFormerConnector", "as_tokens", "check_layout",

@@ -137,6 +137,15 @@ class SphinxFusion(Connector):
             self.start_img = nn.Parameter(torch.rand(1, 1, d))
             self.end_img = nn.Parameter(torch.rand(1, 1, d))
 
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        # every output token is a LayerNorm's affine output (+ the position table) or a separator
+        for p in (*self.visual_proj[1].parameters(),
+                  *(self.qformer_proj[1].parameters() if self.cfg.qformer is not None else ()),
+                  *((self.pos_embed,) if self.cfg.pos_embed else ()),
+                  *((self.start_img, self.end_img) if self.cfg.separators else ())):
+            p.mul_(factor)
+
     def aligned_tokens(self, features: dict[str, torch.Tensor], cells: torch.Tensor | None = None) -> torch.Tensor:
         """Channel concatenation of all fusion encoders, before ``visual_proj``: ``[N, 1 + g*g, sum(in_widths)]``
         (``[N, 1 + K, ...]`` with kept ``cells [N, K]``)."""
