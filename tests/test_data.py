@@ -239,6 +239,44 @@ def test_caption_recall_and_aggregate():
     assert {agg[f"n_{t}"] for t in TASKS} == {0, 1} and agg["n_ground"] == 0
 
 
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (48, 60), (60, 60), (1, 1)])
+def test_wilson_interval_is_where_the_score_test_accepts(k, n):
+    """The interval's ends are the proportions at which the score test |k/n - p| = z sqrt(p(1-p)/n) is
+    at its bound, found here by bisection on that inequality rather than by the closed form."""
+    from edgevlm.train.metrics import Z95, wilson_interval
+
+    def inside(p):
+        return abs(k / n - p) <= Z95 * (p * (1 - p) / n) ** 0.5
+
+    def edge(lo, hi):  # inside(lo) != inside(hi): bisect to the crossing
+        a_in = inside(lo)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if inside(mid) == a_in else (lo, mid)
+        return (lo + hi) / 2
+
+    lo, hi = wilson_interval(k, n)
+    phat = k / n
+    want_lo = 0.0 if k == 0 else edge(0.0, phat)
+    want_hi = 1.0 if k == n else edge(phat, 1.0)
+    # bisection to 2**-100 and the closed form agree to float64 rounding of a few operations (~1e-15)
+    assert lo == pytest.approx(want_lo, abs=1e-12) and hi == pytest.approx(want_hi, abs=1e-12)
+    assert lo <= phat <= hi
+
+
+def test_aggregate_reports_intervals():
+    from edgevlm.train.metrics import wilson_interval
+
+    scores = [score(_s("color", "red"), "red")] * 48 + [score(_s("color", "red"), "blue")] * 12
+    agg = aggregate(scores)
+    assert agg["color_accuracy"] == 0.8
+    assert (agg["color_accuracy_lo"], agg["color_accuracy_hi"]) == wilson_interval(48, 60)
+    assert 0.68 < agg["color_accuracy_lo"] < 0.69 and 0.88 < agg["color_accuracy_hi"] < 0.89  # the docstring's
+    assert agg["digit_accuracy"] is None and agg["digit_accuracy_lo"] is None
+    with pytest.raises(ConfigError):
+        wilson_interval(5, 4)
+
+
 def test_perfect_predictions_score_perfectly(train):
     agg = aggregate(score(s, s.answer) for s in train)
     for key in ("qa_accuracy", "count_accuracy", "grounding_iou50", "digit_accuracy", "caption_recall"):
