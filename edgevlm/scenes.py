@@ -10,6 +10,10 @@ gives identical pixels on any machine for the same numpy and Pillow versions (th
 Splits: ``"train"`` and ``"heldout"`` scenes use disjoint seed spaces (the split code is part of the
 SeedSequence); digits use a fixed index split of scikit-learn's ``load_digits()`` -- the first 80 %
 train, the last 20 % held out -- so no held-out digit image is ever rendered into the train split.
+``"novel"`` is held out too and also rendered differently from what training saw: image sizes outside
+``SCENE_SIZES`` (very wide, very tall, larger and smaller), plain, gradient and speckled backgrounds in
+slate, paper and charcoal tones instead of the wooden and laminate table, a wider range of object
+sizes, and the held-out digits in coloured ink on tinted paper on a larger canvas.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from edgevlm.runtime.boxes import box_from_pixels
 
 from .errors import ConfigError
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "novel")
 
 # Saturated, far apart from each other and from the desaturated table tones below.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -41,7 +45,11 @@ OUTLINE_SHADE = 0.6    # outline colour = rgb * shade, drawn on about half the o
 SIZE_RANGE = (0.12, 0.30)  # object side as a fraction of the image's short side
 GAP = 6                # px kept free between objects and from the border, so boxes never touch
 
-_SPLIT_CODE = {"train": 0, "heldout": 1}
+_SPLIT_CODE = {"train": 0, "heldout": 1, "novel": 2}
+# "novel": renderings training never saw (see the module docstring)
+NOVEL_SCENE_SIZES = ((200, 400), (400, 200), (360, 360), (192, 192), (270, 480))
+NOVEL_SIZE_RANGE = (0.09, 0.36)
+NOVEL_DIGIT_CANVAS = 224
 SCENE_STREAM, DIGIT_STREAM, QUESTION_STREAM, DIGIT_ORDER_STREAM = 0, 1, 2, 3
 
 
@@ -108,6 +116,41 @@ def _table(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+def _plain_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A "novel" backdrop: a flat, gradient or speckled surface in slate, paper or charcoal tones
+    (desaturated, so no object colour is among them)."""
+    tone = _pick_tone(rng)
+    f32 = np.float32
+    ys = np.arange(h, dtype=f32)[:, None] / f32(h) - f32(0.5)
+    xs = np.arange(w, dtype=f32)[None, :] / f32(w) - f32(0.5)
+    kind = int(rng.integers(3))
+    if kind == 0:  # flat, with faint noise
+        lum = rng.standard_normal((h, w), dtype=f32) * f32(1.5)
+    elif kind == 1:  # a strong lighting gradient
+        gx, gy = rng.uniform(-1.0, 1.0, 2)
+        lum = (f32(gx) * xs + f32(gy) * ys) * f32(rng.uniform(40, 70)) + rng.standard_normal((h, w), dtype=f32)
+    else:  # speckle: sparse dark and light dots, like stone or foam board
+        lum = (rng.random((h, w), dtype=f32) < f32(0.04)) * f32(rng.uniform(-40, 40))
+        lum += rng.standard_normal((h, w), dtype=f32) * f32(3.0)
+    img = tone.astype(f32)[None, None, :] + lum[:, :, None]
+    np.clip(img, 0.0, 255.0, out=img)
+    img += f32(0.5)
+    return img.astype(np.uint8)
+
+
+def _pick_tone(rng: np.random.Generator) -> np.ndarray:
+    """Slate blue-grey, warm paper or charcoal: saturation at most ~15 % of the value."""
+    which = int(rng.integers(3))
+    if which == 0:
+        v = rng.uniform(110, 150)
+        return np.array([v - 8, v, v + 12])
+    if which == 1:
+        v = rng.uniform(215, 240)
+        return np.array([v, v - 4, v - 14])
+    v = rng.uniform(45, 75)
+    return np.array([v, v, v + 4])
+
+
 @lru_cache(maxsize=512)
 def _shape_mask(shape: str, s: int, outline: bool) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """``s x s`` uint8 mask (255 fill, 128 outline, 0 outside) and its tight bbox (l, t, r, b)."""
@@ -129,8 +172,11 @@ def make_scene(seed: int, split: str, index: int) -> Scene:
     """Render scene ``index`` of ``split`` (1-5 objects with distinct (colour, shape) pairs, no overlap)."""
     check_split(split)
     rng = split_rng(seed, split, SCENE_STREAM, index)
-    h, w = SCENE_SIZES[rng.integers(len(SCENE_SIZES))]
-    img = _table(rng, h, w)
+    novel = split == "novel"
+    sizes = NOVEL_SCENE_SIZES if novel else SCENE_SIZES
+    h, w = sizes[rng.integers(len(sizes))]
+    img = _plain_background(rng, h, w) if novel else _table(rng, h, w)
+    size_range = NOVEL_SIZE_RANGE if novel else SIZE_RANGE
     n = int(rng.integers(1, 6))
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     chosen = [pairs[i] for i in rng.choice(len(pairs), size=n, replace=False)]
@@ -138,7 +184,7 @@ def make_scene(seed: int, split: str, index: int) -> Scene:
     placed: list[tuple[int, int, int]] = []  # (x0, y0, side) of each object's square footprint
     objects = []
     for color, shape in chosen:
-        side = int(round(rng.uniform(*SIZE_RANGE) * short))
+        side = int(round(rng.uniform(*size_range) * short))
         for _ in range(60):  # rejection sampling; an object that finds no room is dropped
             x0 = int(rng.integers(GAP, w - side - GAP + 1))
             y0 = int(rng.integers(GAP, h - side - GAP + 1))
@@ -175,20 +221,28 @@ def digit_dataset() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digit_indices(split: str) -> np.ndarray:
-    """The fixed ``load_digits`` indices of a split: first 80 % train, last 20 % held out."""
+    """The fixed ``load_digits`` indices of a split: first 80 % train, last 20 % held out ("heldout" and
+    "novel" share them: no novel digit was trained on either)."""
     check_split(split)
     n = len(digit_dataset()[1])
     cut = int(n * DIGIT_TRAIN_FRACTION)
     return np.arange(0, cut) if split == "train" else np.arange(cut, n)
 
 
-def render_digit(index: int, rng: np.random.Generator) -> np.ndarray:
-    """Digit ``index`` of load_digits as dark ink on light paper, ``DIGIT_CANVAS`` square, HWC uint8."""
+def render_digit(index: int, rng: np.random.Generator, novel: bool = False) -> np.ndarray:
+    """Digit ``index`` of load_digits as dark ink on light paper, ``DIGIT_CANVAS`` square, HWC uint8;
+    ``novel``: blue, red or green ink on tinted paper, ``NOVEL_DIGIT_CANVAS`` square, smaller or larger."""
     images, _ = digit_dataset()
-    c = DIGIT_CANVAS
-    paper = rng.uniform(222, 248) + rng.uniform(-6, 6, 3)
-    ink = rng.uniform(15, 70) + rng.uniform(-10, 10, 3)
-    s = int(rng.integers(96, 141))
+    c = NOVEL_DIGIT_CANVAS if novel else DIGIT_CANVAS
+    if novel:
+        paper = np.array([235.0, 228.0, 205.0]) if rng.random() < 0.5 else np.array([215.0, 228.0, 238.0])
+        paper = paper + rng.uniform(-8, 8, 3)
+        ink = np.array(((30.0, 50.0, 150.0), (150.0, 30.0, 30.0), (25.0, 110.0, 50.0))[int(rng.integers(3))])
+        s = int(rng.integers(70, 181))
+    else:
+        paper = rng.uniform(222, 248) + rng.uniform(-6, 6, 3)
+        ink = rng.uniform(15, 70) + rng.uniform(-10, 10, 3)
+        s = int(rng.integers(96, 141))
     glyph = Image.fromarray(np.rint(images[index] * (255.0 / 16.0)).astype(np.uint8), mode="L")
     alpha = np.zeros((c, c), dtype=np.float64)
     y0, x0 = (int(v) for v in rng.integers(0, c - s + 1, 2))
@@ -207,6 +261,6 @@ def check_split(split: str) -> None:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-__all__ = ["SPLITS", "COLORS", "SHAPES", "SCENE_SIZES", "SceneObject", "Scene", "make_scene", "render_digit",
+__all__ = ["SPLITS", "COLORS", "SHAPES", "SCENE_SIZES", "NOVEL_SCENE_SIZES", "SceneObject", "Scene", "make_scene", "render_digit",
            "digit_indices", "digit_dataset", "split_rng", "check_split", "SCENE_STREAM", "DIGIT_STREAM",
            "QUESTION_STREAM", "DIGIT_ORDER_STREAM"]

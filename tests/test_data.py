@@ -51,6 +51,48 @@ def test_splits_are_disjoint():
     assert used == ho_idx
 
 
+def test_novel_split_is_rendered_and_asked_unlike_training():
+    """The "novel" evaluation split: held-out seeds and digits, and nothing rendered or phrased as in training:
+    image sizes, backgrounds (no wood or laminate: their mean colour is a plain tone), object sizes, ink and
+    every question template differ."""
+    from edgevlm.scenes import NOVEL_SCENE_SIZES, SCENE_SIZES
+    from edgevlm.train.data import NOVEL_TEMPLATES, TEMPLATES
+
+    novel = list(iter_split("novel", 40, 10, seed=0))
+    train_ids = {g.image_id for g in iter_split("train", 40, 10, seed=0)}
+    assert not {g.image_id for g in novel} & train_ids
+    sizes = {g.image.shape[:2] for g in novel if "/scene" in g.image_id}
+    assert sizes <= set(NOVEL_SCENE_SIZES) and not sizes & set(SCENE_SIZES) and len(sizes) >= 3
+    train_phrases = {q for task in TEMPLATES.values() for qs in task.values() for q in qs}
+    novel_phrases = {q for task in NOVEL_TEMPLATES.values() for qs in task.values() for q in qs}
+    assert not train_phrases & novel_phrases and set(NOVEL_TEMPLATES) == set(TEMPLATES)
+    for g in novel:  # every question is a novel template filled in
+        for smp in g.samples:
+            assert any(_matches(t, smp.question) for t in novel_phrases), smp.question
+    digits = [smp for g in novel for smp in g.samples if smp.task == "digit"]
+    assert {smp.meta["digit_index"] for smp in digits} <= set(digit_indices("heldout"))
+    assert all(smp.image.shape[:2] == (224, 224) for smp in digits)
+    ink = [smp.image.reshape(-1, 3)[smp.image.reshape(-1, 3).sum(1).argmin()].astype(int) for smp in digits]
+    assert max(int(c.max() - c.min()) for c in ink) > 60  # coloured ink, not the training's grey-black
+    # object sizes reach beyond the training range on both sides
+    sides = [max(o["box_px"][2] - o["box_px"][0], o["box_px"][3] - o["box_px"][1]) / min(g.image.shape[:2])
+             for g in novel if "/scene" in g.image_id for o in g.samples[0].meta["objects"]]
+    assert min(sides) < 0.12 and max(sides) > 0.30
+    # deterministic
+    again = list(iter_split("novel", 3, 2, seed=0))
+    assert [g.image.tobytes() for g in again] == [g.image.tobytes() for g in novel[:3]] + \
+        [g.image.tobytes() for g in novel[40:42]]
+
+
+def _matches(template: str, question: str) -> bool:
+    import re
+
+    pattern = re.escape(template)
+    for field in ("shape", "color", "plural"):
+        pattern = pattern.replace(re.escape("{" + field + "}"), r"\w+")
+    return re.fullmatch(pattern, question) is not None
+
+
 def test_bad_arguments_raise_config_errors():
     for kwargs in ({"split": "test"}, {"tasks": ("color", "ocr")}, {"n_scenes": -1}):
         args = {"split": "train", "n_scenes": 1, "n_digits": 0, **kwargs}

@@ -194,7 +194,7 @@ def cmd_eval(args) -> int:
 
     set_threads(args)
     pipe = edgevlm.load(args.model, quant=args.quant, **vision_kwargs(args))
-    samples = build_split("heldout", args.n_scenes, args.n_digits, seed=args.seed)
+    samples = build_split(args.split, args.n_scenes, args.n_digits, seed=args.seed)
     metrics, records = evaluate_samples(pipe, samples, max_new_tokens=args.max_new_tokens)
     text = heldout_text()
     ppl, n_tok = perplexity(pipe.decoder, pipe.tokenizer, text)
@@ -241,7 +241,7 @@ def _append_eval_row(path: Path, args, metrics: dict) -> None:
     _append_row(path, {"model": args.model, "quant": args.quant, "vision_backend": args.vision_backend,
                        "vision_precision": args.vision_precision if args.vision_backend != "torch" else "",
                        "keep_ratio": args.keep_ratio, "keep_mode": args.keep_mode,
-                       "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
+                       "split": args.split, "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
                        **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}})
 
 
@@ -324,6 +324,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--n-scenes", type=int, default=DEMO_EVAL["n_scenes"])
     ev.add_argument("--n-digits", type=int, default=DEMO_EVAL["n_digits"])
     ev.add_argument("--seed", type=int, default=DEMO_EVAL["seed"])
+    ev.add_argument("--split", choices=("heldout", "novel"), default="heldout",
+                    help="heldout: new scenes and digits rendered as in training; novel: also other image sizes, "
+                         "backgrounds, object sizes, ink and question phrasings than training saw")
     ev.add_argument("--max-new-tokens", type=int, default=80,
                     help="answer length limit; a box list takes about 21 tokens per box (default: 80)")
     ev.add_argument("--threads", type=int, default=0)

@@ -49,6 +49,22 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# The "novel" split's phrasings: none of them is a training template (tests/test_data.py checks it).
+NOVEL_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "caption": {"caption": ("What do you see in this picture?", "Summarize the picture in one sentence.")},
+    "color": {"color": ("Can you tell me what colour the {shape} is?", "The {shape} is which color?",
+                        "Name the color of the {shape}.")},
+    "shape": {"shape": ("Which shape is drawn in {color}?", "Tell me the shape of the {color} thing.")},
+    "count": {"total": ("How many things can you see?", "What is the number of objects?"),
+              "color": ("How many objects are {color}?", "What is the number of {color} objects?"),
+              "shape": ("How many {plural} do you see?", "What is the number of {plural}?")},
+    "ground": {"one": ("Draw a bounding box around the {color} {shape}.", "Box the {color} {shape}."),
+               "shape": ("Give bounding boxes for every {plural}.",),
+               "color": ("Give bounding boxes for everything {color}.",)},
+    "digit": {"digit": ("Which number is written here?", "Read the number in the picture.")},
+}
+
+
 # ---- data types ----------------------------------------------------------------------------------
 
 
@@ -90,12 +106,13 @@ def _pick(rng: np.random.Generator, seq: Sequence):
     return seq[int(rng.integers(len(seq)))]
 
 
-def scene_questions(scene: Scene, task: str, rng: np.random.Generator) -> tuple[str, str, dict] | None:
+def scene_questions(scene: Scene, task: str, rng: np.random.Generator,
+                    templates: dict[str, dict[str, tuple[str, ...]]] = TEMPLATES) -> tuple[str, str, dict] | None:
     """One (question, answer, task-specific meta) for ``task`` about ``scene``; None if not askable."""
     objs = scene.objects
     colors = [o.color for o in objs]
     shapes = [o.shape for o in objs]
-    t = TEMPLATES[task]
+    t = templates[task]
     if task == "caption":
         return _pick(rng, t["caption"]), caption_for(objs), {"mentions": [o.name for o in objs]}
     if task == "color":  # only about a shape that occurs once, so the answer is unambiguous
@@ -170,6 +187,7 @@ def iter_split(split: str, n_scenes: int, n_digits: int, seed: int = 0, tasks: I
     """
     check_split(split)
     tasks = _check_tasks(tasks)
+    templates = NOVEL_TEMPLATES if split == "novel" else TEMPLATES
     if n_scenes < 0 or n_digits < 0 or per_task < 1:
         raise ConfigError(f"need n_scenes >= 0, n_digits >= 0, per_task >= 1; got {n_scenes}, {n_digits}, {per_task}")
     scene_tasks = [t for t in tasks if t != "digit"]
@@ -183,7 +201,7 @@ def iter_split(split: str, n_scenes: int, n_digits: int, seed: int = 0, tasks: I
                 qrng = split_rng(seed, split, QUESTION_STREAM, i, TASKS.index(task))
                 seen = set()
                 for _ in range(per_task):
-                    qa = scene_questions(scene, task, qrng)
+                    qa = scene_questions(scene, task, qrng, templates)
                     if qa is None or qa[0] in seen:
                         continue
                     seen.add(qa[0])
@@ -198,11 +216,11 @@ def iter_split(split: str, n_scenes: int, n_digits: int, seed: int = 0, tasks: I
             # Beyond the pool the indices cycle, but each instance gets its own paper, size and offset.
             idx = int(order[k % len(order)])
             drng = split_rng(seed, split, DIGIT_STREAM, k)
-            img = render_digit(idx, drng)
+            img = render_digit(idx, drng, novel=split == "novel")
             image_id = f"{split}/s{seed}/digit{k:05d}"
             meta = {"scene_id": image_id, "image_id": image_id, "size": img.shape[:2], "task": "digit",
                     "digit": int(labels[idx]), "digit_index": idx}
-            q = _pick(drng, TEMPLATES["digit"]["digit"])
+            q = _pick(drng, templates["digit"]["digit"])
             yield ImageGroup(image_id, img, (Sample(img, q, str(int(labels[idx])), "digit", meta),))
 
 
@@ -220,5 +238,5 @@ def group_by_image(samples: Iterable[Sample]) -> list[ImageGroup]:
     return [ImageGroup(k, v[0].image, tuple(v)) for k, v in groups.items()]
 
 
-__all__ = ["TASKS", "TEMPLATES", "Sample", "ImageGroup", "caption_for", "scene_questions", "iter_split",
+__all__ = ["TASKS", "TEMPLATES", "NOVEL_TEMPLATES", "Sample", "ImageGroup", "caption_for", "scene_questions", "iter_split",
            "build_split", "group_by_image"]
