@@ -169,3 +169,22 @@ def write_byte_tokenizer(folder) -> None:
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": BYTE_TEMPLATE}))
+
+
+# ---- exported towers -------------------------------------------------------------------------------
+
+def tower_model_of(folder) -> torch.nn.Module:
+    """The eager tower model a source folder loads to (every weight from the folder), in eval mode."""
+    from edgevlm.runtime.tower import build_tower_model, resolve_tower_source
+
+    cfg, state, _ = resolve_tower_source(folder)
+    m, _ = build_tower_model(cfg, state, allow_random=False)
+    return m.eval()
+
+
+def fp32_export_of(folder, tmp_path_factory, name: str):
+    """``(out folder, manifest)`` of an fp32 ONNX export of the folder's tower, up to 3 images."""
+    from edgevlm.export import export_tower
+
+    out = tmp_path_factory.mktemp("exports") / name
+    return out, export_tower(folder, out=out, max_images=3, progress=False)

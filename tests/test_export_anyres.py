@@ -22,15 +22,14 @@ pytest.importorskip("transformers")
 
 import edgevlm  # noqa: E402
 from edgevlm.errors import ConfigError, ShapeError  # noqa: E402
-from edgevlm.export import ExportContract, export_model, export_tower, open_export, read_manifest  # noqa: E402
+from edgevlm.export import ExportContract, export_model, open_export, read_manifest  # noqa: E402
 from edgevlm.export.api import aspect_crops, validation_batches  # noqa: E402
 from edgevlm.export.calibration import validation_images  # noqa: E402
 from edgevlm.export.validate import TOLERANCES, compare  # noqa: E402
 from edgevlm.presets import get_preset  # noqa: E402
 from edgevlm.runtime.preprocess import Preprocessor  # noqa: E402
-from edgevlm.runtime.tower import build_tower_model, resolve_tower_source  # noqa: E402
 
-from edgevlm_testkit import assert_within_noise, float64_copy, max_abs  # noqa: E402
+from edgevlm_testkit import fp32_export_of, tower_model_of, assert_within_noise, float64_copy, max_abs  # noqa: E402
 from test_llava_next import PROMPT, VARIANTS, build_folder  # noqa: E402  (the tiny LLaVA-NeXT folder)
 
 
@@ -43,16 +42,12 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(folder):
-    cfg, state, _ = resolve_tower_source(folder)
-    m, _ = build_tower_model(cfg, state, allow_random=False)
-    return m.eval()
+    return tower_model_of(folder)
 
 
 @pytest.fixture(scope="module")
 def fp32_export(folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports") / "llava-next-fp32"
-    manifest = export_tower(folder, out=out, max_images=3, progress=False)
-    return out, manifest
+    return fp32_export_of(folder, tmp_path_factory, "llava-next-fp32")
 
 
 @pytest.fixture(scope="module")

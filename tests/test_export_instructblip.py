@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 
 import edgevlm  # noqa: E402
 from edgevlm.errors import ConfigError, ShapeError  # noqa: E402
-from edgevlm.export import ExportContract, export_model, export_tower, open_export, read_manifest  # noqa: E402
+from edgevlm.export import ExportContract, export_model, open_export, read_manifest  # noqa: E402
 from edgevlm.export.api import validation_feeds  # noqa: E402
 from edgevlm.export.calibration import validation_images  # noqa: E402
 from edgevlm.export.contract import (  # noqa: E402
@@ -30,9 +30,9 @@ from edgevlm.export.contract import (  # noqa: E402
 )
 from edgevlm.export.validate import TOLERANCES, compare  # noqa: E402
 from edgevlm.runtime.preprocess import Preprocessor  # noqa: E402
-from edgevlm.runtime.tower import build_tower_model, resolve_tower_source  # noqa: E402
+from edgevlm.runtime.tower import build_tower_model  # noqa: E402
 
-from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs  # noqa: E402
+from edgevlm_testkit import fp32_export_of, tower_model_of, assert_differs, assert_within_noise, float64_copy, max_abs  # noqa: E402
 from test_instructblip import MAX_POS, N_QUERIES, PROMPTS, VOCAB, ib_dir  # noqa: E402,F401  (the tiny folder)
 
 
@@ -43,16 +43,12 @@ def folder(ib_dir):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def model(folder):
-    cfg, state, _ = resolve_tower_source(folder)
-    m, _ = build_tower_model(cfg, state, allow_random=False)
-    return m.eval()
+    return tower_model_of(folder)
 
 
 @pytest.fixture(scope="module")
 def fp32_export(folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports") / "instructblip-fp32"
-    manifest = export_tower(folder, out=out, max_images=3, progress=False)
-    return out, manifest
+    return fp32_export_of(folder, tmp_path_factory, "instructblip-fp32")
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,14 @@ def _fixed_batch_loss(tr: VLMTrainer, idx: list[int]) -> float:
         return tr.vlm_loss(idx).item()
 
 
+def _train_on_fixed_batch(tr: VLMTrainer, out) -> tuple[float, float]:
+    """Train ``tr`` into ``out`` -> its loss on its first batch before and after."""
+    fixed = tr.batch_indices(0)
+    before = _fixed_batch_loss(tr, fixed)
+    tr.train(out, progress=False)
+    return before, _fixed_batch_loss(tr, fixed)
+
+
 def _decoder_linears(decoder: nn.Module) -> set[str]:
     """Every projection inside the decoder's blocks (``lm_head`` and embeddings are not LoRA targets)."""
     return {n.removesuffix(".base") for n, m in decoder.named_modules()
@@ -172,10 +180,7 @@ def test_family_stage1_stage2_train_only_the_connector_and_export(preset, tmp_pa
     # fp32 rounding moves a ~6.5-nat cross-entropy by ~1e-5. Connector-only alignment measured 0.28 (OPT),
     # 0.75 (Phi-3) and 1.16 (LLaMA) nats in 6 steps (the images reach the answers only through attention);
     # 0.09 is a third of the least.
-    fixed1 = s1.batch_indices(0)
-    before1 = _fixed_batch_loss(s1, fixed1)
-    s1.train(tmp_path / "s1", progress=False)
-    after1 = _fixed_batch_loss(s1, fixed1)
+    before1, after1 = _train_on_fixed_batch(s1, tmp_path / "s1")
     assert after1 < before1 - 0.09, (before1, after1)
     _assert_frozen(tower, decoder, tower_before, decoder_before, f"{preset} stage 1")
 
@@ -185,10 +190,7 @@ def test_family_stage1_stage2_train_only_the_connector_and_export(preset, tmp_pa
     wrapped = {n for n, m in decoder.named_modules() if isinstance(m, LoRALinear)}
     assert wrapped == _decoder_linears(decoder)
     assert len(wrapped) == d.layers * (6 + d.mlp_gated)
-    fixed2 = s2.batch_indices(0)
-    before2 = _fixed_batch_loss(s2, fixed2)
-    s2.train(tmp_path / "s2", progress=False)
-    after2 = _fixed_batch_loss(s2, fixed2)
+    before2, after2 = _train_on_fixed_batch(s2, tmp_path / "s2")
     # Connector + LoRA measured 1.63 (LLaMA), 1.70 (OPT) and 1.85 (Phi-3) nat drops in 8 steps (from about
     # ln(512) = 6.2, the tiny vocabulary's uniform loss); half a nat is under a third of the least and
     # ~10^4 x the rounding noise above.
@@ -381,10 +383,7 @@ def test_instructblip_stage1_trains_the_qformer_on_each_question(instructblip_fo
         assert end - start == 6
 
     # Connector-only, 6 steps: measured 0.215 nats (fp32 rounding moves this ~5.8-nat loss by ~1e-5); a third.
-    fixed = tr.batch_indices(0)
-    before = _fixed_batch_loss(tr, fixed)
-    tr.train(tmp_path / "s1", progress=False)
-    after = _fixed_batch_loss(tr, fixed)
+    before, after = _train_on_fixed_batch(tr, tmp_path / "s1")
     assert after < before - 0.07, (before, after)
     last = c.config.tower.connector.qformer.layers - 1
     idle = frozenset(f"connector.qformer.layers.{last}.text_{m}.{p}" for m in ("fc1", "fc2", "ffn_norm")
@@ -477,19 +476,13 @@ def test_llava_next_stage1_stage2_train_and_export(tmp_path):
             assert end - start == s1.visual_embeddings([ex.image])[0].shape[0]
         counts.add(end - start)
     assert len(counts) > 1, counts
-    fixed1 = s1.batch_indices(0)
-    before1 = _fixed_batch_loss(s1, fixed1)
-    s1.train(tmp_path / "s1", progress=False)
-    after1 = _fixed_batch_loss(s1, fixed1)
+    before1, after1 = _train_on_fixed_batch(s1, tmp_path / "s1")
     # Projector-only, 6 steps: measured 1.15 nats (rounding moves this ~6-nat loss by ~1e-5); 0.35, under a third.
     assert after1 < before1 - 0.35, (before1, after1)
     _assert_frozen(tower, decoder, tower_before, decoder_before, "llava-next stage 1")
 
     s2 = _source_trainer(c, samples, cache, "stage2", 8, init=s1.trainable_state())
-    fixed2 = s2.batch_indices(0)
-    before2 = _fixed_batch_loss(s2, fixed2)
-    s2.train(tmp_path / "s2", progress=False)
-    after2 = _fixed_batch_loss(s2, fixed2)
+    before2, after2 = _train_on_fixed_batch(s2, tmp_path / "s2")
     assert after2 < before2 - 0.35, (before2, after2)  # projector + LoRA, 8 steps: measured 1.19 nats
     _assert_frozen(tower, decoder, tower_before, decoder_before, "llava-next stage 2")
 
@@ -515,10 +508,7 @@ def test_minigpt4_stage1_trains_its_connector_and_exports(minigpt4_folder, tmp_p
     samples = build_split("train", **DATA)
 
     tr = _source_trainer(c, samples, None, "stage1", 6)
-    fixed = tr.batch_indices(0)
-    before = _fixed_batch_loss(tr, fixed)
-    tr.train(tmp_path / "s1", progress=False)
-    after = _fixed_batch_loss(tr, fixed)
+    before, after = _train_on_fixed_batch(tr, tmp_path / "s1")
     # Connector-only, 6 steps: measured 0.40 nats (rounding moves this ~6.2-nat loss by ~1e-5); a third.
     assert after < before - 0.13, (before, after)
     _assert_frozen(tower, decoder, tower_before, decoder_before, "minigpt4 stage 1")
