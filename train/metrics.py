@@ -105,6 +105,36 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | tup
     return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
+def paired_difference_interval(pairs: Iterable[tuple[bool, bool]], z: float = Z95
+                               ) -> tuple[float, float, float] | tuple[None, None, None]:
+    """Difference of two accuracies measured on the same questions, ``p_a - p_b``, with its 95 % interval
+    -> ``(diff, lo, hi)``; ``pairs`` holds ``(a correct, b correct)`` per question.
+
+    Two runtimes answer the same questions, so their errors are correlated and two independent Wilson
+    intervals overstate the noise of their difference. This is Newcombe's square-and-add interval for
+    paired proportions (his method 10, 1998): each accuracy's Wilson interval, combined with the
+    correlation ``phi`` of the 2x2 table of outcomes. ``(None, None, None)`` for no pairs."""
+    both = only_a = only_b = neither = 0
+    for a, b in pairs:
+        a, b = bool(a), bool(b)
+        both += a and b
+        only_a += a and not b
+        only_b += b and not a
+        neither += not a and not b
+    n = both + only_a + only_b + neither
+    if n == 0:
+        return None, None, None
+    pa, pb = (both + only_a) / n, (both + only_b) / n
+    la, ua = wilson_interval(both + only_a, n, z)
+    lb, ub = wilson_interval(both + only_b, n, z)
+    den = ((both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)) ** 0.5
+    phi = (both * neither - only_a * only_b) / den if den else 0.0
+    diff = pa - pb
+    lo = diff - max(0.0, (pa - la) ** 2 - 2 * phi * (pa - la) * (ub - pb) + (ub - pb) ** 2) ** 0.5
+    hi = diff + max(0.0, (pb - lb) ** 2 - 2 * phi * (pb - lb) * (ua - pa) + (ua - pa) ** 2) ** 0.5
+    return diff, max(-1.0, lo), min(1.0, hi)
+
+
 def aggregate(scores: Iterable[dict]) -> dict:
     """Summary metrics over :func:`score` results (any mix of tasks)."""
     by_task: dict[str, list[dict]] = {t: [] for t in TASKS}
@@ -140,4 +170,5 @@ def aggregate(scores: Iterable[dict]) -> dict:
     return out
 
 
-__all__ = ["IOU_THRESHOLD", "normalize", "match_boxes", "score", "aggregate", "wilson_interval", "Z95"]
+__all__ = ["IOU_THRESHOLD", "normalize", "match_boxes", "score", "aggregate", "wilson_interval",
+           "paired_difference_interval", "Z95"]

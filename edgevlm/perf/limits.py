@@ -181,6 +181,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets that change which kernel or precision is fastest here (bf16 wins only with AMX or
+# AVX512-BF16; the int8 kernels need VNNI): bench rows record them, since "AMD EPYC" alone can mean AVX2 only.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
+               "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The :data:`SPEED_FLAGS` this CPU has, space-separated (Linux /proc/cpuinfo; ``""`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in SPEED_FLAGS if f in have)
+    except OSError:
+        pass
+    return ""
+
+
 def device_name(device: str | torch.device) -> str:
     """``cpu: <model>, N threads`` or the GPU's name."""
     device = torch.device(device)
@@ -199,4 +217,4 @@ def module_version(name: str) -> str:
 
 
 __all__ = ["read_bandwidth", "matmul_peak", "ort_fp32_peak", "busy_cpus", "count_flops", "decoder_step_bytes",
-           "kv_bytes", "git_commit", "cpu_model", "device_name", "module_version"]
+           "kv_bytes", "git_commit", "cpu_model", "cpu_flags", "device_name", "module_version"]
