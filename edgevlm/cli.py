@@ -247,6 +247,26 @@ def _check_answer(text: str, expected, h: int, w: int) -> str:
     return "  ✓" if ok else f"  ✗ (expected: {expected})"
 
 
+def imagenet_top(pipe, image, k: int = 3) -> list[tuple[str, float]]:
+    """Top-``k`` ImageNet-1k labels with probabilities from the first eager tower encoder that keeps a
+    1,000-class classifier (the demo's EfficientNet-Lite0), on the view the tower itself makes of
+    ``image``; ``[]`` when no encoder has one (another model, or a tower run as an exported graph)."""
+    import torch
+
+    model = getattr(pipe.tower, "model", None)
+    for name, enc in (model.encoders.items() if model is not None else ()):
+        head = getattr(enc, "classifier", None)
+        if head is None or head.out_features != 1000:
+            continue
+        labels = (resources.files("edgevlm") / "assets" / "imagenet_labels.txt").read_text().splitlines()
+        with torch.inference_mode():
+            view = pipe.tower.preprocessor([image]).views[name][:1]  # the global view, [1, 3, H, W]
+            probs = enc.classify(view.to(head.weight.device, head.weight.dtype)).float().softmax(-1)[0]
+        p, idx = probs.topk(k)
+        return [(labels[int(i)], round(float(v), 4)) for v, i in zip(p, idx)]
+    return []
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default model end to end: a text question, bundled scenes, a digit, a real photo."""
     import edgevlm
@@ -284,9 +304,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n_checked, n_ok = n_checked + (expected is not None), n_ok + ("✓" in verdict)
         say(f"  Q: {q}\n  A: {out.text}{verdict}")
         say(f"     [{_timings_line(out.timings)}]")
-        records.append({"image": name, "question": q, "answer": out.text, "timings_ms": out.timings,
-                        "expected": list(expected) if isinstance(expected, tuple) else expected,
-                        "correct": ("✓" in verdict) if trained and expected is not None else None})
+        record = {"image": name, "question": q, "answer": out.text, "timings_ms": out.timings,
+                  "expected": list(expected) if isinstance(expected, tuple) else expected,
+                  "correct": ("✓" in verdict) if trained and expected is not None else None}
+        if expected is None:  # the real photo: say what the answer is worth, and what a real classifier sees
+            top = imagenet_top(pipe, img)
+            record["imagenet_top"] = top
+            say("  note: this model was trained only on generated table-top scenes and digits, so what it says "
+                "about a photo is not evidence of what is in it.")
+            if top:
+                say("        The tower's own EfficientNet-Lite0 ImageNet head on the same view: "
+                    + ", ".join(f"{label} {100 * p:.0f} %" for label, p in top) + ".")
+        records.append(record)
     if args.json:
         print(json.dumps({"model": "demo", "trained": trained, "sources": pipe.sources, "checked": n_checked,
                           "correct": n_ok, "answers": records}, indent=2))

@@ -227,6 +227,23 @@ def test_demo_image_positions(demo):
     assert out.timings["vision"] > 0 and out.timings["preprocess"] > 0
 
 
+def test_demo_names_what_a_real_classifier_sees_in_the_photo(demo):
+    """The demo's note on its real photo: the tower's own EfficientNet-Lite0 ImageNet head, on the view the
+    tower makes, labels skimage's chelsea an Egyptian cat (as the classifier's parity test does on its own
+    view); a tower without a 1,000-class head gives nothing rather than a wrong label."""
+    from importlib import resources
+
+    from edgevlm.cli import imagenet_top
+    from edgevlm.runtime.image_io import load_image
+
+    img = load_image(str(resources.files("edgevlm") / "assets" / "chelsea.jpg"))
+    top = imagenet_top(demo, img, k=3)
+    assert [label for label, _ in top][0] == "Egyptian cat"
+    probs = [p for _, p in top]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    assert imagenet_top(edgevlm.load("tiny"), img) == []
+
+
 # ---- CLI -----------------------------------------------------------------------------------
 
 def test_cli_run_json_and_errors(capsys, llama):
