@@ -491,10 +491,15 @@ class SphinxFusionConfig(ConnectorConfig):
     # SPHINX, whose LLM learns positions from sequence order at scale; a small model trained briefly
     # needs it to ground objects.
     pos_embed: bool = False
+    # 0: SPHINX's projection, Linear -> LayerNorm. N > 0: Linear(fused, N) -> GELU -> Linear(N, out) ->
+    # LayerNorm, LLaVA-1.5's two-layer MLP before the same norm; a nonlinearity lets the projector combine
+    # one cell's colour and shape features before the LLM reads them. Not in SPHINX (its checkpoints have 0).
+    proj_hidden: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(len(self.encoders) > 0, "SphinxFusionConfig.encoders must name at least one encoder")
+        _check(self.proj_hidden >= 0, f"SphinxFusionConfig.proj_hidden must be >= 0, got {self.proj_hidden}")
         _check(len(self.encoders) == len(self.in_widths),
                f"SphinxFusionConfig: {len(self.encoders)} encoders but {len(self.in_widths)} in_widths")
         _check(len(set(self.encoders)) == len(self.encoders), f"duplicate encoder in fusion: {self.encoders}")

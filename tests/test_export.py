@@ -126,6 +126,12 @@ def _single_encoder_tower(kind: str):
     vit = ViTConfig(name="vit", image_size=32, patch_size=8, width=24, depth=2, heads=2, mlp_dim=48,
                     keep_class_token=kind != "mlp", feature_layer=-2 if kind == "mlp" else -1,
                     final_norm=kind != "mlp")
+    if kind == "sphinx-mlp":  # SPHINX fusion with the two-layer MLP projection (SphinxFusionConfig.proj_hidden)
+        from edgevlm.config import SphinxFusionConfig
+
+        fusion = SphinxFusionConfig(encoders=("vit",), in_widths=(24,), grid=2, out_width=32, pos_embed=True,
+                                    proj_hidden=40)
+        return TowerConfig(encoders=(vit,), connector=fusion, views=ViewConfig(kind="pad_square"))
     conn = {
         "mlp": lambda: MLPConnectorConfig(encoder="vit", in_width=24, hidden=32, out_width=32),  # LLaVA-1.5
         "qformer": lambda: QFormerConnectorConfig(  # BLIP-2
@@ -137,7 +143,7 @@ def _single_encoder_tower(kind: str):
     return TowerConfig(encoders=(vit,), connector=conn, views=ViewConfig(kind="stretch"))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "qformer", "resampler"])
+@pytest.mark.parametrize("kind", ["mlp", "qformer", "resampler", "sphinx-mlp"])
 def test_other_connectors_export_matches_eager(tmp_path, photos, kind):
     model, _ = build_tower_model(_single_encoder_tower(kind), allow_random=True)
     randomize_params(model, 3, scale=0.2)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from edgevlm_testkit import assert_differs, assert_within_noise, float64_copy, max_abs
 
 from edgevlm.config import ConvNeXtConfig, SphinxFusionConfig, TowerConfig, ViTConfig
-from edgevlm.errors import ShapeError
+from edgevlm.errors import ConfigError, ShapeError
 from edgevlm.presets import get_preset
 from edgevlm.runtime.connectors import build_connector
 from edgevlm.runtime.connectors.sphinx import resize_grid
@@ -71,6 +71,35 @@ def test_tiny_preset_layout_and_fused_tokens():
     with torch.no_grad():  # Q-Former tokens sit between start and the fused tokens
         qf = fusion.qformer_proj(fusion.qformer(feats["eva"]))
     assert torch.equal(out[:, 1:9], qf)  # the fusion runs these very modules on the same input
+
+
+def test_mlp_projection_matches_a_hand_reference():
+    """proj_hidden > 0: Linear -> GELU (exact erf) -> Linear -> LayerNorm on the aligned tokens, keys
+    visual_proj.{0,2,3}; the position table and separators are placed as with SPHINX's projection."""
+    from dataclasses import replace
+
+    base = get_preset("tiny").tower
+    tower = replace(base, connector=replace(base.connector, proj_hidden=48, pos_embed=True))
+    fusion = _fusion(tower)
+    names = set(fusion.state_dict())
+    assert {"visual_proj.0.weight", "visual_proj.2.weight", "visual_proj.3.weight", "visual_proj.3.bias"} <= names
+    assert "visual_proj.1.weight" not in names and fusion.visual_proj[0].weight.shape == (48, 64)
+    feats = _features(tower, 3)
+    with torch.no_grad():
+        out = fusion(feats)
+        aligned = fusion.aligned_tokens(feats)  # [3, 17, 64], checked against SPHINX's layout above
+    assert out.shape == (3, 27, 64)
+
+    def reference(dt):
+        l1, l2, ln = fusion.visual_proj[0], fusion.visual_proj[2], fusion.visual_proj[3]
+        with torch.no_grad():
+            h = F.gelu(aligned.to(dt) @ l1.weight.to(dt).T + l1.bias.to(dt))
+            y = F.layer_norm(h @ l2.weight.to(dt).T + l2.bias.to(dt), (64,), ln.weight.to(dt), ln.bias.to(dt), 1e-5)
+            return y + fusion.pos_embed.to(dt)
+
+    _assert_matches_reference(out[:, 1 + 8:1 + 8 + 17], reference, "MLP-projected tokens vs hand reference")
+    with pytest.raises(ConfigError, match="proj_hidden"):
+        replace(base.connector, proj_hidden=-1)
 
 
 def test_sphinx_parameter_names():

@@ -151,7 +151,7 @@ def test_answer_weighting_averages_each_answer_first():
         TrainConfig(loss_weighting="sample")
 
 
-@pytest.mark.parametrize("kind", ["sphinx", "mlp", "linear", "qformer"])
+@pytest.mark.parametrize("kind", ["sphinx", "sphinx-mlp", "mlp", "linear", "qformer"])
 def test_connectors_scale_their_output_exactly(kind):
     """scale_output_(2) doubles every output token. A power of two scales floats without rounding, so the
     outputs are compared bit for bit."""
@@ -160,7 +160,7 @@ def test_connectors_scale_their_output_exactly(kind):
 
     tower = get_preset("tiny").tower
     vit = tower.encoder("vit")
-    cfg = {"sphinx": tower.connector,
+    cfg = {"sphinx": tower.connector, "sphinx-mlp": replace(tower.connector, proj_hidden=40, pos_embed=True),
            "mlp": MLPConnectorConfig(encoder="vit", in_width=vit.feature_width, hidden=16, out_width=24),
            "linear": LinearConnectorConfig(encoder="vit", in_width=vit.feature_width, out_width=24),
            "qformer": QFormerConnectorConfig(qformer=tower.connector.qformer, out_width=24)}[kind]
@@ -318,3 +318,28 @@ def test_packed_conversation_labels_are_the_answers():
     assert packed.labels[: len(single.labels)] == single.labels
     assert single.sequence.input_ids == ids[: single.length]
     assert packed.sequence.image_spans == single.sequence.image_spans  # the image sits in the first turn
+
+
+def test_train_cli_mlp_projector_round_trip(tmp_path, capsys):
+    """`--proj-hidden` trains a preset's SPHINX fusion with the MLP projection: the checkpoint's config records
+    it, the runtime loads it, and a stage-2 run from it without the same flag is refused with a typed error
+    rather than a half-loaded connector."""
+    from edgevlm.cli import main
+    from edgevlm.runtime.checkpoint import load_checkpoint_config
+
+    common = ["--model", "tiny", "--n-scenes", "6", "--n-digits", "2", "--steps", "2", "--batch-size", "2", "--json"]
+    assert main(["train", "stage1", "--out", str(tmp_path / "s1"), "--proj-hidden", "24", *common]) == 0
+    ckpt = tmp_path / "s1" / "checkpoint"
+    assert load_checkpoint_config(ckpt).tower.connector.proj_hidden == 24
+    pipe = edgevlm.load(ckpt)
+    assert pipe.tower.model.connector.visual_proj[0].out_features == 24
+    assert pipe.tower([build_split("train", n_scenes=1, n_digits=0, seed=0)[0].image])[0].shape[-1] == 64
+    capsys.readouterr()
+    assert main(["train", "stage2", "--out", str(tmp_path / "s2"), "--init", str(ckpt), *common]) != 0
+    assert "CheckpointError: the init checkpoint's connector does not fit" in capsys.readouterr().err
+    assert main(["train", "stage2", "--out", str(tmp_path / "s2b"), "--init", str(ckpt), "--proj-hidden", "24",
+                 *common]) == 0
+    assert load_checkpoint_config(tmp_path / "s2b" / "checkpoint").tower.connector.proj_hidden == 24
+    assert main(["train", "stage1", "--out", str(tmp_path / "s3"), "--proj-hidden", "24", *common[:1], str(ckpt),
+                 *common[2:]]) != 0
+    assert "is not a preset" in capsys.readouterr().err

@@ -102,7 +102,7 @@ def training_components(model, threads: int = 0) -> TrainComponents:
                            instruction_tokenizer=t.instruction_tokenizer, write_extra=write_extra)
 
 
-def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict | None = None,
+def run_stage(train_kw: dict, out: Path, *, model: str | ModelConfig = "demo", data_kw: dict | None = None,
               init: Path | None = None, threads: int = 0, progress: bool = True,
               feature_cache: Path | None = None) -> Path:
     """Train one stage into ``out`` (resumable) and export ``out/checkpoint``; returns that folder."""
@@ -132,13 +132,33 @@ def run_stage(train_kw: dict, out: Path, *, model: str = "demo", data_kw: dict |
     return ckpt
 
 
+def _model_with_projector(model, proj_hidden: int | None):
+    """``model`` (a preset name) with its SPHINX fusion's projection replaced: ``proj_hidden`` > 0 makes
+    it a two-layer MLP (:class:`~edgevlm.config.SphinxFusionConfig`), 0 SPHINX's Linear; None leaves it."""
+    if proj_hidden is None:
+        return model
+    from edgevlm.config import SphinxFusionConfig
+    from edgevlm.errors import ConfigError
+    from edgevlm.presets import PRESETS, get_preset
+
+    if model not in PRESETS:
+        raise ConfigError(f"--proj-hidden changes a preset's projector; {model!r} is not a preset (a checkpoint "
+                          "keeps the projector it was trained with)")
+    cfg = get_preset(model)
+    if not isinstance(cfg.tower.connector, SphinxFusionConfig):
+        raise ConfigError(f"--proj-hidden applies to SPHINX fusion; preset {model!r} has a "
+                          f"{type(cfg.tower.connector).__name__}")
+    return replace(cfg, tower=replace(cfg.tower, connector=replace(cfg.tower.connector, proj_hidden=proj_hidden)))
+
+
 def cmd_demo(args) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     cache = out / "features.safetensors"  # frozen-encoder outputs, shared by both stages
-    s1 = run_stage({**DEMO_STAGE1, **_overrides(args)}, out / "stage1", threads=args.threads, feature_cache=cache,
-                   progress=not args.json)
-    s2 = run_stage({**DEMO_STAGE2, **_overrides(args)}, out / "stage2", init=s1, threads=args.threads,
+    model = _model_with_projector("demo", args.proj_hidden)
+    s1 = run_stage({**DEMO_STAGE1, **_overrides(args)}, out / "stage1", model=model, threads=args.threads,
+                   feature_cache=cache, progress=not args.json)
+    s2 = run_stage({**DEMO_STAGE2, **_overrides(args)}, out / "stage2", model=model, init=s1, threads=args.threads,
                    feature_cache=cache, progress=not args.json)
     minutes = (time.perf_counter() - t0) / 60
     if args.json:
@@ -151,6 +171,7 @@ def cmd_demo(args) -> int:
         logs = [json.loads((out / stage / "log.json").read_text()) for stage in ("stage1", "stage2")]
         _append_row(Path(args.csv), {
             "out": str(out), "overrides": json.dumps(_overrides(args)) if _overrides(args) else "",
+            "proj_hidden": args.proj_hidden or 0,
             # encode_seconds is ~0 when the feature cache already existed and is part of stage1_s; the stage
             # times cover this invocation only (a resumed run reports the resumed part)
             "encode_s": round(logs[0]["encode_seconds"] + logs[1]["encode_seconds"], 1),
@@ -165,7 +186,7 @@ def cmd_stage(args) -> int:
     kw = dict(DEMO_STAGE1 if args.command == "stage1" else DEMO_STAGE2)
     kw.update(_overrides(args))
     data = {**DEMO_DATA, **{k: getattr(args, k) for k in ("n_scenes", "n_digits") if getattr(args, k) is not None}}
-    ckpt = run_stage(kw, Path(args.out), model=args.model, data_kw=data, init=Path(args.init) if args.init else None,
+    ckpt = run_stage(kw, Path(args.out), model=_model_with_projector(args.model, args.proj_hidden), data_kw=data, init=Path(args.init) if args.init else None,
                      threads=args.threads, progress=not args.json)
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt), "log": str(Path(args.out) / "log.json")}, indent=2))
@@ -283,6 +304,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--visual-scale", dest="visual_scale", choices=("learned", "text"), default=None,
                    help="a fresh connector's output scale: as initialised, or rescaled to the decoder's token "
                         "embeddings before the first step; default: the demo recipe's")
+    p.add_argument("--proj-hidden", dest="proj_hidden", type=int, default=None,
+                   help="train a preset's SPHINX fusion with a two-layer MLP projection of this hidden width "
+                        "(Linear -> GELU -> Linear -> LayerNorm) instead of SPHINX's Linear -> LayerNorm; the "
+                        "checkpoint's config records it (default: the preset's projection)")
     p.add_argument("--json", action="store_true", help="print the checkpoint and log paths as JSON (no progress bar)")
 
 

@@ -479,9 +479,22 @@ class VLMTrainer:
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         conn = {k[len("tower.connector."):]: v for k, v in state.items() if k.startswith("tower.connector.")}
         if conn:
+            mine = self.tower.connector.state_dict()
+            wrong = sorted(set(conn) ^ set(mine)) or [k for k in conn if conn[k].shape != mine[k].shape]
+            if wrong:  # e.g. a stage-1 checkpoint trained with another projector (--proj-hidden)
+                raise CheckpointError(f"the init checkpoint's connector does not fit this model's "
+                                      f"{type(self.tower.connector).__name__}: {wrong[:3]} differ in name or shape; "
+                                      "train with the connector config the checkpoint was made with")
             self.tower.connector.load_state_dict(conn, strict=True)
         dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
         if dec:
+            # A checkpoint stores a frozen layer under its plain name (export_state); with adapters applied
+            # here that layer's weight lives at "<layer>.base.<leaf>" (a random-weight preset's stage 1 -> stage 2).
+            have = set(self.decoder.state_dict())
+            for k in [k for k in dec if k not in have]:
+                stem, _, leaf = k.rpartition(".")
+                if f"{stem}.base.{leaf}" in have:
+                    dec[f"{stem}.base.{leaf}"] = dec.pop(k)
             missing, unexpected = self.decoder.load_state_dict(dec, strict=False)
             if unexpected:
                 raise CheckpointError(f"init checkpoint has decoder tensors this model lacks: {unexpected[:3]}")

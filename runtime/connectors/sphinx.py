@@ -9,6 +9,7 @@ Per view::
         CNN: global token = mean of the resized grid tokens (SPHINX's ConvNeXt "gap as cls token")
     aligned = cat(encoders, dim=channels)                      # [N, 1 + g*g, sum(in_widths)]
     fused   = visual_proj(aligned)  (Linear -> LayerNorm)      # [N, 1 + g*g, out]
+                (proj_hidden > 0: Linear -> GELU -> Linear -> LayerNorm, not in SPHINX)
     qf      = qformer_proj(qformer(tokens))                    # [N, Q, out]       (if cfg.qformer)
     out     = [start_img] qf fused [end_img]                   # [N, tokens_per_view, out]
 
@@ -125,7 +126,11 @@ class SphinxFusion(Connector):
         self.cfg = cfg
         self.encs = [tower_cfg.encoder(n) for n in cfg.encoders]
         d = cfg.out_width
-        self.visual_proj = nn.Sequential(nn.Linear(cfg.fused_width, d), nn.LayerNorm(d, eps=cfg.norm_eps))
+        if cfg.proj_hidden:  # keys visual_proj.{0,2,3}: the MLP's two Linears, then the norm
+            self.visual_proj = nn.Sequential(nn.Linear(cfg.fused_width, cfg.proj_hidden), nn.GELU(),
+                                             nn.Linear(cfg.proj_hidden, d), nn.LayerNorm(d, eps=cfg.norm_eps))
+        else:  # SPHINX's own keys, visual_proj.{0,1}
+            self.visual_proj = nn.Sequential(nn.Linear(cfg.fused_width, d), nn.LayerNorm(d, eps=cfg.norm_eps))
         if cfg.qformer is not None:
             self.qformer_enc = tower_cfg.encoder(cfg.qformer.encoder)
             self.qformer = QFormer(cfg.qformer)
@@ -140,7 +145,7 @@ class SphinxFusion(Connector):
     @torch.no_grad()
     def scale_output_(self, factor: float) -> None:
         # every output token is a LayerNorm's affine output (+ the position table) or a separator
-        for p in (*self.visual_proj[1].parameters(),
+        for p in (*self.visual_proj[-1].parameters(),
                   *(self.qformer_proj[1].parameters() if self.cfg.qformer is not None else ()),
                   *((self.pos_embed,) if self.cfg.pos_embed else ()),
                   *((self.start_img, self.end_img) if self.cfg.separators else ())):
