@@ -4,6 +4,7 @@ and parity: the exported checkpoint through ``edgevlm.load`` gives the training 
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -343,3 +344,58 @@ def test_train_cli_mlp_projector_round_trip(tmp_path, capsys):
     assert main(["train", "stage1", "--out", str(tmp_path / "s3"), "--proj-hidden", "24", *common[:1], str(ckpt),
                  *common[2:]]) != 0
     assert "is not a preset" in capsys.readouterr().err
+
+
+def test_stage2_init_from_a_bare_weights_file(tmp_path, capsys):
+    """`--init FILE.safetensors` (how the shipped demo weights are trained further) starts from exactly the
+    file's connector and LoRA tensors; a missing file is a typed error, not a fresh start."""
+    from edgevlm.cli import main
+    from edgevlm.runtime.readers.safetensors_io import load_safetensors
+    from edgevlm.train.cli import DEMO_STAGE2, _init_state, training_components
+    from edgevlm.train.text_corpus import text_batches
+
+    common = ["--model", "tiny", "--n-scenes", "6", "--n-digits", "2", "--batch-size", "2", "--json"]
+    rows = tmp_path / "rows.csv"
+    assert main(["train", "stage2", "--out", str(tmp_path / "s2"), "--steps", "2", "--autocast", "none",
+                 "--csv", str(rows), *common]) == 0
+    import csv
+
+    (row,) = list(csv.DictReader(open(rows)))
+    assert (row["stage2_steps"], row["autocast"], row["init"]) == ("2", "none", "")
+    assert float(row["stage2_s"]) > 0 and row["cpu"] and json.loads(row["overrides"])["autocast"] == "none"
+    weights = tmp_path / "s2" / "checkpoint" / "model.safetensors"
+    saved = load_safetensors(weights)
+    c = training_components("tiny")
+    tc = TrainConfig(**{**DEMO_STAGE2, "steps": 1, "batch_size": 2, "n_scenes": 6, "n_digits": 2})
+    trainer = VLMTrainer(c.config, tc, tower_model=c.tower, decoder=c.decoder, tokenizer=c.tokenizer,
+                         preprocessor=c.preprocessor, samples=build_split("train", 6, 2, seed=0),
+                         init_state=_init_state(weights), feature_cache=tmp_path / "f.safetensors",
+                         text_source=text_batches(c.tokenizer, tc.text_len, tc.text_batch, tc.seed))
+    mine = trainer.trainable_state()
+    lora_b = [k for k in mine if k.endswith("lora_B")]
+    assert lora_b and all(saved[k].abs().max() > 0 for k in lora_b)  # trained: a fresh LoRA B is zero
+    for k, v in mine.items():
+        assert torch.equal(v, saved[k].float()), k
+    capsys.readouterr()
+    assert main(["train", "stage2", "--out", str(tmp_path / "s3"), "--steps", "1", "--init",
+                 str(tmp_path / "missing.safetensors"), *common]) == 2
+    assert "WeightsNotFoundError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, native", [("avx2 fma", False), ("avx2 fma avx512f avx512_vnni", False),
+                                           ("avx512f avx512_bf16", True), ("avx512f amx_tile amx_bf16", True)])
+def test_autocast_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch, flags, native):
+    """bf16 autocast on a CPU without bf16 matmul hardware is emulated (a demo step: 157 s against 20 s in
+    fp32 on an AVX2 EPYC), so "auto" must pick fp32 there and bf16 on AMX / AVX512-BF16 machines."""
+    import edgevlm.perf.limits as limits
+
+    monkeypatch.setattr(limits, "cpu_flags", lambda: flags)
+    assert limits.native_bf16("cpu") is native
+    pipe = edgevlm.load(get_preset("tiny"))
+    for mode, want in (("auto", "bf16" if native else "none"), ("bf16", "bf16"), ("none", "none")):
+        t = VLMTrainer(get_preset("tiny"), TrainConfig(stage="stage1", steps=1, batch_size=2, autocast=mode),
+                       tower_model=pipe.tower.model, decoder=pipe.decoder, tokenizer=pipe.tokenizer,
+                       preprocessor=pipe.tower.preprocessor, samples=build_split("train", 2, 0, seed=0))
+        assert t.autocast_dtype == want, mode
+    with pytest.raises(ConfigError, match="autocast must be"):
+        TrainConfig(stage="stage1", autocast="fp16")

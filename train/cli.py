@@ -106,8 +106,6 @@ def run_stage(train_kw: dict, out: Path, *, model: str | ModelConfig = "demo", d
               init: Path | None = None, threads: int = 0, progress: bool = True,
               feature_cache: Path | None = None) -> Path:
     """Train one stage into ``out`` (resumable) and export ``out/checkpoint``; returns that folder."""
-    from edgevlm.runtime.checkpoint import load_checkpoint
-
     from .data import build_split
     from .text_corpus import text_batches
     from .vlm import TrainConfig, VLMTrainer
@@ -115,7 +113,7 @@ def run_stage(train_kw: dict, out: Path, *, model: str | ModelConfig = "demo", d
     tc = TrainConfig(**train_kw)
     data_kw = data_kw or DEMO_DATA
     c = training_components(model, threads)
-    init_state = load_checkpoint(init)[1] if init else None
+    init_state = _init_state(init) if init else None
     samples = build_split("train", data_kw["n_scenes"], data_kw["n_digits"], seed=data_kw["seed"])
     t0 = time.perf_counter()
     trainer = VLMTrainer(c.config, tc, tower_model=c.tower, decoder=c.decoder, tokenizer=c.tokenizer,
@@ -127,9 +125,24 @@ def run_stage(train_kw: dict, out: Path, *, model: str | ModelConfig = "demo", d
     ckpt = trainer.export(out / "checkpoint", write_extra=c.write_extra)
     log = {"train_config": asdict(tc), "data": data_kw, "init": str(init) if init else None,
            "examples": len(trainer.examples), "images": len(trainer.views_per_image),
-           "encode_seconds": trainer.encode_s, "seconds": time.perf_counter() - t0, "history": history}
+           "encode_seconds": trainer.encode_s, "seconds": time.perf_counter() - t0,
+           "autocast": trainer.autocast_dtype, "history": history}
     (out / "log.json").write_text(json.dumps(log, indent=1))
     return ckpt
+
+
+def _init_state(init: Path) -> dict:
+    """The tensors a run starts from: an edgevlm checkpoint folder's, or a bare ``.safetensors`` file of
+    trained tensors such as the shipped ``edgevlm/assets/demo/model.safetensors`` (to train it further)."""
+    from edgevlm.errors import WeightsNotFoundError
+    from edgevlm.runtime.checkpoint import load_checkpoint
+    from edgevlm.runtime.readers.safetensors_io import load_safetensors
+
+    if init.suffix == ".safetensors":
+        if not init.is_file():
+            raise WeightsNotFoundError(f"--init file {init} does not exist")
+        return {k: v.float() for k, v in load_safetensors(init).items()}
+    return load_checkpoint(init)[1]
 
 
 def _model_with_projector(model, proj_hidden: int | None):
@@ -177,7 +190,7 @@ def cmd_demo(args) -> int:
             "encode_s": round(logs[0]["encode_seconds"] + logs[1]["encode_seconds"], 1),
             "stage1_s": round(logs[0]["seconds"], 1), "stage2_s": round(logs[1]["seconds"], 1),
             "stage1_steps": logs[0]["train_config"]["steps"], "stage2_steps": logs[1]["train_config"]["steps"],
-            "stage2_final_loss": round(sum(r["loss_vlm"] for r in logs[1]["history"][-20:]) / 20, 4),
+            "stage2_final_loss": round(_final_loss(logs[1]), 4), "autocast": logs[1]["autocast"],
             "total_min": round(minutes, 2)})
     return 0
 
@@ -192,12 +205,28 @@ def cmd_stage(args) -> int:
         print(json.dumps({"checkpoint": str(ckpt), "log": str(Path(args.out) / "log.json")}, indent=2))
     else:
         print(f"checkpoint: {ckpt}")
+    if args.csv:
+        log = json.loads((Path(args.out) / "log.json").read_text())
+        _append_row(Path(args.csv), {
+            "out": args.out, "overrides": json.dumps(_overrides(args)) if _overrides(args) else "",
+            "proj_hidden": args.proj_hidden or 0, "init": args.init or "", "autocast": log["autocast"],
+            "encode_s": round(log["encode_seconds"], 1), f"{args.command}_s": round(log["seconds"], 1),
+            f"{args.command}_steps": log["train_config"]["steps"],
+            f"{args.command}_final_loss": round(_final_loss(log), 4),
+            "total_min": round(log["seconds"] / 60, 2)})
     return 0
+
+
+def _final_loss(log: dict, last: int = 20) -> float:
+    """Mean image-task loss of a run's last ``last`` steps (the text batches' KL is not in it)."""
+    tail = [r["loss_vlm"] for r in log["history"][-last:]]
+    return sum(tail) / max(1, len(tail))
 
 
 def _overrides(args) -> dict:
     out = {}
-    for k in ("steps", "batch_size", "lr", "lora_rank", "seed", "tasks", "loss_weighting", "visual_scale"):
+    for k in ("steps", "batch_size", "lr", "lora_lr", "lora_rank", "seed", "tasks", "loss_weighting", "visual_scale",
+              "autocast"):
         v = getattr(args, k, None)
         if v is not None:
             out[k] = v
@@ -274,6 +303,7 @@ def _append_row(path: Path, fields: dict) -> None:
 
     import torch
 
+    from edgevlm.perf.limits import cpu_flags, cpu_model
     from edgevlm.perf.results import append_rows
 
     try:
@@ -282,7 +312,8 @@ def _append_row(path: Path, fields: dict) -> None:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     row = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-           "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+           "machine": platform.processor() or platform.machine(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+           "cpus": os.cpu_count(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, **fields}
     append_rows(path, [row])
 
@@ -295,6 +326,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="images per step")
     p.add_argument("--lr", type=float, default=None, help="connector learning rate")
+    p.add_argument("--lora-lr", dest="lora_lr", type=float, default=None, help="LoRA learning rate")
+    p.add_argument("--autocast", choices=("auto", "bf16", "none"), default=None,
+                   help="bf16 autocast of the matmuls: auto (where the hardware has bf16: AMX, AVX512-BF16, a bf16 "
+                        "GPU; emulated bf16 is several times slower than fp32), bf16 or none (default: auto)")
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=None, help="LoRA rank (0: no LoRA)")
     p.add_argument("--seed", type=int, default=None,
                    help="training seed: initialisation and batch order (default: 0; the data keep theirs)")
@@ -331,11 +366,14 @@ def add_parsers(sub) -> None:
                        help=f"training scenes (default: {DEMO_DATA['n_scenes']})")
         p.add_argument("--n-digits", dest="n_digits", type=int, default=None,
                        help=f"training digit images (default: {DEMO_DATA['n_digits']})")
-        p.add_argument("--init", default=None, help="checkpoint folder to start from (e.g. stage 1's)")
+        p.add_argument("--init", default=None, help="checkpoint folder to start from (e.g. stage 1's), or a .safetensors "
+                       "file of trained tensors (edgevlm/assets/demo/model.safetensors: train the shipped model further)")
         p.add_argument("--tasks", type=_task_list, default=None,
                        help="comma-separated tasks to train on, a subset of edgevlm.train.data.TASKS (caption, "
                             "color, shape, count, ground, digit); default: stage1 caption, stage2 all. Short-answer "
                             "tasks fit decoders with few positions")
+        p.add_argument("--csv", default=None,
+                       help="append a row (machine, versions, commit, steps, time, autocast) to this CSV")
         p.set_defaults(func=cmd_stage, command=name)
     for name, module, what in (("qformer", "qformer_pretrain", "BLIP-2 Q-Former pre-training (ITC, ITM, ITG)"),
                                ("flip", "flip", "FLIP masked image-encoder training"),

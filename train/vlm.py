@@ -71,9 +71,10 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 100
     weight_decay: float = 0.0
-    # bf16 autocast for the forward/backward matmuls (weights and optimiser stay fp32). On CPUs with
-    # AVX512-BF16 this is ~4x the fp32 matmul rate; "none" trains in plain fp32.
-    autocast: str = "bf16"
+    # bf16 autocast for the forward/backward matmuls (weights and optimiser stay fp32): "bf16", "none" (plain
+    # fp32) or "auto": bf16 only where the hardware has bf16 matmuls (AMX or AVX512-BF16, a bf16 GPU). On an
+    # AMX Xeon bf16 matmul ran ~3x fp32; on an AVX2-only CPU oneDNN emulates it and a step took ~8x longer.
+    autocast: str = "auto"
     # Several questions about one image in one multi-turn sequence (LLaVA-style): the image and the
     # system prompt are paid once for all of them. Falls back to single turns when the template can't, and
     # is never done for a tower whose Q-Former reads the question (InstructBLIP): see VLMTrainer._examples.
@@ -100,8 +101,8 @@ class TrainConfig:
             raise ConfigError("lora_rank must be >= 0")
         if self.text_objective not in ("lm", "kl_base"):
             raise ConfigError(f"text_objective must be 'lm' or 'kl_base', got {self.text_objective!r}")
-        if self.autocast not in ("bf16", "none"):
-            raise ConfigError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise ConfigError(f"autocast must be 'auto', 'bf16' or 'none', got {self.autocast!r}")
         if self.loss_weighting not in ("token", "answer"):
             raise ConfigError(f"loss_weighting must be 'token' or 'answer', got {self.loss_weighting!r}")
         if self.visual_scale not in ("learned", "text"):
@@ -592,9 +593,18 @@ class VLMTrainer:
     def _autocast(self):
         import contextlib
 
-        if self.cfg.autocast == "bf16":
+        if self.autocast_dtype == "bf16":
             return torch.autocast(self.decoder.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @property
+    def autocast_dtype(self) -> str:
+        """What ``autocast`` resolved to on this machine: ``"bf16"`` or ``"none"`` (logged with each run)."""
+        from edgevlm.perf.limits import native_bf16
+
+        if self.cfg.autocast == "auto":
+            return "bf16" if native_bf16(self.decoder.device) else "none"
+        return self.cfg.autocast
 
     # -- the loop, checkpoints --------------------------------------------------------------
     def train(self, out_dir: Path, *, resume: bool = True, progress: bool = True) -> list[dict[str, float]]:
