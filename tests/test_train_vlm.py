@@ -3,6 +3,7 @@ and parity: the exported checkpoint through ``edgevlm.load`` gives the training 
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 from dataclasses import replace
@@ -358,8 +359,6 @@ def test_stage2_init_from_a_bare_weights_file(tmp_path, capsys):
     rows = tmp_path / "rows.csv"
     assert main(["train", "stage2", "--out", str(tmp_path / "s2"), "--steps", "2", "--autocast", "none",
                  "--csv", str(rows), *common]) == 0
-    import csv
-
     (row,) = list(csv.DictReader(open(rows)))
     assert (row["stage2_steps"], row["autocast"], row["init"]) == ("2", "none", "")
     assert float(row["stage2_s"]) > 0 and row["cpu"] and json.loads(row["overrides"])["autocast"] == "none"

@@ -188,10 +188,8 @@ def cmd_demo(args) -> int:
             # encode_seconds is ~0 when the feature cache already existed and is part of stage1_s; the stage
             # times cover this invocation only (a resumed run reports the resumed part)
             "encode_s": round(logs[0]["encode_seconds"] + logs[1]["encode_seconds"], 1),
-            "stage1_s": round(logs[0]["seconds"], 1), "stage2_s": round(logs[1]["seconds"], 1),
-            "stage1_steps": logs[0]["train_config"]["steps"], "stage2_steps": logs[1]["train_config"]["steps"],
-            "stage2_final_loss": round(_final_loss(logs[1]), 4), "autocast": logs[1]["autocast"],
-            "total_min": round(minutes, 2)})
+            **_stage_fields("stage1", logs[0]), **_stage_fields("stage2", logs[1]),
+            "autocast": logs[1]["autocast"], "total_min": round(minutes, 2)})
     return 0
 
 
@@ -210,17 +208,17 @@ def cmd_stage(args) -> int:
         _append_row(Path(args.csv), {
             "out": args.out, "overrides": json.dumps(_overrides(args)) if _overrides(args) else "",
             "proj_hidden": args.proj_hidden or 0, "init": args.init or "", "autocast": log["autocast"],
-            "encode_s": round(log["encode_seconds"], 1), f"{args.command}_s": round(log["seconds"], 1),
-            f"{args.command}_steps": log["train_config"]["steps"],
-            f"{args.command}_final_loss": round(_final_loss(log), 4),
+            "encode_s": round(log["encode_seconds"], 1), **_stage_fields(args.command, log),
             "total_min": round(log["seconds"] / 60, 2)})
     return 0
 
 
-def _final_loss(log: dict, last: int = 20) -> float:
-    """Mean image-task loss of a run's last ``last`` steps (the text batches' KL is not in it)."""
+def _stage_fields(stage: str, log: dict, last: int = 20) -> dict:
+    """A stage's columns of a training row: its seconds, steps, and the mean image-task loss of its last
+    ``last`` steps (the text batches' KL is not in it)."""
     tail = [r["loss_vlm"] for r in log["history"][-last:]]
-    return sum(tail) / max(1, len(tail))
+    return {f"{stage}_s": round(log["seconds"], 1), f"{stage}_steps": log["train_config"]["steps"],
+            f"{stage}_final_loss": round(sum(tail) / max(1, len(tail)), 4)}
 
 
 def _overrides(args) -> dict:

@@ -284,6 +284,7 @@ class VLMTrainer:
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.tower, self.decoder, self.tokenizer = tower_model, decoder, tokenizer
         self.chat = ChatFormat.from_config(model_cfg, tokenizer)
+        self.autocast_dtype = _resolve_autocast(train_cfg.autocast, decoder.device)  # logged with each run
         torch.manual_seed(train_cfg.seed)
         for p in list(self.tower.parameters()) + list(self.decoder.parameters()):
             p.requires_grad_(False)
@@ -597,15 +598,6 @@ class VLMTrainer:
             return torch.autocast(self.decoder.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @property
-    def autocast_dtype(self) -> str:
-        """What ``autocast`` resolved to on this machine: ``"bf16"`` or ``"none"`` (logged with each run)."""
-        from edgevlm.perf.limits import native_bf16
-
-        if self.cfg.autocast == "auto":
-            return "bf16" if native_bf16(self.decoder.device) else "none"
-        return self.cfg.autocast
-
     # -- the loop, checkpoints --------------------------------------------------------------
     def train(self, out_dir: Path, *, resume: bool = True, progress: bool = True) -> list[dict[str, float]]:
         out_dir = Path(out_dir)
@@ -684,6 +676,15 @@ class VLMTrainer:
                 q_tok.save(folder / QFORMER_TOKENIZER_DIR)
 
         return save_checkpoint(path, cfg, state, metadata=meta, overwrite=overwrite, write_extra=extra)
+
+
+def _resolve_autocast(mode: str, device: torch.device) -> str:
+    """``TrainConfig.autocast`` on this machine: ``"bf16"`` or ``"none"`` (``"auto"``: bf16 only in hardware)."""
+    from edgevlm.perf.limits import native_bf16
+
+    if mode == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    return mode
 
 
 def _has_connector(state: dict[str, torch.Tensor] | None) -> bool:
