@@ -859,6 +859,40 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+@dataclass(frozen=True, kw_only=True)
+class GroundingHeadConfig:
+    """A box head beside the decoder (:mod:`edgevlm.runtime.grounding_head`): when the decoder opens a box
+    answer with ``trigger``, the head reads the image's visual tokens and the question's token embeddings
+    and writes the boxes, in the model's own box text (``[x1,y1,x2,y2;...]``, ``decimals`` digits).
+
+    The visual tokens' grid cells are ``grid * grid`` consecutive tokens from ``first_cell``, row-major
+    over the padded square (SPHINX fusion: separator and global token first). Each cell scores whether
+    an asked-for object is centred in it and regresses that object's box; cells scoring above
+    ``threshold`` give the boxes (at least one: the decoder already decided to answer with a box)."""
+
+    visual_width: int
+    first_cell: int
+    grid: int
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    query_heads: int = 4  # attention pools over the question's token embeddings
+    trigger: str = "["
+    threshold: float = 0.5
+    decimals: int = 2
+
+    def __post_init__(self) -> None:
+        _positive(self, "visual_width", "grid", "width", "layers", "heads", "query_heads", "decimals")
+        _check(self.first_cell >= 0, f"first_cell must be >= 0, got {self.first_cell}")
+        _check(self.width % self.heads == 0, f"width {self.width} must be a multiple of heads {self.heads}")
+        _check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")
+        _check(bool(self.trigger), "trigger must be a non-empty string")
+
+    @property
+    def cells(self) -> int:
+        return self.grid * self.grid
+
+
 QUANT_SCHEMES = ("int8", "int4")
 QUANT_GROUPS = (32, 64, 128)
 
@@ -927,6 +961,7 @@ class ModelConfig:
     # tower.* and decoder.*, LoRA factors included), e.g. the demo's trained projector and adapters.
     weights: WeightsRef | None = None
     lora: LoRAConfig | None = None
+    grounding_head: GroundingHeadConfig | None = None
 
     def __post_init__(self) -> None:
         _check(self.image_placement in IMAGE_PLACEMENTS,
@@ -937,6 +972,14 @@ class ModelConfig:
                f"ModelConfig.tower must be a TowerConfig or None, got {type(self.tower).__name__}")
         _check(self.tower is None or self.tower.out_width == self.decoder.hidden,
                f"tower out_width {self.tower and self.tower.out_width} != decoder hidden {self.decoder.hidden}")
+        head = self.grounding_head
+        if head is not None:
+            _check(self.tower is not None, "a grounding head needs a vision tower")
+            _check(head.visual_width == self.tower.out_width,
+                   f"grounding head visual_width {head.visual_width} != tower out_width {self.tower.out_width}")
+            _check(head.first_cell + head.cells <= self.tower.visual_tokens_per_image,
+                   f"grounding head cells {head.first_cell}..{head.first_cell + head.cells} do not fit the "
+                   f"{self.tower.visual_tokens_per_image} visual tokens per image")
 
     @property
     def visual_tokens_per_image(self) -> int:
@@ -1037,7 +1080,7 @@ __all__ = [
     "RGB", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "HALF_MEAN", "HALF_STD", "LITE_MEAN", "LITE_STD", "CLIP_MEAN_RGB8",
     "WeightsRef", "EncoderConfig", "ViTConfig", "ConvNeXtConfig", "EfficientNetConfig", "round_filters",
     "QFormerTextConfig", "QFormerConfig", "ConnectorConfig", "LinearConnectorConfig", "MLPConnectorConfig", "QFormerConnectorConfig",
-    "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "AnyresPackConfig", "StripRegroupConfig", "TowerConfig", "DecoderConfig", "ModelConfig",
+    "ResamplerConnectorConfig", "SphinxFusionConfig", "ViewConfig", "AnyresPackConfig", "StripRegroupConfig", "TowerConfig", "DecoderConfig", "GroundingHeadConfig", "ModelConfig",
     "DECODER_NORMS", "DECODER_ACTS", "DECODER_POSITIONS", "ROPE_SCALINGS", "IMAGE_PLACEMENTS", "CHAT_FORMATS",
     "LoRAConfig", "LORA_TARGETS", "QuantConfig", "QUANT_SCHEMES", "QUANT_GROUPS",
     "ENCODER_KINDS", "CONNECTOR_KINDS", "to_dict", "from_dict",

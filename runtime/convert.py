@@ -8,7 +8,7 @@ weights (``quant=None``: LoRA factors merged, GGUF blocks dequantised) and writt
     out/
       edgevlm.json          {"edgevlm_format": 1, "config": ModelConfig}  (tower, decoder, chat format,
                             image placement and token; no WeightsRef: every tensor is inside)
-      model.safetensors     decoder.* and tower.* tensors (a tied lm_head is not stored twice)
+      model.safetensors     decoder.*, tower.* (and grounding_head.*) tensors (a tied lm_head is not stored twice)
       tokenizer.json        the decoder's tokenizer as one ``tokenizers`` pipeline, and
       tokenizer_config.json its bos/eos/pad tokens, add_bos_token and chat template
       qformer_tokenizer/    InstructBLIP only: the Q-Former's instruction tokenizer
@@ -39,6 +39,7 @@ from edgevlm.options import LoadOptions
 
 from .chat import ChatFormat
 from .checkpoint import load_checkpoint_config, save_checkpoint
+from .grounding_head import PREFIX as GROUNDING_PREFIX
 from .loader import DECODER_PREFIX, ModelParts, read_parts
 from .source import resolve_source
 from .tokenizer import Tokenizer
@@ -62,8 +63,9 @@ def model_config_of(parts: ModelParts) -> ModelConfig:
     if parts.tower is not None:
         t = parts.tower.config
         tower = dataclasses.replace(t, encoders=tuple(dataclasses.replace(e, weights=None) for e in t.encoders))
+    head = parts.grounding_head.cfg if parts.grounding_head is not None else None
     return ModelConfig(name=parts.name, tower=tower, decoder=parts.decoder.cfg, image_placement=chat.image_placement,
-                       image_token=chat.image_token, chat_format=chat.kind)
+                       image_token=chat.image_token, chat_format=chat.kind, grounding_head=head)
 
 
 def state_of(parts: ModelParts) -> dict[str, torch.Tensor]:
@@ -76,6 +78,8 @@ def state_of(parts: ModelParts) -> dict[str, torch.Tensor]:
     state = {DECODER_PREFIX + k: v for k, v in dec.items()}
     if parts.tower is not None:
         state.update({TOWER_PREFIX + k: v for k, v in parts.tower.state_dict().items()})
+    if parts.grounding_head is not None:
+        state.update({GROUNDING_PREFIX + k: v for k, v in parts.grounding_head.state_dict().items()})
     packed = sorted(k for k, v in state.items() if not v.is_floating_point() and k.startswith(DECODER_PREFIX))
     if packed:  # a quantised layer: its packed blocks are no Decoder.from_state input
         raise CheckpointError(f"{parts.name}: decoder tensors {packed[:3]} are not float weights; read with quant=None")

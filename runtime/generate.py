@@ -106,7 +106,7 @@ class GenerationStats:
     cached_prefix: int = 0  # positions already in the cache before this prompt
     new_tokens: int = 0  # tokens yielded
     prefill_ms: float = 0.0  # prompt forward + first sample (time to first token)
-    decode_ms: list[float] = field(default_factory=list)  # one entry per decode step
+    decode_ms: list[float] = field(default_factory=list)  # one entry per token fed back (a forced chunk shares its step)
     stop_reason: str = ""  # "stop_token" | "max_new_tokens" | "callback" | "closed" (caller stopped iterating)
     stop_token: int | None = None
 
@@ -161,7 +161,8 @@ def _check_prompt(model: Decoder, cache: KVCache, prompt_ids, prompt_embeds) -> 
 def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | Sequence[int] | None = None,
                     prompt_embeds: torch.Tensor | None = None, gen_cfg: GenerationConfig = GenerationConfig(),
                     on_token: Callable[[int], bool | None] | None = None, *,
-                    continue_cache: bool = False) -> TokenStream:
+                    continue_cache: bool = False,
+                    force: Callable[[int], Sequence[int]] | None = None) -> TokenStream:
     """Stream generated token ids. Checks happen here, before anything runs:
 
     - the prompt (ids or embeddings, batch 1) is well formed;
@@ -170,6 +171,10 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
 
     Generation stops at a token in ``stop_token_ids`` (not yielded), after ``max_new_tokens``, when
     ``on_token(id)`` returns True (that token is yielded first), or when the caller stops iterating.
+
+    ``force(id)``: token ids to put after ``id`` instead of sampling them (a grounding head writing a
+    box, :class:`~.grounding_head.BoxWriter`); they are yielded and counted like sampled ones, fed to
+    the decoder in one forward, and decoding goes on from the last of them.
     """
     if not continue_cache:
         cache.reset()
@@ -204,17 +209,24 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
             if tok in stops:
                 stats.stop_reason, stats.stop_token = "stop_token", tok
                 return
-            stats.new_tokens += 1
-            yield tok
-            if on_token is not None and on_token(tok):
-                stats.stop_reason = "callback"
-                return
+            pending, force_s = [tok], 0.0
+            if force is not None:  # a forced chunk's decode time includes working it out
+                t0 = time.perf_counter()
+                pending += list(force(tok))[: max(0, gen_cfg.max_new_tokens - stats.new_tokens - 1)]
+                force_s = time.perf_counter() - t0
+            for t in pending:
+                stats.new_tokens += 1
+                yield t
+                if on_token is not None and on_token(t):
+                    stats.stop_reason = "callback"
+                    return
             if stats.new_tokens >= gen_cfg.max_new_tokens:
                 stats.stop_reason = "max_new_tokens"
                 return
             t0 = time.perf_counter()
-            tok = step(input_ids=torch.tensor([[tok]], device=model.device))
-            stats.decode_ms.append((time.perf_counter() - t0) * 1e3)
+            tok = step(input_ids=torch.tensor([pending], device=model.device))
+            # one entry per token fed back, so that decode_per_token stays a per-token figure
+            stats.decode_ms += [(time.perf_counter() - t0 + force_s) * 1e3 / len(pending)] * len(pending)
 
     return TokenStream(run(), stats)
 

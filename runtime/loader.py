@@ -30,6 +30,8 @@ from edgevlm.options import LoadOptions
 from .chat import ChatFormat
 from .checkpoint import load_checkpoint
 from .decoder import Decoder
+from .grounding_head import PREFIX as GROUNDING_PREFIX
+from .grounding_head import GroundingHead, build_grounding_head
 from .lora import LORA_SUFFIXES, attach_lora, merge_lora_weights
 from .pipeline import Pipeline
 from .quant import quantize_decoder, swap_linears_for_triton
@@ -48,7 +50,8 @@ class ModelParts:
     """A model's pieces before they become a Pipeline. ``gguf_raw``: the GGUF file's raw blocks, while
     they still describe the decoder's weights (``quant="auto"`` repacks them). ``lora``: LoRA
     (factors, config) kept apart from the weights so that quantisation can put them beside the
-    quantised layers. ``tower``: the vision tower module on the load's device and dtype, or None."""
+    quantised layers. ``tower``: the vision tower module on the load's device and dtype, or None.
+    ``grounding_head``: the box head of a config with one (float32, on the load's device), or None."""
 
     name: str
     decoder: Decoder
@@ -60,6 +63,7 @@ class ModelParts:
     gguf_raw: dict | None = None
     lora: tuple | None = None
     instruction_tokenizer: Any = None  # InstructBLIP: tokenises the prompt for its Q-Former
+    grounding_head: GroundingHead | None = None
 
 
 def read_parts(source: ModelSource, opts: LoadOptions) -> ModelParts:
@@ -219,9 +223,16 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], opts: L
     if tower is None:
         tower = build_tower_model(cfg.tower, tower_state, allow_random=allow_random, seed=opts.seed)
     model, report = tower
+    head = None
+    if cfg.grounding_head is not None:  # small and run once per box answer: float32 on the load's device
+        head = build_grounding_head(cfg.grounding_head, state).to(opts.device)
+        sources["grounding_head"] = sources.get("trained", "checkpoint")
+    elif any(k.startswith(GROUNDING_PREFIX) for k in state):
+        raise CheckpointError(f"checkpoint holds {GROUNDING_PREFIX}* tensors but its config has no grounding_head")
     return ModelParts(cfg.name, decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), sources,
                       tower=model.to(opts.device, opts.dtype), tower_weights=report, gguf_raw=native, lora=lora,
-                      instruction_tokenizer=_checkpoint_instruction_tokenizer(tokenizer_dir, model.config))
+                      instruction_tokenizer=_checkpoint_instruction_tokenizer(tokenizer_dir, model.config),
+                      grounding_head=head)
 
 
 def _checkpoint_instruction_tokenizer(folder: Path | None, tower_cfg):
@@ -380,7 +391,7 @@ def assemble(parts: ModelParts, opts: LoadOptions, *, runner=None, backend: str 
         raise ConfigError(f"keep_ratio={opts.keep_ratio}, but model {parts.name!r} has no vision tower")
     return Pipeline(parts.decoder, parts.tokenizer, parts.chat, tower=tower, name=parts.name,
                     max_context=opts.max_context, sources={**parts.sources, **(extra_sources or {})},
-                    reuse_prefix=opts.reuse_prefix, kv_cache=opts.kv_cache)
+                    reuse_prefix=opts.reuse_prefix, kv_cache=opts.kv_cache, grounding_head=parts.grounding_head)
 
 
 def release_freed_memory() -> None:

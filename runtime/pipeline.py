@@ -37,6 +37,7 @@ from .chat import ChatFormat
 from .decoder import Decoder
 from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
+from .grounding_head import BoxWriter, GroundingHead
 from .kv_cache import KVCache
 from .tokenizer import Tokenizer
 from .tower import VisionTower
@@ -68,16 +69,19 @@ class Pipeline:
 
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, chat: ChatFormat, *,
                  tower: VisionTower | None = None, name: str = "", max_context: int = 2048,
-                 sources: dict[str, str] | None = None, reuse_prefix: bool = True, kv_cache: str = "float"):
+                 sources: dict[str, str] | None = None, reuse_prefix: bool = True, kv_cache: str = "float",
+                 grounding_head: GroundingHead | None = None):
         """``max_context``: positions of the static KV cache (capped at the decoder's limit);
         ``reuse_prefix``: keep the last conversation's KV cache for a follow-up; ``kv_cache``:
-        ``"float"`` (the weights' dtype) or ``"int8"`` (a scale per vector, a quarter of the memory)."""
+        ``"float"`` (the weights' dtype) or ``"int8"`` (a scale per vector, a quarter of the memory);
+        ``grounding_head``: writes the boxes of a box answer about one image (:mod:`.grounding_head`)."""
         if kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         self.decoder = decoder.eval()
         self.tokenizer = tokenizer
         self.chat = chat
         self.tower = tower
+        self.grounding_head = grounding_head
         self.name = name
         self.max_context = min(int(max_context), decoder.cfg.max_seq_len)
         self.sources = dict(sources or {})
@@ -119,8 +123,8 @@ class Pipeline:
         return users[-1] if users else ""
 
     def _prepare(self, image, prompt, raw: bool,
-                 system: str | None) -> tuple[torch.Tensor, dict[str, float], int, list]:
-        """-> (inputs_embeds [1, T, D], image-stage timings, visual positions, position keys)."""
+                 system: str | None) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor], list]:
+        """-> (inputs_embeds [1, T, D], image-stage timings, each image's visual embeddings, position keys)."""
         images = self._images(image)
         timings: dict[str, float] = {}
         embeds: list[torch.Tensor] = []
@@ -138,7 +142,16 @@ class Pipeline:
         else:
             mp = self.chat.build(self.tokenizer, self._messages(prompt, system), tpi)
         x = mp.embed(self.decoder.embed, embeds)  # [1, T, D]
-        return x, timings, sum(tpi), _position_keys(mp, embeds)
+        return x, timings, embeds, _position_keys(mp, embeds)
+
+    def _box_writer(self, embeds: list[torch.Tensor], prompt, raw: bool) -> BoxWriter | None:
+        """The grounding head's writer for this answer: one image whose tokens hold the whole grid
+        (token dropping keeps only some cells, so the decoder writes its own boxes there)."""
+        head = self.grounding_head
+        if head is None or len(embeds) != 1 or self.tower.keep_ratio < 1.0:
+            return None
+        ids = self.tokenizer.encode(self._instruction(prompt, raw), add_bos=False)
+        return BoxWriter(head, self.tokenizer, embeds[0], ids, self.decoder.embed)
 
     def _cache_for(self) -> KVCache:
         if self._cache is None:
@@ -192,14 +205,16 @@ class Pipeline:
         # caller never reads another thread's answer.
         with self._lock:
             t_start = time.perf_counter()
-            x, timings, n_visual, keys = self._prepare(image, prompt, raw, system)
+            x, timings, embeds, keys = self._prepare(image, prompt, raw, system)
+            n_visual = sum(e.shape[0] for e in embeds)
+            writer = self._box_writer(embeds, prompt, raw)
             gen = GenerationConfig(**sampling, stop_token_ids=tuple(sorted(self.chat.stop_ids(self.tokenizer))))
             cache = self._cache_for()
             reused = self._reusable(keys)
             cache.truncate(min(reused, cache.length))
             self._cache_keys = self._cache_keys[:reused]
             tokens = generate_tokens(self.decoder, cache, prompt_embeds=x[:, reused:], gen_cfg=gen,
-                                     continue_cache=True)
+                                     continue_cache=True, force=writer)
             detok = self.tokenizer.stream_decoder(skip_special=True)
             stops = StopStringMatcher(tuple(self.chat.stop_strings) + tuple(stop))
             parts: list[str] = []
@@ -242,7 +257,8 @@ class Pipeline:
                     text="".join(parts), token_ids=list(tokens.tokens), timings=timings,
                     prompt_tokens=len(keys), cached_tokens=reused, visual_tokens=n_visual,
                     stop_reason="stop_string" if stopped else (interrupted or s.stop_reason),
-                    info={"decode_tokens_per_s": s.decode_tokens_per_s})
+                    info={"decode_tokens_per_s": s.decode_tokens_per_s,
+                          **({"boxes_from_head": len(writer.boxes)} if writer and writer.boxes is not None else {})})
                 if sink is not None:
                     sink.append(self.last_output)
 
@@ -358,6 +374,9 @@ class Pipeline:
             "chat": {"format": self.chat.kind, "image_placement": self.chat.image_placement,
                      "template": "checkpoint" if self.chat.template else "default"},
             "vision": self.tower.info() if self.tower is not None else None,
+            "grounding_head": ({"params": sum(p.numel() for p in self.grounding_head.parameters()),
+                                "trigger": self.grounding_head.cfg.trigger, "grid": self.grounding_head.cfg.grid}
+                               if self.grounding_head is not None else None),
             "backends": backends(),
         }
         return out

@@ -59,9 +59,9 @@ def assert_same_model(src, out, image=None, prompt="What is this?", tokens: int 
         assert b.tower.config == a.tower.config
         assert set(b.tower.weights.sources.values()) <= {"checkpoint", "none"}
     with torch.no_grad():
-        xa, _, va, ka = a._prepare(image, prompt, False, None)
-        xb, _, vb, kb = b._prepare(image, prompt, False, None)
-        assert (vb, kb) == (va, ka)
+        xa, _, ea, ka = a._prepare(image, prompt, False, None)
+        xb, _, eb, kb = b._prepare(image, prompt, False, None)
+        assert [e.shape for e in eb] == [e.shape for e in ea] and kb == ka
         torch.testing.assert_close(xb, xa, atol=0, rtol=0)  # text ids, image positions and embeddings
         torch.testing.assert_close(b.decoder(inputs_embeds=xb)[0, -1], a.decoder(inputs_embeds=xa)[0, -1],
                                    atol=0, rtol=0)
@@ -277,6 +277,9 @@ def _every_config() -> list:
     from edgevlm.presets import get_preset
 
     regrouped = get_preset("xgen-mm").tower  # anyres views + StripRegroupConfig (xGen-MM's strips)
+    tiny = get_preset("tiny")  # its fusion: [s] 8 queries [global] 4x4 grid [e] per view
+    models.append(dataclasses.replace(tiny, grounding_head=C.GroundingHeadConfig(
+        visual_width=tiny.tower.out_width, first_cell=10, grid=4, width=32, layers=1, heads=2, trigger="<")))
     return [regrouped] + models + [C.QuantConfig.named("int4-g64"), C.QuantConfig.named("int8")]
 
 

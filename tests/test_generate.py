@@ -163,3 +163,25 @@ def test_stop_string_matcher_holds_back_partials_then_releases():
     text, done = m.feed("ok<|im_end|> trailing")
     assert (text, done, m.matched) == ("ok", True, "<|im_end|>")
     assert m.feed("more") == ("", True)  # once stopped, nothing more comes out
+
+
+def test_forced_tokens_continue_as_if_the_decoder_had_chosen_them(tiny):
+    """`force` (a grounding head writing a box) puts its ids after the trigger token; what follows is the
+    greedy continuation of prompt + those ids, and max_new_tokens counts the forced ids too."""
+    _, dec = tiny
+    first, _ = run(dec, GenerationConfig(max_new_tokens=1))
+    forced = [21, 22, 23]
+    calls = []
+
+    def force(tok):
+        calls.append(tok)
+        return forced if tok == first[0] and len(calls) == 1 else []
+
+    got, stats = run(dec, GenerationConfig(max_new_tokens=9), force=force)
+    assert got[:4] == first + forced and len(got) == 9 and stats.new_tokens == 9
+    ref, _ = run(dec, GenerationConfig(max_new_tokens=5), prompt_ids=PROMPT + first + forced)
+    assert got[4:] == ref
+    assert calls == [first[0], *got[4:]]  # asked after each decoded token, never after a forced one
+    calls.clear()
+    capped, stats = run(dec, GenerationConfig(max_new_tokens=3), force=force)
+    assert capped == first + forced[:2] and stats.stop_reason == "max_new_tokens"

@@ -398,3 +398,34 @@ def test_autocast_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch, flags, n
         assert t.autocast_dtype == want, mode
     with pytest.raises(ConfigError, match="autocast must be"):
         TrainConfig(stage="stage1", autocast="fp16")
+
+
+def test_stage_per_task_and_eval_tasks_choose_the_questions(tmp_path, capsys):
+    """`train stage2 --tasks ground --per-task 3` trains on several grounding questions per scene (its row
+    and log say so), and `eval --tasks` scores exactly the full split's questions of those tasks."""
+    from edgevlm.cli import main
+
+    rows = tmp_path / "rows.csv"
+    assert main(["train", "stage2", "--model", "tiny", "--out", str(tmp_path / "s2"), "--tasks", "ground",
+                 "--per-task", "3", "--n-scenes", "6", "--n-digits", "2", "--steps", "1", "--batch-size", "2",
+                 "--autocast", "none", "--csv", str(rows), "--json"]) == 0
+    (row,) = list(csv.DictReader(open(rows)))
+    assert (row["tasks"], row["per_task"]) == ("ground", "3")
+    log = json.loads((tmp_path / "s2" / "log.json").read_text())
+    assert log["data"]["per_task"] == 3 and log["train_config"]["tasks"] == ["ground"]
+    ground = [s for s in build_split("train", 6, 2, seed=0, per_task=3) if s.task == "ground"]
+    assert len(ground) > 6  # several per scene, so the flag reached the data
+    assert log["examples"] == len({s.meta["image_id"] for s in ground})  # packed: one conversation per scene
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "stage2", "--model", "tiny", "--out", str(tmp_path / "bad"), "--per-task", "0"])
+    assert exit_.value.code == 2
+    assert "expected a whole number >= 1" in capsys.readouterr().err
+
+    records = tmp_path / "records.json"
+    assert main(["eval", "--model", "tiny", "--n-scenes", "3", "--n-digits", "2", "--tasks", "ground,digit",
+                 "--max-new-tokens", "3", "--records", str(records), "--json"]) == 0
+    want = [(s.task, s.question, s.answer) for s in build_split("heldout", 3, 2, seed=0)
+            if s.task in ("ground", "digit")]
+    got = [(r["task"], r["question"], r["answer"]) for r in json.loads(records.read_text())]
+    assert got == want and {t for t, _, _ in got} == {"ground", "digit"}

@@ -80,7 +80,7 @@ def training_components(model, threads: int = 0) -> TrainComponents:
         torch.set_num_threads(threads)
     src = resolve_source(model)
     if src.kind == "config":
-        src = resolve_source(replace(src.config, weights=None, lora=None))
+        src = resolve_source(replace(src.config, weights=None, lora=None, grounding_head=None))
     # quant=None: training needs float nn.Linear layers (a GGUF decoder would keep its blocks), LoRA merged
     opts = LoadOptions(quant=None, progress=False)
     parts = read_parts(src, opts)
@@ -114,7 +114,8 @@ def run_stage(train_kw: dict, out: Path, *, model: str | ModelConfig = "demo", d
     data_kw = data_kw or DEMO_DATA
     c = training_components(model, threads)
     init_state = _init_state(init) if init else None
-    samples = build_split("train", data_kw["n_scenes"], data_kw["n_digits"], seed=data_kw["seed"])
+    samples = build_split("train", data_kw["n_scenes"], data_kw["n_digits"], seed=data_kw["seed"],
+                          per_task=data_kw.get("per_task", 1))
     t0 = time.perf_counter()
     trainer = VLMTrainer(c.config, tc, tower_model=c.tower, decoder=c.decoder, tokenizer=c.tokenizer,
                          preprocessor=c.preprocessor, samples=samples, init_state=init_state,
@@ -196,7 +197,8 @@ def cmd_demo(args) -> int:
 def cmd_stage(args) -> int:
     kw = dict(DEMO_STAGE1 if args.command == "stage1" else DEMO_STAGE2)
     kw.update(_overrides(args))
-    data = {**DEMO_DATA, **{k: getattr(args, k) for k in ("n_scenes", "n_digits") if getattr(args, k) is not None}}
+    data = {**DEMO_DATA, **{k: getattr(args, k) for k in ("n_scenes", "n_digits", "per_task")
+                            if getattr(args, k) is not None}}
     ckpt = run_stage(kw, Path(args.out), model=_model_with_projector(args.model, args.proj_hidden), data_kw=data, init=Path(args.init) if args.init else None,
                      threads=args.threads, progress=not args.json)
     if args.json:
@@ -208,8 +210,29 @@ def cmd_stage(args) -> int:
         _append_row(Path(args.csv), {
             "out": args.out, "overrides": json.dumps(_overrides(args)) if _overrides(args) else "",
             "proj_hidden": args.proj_hidden or 0, "init": args.init or "", "autocast": log["autocast"],
+            "tasks": ",".join(log["train_config"]["tasks"]), "per_task": data.get("per_task", 1),
             "encode_s": round(log["encode_seconds"], 1), **_stage_fields(args.command, log),
             "total_min": round(log["seconds"] / 60, 2)})
+    return 0
+
+
+def cmd_grounding(args) -> int:
+    from .grounding import GroundingTrainConfig, train_grounding
+
+    kw = {k: getattr(args, k) for k in ("steps", "per_task", "seed", "n_scenes", "n_digits") if getattr(args, k) is not None}
+    out = Path(args.out)
+    ckpt = train_grounding(args.model, out, GroundingTrainConfig(**kw), threads=args.threads, progress=not args.json)
+    log = json.loads((out / "log.json").read_text())
+    if args.json:
+        print(json.dumps({"checkpoint": str(ckpt), "log": str(out / "log.json")}, indent=2))
+    else:
+        print(f"checkpoint: {ckpt} ({log['questions']} questions, {log['seconds'] / 60:.1f} min)")
+    if args.csv:
+        _append_row(Path(args.csv), {
+            "out": args.out, "init": args.model, "overrides": json.dumps(kw) if kw else "",
+            "encode_s": round(log["encode_seconds"], 1), "grounding_s": round(log["train_seconds"], 1),
+            "grounding_steps": log["train_config"]["steps"], "grounding_final_loss": round(log["final_loss"], 4),
+            "per_task": log["train_config"]["per_task"], "total_min": round(log["seconds"] / 60, 2)})
     return 0
 
 
@@ -242,7 +265,8 @@ def cmd_eval(args) -> int:
 
     set_threads(args)
     pipe = edgevlm.load(args.model, quant=args.quant, **vision_kwargs(args))
-    samples = build_split(args.split, args.n_scenes, args.n_digits, seed=args.seed)
+    samples = build_split(args.split, args.n_scenes, args.n_digits, seed=args.seed,
+                          **({"tasks": args.tasks} if args.tasks else {}))
     metrics, records = evaluate_samples(pipe, samples, max_new_tokens=args.max_new_tokens)
     text = heldout_text()
     ppl, n_tok = perplexity(pipe.decoder, pipe.tokenizer, text)
@@ -282,7 +306,7 @@ def _untuned_config(model: str):
         return None
     if cfg.decoder_weights is None or (cfg.lora is None and cfg.weights is None):
         return None
-    return replace(cfg, lora=None, weights=None)
+    return replace(cfg, lora=None, weights=None, grounding_head=None)
 
 
 def _append_eval_row(path: Path, args, metrics: dict) -> None:
@@ -290,6 +314,7 @@ def _append_eval_row(path: Path, args, metrics: dict) -> None:
                        "vision_precision": args.vision_precision if args.vision_backend != "torch" else "",
                        "keep_ratio": args.keep_ratio, "keep_mode": args.keep_mode,
                        "split": args.split, "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
+                       "tasks": ",".join(args.tasks or ()),
                        **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}})
 
 
@@ -364,6 +389,9 @@ def add_parsers(sub) -> None:
                        help=f"training scenes (default: {DEMO_DATA['n_scenes']})")
         p.add_argument("--n-digits", dest="n_digits", type=int, default=None,
                        help=f"training digit images (default: {DEMO_DATA['n_digits']})")
+        p.add_argument("--per-task", dest="per_task", type=_positive_int, default=None,
+                       help="questions drawn per scene and task, repeats dropped (default: 1); with --tasks ground, "
+                            "3 gives up to three grounding questions per scene")
         p.add_argument("--init", default=None, help="checkpoint folder to start from (e.g. stage 1's), or a .safetensors "
                        "file of trained tensors (edgevlm/assets/demo/model.safetensors: train the shipped model further)")
         p.add_argument("--tasks", type=_task_list, default=None,
@@ -373,6 +401,24 @@ def add_parsers(sub) -> None:
         p.add_argument("--csv", default=None,
                        help="append a row (machine, versions, commit, steps, time, autocast) to this CSV")
         p.set_defaults(func=cmd_stage, command=name)
+    gh = tsub.add_parser("grounding", help="a grounding head (boxes read off the visual tokens) for a trained model")
+    gh.add_argument("--model", "-m", default="demo",
+                    help="a preset with trained weights or an edgevlm checkpoint folder with a trained SPHINX fusion "
+                         "(default: demo)")
+    gh.add_argument("--out", required=True, help="output folder: checkpoint/ (the model + head), log.json, feature cache")
+    gh.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    gh.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: 3000)")
+    gh.add_argument("--n-scenes", dest="n_scenes", type=_positive_int, default=None,
+                    help=f"training scenes (default: {DEMO_DATA['n_scenes']})")
+    gh.add_argument("--n-digits", dest="n_digits", type=int, default=None,
+                    help=f"digit images encoded beside them, unused by the head; the same number as the model's own "
+                         f"training run lets the head reuse its feature cache (default: {DEMO_DATA['n_digits']})")
+    gh.add_argument("--per-task", dest="per_task", type=_positive_int, default=None,
+                    help="grounding questions drawn per training scene, repeats dropped (default: 8)")
+    gh.add_argument("--seed", type=int, default=None, help="initialisation and batch order (default: 0)")
+    gh.add_argument("--csv", default=None, help="append a row (machine, versions, commit, time, loss) to this CSV")
+    gh.add_argument("--json", action="store_true", help="print the checkpoint and log paths as JSON (no progress bar)")
+    gh.set_defaults(func=cmd_grounding)
     for name, module, what in (("qformer", "qformer_pretrain", "BLIP-2 Q-Former pre-training (ITC, ITM, ITG)"),
                                ("flip", "flip", "FLIP masked image-encoder training"),
                                ("mix", "mix", "weight mixing of two checkpoints")):
@@ -385,6 +431,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--n-scenes", type=int, default=DEMO_EVAL["n_scenes"])
     ev.add_argument("--n-digits", type=int, default=DEMO_EVAL["n_digits"])
     ev.add_argument("--seed", type=int, default=DEMO_EVAL["seed"])
+    ev.add_argument("--tasks", type=_task_list, default=None,
+                    help="score only these tasks, comma-separated (default: all); each task draws its questions "
+                         "from its own random stream, so they are the same questions a full run asks")
     ev.add_argument("--split", choices=("heldout", "novel"), default="heldout",
                     help="heldout: new scenes and digits rendered as in training; novel: also other image sizes, "
                          "backgrounds, object sizes, ink and question phrasings than training saw")
@@ -408,6 +457,16 @@ def _task_list(text: str) -> tuple[str, ...]:
     if not tasks or bad:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(TASKS)}, got {text!r}")
     return tasks
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
 
 
 def _delegate(module: str):

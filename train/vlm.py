@@ -665,7 +665,8 @@ class VLMTrainer:
             state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
         # Frozen tensors keep their dtype: the checkpoint rebuilds exactly the encoders and decoder training ran.
         state.update(self.frozen_state())
-        cfg = replace(self.model_cfg, lora=self.lora_cfg, weights=None)
+        # a grounding head reads this connector's tokens: one trained before them would not fit the new ones
+        cfg = replace(self.model_cfg, lora=self.lora_cfg, weights=None, grounding_head=None)
         meta = {"stage": self.cfg.stage, "steps": str(self.step_n), "train_config": json.dumps(asdict(self.cfg))}
         q_tok = self.instruction_tokenizer
 

@@ -1,0 +1,188 @@
+"""Training the grounding head (:mod:`edgevlm.runtime.grounding_head`) of a trained SPHINX-fusion model.
+
+    edgevlm train grounding --model demo --out runs/grounding --threads 2
+
+The model's connector and decoder stay frozen: the head learns from the visual tokens the trained
+connector makes of each training scene (frozen encoders cached once, as ``edgevlm train`` caches them)
+and from the decoder's token embeddings of each grounding question. No decoder forward runs, so a
+step costs a few milliseconds and thousands of them fit in minutes on a CPU.
+
+Targets, per question: the cell holding each asked-for object's box centre scores 1 and regresses its
+box; every other cell scores 0. Loss: binary cross-entropy over all cells + L1 of the boxes at the
+target cells. The output checkpoint is the source's own trained tensors plus ``grounding_head.*``, with
+the head in its config: ``edgevlm.load(out / "checkpoint")`` answers box questions with the head, and its
+``model.safetensors`` is what the demo ships.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from edgevlm.config import GroundingHeadConfig, ModelConfig, SphinxFusionConfig
+from edgevlm.errors import ConfigError
+from edgevlm.runtime.grounding_head import PREFIX, GroundingHead
+
+BOX_L1_WEIGHT = 5.0  # an edge off by 0.1 costs as much as a cell's score off by ~0.4 in BCE
+
+
+@dataclass(frozen=True)
+class GroundingTrainConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 100
+    n_scenes: int = 1500
+    n_digits: int = 600  # only so that the image list (and the feature cache's key) is the one `train` uses
+    per_task: int = 8  # grounding questions drawn per scene (repeats dropped)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.n_scenes, self.per_task) < 1 or self.n_digits < 0:
+            raise ConfigError("steps, batch_size, n_scenes and per_task must be >= 1 and n_digits >= 0")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.warmup >= 0):
+            raise ConfigError("lr must be > 0, weight_decay and warmup >= 0")
+
+
+def head_config_for(model_cfg: ModelConfig, **overrides) -> GroundingHeadConfig:
+    """The head that reads ``model_cfg``'s first view's fused grid (SPHINX fusion only: its cells are
+    ``[start] [Q-Former queries] [global] grid*grid [end]``)."""
+    conn = model_cfg.tower.connector if model_cfg.tower is not None else None
+    if not isinstance(conn, SphinxFusionConfig):
+        raise ConfigError(f"a grounding head reads a SPHINX fusion grid; this model's connector is "
+                          f"{type(conn).__name__ if conn is not None else 'absent'}")
+    if model_cfg.tower.pack is not None:
+        raise ConfigError("a grounding head needs the views' tokens in order; this tower packs them")
+    first = int(conn.separators) + (conn.qformer.num_queries if conn.qformer else 0) + 1
+    return GroundingHeadConfig(visual_width=conn.out_width, first_cell=first, grid=conn.grid, **overrides)
+
+
+def cell_targets(boxes: list[tuple[float, float, float, float]], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(score [G], box [G, 4])``: 1 and the box at the cell of each box centre (the first box wins a
+    shared cell), 0 elsewhere."""
+    score, target = torch.zeros(grid * grid), torch.zeros(grid * grid, 4)
+    for b in boxes:
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        cell = min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid))
+        if score[cell] == 0:
+            score[cell], target[cell] = 1.0, torch.tensor(b)
+    return score, target
+
+
+def head_loss(logits: torch.Tensor, boxes: torch.Tensor, score: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE over every cell + ``BOX_L1_WEIGHT`` x mean L1 of the boxes at target cells."""
+    bce = F.binary_cross_entropy_with_logits(logits, score)
+    pos = score > 0
+    l1 = (boxes[pos] - target[pos]).abs().mean() if pos.any() else boxes.sum() * 0
+    return bce + BOX_L1_WEIGHT * l1
+
+
+def train_grounding(model, out: Path, cfg: GroundingTrainConfig = GroundingTrainConfig(), *, threads: int = 0,
+                    feature_cache: Path | None = None, progress: bool = True) -> Path:
+    """Train a head on ``model`` (a preset or an edgevlm checkpoint folder with a trained SPHINX fusion),
+    write ``out/checkpoint`` (the model + head) and ``out/log.json``; returns the checkpoint folder."""
+    import edgevlm
+    from edgevlm.runtime.checkpoint import is_checkpoint_dir, load_checkpoint, save_checkpoint
+    from edgevlm.presets import PRESETS, get_preset
+    from edgevlm.runtime.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from edgevlm.runtime.readers import resolve_weights_path
+    from edgevlm.runtime.readers.safetensors_io import load_safetensors
+
+    from .data import build_split, iter_split
+    from .vlm import SIZE_KEY, VIEWS_KEY, cached_features
+
+    if threads:
+        torch.set_num_threads(threads)
+    if model in PRESETS:
+        src_cfg = get_preset(model)
+        if src_cfg.weights is None:
+            raise ConfigError(f"preset {model!r} ships no trained weights; train its connector first (edgevlm train demo)")
+        trained = load_safetensors(resolve_weights_path(src_cfg.weights))
+        base_cfg = replace(src_cfg, weights=None)
+    elif is_checkpoint_dir(model):
+        base_cfg, trained = load_checkpoint(model)
+    else:
+        raise ConfigError(f"train grounding takes a preset or an edgevlm checkpoint folder, got {model!r}")
+    trained = {k: v for k, v in trained.items() if not k.startswith(PREFIX)}  # a new head replaces any old one
+    head_cfg = head_config_for(base_cfg)
+    pipe = edgevlm.load(model, quant="none", progress=False)  # float, LoRA merged: the tokens eval's runtime sees
+    tower, decoder, tokenizer = pipe.tower, pipe.decoder, pipe.tokenizer
+
+    t0 = time.perf_counter()
+    groups = list(iter_split("train", cfg.n_scenes, cfg.n_digits, seed=0))
+    row_of = {g.image_id: i for i, g in enumerate(groups)}
+    feats = cached_features(tower.model, tower.preprocessor, [g.image for g in groups], base_cfg,
+                            feature_cache or out / "features.safetensors")
+    encode_s = time.perf_counter() - t0
+    feats = {k: v for k, v in feats.items() if k not in (VIEWS_KEY, SIZE_KEY)}
+    samples = build_split("train", cfg.n_scenes, 0, seed=0, tasks=("ground",), per_task=cfg.per_task)
+    rows = sorted({row_of[s.meta["image_id"]] for s in samples})
+    with torch.inference_mode():  # the connector is frozen: its tokens for every scene, once
+        vis = torch.cat([tower.model.connector.from_prepared({k: v[rows[i: i + 64], 0] for k, v in feats.items()})
+                         for i in range(0, len(rows), 64)]).float()  # [scenes, T, D] of each first (global) view
+    slot = {r: i for i, r in enumerate(rows)}
+    scene_of = torch.tensor([slot[row_of[s.meta["image_id"]]] for s in samples])  # [S]
+    q_ids = [tokenizer.encode(s.question, add_bos=False) for s in samples]
+    q_len = max(map(len, q_ids))
+    ids = torch.zeros(len(samples), q_len, dtype=torch.long)
+    mask = torch.zeros(len(samples), q_len, dtype=torch.bool)
+    for i, q in enumerate(q_ids):
+        ids[i, : len(q)], mask[i, : len(q)] = torch.tensor(q), True
+    score, target = map(torch.stack, zip(*(cell_targets(s.meta["boxes"], head_cfg.grid) for s in samples)))
+
+    torch.manual_seed(cfg.seed)
+    head = GroundingHead(head_cfg)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    t1 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="grounding head", unit="step", disable=not progress)
+    for step in bar:
+        f = (step + 1) / cfg.warmup if step < cfg.warmup else \
+            0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * f
+        b = torch.randint(len(samples), (cfg.batch_size,), generator=gen)
+        with torch.no_grad():
+            emb = decoder.embed(ids[b]).float()  # [B, L, D]: frozen token embeddings of the questions
+        logits, boxes = head(vis[scene_of[b]], emb, mask[b])
+        loss = head_loss(logits, boxes, score[b], target[b])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(history[-50:]):.4f}")
+    train_s = time.perf_counter() - t1
+
+    state = {**trained, **{PREFIX + k: v.detach().to(torch.float16) for k, v in head.state_dict().items()}}
+    def copy_extra(folder: Path) -> None:  # a checkpoint source's tokenizers and other files come along
+        if model in PRESETS:
+            return
+        for item in Path(model).iterdir():
+            if item.name not in (CONFIG_NAME, WEIGHTS_NAME):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+
+    ckpt = save_checkpoint(out / "checkpoint", replace(base_cfg, grounding_head=head_cfg), state,
+                           metadata={"stage": "grounding", "steps": str(cfg.steps),
+                                     "train_config": json.dumps(asdict(cfg))}, overwrite=True,
+                           write_extra=copy_extra)
+    log = {"model": str(model), "train_config": asdict(cfg), "head": asdict(head_cfg), "questions": len(samples),
+           "scenes": len(rows), "encode_seconds": encode_s, "train_seconds": train_s,
+           "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(history[-50:])),
+           "history": history[::10]}
+    (out / "log.json").write_text(json.dumps(log, indent=1))
+    return ckpt
+
+
+__all__ = ["GroundingTrainConfig", "head_config_for", "cell_targets", "head_loss", "train_grounding"]
