@@ -164,7 +164,14 @@ def _preset_summary(name: str) -> dict:
             "params": sum(p.numel() for p in tower.encoders[e.name].parameters()),
             "weights": f"{e.weights.format}:{e.weights.path}" if e.weights else "random"} for e in cfg.tower.encoders]
     n_dec = sum(p.numel() for p in dec.parameters())
-    return {"name": name, "preset": True,
+    head = None
+    if cfg.grounding_head is not None:
+        from edgevlm.runtime.grounding_head import GroundingHead
+
+        with torch.device("meta"):
+            n_head = sum(p.numel() for p in GroundingHead(cfg.grounding_head).parameters())
+        head = {"params": n_head, "trigger": cfg.grounding_head.trigger, "grid": cfg.grounding_head.grid}
+    return {"name": name, "preset": True, "grounding_head": head,
             "vision": {"encoders": enc, "connector": {"kind": cfg.tower.connector.kind,
                                                         "params": sum(p.numel() for p in tower.connector.parameters())},
                        "views_per_image": cfg.tower.views_per_image,
@@ -199,6 +206,10 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"({v.get('views_per_image', v.get('views', {}).get('views_per_image'))} views)")
         if "preprocess_backend" in v:
             print(f"  preprocessing: {v['preprocess_backend']}; tower runs on: {v['backend']}")
+    if info.get("grounding_head"):
+        g = info["grounding_head"]
+        print(f"  grounding head: {g['params'] / 1e6:.2f}M params on the {g['grid']}x{g['grid']} grid; writes the "
+              f"boxes after {g['trigger']!r}")
     d = info["decoder"]
     size = d.get("weights_bytes", d.get("fp32_bytes", 0))
     print(f"  decoder {d['layers']} layers x {d['hidden']}  {d['params'] / 1e6:.1f}M params  {_fmt_bytes(size)}"
@@ -322,7 +333,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     elif trained:
         print(f"\n{n_ok}/{n_checked} checked answers right. The demo model learnt from generated table-top scenes "
               "and digits only (held-out accuracy: docs/training.md); a real photo is outside what it "
-              "was taught, and its boxes are not yet usable.")
+              "was taught. Its boxes are written by a grounding head that reads the visual tokens once the "
+              "LLM opens a box answer.")
     else:
         print("\nnote: the projector weights are random (no trained demo checkpoint is installed), so the "
               "answers about images are not meaningful.")

@@ -17,9 +17,9 @@ from dataclasses import replace
 
 from .config import (
     CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD,
-    ConvNeXtConfig, DecoderConfig, EfficientNetConfig, LoRAConfig, MLPConnectorConfig, ModelConfig, QFormerConfig,
-    QFormerConnectorConfig, ResamplerConnectorConfig, SphinxFusionConfig, StripRegroupConfig, TowerConfig, ViewConfig,
-    ViTConfig, WeightsRef,
+    ConvNeXtConfig, DecoderConfig, EfficientNetConfig, GroundingHeadConfig, LoRAConfig, MLPConnectorConfig,
+    ModelConfig, QFormerConfig, QFormerConnectorConfig, ResamplerConnectorConfig, SphinxFusionConfig,
+    StripRegroupConfig, TowerConfig, ViewConfig, ViTConfig, WeightsRef,
 )
 from .errors import UnknownPresetError
 
@@ -166,9 +166,12 @@ def _demo() -> ModelConfig:
     tower = TowerConfig(encoders=(dino, eff), connector=fusion, views=ViewConfig(kind="pad_square"))
     # SmolLM2 adds no BOS (its chat template opens with <|im_start|>), so the image goes at an <image>
     # placeholder at the start of the user turn, LLaVA-style, rather than "after BOS".
+    # Boxes come from a grounding head on the fused grid ([start] [global] 8x8 [end]): the LLM opens a box
+    # answer with "[" and the head writes the coordinates (runtime/grounding_head.py, docs/training.md).
+    head = GroundingHeadConfig(visual_width=576, first_cell=2, grid=8)
     return ModelConfig(name="demo", tower=tower, decoder=DECODERS["smollm2-135m"], image_placement="placeholder",
                        decoder_weights=SMOLLM2_GGUF, tokenizer=SMOLLM2_GGUF, weights=DEMO_TRAINED,
-                       lora=LoRAConfig(rank=8, alpha=16.0))
+                       lora=LoRAConfig(rank=8, alpha=16.0), grounding_head=head)
 
 
 def _tiny() -> ModelConfig:
@@ -217,7 +220,7 @@ def with_random_weights(cfg: ModelConfig) -> ModelConfig:
     depend on the values), never for answers."""
     encoders = tuple(replace(e, weights=None) for e in cfg.tower.encoders)
     return replace(cfg, tower=replace(cfg.tower, encoders=encoders), decoder_weights=None, tokenizer=None,
-                   weights=None, lora=None)
+                   weights=None, lora=None, grounding_head=None)
 
 
 __all__ = ["PRESETS", "DECODERS", "preset_names", "get_preset", "with_random_weights", "clip_vit_l14", "dinov2", "eva_vit_g",

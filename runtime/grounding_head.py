@@ -2,9 +2,9 @@
 
 A small LLM tuned for a few CPU-hours learns *when* to answer with a box, but printing coordinates digit
 by digit from its hidden state is a readout it does not learn on that budget (the demo's boxes stayed
-on one stock position; docs/training.md). The frozen features do carry the boxes (a query-conditioned
-probe on them reaches IoU >= 0.5 on 81 % of held-out objects, ``scripts/probe_boxes.py``), so a head
-reads them directly, as LISA's mask decoder or VisionLLM's task decoders do::
+on one stock position; docs/training.md). The visual tokens do carry the boxes, so a small head reads
+them directly, as LISA's mask decoder or VisionLLM's task decoders do, and is trained in minutes on the
+frozen connector's tokens (:mod:`edgevlm.train.grounding`)::
 
     question ids -> decoder token embeddings      [L, D]  -> LayerNorm -> Q attention pools -> q [d]
     visual tokens of the image                    [T, D]  -> grid cells [first_cell : first_cell + g*g]

@@ -35,15 +35,15 @@ def shipped():
 
 def test_shipped_weights_are_small_and_complete(shipped):
     n_bytes = sum(t.numel() * t.element_size() for t in shipped.values())
-    assert n_bytes < 8e6, n_bytes  # a few MB: connector + LoRA factors only
-    assert any(k.startswith("tower.connector.") for k in shipped)
+    assert n_bytes < 10e6, n_bytes  # a few MB: connector, LoRA factors and grounding head only
+    assert any(k.startswith("tower.connector.") for k in shipped) and any(k.startswith("grounding_head.") for k in shipped)
     assert any(k.endswith(".lora_A") for k in shipped) and not any(k.startswith("tower.encoders.") for k in shipped)
 
 
 def test_training_model_and_runtime_agree(shipped):
     runtime = edgevlm.load("demo", quant="none")  # float; the quantised default: test_pipeline.test_quantised_demo_default
     # the training-time model: base preset, LoRA wrappers applied from outside, trained tensors loaded
-    train = edgevlm.load(replace(CFG, weights=None, lora=None), quant="none")
+    train = edgevlm.load(replace(CFG, weights=None, lora=None, grounding_head=None), quant="none")
     apply_lora(train.decoder, CFG.lora)
     train.tower.model.connector.load_state_dict(
         {k[len("tower.connector."):]: v for k, v in shipped.items() if k.startswith("tower.connector.")}, strict=True)
@@ -77,3 +77,21 @@ def test_training_model_and_runtime_agree(shipped):
     err = assert_within_noise(logits[1], logits[0], "demo logits, runtime (LoRA merged) vs training (unmerged)",
                               noise=max_abs(logits[0], train64))
     print(f"max |logit difference| {err:.2e}")
+
+
+def test_the_shipped_head_boxes_the_bundled_scenes(shipped):
+    """`edgevlm demo`'s two box questions, as it asks them (default quantisation): the LLM opens the box,
+    the grounding head writes it, and it lands on the object (IoU >= 0.5, the grounding metric's bar)."""
+    from edgevlm.cli import DEMO_QUESTIONS
+    from edgevlm.runtime.boxes import box_from_pixels, iou, parse_boxes
+
+    pipe = edgevlm.load("demo")
+    asked = [(name, q, box) for name, q, box in DEMO_QUESTIONS if isinstance(box, tuple)]
+    assert len(asked) == 2
+    for name, q, box in asked:
+        img = load_image(str(resources.files("edgevlm") / "assets" / name))
+        out = pipe.generate(img, q, max_new_tokens=40)
+        assert out.info.get("boxes_from_head") == 1, (name, out.text)
+        (got,) = parse_boxes(out.text)
+        overlap = iou(got, box_from_pixels(*box, *img.shape[:2]))
+        assert overlap >= 0.5, (name, out.text, overlap)

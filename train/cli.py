@@ -3,6 +3,7 @@
     edgevlm train demo --out runs/demo          # the whole demo recipe: stage 1, stage 2, export, eval
     edgevlm train stage1 --out runs/s1          # alignment only (captions), connector trains
     edgevlm train stage2 --init runs/s1/checkpoint --out runs/s2
+    edgevlm train grounding --model runs/s2/checkpoint --out runs/gh   # a box head on a trained model
     edgevlm train qformer --out runs/qf         # BLIP-2 Q-Former pre-training (ITC + ITM + ITG), tiny recipe
     edgevlm train flip --out runs/flip          # FLIP masked image-encoder steps
     edgevlm train mix A B --beta 0.5 --out C    # weight mixing of two checkpoints
@@ -219,7 +220,8 @@ def cmd_stage(args) -> int:
 def cmd_grounding(args) -> int:
     from .grounding import GroundingTrainConfig, train_grounding
 
-    kw = {k: getattr(args, k) for k in ("steps", "per_task", "seed", "n_scenes", "n_digits") if getattr(args, k) is not None}
+    kw = {k: getattr(args, k) for k in ("steps", "per_task", "seed", "n_scenes", "n_digits")
+          if getattr(args, k) is not None}
     out = Path(args.out)
     ckpt = train_grounding(args.model, out, GroundingTrainConfig(**kw), threads=args.threads, progress=not args.json)
     log = json.loads((out / "log.json").read_text())
@@ -371,7 +373,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub) -> None:
     """Register ``train`` (with its own subcommands) and ``eval`` on the top-level CLI."""
-    train = sub.add_parser("train", help="training recipes (demo VLM, Q-Former, FLIP, weight mixing)")
+    train = sub.add_parser("train", help="training recipes (demo VLM, grounding head, Q-Former, FLIP, weight mixing)")
     tsub = train.add_subparsers(dest="train_command", required=True)
     demo = tsub.add_parser("demo", help="the shipped demo model's whole recipe: stage 1 then stage 2")
     _add_train_args(demo)

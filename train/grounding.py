@@ -113,7 +113,9 @@ def train_grounding(model, out: Path, cfg: GroundingTrainConfig = GroundingTrain
         base_cfg, trained = load_checkpoint(model)
     else:
         raise ConfigError(f"train grounding takes a preset or an edgevlm checkpoint folder, got {model!r}")
-    trained = {k: v for k, v in trained.items() if not k.startswith(PREFIX)}  # a new head replaces any old one
+    # a new head replaces any old one; clone: the reader may map the file, which `cp` onto the shipped
+    # weights (as docs/training.md does next) would change under a run still going
+    trained = {k: v.clone() for k, v in trained.items() if not k.startswith(PREFIX)}
     head_cfg = head_config_for(base_cfg)
     pipe = edgevlm.load(model, quant="none", progress=False)  # float, LoRA merged: the tokens eval's runtime sees
     tower, decoder, tokenizer = pipe.tower, pipe.decoder, pipe.tokenizer
