@@ -92,9 +92,9 @@ def train_grounding(model, out: Path, cfg: GroundingTrainConfig = GroundingTrain
     """Train a head on ``model`` (a preset or an edgevlm checkpoint folder with a trained SPHINX fusion),
     write ``out/checkpoint`` (the model + head) and ``out/log.json``; returns the checkpoint folder."""
     import edgevlm
-    from edgevlm.runtime.checkpoint import is_checkpoint_dir, load_checkpoint, save_checkpoint
     from edgevlm.presets import PRESETS, get_preset
-    from edgevlm.runtime.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from edgevlm.runtime.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, is_checkpoint_dir, load_checkpoint,
+                                            save_checkpoint)
     from edgevlm.runtime.readers import resolve_weights_path
     from edgevlm.runtime.readers.safetensors_io import load_safetensors
 
