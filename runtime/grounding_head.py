@@ -124,31 +124,38 @@ def build_grounding_head(cfg: GroundingHeadConfig, state: dict[str, torch.Tensor
     return head.eval()
 
 
+def trigger_id(cfg: GroundingHeadConfig, tokenizer) -> int:
+    """The token id of ``cfg.trigger`` (it must be one token: the head fires on a sampled id)."""
+    ids = tokenizer.encode(cfg.trigger, add_bos=False)
+    if len(ids) != 1:
+        raise ConfigError(f"grounding head trigger {cfg.trigger!r} must be one token of this tokenizer, got {len(ids)}")
+    return ids[0]
+
+
 class BoxWriter:
     """The forced continuation of a box answer for one generation (at most once per answer).
 
-    ``__call__(token)`` -> the token ids to force after ``token``: the head's boxes after the trigger
-    token (``"0.40,0.26,0.51,0.37]"``), else nothing. ``embed`` maps ids to the decoder's embeddings."""
+    ``__call__(token)`` -> the token ids to force after ``token``: the head's boxes after the ``trigger``
+    id (``"0.40,0.26,0.51,0.37]"``), else nothing. The question is tokenised and embedded (``embed``: ids
+    to the decoder's embeddings) only when the trigger comes, so answers without a box pay nothing."""
 
-    def __init__(self, head: GroundingHead, tokenizer, visual: torch.Tensor, question_ids: list[int],
+    def __init__(self, head: GroundingHead, tokenizer, trigger: int, visual: torch.Tensor, question: str,
                  embed: Callable[[torch.Tensor], torch.Tensor]):
-        trig = tokenizer.encode(head.cfg.trigger, add_bos=False)
-        if len(trig) != 1:
-            raise ConfigError(f"grounding head trigger {head.cfg.trigger!r} must be one token of this tokenizer, "
-                              f"got {len(trig)}")
-        self.trigger = trig[0]
-        self.head, self.tokenizer, self.visual = head, tokenizer, visual
-        self.question_ids, self.embed = question_ids, embed
+        self.head, self.tokenizer, self.trigger, self.visual = head, tokenizer, trigger, visual
+        self.question, self.embed = question, embed
         self.boxes: list[Box] | None = None  # what the head wrote, once it has
 
     def __call__(self, token: int) -> list[int]:
-        if token != self.trigger or self.boxes is not None or not self.question_ids:
+        if token != self.trigger or self.boxes is not None:
+            return []
+        ids = self.tokenizer.encode(self.question, add_bos=False)
+        if not ids:
             return []
         with torch.inference_mode():
-            q = self.embed(torch.tensor(self.question_ids, device=self.visual.device))  # [L, D]
+            q = self.embed(torch.tensor(ids, device=self.visual.device))  # [L, D]
         self.boxes = self.head.boxes(self.visual, q)
         text = format_boxes(self.boxes, self.head.cfg.decimals)
         return self.tokenizer.encode(text[len("["):], add_bos=False)
 
 
-__all__ = ["GroundingHead", "build_grounding_head", "BoxWriter", "PREFIX"]
+__all__ = ["GroundingHead", "build_grounding_head", "trigger_id", "BoxWriter", "PREFIX"]

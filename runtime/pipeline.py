@@ -37,7 +37,7 @@ from .chat import ChatFormat
 from .decoder import Decoder
 from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
-from .grounding_head import BoxWriter, GroundingHead
+from .grounding_head import BoxWriter, GroundingHead, trigger_id
 from .kv_cache import KVCache
 from .tokenizer import Tokenizer
 from .tower import VisionTower
@@ -82,6 +82,7 @@ class Pipeline:
         self.chat = chat
         self.tower = tower
         self.grounding_head = grounding_head
+        self._box_trigger = trigger_id(grounding_head.cfg, tokenizer) if grounding_head is not None else None
         self.name = name
         self.max_context = min(int(max_context), decoder.cfg.max_seq_len)
         self.sources = dict(sources or {})
@@ -150,8 +151,8 @@ class Pipeline:
         head = self.grounding_head
         if head is None or len(embeds) != 1 or self.tower.keep_ratio < 1.0:
             return None
-        ids = self.tokenizer.encode(self._instruction(prompt, raw), add_bos=False)
-        return BoxWriter(head, self.tokenizer, embeds[0], ids, self.decoder.embed)
+        return BoxWriter(head, self.tokenizer, self._box_trigger, embeds[0], self._instruction(prompt, raw),
+                         self.decoder.embed)
 
     def _cache_for(self) -> KVCache:
         if self._cache is None:

@@ -16,7 +16,7 @@ from edgevlm.errors import CheckpointError, ConfigError
 from edgevlm.presets import get_preset
 from edgevlm.runtime.boxes import Box, format_boxes, parse_boxes
 from edgevlm.runtime.checkpoint import load_checkpoint, save_checkpoint
-from edgevlm.runtime.grounding_head import PREFIX, BoxWriter, GroundingHead
+from edgevlm.runtime.grounding_head import PREFIX, BoxWriter, GroundingHead, trigger_id
 from edgevlm.train.data import build_split
 from edgevlm.train.grounding import cell_targets, head_config_for
 
@@ -120,14 +120,15 @@ def test_box_writer_fires_once_on_its_trigger_token():
     cfg = GroundingHeadConfig(visual_width=64, first_cell=10, grid=4, width=8, layers=1, heads=2, trigger="[")
     head = GroundingHead(cfg).eval()
     visual = pipe.tower.embed_each([build_split("heldout", 1, 0, seed=0)[0].image])[0]
-    w = BoxWriter(head, pipe.tokenizer, visual, pipe.tokenizer.encode("Where is it?", add_bos=False), pipe.decoder.embed)
-    trig = pipe.tokenizer.encode("[", add_bos=False)[0]
+    trig = trigger_id(cfg, pipe.tokenizer)
+    assert trig == pipe.tokenizer.encode("[", add_bos=False)[0]
+    w = BoxWriter(head, pipe.tokenizer, trig, visual, "Where is it?", pipe.decoder.embed)
     assert w(trig + 1) == [] and w.boxes is None
     ids = w(trig)
     assert parse_boxes("[" + pipe.tokenizer.decode(ids)) and all(isinstance(b, Box) for b in w.boxes)
     assert w(trig) == []  # one box answer per generation
     with pytest.raises(ConfigError, match="must be one token"):
-        BoxWriter(GroundingHead(dataclasses.replace(cfg, trigger="[[")), pipe.tokenizer, visual, [1], pipe.decoder.embed)
+        trigger_id(dataclasses.replace(cfg, trigger="[["), pipe.tokenizer)
 
 
 def test_a_grounding_head_needs_a_sphinx_grid():
@@ -149,3 +150,8 @@ def test_convert_carries_the_head(trained, tmp_path):
     assert heads == sorted(k for k in out_state if k.startswith(PREFIX))
     for k in heads:
         assert torch.equal(out_state[k].float(), state[k].float()), k
+
+
+def test_the_demo_presets_head_reads_its_fusion_grid():
+    demo = get_preset("demo")  # written out in presets.py, which cannot import the trainer's helper
+    assert demo.grounding_head == head_config_for(dataclasses.replace(demo, grounding_head=None))

@@ -17,7 +17,6 @@ the head in its config: ``edgevlm.load(out / "checkpoint")`` answers box questio
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -99,7 +98,7 @@ def train_grounding(model, out: Path, cfg: GroundingTrainConfig = GroundingTrain
     from edgevlm.runtime.readers.safetensors_io import load_safetensors
 
     from .data import build_split, iter_split
-    from .vlm import SIZE_KEY, VIEWS_KEY, cached_features
+    from .vlm import SIZE_KEY, VIEWS_KEY, cached_features, warmup_cosine
 
     if threads:
         torch.set_num_threads(threads)
@@ -150,10 +149,8 @@ def train_grounding(model, out: Path, cfg: GroundingTrainConfig = GroundingTrain
     t1 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="grounding head", unit="step", disable=not progress)
     for step in bar:
-        f = (step + 1) / cfg.warmup if step < cfg.warmup else \
-            0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * f
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup, cfg.steps)
         b = torch.randint(len(samples), (cfg.batch_size,), generator=gen)
         with torch.no_grad():
             emb = decoder.embed(ids[b]).float()  # [B, L, D]: frozen token embeddings of the questions

@@ -503,10 +503,7 @@ class VLMTrainer:
 
     # -- one step ---------------------------------------------------------------------------
     def _lr_factor(self) -> float:
-        s, w, n = self.step_n, self.cfg.warmup, self.cfg.steps
-        if s < w:
-            return (s + 1) / w
-        return 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, n - w)))  # cosine to zero
+        return warmup_cosine(self.step_n, self.cfg.warmup, self.cfg.steps)
 
     def batch_indices(self, step: int) -> list[int]:
         """Deterministic from (seed, step): resuming at step s sees exactly the batches it would have."""
@@ -679,6 +676,13 @@ class VLMTrainer:
         return save_checkpoint(path, cfg, state, metadata=meta, overwrite=overwrite, write_extra=extra)
 
 
+def warmup_cosine(step: int, warmup: int, steps: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to zero at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def _resolve_autocast(mode: str, device: torch.device) -> str:
     """``TrainConfig.autocast`` on this machine: ``"bf16"`` or ``"none"`` (``"auto"``: bf16 only in hardware)."""
     from edgevlm.perf.limits import native_bf16
@@ -696,4 +700,5 @@ def _has_lora(state: dict[str, torch.Tensor] | None) -> bool:
     return bool(state) and any(k.endswith(LORA_SUFFIXES) for k in state)
 
 
-__all__ = ["TrainConfig", "Example", "make_example", "encode_images", "cached_features", "VLMTrainer", "IGNORE"]
+__all__ = ["TrainConfig", "Example", "make_example", "encode_images", "cached_features", "VLMTrainer", "IGNORE",
+           "warmup_cosine"]
