@@ -170,7 +170,8 @@ def _preset_summary(name: str) -> dict:
 
         with torch.device("meta"):
             n_head = sum(p.numel() for p in GroundingHead(cfg.grounding_head).parameters())
-        head = {"params": n_head, "trigger": cfg.grounding_head.trigger, "grid": cfg.grounding_head.grid}
+        head = {"params": n_head, "trigger": cfg.grounding_head.trigger, "grid": cfg.grounding_head.grid,
+                "answers": list(cfg.grounding_head.answers)}
     return {"name": name, "preset": True, "grounding_head": head,
             "vision": {"encoders": enc, "connector": {"kind": cfg.tower.connector.kind,
                                                         "params": sum(p.numel() for p in tower.connector.parameters())},
@@ -209,7 +210,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info.get("grounding_head"):
         g = info["grounding_head"]
         print(f"  grounding head: {g['params'] / 1e6:.2f}M params on the {g['grid']}x{g['grid']} grid; writes the "
-              f"boxes after {g['trigger']!r}")
+              f"boxes after {g['trigger']!r}" + (f"; weighs in on {len(g['answers'])} short answers "
+                                                 f"({', '.join(g['answers'][:4])}, ...)" if g.get("answers") else ""))
     d = info["decoder"]
     size = d.get("weights_bytes", d.get("fp32_bytes", 0))
     print(f"  decoder {d['layers']} layers x {d['hidden']}  {d['params'] / 1e6:.1f}M params  {_fmt_bytes(size)}"
@@ -333,8 +335,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     elif trained:
         print(f"\n{n_ok}/{n_checked} checked answers right. The demo model learnt from generated table-top scenes "
               "and digits only (held-out accuracy: docs/training.md); a real photo is outside what it "
-              "was taught. Its boxes are written by a grounding head that reads the visual tokens once the "
-              "LLM opens a box answer.")
+              "was taught. A grounding head beside the LLM reads the visual tokens: it writes the boxes once "
+              "the LLM opens a box answer, and weighs in on the first word of a colour, shape, count or digit "
+              "answer.")
     else:
         print("\nnote: the projector weights are random (no trained demo checkpoint is installed), so the "
               "answers about images are not meaningful.")

@@ -868,7 +868,21 @@ class GroundingHeadConfig:
     The visual tokens' grid cells are ``grid * grid`` consecutive tokens from ``first_cell``, row-major
     over the padded square (SPHINX fusion: separator and global token first). Each cell scores whether
     an asked-for object is centred in it and regresses that object's box; cells scoring above
-    ``threshold`` give the boxes (at least one: the decoder already decided to answer with a box)."""
+    ``threshold`` give the boxes (at least one: the decoder already decided to answer with a box).
+
+    With ``answers`` the head also picks one of those short answers (a colour, a shape, a count, a
+    digit) for a question about the image. That choice is fused with the decoder's first answer token:
+    the decoder keeps the probability it gives to the ``answers`` tokens as a whole, and within them the
+    fused probability is the decoder's times the head's to the power ``answer_weight``. The decoder
+    decides whether the answer is one of these words at all; head and decoder together decide which
+    one. The answers must start with distinct tokens of the model's tokenizer (the first token decides;
+    the decoder writes the rest of a longer word).
+
+    ``dropped_cells``: the head was trained with grid cells missing, as token dropping leaves them
+    (``keep_ratio < 1``); a learned vector stands in for each, and the runtime uses the head with
+    uniform token dropping too. Without it the head needs the whole grid and stands aside there.
+
+    ``global_token``: the token just before the grid (SPHINX fusion's global token) joins the cells."""
 
     visual_width: int
     first_cell: int
@@ -880,9 +894,20 @@ class GroundingHeadConfig:
     trigger: str = "["
     threshold: float = 0.5
     decimals: int = 2
+    answers: tuple[str, ...] = ()
+    answer_weight: float = 1.0
+    dropped_cells: bool = False
+    global_token: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "visual_width", "grid", "width", "layers", "heads", "query_heads", "decimals")
+        object.__setattr__(self, "answers", tuple(self.answers))
+        _check(all(isinstance(a, str) and a and a == a.strip() for a in self.answers),
+               f"answers must be non-empty strings without surrounding spaces, got {self.answers!r}")
+        _check(len(set(self.answers)) == len(self.answers), f"answers must be distinct, got {self.answers!r}")
+        _check(self.answer_weight > 0, f"answer_weight must be > 0, got {self.answer_weight}")
+        _check(not self.global_token or self.first_cell >= 1, "global_token reads the token before the grid; "
+               f"first_cell must be >= 1, got {self.first_cell}")
         _check(self.first_cell >= 0, f"first_cell must be >= 0, got {self.first_cell}")
         _check(self.width % self.heads == 0, f"width {self.width} must be a multiple of heads {self.heads}")
         _check(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")

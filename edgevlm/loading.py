@@ -49,6 +49,8 @@ def load(source: Any, options: LoadOptions | None = None, **overrides) -> "Pipel
       decoders then get that many fewer visual positions; a Q-Former or resampler gives its usual count
       from fewer image keys. Towers it cannot apply to (any-resolution packing, a projector over a CNN)
       raise ConfigError (:meth:`~edgevlm.runtime.tower.VisionTower.set_token_keep`).
+    - ``grounding_head``: False leaves a model's grounding head out, so the decoder alone writes boxes and
+      short answers (what the head adds can be measured: ``edgevlm eval --no-head``).
     - ``seed``: random weights for presets that have none. ``progress``: True draws a bar over the
       loading stages on stderr (the CLI's default), False draws nothing, None (default) draws one only
       for an export made on first use (that takes minutes).

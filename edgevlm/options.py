@@ -71,10 +71,13 @@ class LoadOptions:
     keep_mode: str = "uniform"
     seed: int = 0
     progress: bool | None = None
+    grounding_head: bool = True
+
 
     def __post_init__(self) -> None:
         normalise = {"device": torch.device(self.device), "dtype": torch_dtype(self.dtype),
-                     "quant": quant_setting(self.quant), "reuse_prefix": bool(self.reuse_prefix)}
+                     "quant": quant_setting(self.quant), "reuse_prefix": bool(self.reuse_prefix),
+                     "grounding_head": bool(self.grounding_head)}
         for name, value in normalise.items():
             object.__setattr__(self, name, value)
         if self.vision_backend not in VISION_BACKENDS:

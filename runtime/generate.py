@@ -162,7 +162,8 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
                     prompt_embeds: torch.Tensor | None = None, gen_cfg: GenerationConfig = GenerationConfig(),
                     on_token: Callable[[int], bool | None] | None = None, *,
                     continue_cache: bool = False,
-                    force: Callable[[int], Sequence[int]] | None = None) -> TokenStream:
+                    force: Callable[[int], Sequence[int]] | None = None,
+                    prior: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TokenStream:
     """Stream generated token ids. Checks happen here, before anything runs:
 
     - the prompt (ids or embeddings, batch 1) is well formed;
@@ -175,6 +176,9 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
     ``force(id)``: token ids to put after ``id`` instead of sampling them (a grounding head writing a
     box, :class:`~.grounding_head.BoxWriter`); they are yielded and counted like sampled ones, fed to
     the decoder in one forward, and decoding goes on from the last of them.
+
+    ``prior(logits [1, V]) -> logits [1, V]``: reweights the first token's logits before it is sampled
+    (a grounding head's answer, :class:`~.grounding_head.AnswerPrior`); later tokens are the decoder's.
     """
     if not continue_cache:
         cache.reset()
@@ -193,17 +197,19 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
     stops = set(gen_cfg.stop_token_ids)
 
     @torch.inference_mode()
-    def step(**inputs) -> int:
+    def step(first: bool = False, **inputs) -> int:
         # one forward + sample; inference_mode is entered per step so it never leaks into the
         # caller's code between yields.
         with kernel_threads(model):
             logits = model(cache=cache, last_only=True, **inputs)[:, -1]  # [1, V]
+            if first and prior is not None:
+                logits = prior(logits)
             return int(sampler(logits)[0])  # int() waits for the device, so timings are real
 
     def run() -> Iterator[int]:
         stats.stop_reason = "closed"
         t0 = time.perf_counter()
-        tok = step(inputs_embeds=x)
+        tok = step(first=True, inputs_embeds=x)
         stats.prefill_ms = (time.perf_counter() - t0) * 1e3
         while True:
             if tok in stops:

@@ -391,7 +391,8 @@ def assemble(parts: ModelParts, opts: LoadOptions, *, runner=None, backend: str 
         raise ConfigError(f"keep_ratio={opts.keep_ratio}, but model {parts.name!r} has no vision tower")
     return Pipeline(parts.decoder, parts.tokenizer, parts.chat, tower=tower, name=parts.name,
                     max_context=opts.max_context, sources={**parts.sources, **(extra_sources or {})},
-                    reuse_prefix=opts.reuse_prefix, kv_cache=opts.kv_cache, grounding_head=parts.grounding_head)
+                    reuse_prefix=opts.reuse_prefix, kv_cache=opts.kv_cache,
+                    grounding_head=parts.grounding_head if opts.grounding_head else None)
 
 
 def release_freed_memory() -> None:

@@ -37,8 +37,9 @@ from .chat import ChatFormat
 from .decoder import Decoder
 from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
-from .grounding_head import BoxWriter, GroundingHead, trigger_id
+from .grounding_head import AnswerPrior, BoxWriter, GroundingHead, HeadQuestion, answer_ids, trigger_id
 from .kv_cache import KVCache
+from .token_keep import select_cells
 from .tokenizer import Tokenizer
 from .tower import VisionTower
 
@@ -74,7 +75,8 @@ class Pipeline:
         """``max_context``: positions of the static KV cache (capped at the decoder's limit);
         ``reuse_prefix``: keep the last conversation's KV cache for a follow-up; ``kv_cache``:
         ``"float"`` (the weights' dtype) or ``"int8"`` (a scale per vector, a quarter of the memory);
-        ``grounding_head``: writes the boxes of a box answer about one image (:mod:`.grounding_head`)."""
+        ``grounding_head``: writes the boxes of a box answer about one image and, if it has answers, weighs
+        in on a short answer's first token (:mod:`.grounding_head`)."""
         if kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         self.decoder = decoder.eval()
@@ -83,6 +85,8 @@ class Pipeline:
         self.tower = tower
         self.grounding_head = grounding_head
         self._box_trigger = trigger_id(grounding_head.cfg, tokenizer) if grounding_head is not None else None
+        self._answer_ids = (answer_ids(grounding_head.cfg, tokenizer)
+                            if grounding_head is not None and grounding_head.cfg.answers else None)
         self.name = name
         self.max_context = min(int(max_context), decoder.cfg.max_seq_len)
         self.sources = dict(sources or {})
@@ -145,14 +149,24 @@ class Pipeline:
         x = mp.embed(self.decoder.embed, embeds)  # [1, T, D]
         return x, timings, embeds, _position_keys(mp, embeds)
 
-    def _box_writer(self, embeds: list[torch.Tensor], prompt, raw: bool) -> BoxWriter | None:
-        """The grounding head's writer for this answer: one image whose tokens hold the whole grid
-        (token dropping keeps only some cells, so the decoder writes its own boxes there)."""
+    def _head_helpers(self, embeds: list[torch.Tensor], prompt,
+                      raw: bool) -> tuple[BoxWriter | None, AnswerPrior | None]:
+        """The grounding head's box writer and answer prior for this answer. The head reads one image's
+        grid: the whole grid, or under uniform token dropping the kept cells if the head was trained
+        with cells missing (``dropped_cells``); otherwise the decoder answers alone."""
         head = self.grounding_head
-        if head is None or len(embeds) != 1 or self.tower.keep_ratio < 1.0:
-            return None
-        return BoxWriter(head, self.tokenizer, self._box_trigger, embeds[0], self._instruction(prompt, raw),
-                         self.decoder.embed)
+        if head is None or len(embeds) != 1:
+            return None, None
+        cells = None
+        if self.tower.keep_ratio < 1.0:
+            uniform = self.tower.keep_mode == "uniform" and self.tower.keep_scorer is None  # the same cells every image
+            if not (head.cfg.dropped_cells and uniform and self.tower.model.keep_plan().grid == head.cfg.grid):
+                return None, None
+            cells = select_cells(1, head.cfg.grid, self.tower.keep_ratio, "uniform", device=embeds[0].device)[0]
+        question = HeadQuestion(self.tokenizer, self._instruction(prompt, raw), self.decoder.embed, embeds[0].device)
+        writer = BoxWriter(head, self.tokenizer, self._box_trigger, embeds[0], question, cells)
+        prior = AnswerPrior(head, self._answer_ids, embeds[0], question, cells) if self._answer_ids else None
+        return writer, prior
 
     def _cache_for(self) -> KVCache:
         if self._cache is None:
@@ -208,14 +222,14 @@ class Pipeline:
             t_start = time.perf_counter()
             x, timings, embeds, keys = self._prepare(image, prompt, raw, system)
             n_visual = sum(e.shape[0] for e in embeds)
-            writer = self._box_writer(embeds, prompt, raw)
+            writer, prior = self._head_helpers(embeds, prompt, raw)
             gen = GenerationConfig(**sampling, stop_token_ids=tuple(sorted(self.chat.stop_ids(self.tokenizer))))
             cache = self._cache_for()
             reused = self._reusable(keys)
             cache.truncate(min(reused, cache.length))
             self._cache_keys = self._cache_keys[:reused]
             tokens = generate_tokens(self.decoder, cache, prompt_embeds=x[:, reused:], gen_cfg=gen,
-                                     continue_cache=True, force=writer)
+                                     continue_cache=True, force=writer, prior=prior)
             detok = self.tokenizer.stream_decoder(skip_special=True)
             stops = StopStringMatcher(tuple(self.chat.stop_strings) + tuple(stop))
             parts: list[str] = []
@@ -259,7 +273,8 @@ class Pipeline:
                     prompt_tokens=len(keys), cached_tokens=reused, visual_tokens=n_visual,
                     stop_reason="stop_string" if stopped else (interrupted or s.stop_reason),
                     info={"decode_tokens_per_s": s.decode_tokens_per_s,
-                          **({"boxes_from_head": len(writer.boxes)} if writer and writer.boxes is not None else {})})
+                          **({"boxes_from_head": len(writer.boxes)} if writer and writer.boxes is not None else {}),
+                          **({"answer_head": prior.info} if prior and prior.info is not None else {})})
                 if sink is not None:
                     sink.append(self.last_output)
 
@@ -376,7 +391,8 @@ class Pipeline:
                      "template": "checkpoint" if self.chat.template else "default"},
             "vision": self.tower.info() if self.tower is not None else None,
             "grounding_head": ({"params": sum(p.numel() for p in self.grounding_head.parameters()),
-                                "trigger": self.grounding_head.cfg.trigger, "grid": self.grounding_head.cfg.grid}
+                                "trigger": self.grounding_head.cfg.trigger, "grid": self.grounding_head.cfg.grid,
+                                "answers": list(self.grounding_head.cfg.answers)}
                                if self.grounding_head is not None else None),
             "backends": backends(),
         }

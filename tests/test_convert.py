@@ -279,7 +279,8 @@ def _every_config() -> list:
     regrouped = get_preset("xgen-mm").tower  # anyres views + StripRegroupConfig (xGen-MM's strips)
     tiny = get_preset("tiny")  # its fusion: [s] 8 queries [global] 4x4 grid [e] per view
     models.append(dataclasses.replace(tiny, grounding_head=C.GroundingHeadConfig(
-        visual_width=tiny.tower.out_width, first_cell=10, grid=4, width=32, layers=1, heads=2, trigger="<")))
+        visual_width=tiny.tower.out_width, first_cell=10, grid=4, width=32, layers=1, heads=2, trigger="<",
+        answers=("red", "3"), answer_weight=0.5)))
     return [regrouped] + models + [C.QuantConfig.named("int4-g64"), C.QuantConfig.named("int8")]
 
 

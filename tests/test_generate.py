@@ -185,3 +185,23 @@ def test_forced_tokens_continue_as_if_the_decoder_had_chosen_them(tiny):
     calls.clear()
     capped, stats = run(dec, GenerationConfig(max_new_tokens=3), force=force)
     assert capped == first + forced[:2] and stats.stop_reason == "max_new_tokens"
+
+
+def test_a_prior_reweights_the_first_token_only(tiny):
+    """`prior` (a grounding head's short answer) sees the prefill logits and its choice is sampled; the
+    tokens after it are the decoder's greedy continuation of prompt + that choice."""
+    _, dec = tiny
+    first, _ = run(dec, GenerationConfig(max_new_tokens=1))
+    pick = (first[0] + 5) % dec.cfg.vocab_size
+    seen = []
+
+    def prior(logits):
+        seen.append(logits.shape)
+        out = torch.full_like(logits, -30.0)
+        out[0, pick] = 0.0
+        return out
+
+    got, _ = run(dec, GenerationConfig(max_new_tokens=6), prior=prior)
+    assert got[0] == pick and seen == [(1, dec.cfg.vocab_size)]  # once, on the first token's logits
+    ref, _ = run(dec, GenerationConfig(max_new_tokens=5), prompt_ids=PROMPT + [pick])
+    assert got[1:] == ref

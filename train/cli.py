@@ -220,7 +220,7 @@ def cmd_stage(args) -> int:
 def cmd_grounding(args) -> int:
     from .grounding import GroundingTrainConfig, train_grounding
 
-    kw = {k: getattr(args, k) for k in ("steps", "per_task", "seed", "n_scenes", "n_digits")
+    kw = {k: getattr(args, k) for k in ("steps", "per_task", "seed", "n_scenes", "n_digits", "tasks", "drop_share")
           if getattr(args, k) is not None}
     out = Path(args.out)
     ckpt = train_grounding(args.model, out, GroundingTrainConfig(**kw), threads=args.threads, progress=not args.json)
@@ -234,7 +234,8 @@ def cmd_grounding(args) -> int:
             "out": args.out, "init": args.model, "overrides": json.dumps(kw) if kw else "",
             "encode_s": round(log["encode_seconds"], 1), "grounding_s": round(log["train_seconds"], 1),
             "grounding_steps": log["train_config"]["steps"], "grounding_final_loss": round(log["final_loss"], 4),
-            "per_task": log["train_config"]["per_task"], "total_min": round(log["seconds"] / 60, 2)})
+            "per_task": log["train_config"]["per_task"], "tasks": ",".join(log["train_config"]["tasks"]),
+            "total_min": round(log["seconds"] / 60, 2)})
     return 0
 
 
@@ -266,7 +267,7 @@ def cmd_eval(args) -> int:
     from .text_corpus import heldout_text
 
     set_threads(args)
-    pipe = edgevlm.load(args.model, quant=args.quant, **vision_kwargs(args))
+    pipe = edgevlm.load(args.model, quant=args.quant, grounding_head=not args.no_head, **vision_kwargs(args))
     samples = build_split(args.split, args.n_scenes, args.n_digits, seed=args.seed,
                           **({"tasks": args.tasks} if args.tasks else {}))
     metrics, records = evaluate_samples(pipe, samples, max_new_tokens=args.max_new_tokens)
@@ -316,7 +317,7 @@ def _append_eval_row(path: Path, args, metrics: dict) -> None:
                        "vision_precision": args.vision_precision if args.vision_backend != "torch" else "",
                        "keep_ratio": args.keep_ratio, "keep_mode": args.keep_mode,
                        "split": args.split, "n_scenes": args.n_scenes, "n_digits": args.n_digits, "seed": args.seed,
-                       "tasks": ",".join(args.tasks or ()),
+                       "tasks": ",".join(args.tasks or ()), "head": "off" if args.no_head else "",
                        **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()}})
 
 
@@ -403,20 +404,27 @@ def add_parsers(sub) -> None:
         p.add_argument("--csv", default=None,
                        help="append a row (machine, versions, commit, steps, time, autocast) to this CSV")
         p.set_defaults(func=cmd_stage, command=name)
-    gh = tsub.add_parser("grounding", help="a grounding head (boxes read off the visual tokens) for a trained model")
+    gh = tsub.add_parser("grounding", help="a grounding head (boxes and short answers read off the visual tokens) "
+                                           "for a trained model")
     gh.add_argument("--model", "-m", default="demo",
                     help="a preset with trained weights or an edgevlm checkpoint folder with a trained SPHINX fusion "
                          "(default: demo)")
     gh.add_argument("--out", required=True, help="output folder: checkpoint/ (the model + head), log.json, feature cache")
     gh.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    gh.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: 3000)")
+    gh.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: 4000)")
     gh.add_argument("--n-scenes", dest="n_scenes", type=_positive_int, default=None,
                     help=f"training scenes (default: {DEMO_DATA['n_scenes']})")
     gh.add_argument("--n-digits", dest="n_digits", type=int, default=None,
-                    help=f"digit images encoded beside them, unused by the head; the same number as the model's own "
-                         f"training run lets the head reuse its feature cache (default: {DEMO_DATA['n_digits']})")
+                    help="training digit images (default: 1400, nearly all of the training pool; with the model's "
+                         "own training run's scenes and digits the head reuses that run's feature cache)")
     gh.add_argument("--per-task", dest="per_task", type=_positive_int, default=None,
-                    help="grounding questions drawn per training scene, repeats dropped (default: 8)")
+                    help="questions drawn per training scene and task, repeats dropped (default: 8)")
+    gh.add_argument("--tasks", type=_task_list, default=None,
+                    help="comma-separated tasks the head learns, a subset of ground, color, shape, count, digit "
+                         "(default: all five; ground alone: a head that writes boxes only)")
+    gh.add_argument("--drop-share", dest="drop_share", type=float, default=None,
+                    help="share of the steps that see 40-90 %% of the grid cells, as token dropping leaves them; "
+                         "> 0 gives a head the runtime also uses with uniform keep_ratio < 1 (default: 0)")
     gh.add_argument("--seed", type=int, default=None, help="initialisation and batch order (default: 0)")
     gh.add_argument("--csv", default=None, help="append a row (machine, versions, commit, time, loss) to this CSV")
     gh.add_argument("--json", action="store_true", help="print the checkpoint and log paths as JSON (no progress bar)")
@@ -444,6 +452,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--threads", type=int, default=0)
     ev.add_argument("--quant", default="auto", help=QUANT_HELP + "; the untuned baseline perplexity stays float")
     add_vision_args(ev)
+    ev.add_argument("--no-head", dest="no_head", action="store_true",
+                    help="leave the model's grounding head out: the decoder alone writes boxes and short answers "
+                         "(what the head adds)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--records", default=None, help="write every question, answer and prediction to this JSON file")
     ev.add_argument("--csv", default=None, help="append a result row (machine, versions, commit, metrics) to this CSV")
