@@ -424,7 +424,7 @@ def add_parsers(sub) -> None:
                          "(default: all five; ground alone: a head that writes boxes only)")
     gh.add_argument("--drop-share", dest="drop_share", type=float, default=None,
                     help="share of the steps that see 40-90 %% of the grid cells, as token dropping leaves them; "
-                         "> 0 gives a head the runtime also uses with uniform keep_ratio < 1 (default: 0)")
+                         "> 0 gives a head the runtime also uses with uniform keep_ratio < 1 (default: 0.3)")
     gh.add_argument("--seed", type=int, default=None, help="initialisation and batch order (default: 0)")
     gh.add_argument("--csv", default=None, help="append a row (machine, versions, commit, time, loss) to this CSV")
     gh.add_argument("--json", action="store_true", help="print the checkpoint and log paths as JSON (no progress bar)")

@@ -60,7 +60,7 @@ class GroundingTrainConfig:
     n_digits: int = 1400  # nearly all of the digits' training pool (more than the LLM's 600: digits need them)
     per_task: int = 8  # questions drawn per scene and task (repeats dropped)
     tasks: tuple[str, ...] = HEAD_TASKS
-    drop_share: float = 0.0  # share of steps that drop grid cells (a random 40-90 % kept), as token dropping does
+    drop_share: float = 0.3  # share of steps that drop grid cells (a random 40-90 % kept), as token dropping does
     seed: int = 0
 
     def __post_init__(self) -> None:
