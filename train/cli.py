@@ -415,8 +415,8 @@ def add_parsers(sub) -> None:
     gh.add_argument("--n-scenes", dest="n_scenes", type=_positive_int, default=None,
                     help=f"training scenes (default: {DEMO_DATA['n_scenes']})")
     gh.add_argument("--n-digits", dest="n_digits", type=int, default=None,
-                    help="training digit images (default: 1400, nearly all of the training pool; with the model's "
-                         "own training run's scenes and digits the head reuses that run's feature cache)")
+                    help="training digit images (default: 1400, nearly all of the training pool); the encoders' "
+                         "outputs are cached in OUT/features.safetensors for the next run with the same images")
     gh.add_argument("--per-task", dest="per_task", type=_positive_int, default=None,
                     help="questions drawn per training scene and task, repeats dropped (default: 8)")
     gh.add_argument("--tasks", type=_task_list, default=None,
