@@ -73,7 +73,6 @@ class LoadOptions:
     progress: bool | None = None
     grounding_head: bool = True
 
-
     def __post_init__(self) -> None:
         normalise = {"device": torch.device(self.device), "dtype": torch_dtype(self.dtype),
                      "quant": quant_setting(self.quant), "reuse_prefix": bool(self.reuse_prefix),
