@@ -275,7 +275,8 @@ def train_grounding(model, out: Path, cfg: GroundingTrainConfig = GroundingTrain
                                      "train_config": json.dumps(asdict(cfg))}, overwrite=True,
                            write_extra=copy_extra)
     log = {"model": str(model), "train_config": asdict(cfg), "head": asdict(head_cfg), "questions": len(samples),
-           "questions_per_task": {t: sum(s.task == t for s in samples) for t in cfg.tasks}, "images": len(rows), "encode_seconds": encode_s, "train_seconds": train_s,
+           "questions_per_task": {t: sum(s.task == t for s in samples) for t in cfg.tasks}, "images": len(rows),
+           "encode_seconds": encode_s, "train_seconds": train_s,
            "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(history[-50:])),
            "history": history[::10]}
     (out / "log.json").write_text(json.dumps(log, indent=1))
@@ -283,5 +284,4 @@ def train_grounding(model, out: Path, cfg: GroundingTrainConfig = GroundingTrain
 
 
 __all__ = ["GroundingTrainConfig", "HEAD_TASKS", "head_config_for", "answer_vocabulary", "question_boxes", "drop_cells",
-           "cell_targets",
-           "head_loss", "answer_loss", "train_grounding"]
+           "cell_targets", "head_loss", "answer_loss", "train_grounding"]
