@@ -46,9 +46,13 @@ def test_splits_are_disjoint():
     assert not {g.image.tobytes() for g in tr} & {g.image.tobytes() for g in ho}
     tr_idx, ho_idx = set(digit_indices("train")), set(digit_indices("heldout"))
     assert not tr_idx & ho_idx and len(tr_idx) + len(ho_idx) == 1797 and len(ho_idx) >= 0.2 * 1797 - 1
-    # More digits than the pool: indices cycle but never leave the split.
-    used = {s.meta["digit_index"] for s in build_split("heldout", 0, len(ho_idx) + 10, tasks=("digit",))}
-    assert used == ho_idx
+    # More digits than the pool: indices cycle but never leave the split, and a repeat is a new render
+    # (paper, ink, size, offset), which is what the grounding head's three renders per digit rely on.
+    groups = list(iter_split("heldout", 0, len(ho_idx) + 10, tasks=("digit",)))
+    assert {g.samples[0].meta["digit_index"] for g in groups} == ho_idx
+    first, again = groups[0], groups[len(ho_idx)]
+    assert first.samples[0].meta["digit_index"] == again.samples[0].meta["digit_index"]
+    assert first.image.tobytes() != again.image.tobytes()
 
 
 def test_novel_split_is_rendered_and_asked_unlike_training():

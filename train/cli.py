@@ -415,7 +415,8 @@ def add_parsers(sub) -> None:
     gh.add_argument("--n-scenes", dest="n_scenes", type=_positive_int, default=None,
                     help=f"training scenes (default: {DEMO_DATA['n_scenes']})")
     gh.add_argument("--n-digits", dest="n_digits", type=int, default=None,
-                    help="training digit images (default: 1400, nearly all of the training pool); the encoders' "
+                    help="training digit images (default: 4311, three renders of each of the 1,437 training-pool "
+                         "digits; beyond 1,437 the digits repeat on new paper, size and offset); the encoders' "
                          "outputs are cached in OUT/features.safetensors for the next run with the same images")
     gh.add_argument("--per-task", dest="per_task", type=_positive_int, default=None,
                     help="questions drawn per training scene and task, repeats dropped (default: 8)")
