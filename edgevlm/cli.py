@@ -1,5 +1,5 @@
 """The ``edgevlm`` command line: ``run``, ``chat``, ``export``, ``bench``, ``train ...``, ``eval``,
-``demo``, ``info``, ``convert``.
+``demo``, ``info``, ``convert``, ``plan``.
 
 Subcommands are small functions registered in :data:`COMMANDS`; each takes parsed arguments and
 returns an exit code. The flags mean the same everywhere: ``--model/-m`` picks the model (a preset,
@@ -507,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the rows as JSON (and no progress bar)")
 
     add_parsers(sub)  # train ..., eval
+
+    from edgevlm.perf.plan_cli import add_parser as add_plan
+
+    add_plan(sub)
 
     demo = sub.add_parser("demo", help="run the embedded demo model on bundled real photos and a text question")
     demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
