@@ -45,7 +45,8 @@ def _load(args):
     set_threads(args)
     return edgevlm.load(args.model, device=args.device, dtype=args.dtype, preprocess_backend=args.preprocess,
                         max_context=args.max_context, quant=args.quant, kv_cache=args.kv_cache,
-                        progress=not getattr(args, "json", False), **vision_kwargs(args))
+                        decode_graphs=args.decode_graphs, progress=not getattr(args, "json", False),
+                        **vision_kwargs(args))
 
 
 def _output_dict(out, pipe) -> dict:

@@ -45,6 +45,9 @@ def add_model_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
     p.add_argument("--quant", default="auto", help=QUANT_HELP)
     p.add_argument("--kv-cache", default="float", choices=["float", "int8"],
                    help="KV cache storage: float (the weights' dtype) or int8 (a quarter of the memory)")
+    p.add_argument("--decode-graphs", default="off", choices=["off", "on", "eager"],
+                   help="on: decode through CUDA graphs captured at load, one per context bucket (CUDA, float KV "
+                   "cache); eager: the same static-shape steps uncaptured; off: the ordinary step (default)")
     add_vision_args(p)
 
 

@@ -31,6 +31,10 @@ def load(source: Any, options: LoadOptions | None = None, **overrides) -> "Pipel
     - ``kv_cache``: ``"float"`` or ``"int8"`` (:class:`~edgevlm.runtime.kv_cache.Int8KVCache`: a scale
       per vector, a quarter of the memory, a dequantising pass per step).
     - ``max_context``: positions of the static KV cache (prompt + answer), capped at the decoder's limit.
+    - ``decode_graphs``: ``"on"`` (CUDA, float KV cache) captures the one-token decode step as CUDA graphs
+      at load, one per context bucket (128, 256, ... ``max_context``), each sampling on the device;
+      ``"eager"`` runs the same static-shape steps without capture; ``"off"`` (default) the ordinary step.
+      See :mod:`edgevlm.runtime.cuda_graph`.
     - ``reuse_prefix``: keep the last conversation's KV cache, so a follow-up prefills only its new
       tokens. ``embedding_cache_bytes``: bound on the image embeddings kept by content (0 turns that
       cache and its per-image hashing off).

@@ -20,6 +20,9 @@ from .errors import ConfigError
 VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
 KV_CACHES = ("float", "int8")
+# How a Pipeline decodes one token at a time: the ordinary eager step, captured CUDA graphs (one per
+# context bucket, runtime/cuda_graph.py), or the same static-shape steps run without capture.
+DECODE_GRAPHS = ("off", "on", "eager")
 # load() picks token dropping by ratio and mode; the "score" mode needs a scorer callable, which only
 # VisionTower.set_token_keep takes.
 KEEP_MODES = ("uniform", "random")
@@ -72,6 +75,7 @@ class LoadOptions:
     seed: int = 0
     progress: bool | None = None
     grounding_head: bool = True
+    decode_graphs: str = "off"
 
     def __post_init__(self) -> None:
         normalise = {"device": torch.device(self.device), "dtype": torch_dtype(self.dtype),
@@ -89,6 +93,14 @@ class LoadOptions:
             raise ConfigError(f"precision must be one of {', '.join(VISION_PRECISIONS)}, got {self.vision_precision!r}")
         if self.kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
+        if self.decode_graphs not in DECODE_GRAPHS:
+            raise ConfigError(f"decode_graphs must be one of {', '.join(DECODE_GRAPHS)}, got {self.decode_graphs!r}")
+        if self.decode_graphs == "on" and self.device.type != "cuda":
+            raise ConfigError(f"decode_graphs='on' captures CUDA graphs; device is {self.device} "
+                              "(decode_graphs='eager' runs the same static-shape steps without capturing them)")
+        if self.decode_graphs != "off" and self.kv_cache != "float":
+            raise ConfigError("decode_graphs needs kv_cache='float': the captured step writes K/V in the weights' "
+                              "dtype")
         if isinstance(self.embedding_cache_bytes, bool) or not isinstance(self.embedding_cache_bytes, int) \
                 or self.embedding_cache_bytes < 0:
             raise ConfigError(f"embedding_cache_bytes must be >= 0, got {self.embedding_cache_bytes}")
@@ -118,4 +130,4 @@ class LoadOptions:
 
 
 __all__ = ["LoadOptions", "torch_dtype", "quant_setting", "VISION_BACKENDS", "VISION_PRECISIONS", "KV_CACHES",
-           "KEEP_MODES", "DTYPES"]
+           "KEEP_MODES", "DTYPES", "DECODE_GRAPHS"]

@@ -65,8 +65,10 @@ class Sampler:
 
     Sampling order follows transformers' warpers: temperature, then top-k, then top-p (nucleus: the
     smallest set of most likely tokens whose probability reaches ``top_p``; the top token always
-    stays). Draws come from a private ``torch.Generator`` so a seed reproduces a run exactly and
-    nothing else's randomness is disturbed.
+    stays). A draw is one uniform number per row from a private ``torch.Generator`` (a seed reproduces
+    a run exactly and nothing else's randomness is disturbed), turned into a token by the inverse of
+    the filtered distribution's CDF in :meth:`pick`: device-side ops only, so a captured decode step
+    (:class:`~.cuda_graph.DecodeGraphs`) samples exactly as the ordinary path does.
     """
 
     def __init__(self, cfg: GenerationConfig, device: torch.device | str = "cpu") -> None:
@@ -77,6 +79,11 @@ class Sampler:
     @property
     def greedy(self) -> bool:
         return self.cfg.temperature == 0
+
+    @property
+    def key(self) -> tuple:
+        """What a captured step bakes in: the filters, not the seed."""
+        return ("greedy",) if self.greedy else (self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
 
     def filtered_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled logits with filtered-out tokens at -inf (fp32), ``[B, V]``."""
@@ -93,11 +100,26 @@ class Sampler:
             x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return x
 
+    def uniform(self, rows: int = 1) -> torch.Tensor:
+        """The next draws, ``[rows, 1]`` in [0, 1), on the generator's device."""
+        return torch.rand(rows, 1, generator=self.generator, device=self.generator.device)
+
+    def pick(self, logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` and draws ``[B, 1]`` -> token ids ``[B]`` (argmax when greedy)."""
+        if self.greedy:
+            return logits.argmax(-1)
+        probs = self.filtered_logits(logits).softmax(-1)  # [B, V], zero where filtered
+        cdf = probs.cumsum(-1)
+        # the first token whose CDF passes the draw: it has probability > 0, since the CDF rises there
+        ids = (cdf <= uniform * cdf[..., -1:]).sum(-1).clamp_(max=probs.shape[-1] - 1)  # [B]
+        # a draw within rounding of 1 can land on a zero-probability tail; the top token stands in
+        chosen = probs.gather(-1, ids[:, None]).squeeze(-1)
+        return torch.where(chosen > 0, ids, probs.argmax(-1))
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.greedy:
             return logits.argmax(-1)
-        probs = self.filtered_logits(logits).softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return self.pick(logits, self.uniform(logits.shape[0]).to(logits.device))
 
 
 @dataclass
@@ -109,6 +131,7 @@ class GenerationStats:
     decode_ms: list[float] = field(default_factory=list)  # one entry per token fed back (a forced chunk shares its step)
     stop_reason: str = ""  # "stop_token" | "max_new_tokens" | "callback" | "closed" (caller stopped iterating)
     stop_token: int | None = None
+    capture_ms: float = 0.0  # CUDA-graph capture done during this call (lazily), not counted in decode_ms
 
     @property
     def mean_decode_ms(self) -> float:
@@ -163,7 +186,8 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
                     on_token: Callable[[int], bool | None] | None = None, *,
                     continue_cache: bool = False,
                     force: Callable[[int], Sequence[int]] | None = None,
-                    prior: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TokenStream:
+                    prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    graphs: "DecodeGraphs | None" = None) -> TokenStream:  # noqa: F821
     """Stream generated token ids. Checks happen here, before anything runs:
 
     - the prompt (ids or embeddings, batch 1) is well formed;
@@ -179,7 +203,13 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
 
     ``prior(logits [1, V]) -> logits [1, V]``: reweights the first token's logits before it is sampled
     (a grounding head's answer, :class:`~.grounding_head.AnswerPrior`); later tokens are the decoder's.
+
+    ``graphs`` (:class:`~.cuda_graph.DecodeGraphs` over ``cache``): one-token steps run through its
+    captured steps, which sample on the device; the prefill and a forced chunk take the ordinary path.
+    Capture done lazily during the call is timed into ``stats.capture_ms``, not into ``decode_ms``.
     """
+    if graphs is not None and graphs.cache is not cache:
+        raise ConfigError("graphs were captured over another KV cache than the one passed")
     if not continue_cache:
         cache.reset()
     x = _check_prompt(model, cache, prompt_ids, prompt_embeds)  # [1, T, D]
@@ -230,7 +260,13 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
                 stats.stop_reason = "max_new_tokens"
                 return
             t0 = time.perf_counter()
-            tok = step(input_ids=torch.tensor([pending], device=model.device))
+            if graphs is not None and len(pending) == 1:
+                captured = graphs.capture_ms
+                tok = graphs(pending[0], cache.length, sampler)
+                stats.capture_ms += graphs.capture_ms - captured
+                t0 += (graphs.capture_ms - captured) / 1e3
+            else:
+                tok = step(input_ids=torch.tensor([pending], device=model.device))
             # one entry per token fed back, so that decode_per_token stays a per-token figure
             stats.decode_ms += [(time.perf_counter() - t0 + force_s) * 1e3 / len(pending)] * len(pending)
 

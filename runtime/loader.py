@@ -392,7 +392,8 @@ def assemble(parts: ModelParts, opts: LoadOptions, *, runner=None, backend: str 
     return Pipeline(parts.decoder, parts.tokenizer, parts.chat, tower=tower, name=parts.name,
                     max_context=opts.max_context, sources={**parts.sources, **(extra_sources or {})},
                     reuse_prefix=opts.reuse_prefix, kv_cache=opts.kv_cache,
-                    grounding_head=parts.grounding_head if opts.grounding_head else None)
+                    grounding_head=parts.grounding_head if opts.grounding_head else None,
+                    decode_graphs=opts.decode_graphs)
 
 
 def release_freed_memory() -> None:

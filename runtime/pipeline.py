@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from edgevlm.errors import ConfigError, PromptError
-from edgevlm.options import KV_CACHES
+from edgevlm.options import DECODE_GRAPHS, KV_CACHES
 
 from .chat import ChatFormat
+from .cuda_graph import DecodeGraphs
 from .decoder import Decoder
 from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
@@ -71,14 +72,18 @@ class Pipeline:
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, chat: ChatFormat, *,
                  tower: VisionTower | None = None, name: str = "", max_context: int = 2048,
                  sources: dict[str, str] | None = None, reuse_prefix: bool = True, kv_cache: str = "float",
-                 grounding_head: GroundingHead | None = None):
+                 grounding_head: GroundingHead | None = None, decode_graphs: str = "off"):
         """``max_context``: positions of the static KV cache (capped at the decoder's limit);
         ``reuse_prefix``: keep the last conversation's KV cache for a follow-up; ``kv_cache``:
         ``"float"`` (the weights' dtype) or ``"int8"`` (a scale per vector, a quarter of the memory);
         ``grounding_head``: writes the boxes of a box answer about one image and, if it has answers, weighs
-        in on a short answer's first token (:mod:`.grounding_head`)."""
+        in on a short answer's first token (:mod:`.grounding_head`); ``decode_graphs``: ``"on"`` decodes
+        through CUDA graphs captured here, one per context bucket (:class:`~.cuda_graph.DecodeGraphs`),
+        ``"eager"`` runs those static-shape steps uncaptured, ``"off"`` the ordinary step."""
         if kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+        if decode_graphs not in DECODE_GRAPHS:
+            raise ConfigError(f"decode_graphs must be one of {', '.join(DECODE_GRAPHS)}, got {decode_graphs!r}")
         self.decoder = decoder.eval()
         self.tokenizer = tokenizer
         self.chat = chat
@@ -96,6 +101,14 @@ class Pipeline:
         self._cache_keys: list = []  # one key per position held in the KV cache (see _position_keys)
         self._lock = threading.Lock()
         self.last_output: GenerateOutput | None = None
+        self._graphs: DecodeGraphs | None = None
+        if decode_graphs != "off":
+            if self.kv_int8:
+                raise ConfigError("decode_graphs needs kv_cache='float': the captured step writes K/V in the weights' "
+                                  "dtype")
+            self._graphs = DecodeGraphs(self.decoder, self._cache_for(), capture=decode_graphs == "on")
+            # the greedy step of every bucket now, so no answer pays for capturing it
+            self._graphs.warm()
 
     # ---- prompt assembly -------------------------------------------------------------------
     def _images(self, image) -> list:
@@ -168,6 +181,11 @@ class Pipeline:
         prior = AnswerPrior(head, self._answer_ids, embeds[0], question, cells) if self._answer_ids else None
         return writer, prior
 
+    @property
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """The captured (or static-shape) decode steps over this Pipeline's KV cache, if it has them."""
+        return self._graphs
+
     def _cache_for(self) -> KVCache:
         if self._cache is None:
             self._cache = self.decoder.new_cache(batch=1, max_len=self.max_context, kv_int8=self.kv_int8)
@@ -229,7 +247,7 @@ class Pipeline:
             cache.truncate(min(reused, cache.length))
             self._cache_keys = self._cache_keys[:reused]
             tokens = generate_tokens(self.decoder, cache, prompt_embeds=x[:, reused:], gen_cfg=gen,
-                                     continue_cache=True, force=writer, prior=prior)
+                                     continue_cache=True, force=writer, prior=prior, graphs=self._graphs)
             detok = self.tokenizer.stream_decoder(skip_special=True)
             stops = StopStringMatcher(tuple(self.chat.stop_strings) + tuple(stop))
             parts: list[str] = []
@@ -267,7 +285,8 @@ class Pipeline:
                 s = tokens.stats
                 timings.update({"prefill": s.prefill_ms, "ttft": (t_ready - t_start) * 1e3 + s.prefill_ms,
                                 "decode_per_token": s.mean_decode_ms,
-                                "total": (time.perf_counter() - t_start) * 1e3})
+                                "total": (time.perf_counter() - t_start) * 1e3,
+                                **({"graph_capture": s.capture_ms} if s.capture_ms else {})})
                 self.last_output = GenerateOutput(
                     text="".join(parts), token_ids=list(tokens.tokens), timings=timings,
                     prompt_tokens=len(keys), cached_tokens=reused, visual_tokens=n_visual,
@@ -385,6 +404,7 @@ class Pipeline:
                         "weights": self.sources.get("decoder", "?"), "quantization": describe(self.decoder)},
             "kv_cache": {"max_context": self.max_context, "bytes": kv_bytes,
                          "dtype": "int8" if self.kv_int8 else str(self.decoder.dtype).replace("torch.", "")},
+            "decode_graphs": self._graphs.info() if self._graphs is not None else None,
             "tokenizer": {"vocab": self.tokenizer.vocab_size, "bos": self.tokenizer.bos_id,
                           "eos": self.tokenizer.eos_id, "source": self.sources.get("tokenizer", "?")},
             "chat": {"format": self.chat.kind, "image_placement": self.chat.image_placement,

@@ -81,6 +81,7 @@ def test_default_suite_covers_backends_and_precisions():
     assert any(x.startswith("ORT int8") for x in labels) and any("keep 0.5" in x for x in labels)
     cuda = default_suite("demo", "cuda", random_weights=True)
     assert {c.dtype for c in cuda} >= {"float32", "float16", "bfloat16"} and all(c.random_weights for c in cuda)
+    assert {c.decode_graphs for c in cuda} == {"off", "on"}  # eager and graphed decode side by side
     with pytest.raises(edgevlm.errors.ConfigError):
         BenchRun(image=SCENE, repeat=0)
 

@@ -160,3 +160,29 @@ def test_pipeline_on_cuda_matches_cpu():
     assert_within_noise(lb, la, "decoder logits on CUDA vs CPU", noise=max_abs(la, la64))
     oa, ob = cpu.generate(image, "hi", max_new_tokens=8), gpu.generate(image, "hi", max_new_tokens=8)
     assert oa.token_ids == ob.token_ids
+
+
+@torch.no_grad()
+def test_pipeline_decode_graphs_match_the_eager_pipeline():
+    """decode_graphs="on": every bucket's greedy step captured at load, tokens as the eager Pipeline's
+    (greedy and seeded sampling), a sampling setting captured once with its cost reported."""
+    import numpy as np
+
+    import edgevlm
+
+    image = (np.random.default_rng(1).random((48, 64, 3)) * 255).astype(np.uint8)
+    kw = dict(device="cuda", quant="none", embedding_cache_bytes=0, max_context=300)
+    eager = edgevlm.load("tiny", **kw)
+    graphed = edgevlm.load("tiny", decode_graphs="on", **kw)
+    info = graphed.info()["decode_graphs"]
+    assert info["graphs"] and info["buckets"] == [128, 256, 300] and info["captured"] == 3
+    # prompt ~150 positions (135 visual) + 120 new: the answer crosses from the 256 bucket into 300
+    a = eager.generate(image, "describe", max_new_tokens=120)
+    b = graphed.generate(image, "describe", max_new_tokens=120)
+    assert a.token_ids == b.token_ids and "graph_capture" not in b.timings
+    s1 = graphed.generate(image, "describe", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5)
+    assert s1.timings.get("graph_capture", 0) > 0  # a new sampling setting: captured on first use
+    s2 = graphed.generate(image, "describe", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5)
+    assert "graph_capture" not in s2.timings and s1.token_ids == s2.token_ids
+    ref = eager.generate(image, "describe", max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5)
+    assert ref.token_ids == s1.token_ids

@@ -55,6 +55,7 @@ class BenchConfig:
     vision_precision: str = "fp32"
     keep_ratio: float = 1.0
     kv_cache: str = "float"
+    decode_graphs: str = "off"
     random_weights: bool = False
     peer: str = ""
 
@@ -91,8 +92,9 @@ def default_suite(model: str = "demo", device: str = "cpu", *, random_weights: b
 
     CPU: the eager tower with a float, int8 and int4 decoder (and a GGUF model's own blocks), the
     exported tower on ONNX Runtime in fp32 / fp16 / int8, token dropping at half the cells (SPHINX-fusion
-    towers). CUDA: the eager tower and decoder in fp32 / fp16 / bf16, an int4 decoder, ONNX Runtime's
-    CUDA provider and TensorRT when installed. Each with the transformers decoder peer when asked."""
+    towers). CUDA: the eager tower and decoder in fp32 / fp16 / bf16, an int4 decoder, fp16 and int4
+    decoding through CUDA graphs, ONNX Runtime's CUDA provider and TensorRT when installed. Each with
+    the transformers decoder peer when asked."""
     from edgevlm.presets import PRESETS, get_preset
 
     base = BenchConfig(label="", model=model, device=device, random_weights=random_weights)
@@ -114,6 +116,8 @@ def default_suite(model: str = "demo", device: str = "cpu", *, random_weights: b
         for dtype, short in (("float32", "fp32"), ("float16", "fp16"), ("bfloat16", "bf16")):
             add(f"eager {short} | decoder {short}", dtype=dtype, quant="none")
         add("eager fp16 | decoder int4", dtype="float16", quant="int4")
+        add("eager fp16 | decoder fp16, CUDA graphs", dtype="float16", quant="none", decode_graphs="on")
+        add("eager fp16 | decoder int4, CUDA graphs", dtype="float16", quant="int4", decode_graphs="on")
         if _ort_providers() & {"CUDAExecutionProvider"}:
             add("ORT-CUDA fp16 | decoder fp16", dtype="float16", quant="none", vision_backend="onnxruntime",
                 vision_precision="fp16")
@@ -209,7 +213,8 @@ def _load(cfg: BenchConfig):
     # Every run must do all of the work: no embedding cache, no KV prefix reuse across runs.
     return edgevlm.load(source, device=cfg.device, dtype=cfg.dtype, quant=cfg.quant, kv_cache=cfg.kv_cache,
                         vision_backend=cfg.vision_backend, vision_precision=cfg.vision_precision,
-                        keep_ratio=cfg.keep_ratio, embedding_cache_bytes=0, reuse_prefix=False)
+                        keep_ratio=cfg.keep_ratio, embedding_cache_bytes=0, reuse_prefix=False,
+                        decode_graphs=cfg.decode_graphs)
 
 
 def prefill_flops(dcfg, tokens: int) -> int:
@@ -282,9 +287,11 @@ def measure(cfg: BenchConfig, run: BenchRun) -> dict:
                 n_prompt = pipe.generate(arr, run.prompt, max_new_tokens=1).prompt_tokens
             ids = torch.randint(0, dec.cfg.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(i))
             if hf is None:
-                cache = dec.new_cache(batch=1, max_len=n_prompt + run.new_tokens + 1, kv_int8=cfg.kv_cache == "int8")
+                graphs = pipe.decode_graphs  # captured over the Pipeline's own cache (prefix reuse is off here)
+                cache = graphs.cache if graphs is not None else \
+                    dec.new_cache(batch=1, max_len=n_prompt + run.new_tokens + 1, kv_int8=cfg.kv_cache == "int8")
                 stream = generate_tokens(dec, cache, prompt_ids=ids[0].tolist(),
-                                         gen_cfg=GenerationConfig(max_new_tokens=run.new_tokens))
+                                         gen_cfg=GenerationConfig(max_new_tokens=run.new_tokens), graphs=graphs)
                 n = sum(1 for _ in stream)
                 if keep:
                     times["decode_token"].append(stream.stats.mean_decode_ms)

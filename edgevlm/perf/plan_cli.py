@@ -47,7 +47,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     precisions = _names(args.decoder, DECODER_PRECISIONS, "decoder")
     use = Utilisation(bandwidth=args.bandwidth_use, compute=args.compute_use)
     over = Overheads(system_gib=args.system_gib, runtime_gib=args.runtime_gib)
-    works = [count_work(_model_config(m), m, text_tokens=args.text_tokens) for m in (args.models or DEFAULT_MODELS)]
+    models = args.models or DEFAULT_MODELS
+    works = [count_work(_model_config(m), m, text_tokens=args.text_tokens) for m in models]
     plans = {d.name: [plan(w, d, p, args.tower, kv_cache=args.kv_cache, context=args.context,
                            new_tokens=args.new_tokens, utilisation=use, overheads=over)
                       for w in works for p in precisions] for d in devices}
@@ -60,7 +61,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print()
     print(f"Expected = the roofline bound (in brackets) at {use.bandwidth:.0%} of the bandwidth and {use.compute:.0%} "
           f"of the tensor peak; tower {args.tower}, activations fp16, KV cache {args.kv_cache} for {args.context} "
-          f"positions, one image + {args.text_tokens} text tokens, decode timed at the prompt + {args.new_tokens // 2}. "
+          f"positions, one image + {args.text_tokens} text tokens, decode timed at the prompt + "
+          f"{args.new_tokens // 2}. "
           f"Total = weights + KV + activations + TensorRT workspace + {over.system_gib:g} GiB system + "
           f"{over.runtime_gib:g} GiB CUDA runtime (both assumed). A plan, not a measurement: edgevlm has not run "
           "on a Jetson (docs/jetson.md).")
@@ -78,9 +80,10 @@ def add_parser(sub) -> None:
         "bandwidth and GPU tensor-core peak: the roofline bound per stage, the figure expected at a stated "
         "utilisation, and the memory plan (weights + KV cache + activations + TensorRT workspace + system and "
         "CUDA runtime) against the module's shared memory. See docs/jetson.md.")
-    p.add_argument("models", nargs="*", metavar="MODEL",
-                   help=f"presets, edgevlm checkpoint folders or ModelConfig .json files (default: {' '.join(DEFAULT_MODELS)})")
-    p.add_argument("--device", default="orin-nano", choices=[*DEVICES, "all"], help="Jetson module (default: orin-nano)")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="presets, edgevlm checkpoint folders or ModelConfig "
+                   f".json files (default: {' '.join(DEFAULT_MODELS)})")
+    p.add_argument("--device", default="orin-nano", choices=[*DEVICES, "all"],
+                   help="Jetson module (default: orin-nano)")
     p.add_argument("--decoder", default="fp16,int8,int4",
                    help=f"decoder weight precisions, comma-separated, of {', '.join(DECODER_PRECISIONS)} "
                    "(default: fp16,int8,int4; int4 = group 32)")
