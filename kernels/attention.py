@@ -12,8 +12,8 @@ One kernel serves the three attention shapes of the tower:
 
 Shapes: ``q [N, H, L, D]``, ``k/v [N, H, T, D]``, ``k2/v2 [N, H, T2, D]``, ``key_mask [N, T]`` bool
 (True = attend; it covers ``k`` only, the second source is always attended). Any strides with the
-head dim innermost, any lengths, head dims up to 256 (64, 88, 96, 128 are the towers'; a dim that is
-not a power of two is padded inside the kernel). Scale ``D**-0.5`` unless given. fp32 accumulation;
+head dim innermost, any lengths, head dims up to 256 (64, 72, 88, 96, 128 are the towers'; a dim that
+is not a power of two runs as two power-of-two blocks where that pads less, :func:`head_dim_blocks`). Scale ``D**-0.5`` unless given. fp32 accumulation;
 fp32 inputs use IEEE products (no TF32), 16-bit inputs tensor-core dots. A query whose every key is
 masked gets zeros (PyTorch's SDPA gives NaN there; the reference below matches the kernel).
 
@@ -90,11 +90,16 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, mask_ptr, o_ptr,
                           s2kn, s2kh, s2kt, s2vn, s2vh, s2vt, smn, son, soh, sol,
                           H, L, T, T2, D, qk_scale,
                           HAS_K2: tl.constexpr, HAS_MASK: tl.constexpr, FP32_DOT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Grid: (N * H, cdiv(L, BLOCK_M)) (N * H on axis 0, which has no 65535 limit). Each program owns BLOCK_M queries of one (image, head) and
-    # streams the T + T2 keys in BLOCK_N blocks with an online softmax (running max m_i, sum l_i), in
-    # the log2 domain. Key j < T comes from (k, v), key j >= T from (k2, v2) at j - T: a block that
-    # straddles the two sources takes each lane from its own tensor, so nothing is concatenated.
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_D2: tl.constexpr, HAS_D2: tl.constexpr):
+    # Grid: (N * H, cdiv(L, BLOCK_M)) (N * H on axis 0, which has no 65535 limit). Each program owns
+    # BLOCK_M queries of one (image, head) and streams the T + T2 keys in BLOCK_N blocks with an online
+    # softmax (running max m_i, sum l_i), in the log2 domain. Key j < T comes from (k, v), key j >= T
+    # from (k2, v2) at j - T: a block that straddles the two sources takes each lane from its own
+    # tensor, so nothing is concatenated.
+    # The head dim is one power-of-two block, or with HAS_D2 two (72 = 64 + 16 of which 8 padded,
+    # 88 = 64 + 32, 96 = 64 + 32): the scores are the sum of the two parts' dots, and each part keeps
+    # its own accumulator, so a head dim of 72 does the work of 80 instead of 128.
     pid_nh = tl.program_id(0)
     pid_m = tl.program_id(1)
     n = pid_nh // H
@@ -102,47 +107,82 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, mask_ptr, o_ptr,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = tl.arange(0, BLOCK_N)  # [BN]
     offs_d = tl.arange(0, BLOCK_D)  # [BD]
-    d_ok = offs_d[None, :] < D  # [1, BD]; head dims that are not powers of two are padded with zeros
-    q_mask = (offs_m[:, None] < L) & d_ok
-    q = tl.load(q_ptr + n * sqn + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=q_mask, other=0.0)
+    offs_e = BLOCK_D + tl.arange(0, BLOCK_D2)  # [BD2]: the second part of the head dim
+    d_ok = offs_d[None, :] < D  # [1, BD]; a head dim below 16 is padded with zeros
+    e_ok = offs_e[None, :] < D  # [1, BD2]
+    m_ok = offs_m[:, None] < L
+    q_base = q_ptr + n * sqn + h * sqh + offs_m[:, None] * sql
+    q = tl.load(q_base + offs_d[None, :], mask=m_ok & d_ok, other=0.0)
+    if HAS_D2:
+        qe = tl.load(q_base + offs_e[None, :], mask=m_ok & e_ok, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    acc_e = tl.zeros((BLOCK_M, BLOCK_D2), tl.float32)
     for t0 in range(0, T + T2, BLOCK_N):
         keys = t0 + offs_n  # [BN]
         in1 = keys < T
         ok = in1
         if HAS_MASK:
             ok = ok & (tl.load(mask_ptr + n * smn + keys, mask=in1, other=0) != 0)
-        ld1 = in1[:, None] & d_ok
-        k = tl.load(k_ptr + n * skn + h * skh + keys[:, None] * skt + offs_d[None, :], mask=ld1, other=0.0)
-        v = tl.load(v_ptr + n * svn + h * svh + keys[:, None] * svt + offs_d[None, :], mask=ld1, other=0.0)
+        k_base = k_ptr + n * skn + h * skh + keys[:, None] * skt
+        v_base = v_ptr + n * svn + h * svh + keys[:, None] * svt
+        k = tl.load(k_base + offs_d[None, :], mask=in1[:, None] & d_ok, other=0.0)
+        v = tl.load(v_base + offs_d[None, :], mask=in1[:, None] & d_ok, other=0.0)
+        if HAS_D2:
+            ke = tl.load(k_base + offs_e[None, :], mask=in1[:, None] & e_ok, other=0.0)
+            ve = tl.load(v_base + offs_e[None, :], mask=in1[:, None] & e_ok, other=0.0)
         if HAS_K2:
             in2 = (keys >= T) & (keys < T + T2)
             ok = ok | in2
             j = keys - T
-            ld2 = in2[:, None] & d_ok
-            k += tl.load(k2_ptr + n * s2kn + h * s2kh + j[:, None] * s2kt + offs_d[None, :], mask=ld2, other=0.0)
-            v += tl.load(v2_ptr + n * s2vn + h * s2vh + j[:, None] * s2vt + offs_d[None, :], mask=ld2, other=0.0)
+            k2_base = k2_ptr + n * s2kn + h * s2kh + j[:, None] * s2kt
+            v2_base = v2_ptr + n * s2vn + h * s2vh + j[:, None] * s2vt
+            k += tl.load(k2_base + offs_d[None, :], mask=in2[:, None] & d_ok, other=0.0)
+            v += tl.load(v2_base + offs_d[None, :], mask=in2[:, None] & d_ok, other=0.0)
+            if HAS_D2:
+                ke += tl.load(k2_base + offs_e[None, :], mask=in2[:, None] & e_ok, other=0.0)
+                ve += tl.load(v2_base + offs_e[None, :], mask=in2[:, None] & e_ok, other=0.0)
         if FP32_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BM, BN]; no TF32 for fp32 inputs
+            if HAS_D2:
+                s += tl.dot(qe, tl.trans(ke), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+            if HAS_D2:
+                s += tl.dot(qe, tl.trans(ke))
         s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BM]
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
         p = tl.exp2(s - m_safe[:, None])  # [BM, BN]; 0 for masked keys
         alpha = tl.exp2(m_i - m_safe)  # [BM]; 0 while the row had nothing
         if FP32_DOT:
-            pv = tl.dot(p, v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            if HAS_D2:
+                acc_e = acc_e * alpha[:, None] + tl.dot(p, ve, input_precision="ieee")
         else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if HAS_D2:
+                acc_e = acc_e * alpha[:, None] + tl.dot(p.to(ve.dtype), ve)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key at all -> 0
-    tl.store(o_ptr + n * son + h * soh + offs_m[:, None] * sol + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=q_mask)
+    norm = tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key at all -> 0
+    o_base = o_ptr + n * son + h * soh + offs_m[:, None] * sol
+    tl.store(o_base + offs_d[None, :], (acc / norm).to(o_ptr.dtype.element_ty), mask=m_ok & d_ok)
+    if HAS_D2:
+        tl.store(o_base + offs_e[None, :], (acc_e / norm).to(o_ptr.dtype.element_ty), mask=m_ok & e_ok)
+
+
+def head_dim_blocks(d: int) -> tuple[int, int]:
+    """The kernel's head-dim blocks for ``d``: ``(BLOCK_D, BLOCK_D2)``, powers of two of at least 16
+    (what ``tl.dot`` takes), ``BLOCK_D2 = 0`` for one block. Two blocks when they pad less than the
+    next power of two: 72 -> (64, 16), 88 -> (64, 32), 96 -> (64, 32); 64 -> (64, 0), 120 -> (128, 0)."""
+    whole = max(16, 1 << (d - 1).bit_length())
+    if d <= 16 or whole == d:
+        return whole, 0
+    first = 1 << (d.bit_length() - 1)  # the largest power of two below d
+    second = max(16, 1 << (d - first - 1).bit_length())
+    return (first, second) if first + second < whole else (whole, 0)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: torch.Tensor | None = None,
@@ -164,10 +204,16 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: t
         return out
     mask = key_mask.contiguous().view(torch.int8) if key_mask is not None else None  # same bytes, no copy kernel
     k2_, v2_ = (k2, v2) if k2 is not None else (k, v)  # placeholders, never read without HAS_K2
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d, block_d2 = head_dim_blocks(d)
+    width = block_d + block_d2  # what a program's q, k, v and accumulator tiles span
     # Few queries (Q-Former 32, resampler latents) -> short query blocks; keys in 64s.
-    block_m = 16 if length <= 16 else (32 if length <= 32 or block_d > 128 else 64)
-    block_n = 32 if block_d > 128 else 64
+    block_m = 16 if length <= 16 else (32 if length <= 32 or width > 128 else 64)
+    block_n = 32 if width > 128 else 64
+    if q.dtype == torch.float32:
+        # fp32 tiles are twice the bytes and its IEEE dots run on the CUDA cores: 64 x 128 fp32 tiles
+        # of q, k, v and the accumulator overflow the registers (the H200 run: 6-40x slower than SDPA).
+        # Halved tiles; not yet timed, so the dispatch table still sends fp32 to SDPA.
+        block_m, block_n = min(block_m, 32), 32
     scale = d ** -0.5 if scale is None else scale
     grid = (n * h, triton.cdiv(length, block_m))
     jit(_attention_fwd_kernel, WHAT)[grid](
@@ -176,9 +222,10 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: t
         mask.stride(0) if mask is not None else 0, *out.stride()[:3],
         h, length, k.shape[2], k2.shape[2] if k2 is not None else 0, d, scale * math.log2(math.e),
         HAS_K2=k2 is not None, HAS_MASK=mask is not None, FP32_DOT=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_D2=max(block_d2, 16), HAS_D2=block_d2 > 0,
+        num_warps=4 if width <= 64 else 8,
         # fp32 or wide heads: 32 KB k and v tiles; two stages keep the pipeline within shared memory.
-        num_stages=2 if block_d > 64 or q.dtype == torch.float32 else 3)
+        num_stages=2 if width > 64 or q.dtype == torch.float32 else 3)
     return out
 
 
@@ -194,4 +241,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k2: torch.Te
     return attention_reference(q, k, v, k2=k2, v2=v2, key_mask=key_mask, scale=scale)
 
 
-__all__ = ["attention", "attention_reference", "triton_attention", "MAX_HEAD_DIM"]
+__all__ = ["attention", "attention_reference", "triton_attention", "head_dim_blocks", "MAX_HEAD_DIM"]

@@ -45,7 +45,9 @@ def _reference_noise(q, k, v, k2=None, v2=None, key_mask=None) -> float:
 # dropping), Q-Former queries -> image tokens with padding, resampler latents -> media + latents.
 SHAPES = [
     (2, 3, 17, 17, 0, 64, False),     # self-attention, odd length, batch > 1
-    (1, 2, 101, 101, 0, 88, False),   # EVA-g's head dim 88, padded to 128 inside
+    (1, 2, 101, 101, 0, 88, False),   # EVA-g's head dim 88: two blocks, 64 + 32
+    (1, 2, 40, 40, 0, 72, False),     # SigLIP's head dim 72: 64 + 16, the last 8 padded
+    (2, 1, 19, 33, 0, 40, True),      # 32 + 16 with a key mask
     (2, 2, 53, 53, 0, 96, False),     # head dim 96, lengths straddling the 64-key blocks
     (1, 1, 70, 130, 0, 128, False),   # head dim 128, several key blocks
     (2, 2, 32, 37, 0, 64, True),      # Q-Former: 32 queries, 37 image tokens, padding mask
@@ -64,6 +66,16 @@ def test_kernel_error_within_twice_torch_baseline(interpreter, dtype, n, h, lq, 
     ref = attention_reference(q.double(), k.double(), v.double(), k2=_f64(k2), v2=_f64(v2), key_mask=mask)
     base = attention_reference(q, k, v, k2=k2, v2=v2, key_mask=mask)  # SDPA in the same precision
     assert_kernel_close(out, ref, base, f"{dtype} n{n} h{h} q{lq} t{t}+{t2} d{d} mask={masked}")
+
+
+def test_head_dims_split_where_that_pads_less():
+    from edgevlm.kernels.attention import head_dim_blocks
+
+    assert [head_dim_blocks(d) for d in (64, 72, 88, 96, 128)] == [(64, 0), (64, 16), (64, 32), (64, 32), (128, 0)]
+    for d in range(1, 257):
+        a, b = head_dim_blocks(d)
+        whole = max(16, 1 << (d - 1).bit_length())
+        assert a + b >= d and a + b <= whole and a >= 16 and (b == 0 or b >= 16), d  # covers d, never wider
 
 
 def test_second_source_equals_explicit_concatenation(interpreter):
