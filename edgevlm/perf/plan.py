@@ -102,8 +102,9 @@ class Work:
     prefill_flops: int
     decoder_linears: tuple[tuple[int, int], ...]  # (numel, in_features) of every projection and the LM head
     embedding_numel: int  # the token table (stored apart from the LM head unless tied and in fp16)
+    position_numel: int  # a learned position table (OPT), 0 for RoPE: stored whole, one row read a step
     tied: bool
-    other_decoder_params: int  # norms, learned positions, biases
+    other_decoder_params: int  # norms and biases, read whole every step
     hidden: int
     kv_values_per_position: int  # K and V of every layer
     head_dim: int
@@ -139,7 +140,9 @@ def count_work(cfg: ModelConfig, name: str, text_tokens: int = 32) -> Work:
         dec = Decoder(d).half().requires_grad_(False)
     linears = tuple((m.weight.numel(), m.in_features) for n, m in dec.named_modules()
                     if isinstance(m, torch.nn.Linear))
+    positions = dec.embed_positions.weight if dec.embed_positions is not None else None
     counted = {id(m.weight) for m in dec.modules() if isinstance(m, torch.nn.Linear)} | {id(dec.embed_tokens.weight)}
+    counted |= {id(positions)} if positions is not None else set()
     other = sum(p.numel() for p in dec.parameters() if id(p) not in counted)
 
     tower_flops = tower_params = visual = tower_act = 0
@@ -168,7 +171,9 @@ def count_work(cfg: ModelConfig, name: str, text_tokens: int = 32) -> Work:
         del out
     return Work(model=name, visual_tokens=visual, prompt_tokens=tokens, tower_flops=tower_flops,
                 tower_params=tower_params, prefill_flops=prefill_flops(d, tokens), decoder_linears=linears,
-                embedding_numel=dec.embed_tokens.weight.numel(), tied=d.tie_embeddings, other_decoder_params=other,
+                embedding_numel=dec.embed_tokens.weight.numel(),
+                position_numel=positions.numel() if positions is not None else 0, tied=d.tie_embeddings,
+                other_decoder_params=other,
                 hidden=d.hidden, kv_values_per_position=2 * d.layers * d.kv_heads * d.head_dim, head_dim=d.head_dim,
                 tower_activation_bytes=tower_act, prefill_activation_bytes=live.peak)
 
@@ -249,7 +254,7 @@ def plan(work: Work, device: DeviceSpec, decoder: str = "fp16", tower: str = "fp
     projections = sum(weight_bytes(n, k, decoder) for n, k in work.decoder_linears)
     embedding = 0 if (work.tied and decoder == "fp16") else 2 * work.embedding_numel
     tower_bytes = work.tower_params * (2 if tower == "fp16" else 1)
-    weights = projections + embedding + 2 * work.other_decoder_params + tower_bytes
+    weights = projections + embedding + 2 * (work.other_decoder_params + work.position_numel) + tower_bytes
     kv_per_value = 2 if kv_cache == "fp16" else 1 + 4 / work.head_dim  # int8 + an fp32 scale per vector
     kv = work.kv_values_per_position * kv_per_value * context
     activations = max(work.tower_activation_bytes, work.prefill_activation_bytes)
@@ -271,7 +276,8 @@ def plan(work: Work, device: DeviceSpec, decoder: str = "fp16", tower: str = "fp
     decoder_read = projections + 2 * work.other_decoder_params  # a prefill reads every projection once
     prefill_bound = roofline(work.prefill_flops, decoder_read, fp16_peak)
     prefill_exp = roofline(work.prefill_flops, decoder_read, fp16_peak, utilisation)
-    step = decoder_read + 2 * work.hidden \
+    rows = 2 if work.position_numel else 1  # the token's embedding row (and its learned position's)
+    step = decoder_read + 2 * work.hidden * rows \
         + work.kv_values_per_position * kv_per_value * (work.prompt_tokens + new_tokens / 2)
     decode_bound = step / bandwidth * 1e3
     return Plan(model=work.model, device=device.name, decoder=decoder, tower=tower, kv_cache=kv_cache,
