@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)  # train ..., eval
 
-    from edgevlm.perf.plan_cli import add_parser as add_plan
+    from .perf.plan_cli import add_parser as add_plan
 
     add_plan(sub)
 
