@@ -29,7 +29,7 @@ class DeviceSpec:
     gpu_ghz: float  # GPU clock at this power mode
     published_ai_tops: float  # NVIDIA's headline: sparse INT8, GPU + DLAs
     dla_sparse_tops: float  # the DLAs' share of that headline (0 where fused off)
-    workspace_mb: int  # TensorRT builder workspace docs/export.md advises for this memory size
+    workspace_mb: int  # TensorRT builder workspace: docs/export.md advises 1 GiB at 8 GB, 2 at 16; 4 assumed at 64
     source: str
 
     @property
