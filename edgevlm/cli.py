@@ -222,6 +222,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     if "kv_cache" in info:
         print(f"  KV cache: {info['kv_cache']['max_context']} positions, {info['kv_cache']['dtype']}, "
               f"{_fmt_bytes(info['kv_cache']['bytes'])}")
+        g = info.get("decode_graphs")
+        if g:
+            how = (f"CUDA graphs, {g['captured']} captured in {g['capture_ms']} ms" if g["graphs"]
+                   else "static steps, uncaptured")
+            print(f"  decode: {how}; context buckets {', '.join(map(str, g['buckets']))}")
         print(f"  tokenizer: {info['tokenizer']['vocab']} tokens ({info['tokenizer']['source']}); "
               f"chat: {info['chat']['format']} ({info['chat']['template']} template), images {info['chat']['image_placement']}")
     print("  backends: " + ", ".join(f"{k} {val}" for k, val in info["backends"].items()))
