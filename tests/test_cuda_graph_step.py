@@ -200,3 +200,12 @@ def test_load_refuses_graphs_it_cannot_capture():
         LoadOptions(decode_graphs="eager", kv_cache="int8")
     with pytest.raises(ConfigError, match="decode_graphs must be one of"):
         edgevlm.load("tiny", decode_graphs="yes")
+
+
+def test_cli_flag_reaches_the_pipeline(capsys):
+    from edgevlm.cli import main
+
+    assert main(["info", "-m", "tiny", "--load", "--max-context", "256", "--decode-graphs", "eager"]) == 0
+    assert "decode: static steps, uncaptured; context buckets 128, 256" in capsys.readouterr().out
+    assert main(["run", "-m", "tiny", "hi", "--decode-graphs", "on", "--max-new-tokens", "2"]) == 2  # CPU: refused
+    assert "decode_graphs='eager'" in capsys.readouterr().err
