@@ -151,8 +151,14 @@ def use_kernel(q: torch.Tensor, k: torch.Tensor, k2: torch.Tensor | None, key_ma
         return False
     keys = k.shape[2] + (k2.shape[2] if k2 is not None else 0)
     captured = q.is_cuda and torch.cuda.is_current_stream_capturing()  # CPU-only torch builds cannot ask
-    return shipped_table().choose(dtype, q.shape[3], 2 if k2 is not None else 1, key_mask is not None,
-                                  q.shape[2], keys, captured) == "triton"
+    return _choice(dtype, q.shape[3], 2 if k2 is not None else 1, key_mask is not None, q.shape[2], keys,
+                   captured) == "triton"
+
+
+@functools.lru_cache(maxsize=4096)
+def _choice(*call) -> str:
+    # every ViT block of a tower asks the same question: look the table up once per shape, not per call
+    return shipped_table().choose(*call)
 
 
 __all__ = ["AttentionTable", "Entry", "table_from_rows", "shipped_table", "use_kernel", "TABLE"]

@@ -103,9 +103,11 @@ def test_use_kernel_reads_the_table_and_the_override(monkeypatch, tmp_path):
     bad.write_text('{"entries": []}')
     monkeypatch.setenv("EDGEVLM_ATTENTION_TABLE", str(bad))
     ad.shipped_table.cache_clear()
+    ad._choice.cache_clear()
     try:
         with pytest.raises(ConfigError, match="not a table"):
             ad.use_kernel(q, q, None, None)
     finally:
         monkeypatch.delenv("EDGEVLM_ATTENTION_TABLE")
         ad.shipped_table.cache_clear()
+        ad._choice.cache_clear()
