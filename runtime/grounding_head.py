@@ -223,13 +223,21 @@ class HeadQuestion:
         return self._value
 
 
+def _fuse(decoder_logp: torch.Tensor, head_logp: torch.Tensor, weight: float) -> torch.Tensor:
+    """[K] log p_decoder + weight * log p_head, renormalised to the decoder's total for the answers."""
+    fused = decoder_logp + weight * head_logp
+    return fused - fused.logsumexp(-1) + decoder_logp.logsumexp(-1)
+
+
 class AnswerPrior:
     """The head's answer fused into the decoder's first answer token, for one generation.
 
     ``__call__(logits [1, V]) -> log-probabilities [1, V]``: the decoder's total probability for the
     ``answers`` tokens is kept and shared out within them in proportion to
     ``p_decoder * p_head ** answer_weight``; every other token keeps the decoder's probability.
-    ``info`` says what the head chose and with what probability, once it has run."""
+    ``info`` says what the head chose and with what probability, once it has run, with both sides'
+    log-probabilities over the ``answers`` (and the decoder's best other token), so that another
+    ``answer_weight`` can be tried without running the model again (:func:`fused_answer`)."""
 
     def __init__(self, head: GroundingHead, answer_token_ids: list[int], visual: torch.Tensor, question: HeadQuestion,
                  cells: torch.Tensor | None = None):
@@ -245,15 +253,29 @@ class AnswerPrior:
             head = self.head.single(self.visual, q, self.cells).answers[0].float().log_softmax(-1).to(logits.device)
             logp = logits.float().log_softmax(-1)  # [1, V]
             mine = logp[0, self.ids]  # [K]
-            fused = mine + self.head.cfg.answer_weight * head
-            fused = fused - fused.logsumexp(-1) + mine.logsumexp(-1)  # the decoder's total for the answers
+            fused = _fuse(mine, head, self.head.cfg.answer_weight)
             out = logp.clone()
             out[0, self.ids] = fused
         k, own = int(head.argmax()), int(mine.argmax())
+        other = logp[0].clone()
+        other[self.ids] = float("-inf")
         self.info = {"answer": self.head.cfg.answers[k], "p": round(float(head[k].exp()), 4),
                      "decoder_answer": self.head.cfg.answers[own],  # the decoder's own pick among the answers
-                     "decoder_share": round(float(mine.logsumexp(-1).exp()), 4)}
+                     "decoder_share": round(float(mine.logsumexp(-1).exp()), 4),
+                     # what fusing at another answer_weight would need (edgevlm.train.answer_weight)
+                     "decoder_logp": [round(float(v), 4) for v in mine],
+                     "head_logp": [round(float(v), 4) for v in head],
+                     "other_logp": round(float(other.max()), 4)}
         return out
+
+
+def fused_answer(decoder_logp: torch.Tensor, head_logp: torch.Tensor, other_logp: float, weight: float) -> int | None:
+    """The index among the answers that :class:`AnswerPrior` at ``answer_weight=weight`` makes the greedy
+    first token, from its ``info`` (``decoder_logp`` [K], ``head_logp`` [K], ``other_logp``); None when a
+    token outside the answers still wins (the fusion keeps the answers' total, so it cannot change that)."""
+    fused = _fuse(decoder_logp, head_logp, weight)
+    k = int(fused.argmax())
+    return k if float(fused[k]) > other_logp else None
 
 
 class BoxWriter:
@@ -280,4 +302,4 @@ class BoxWriter:
 
 
 __all__ = ["GroundingHead", "HeadOutput", "build_grounding_head", "trigger_id", "answer_ids", "BoxWriter",
-           "AnswerPrior", "HeadQuestion", "PREFIX"]
+           "AnswerPrior", "HeadQuestion", "PREFIX", "fused_answer"]

@@ -167,8 +167,11 @@ def test_convert_carries_the_head(trained, tmp_path):
 
 def test_the_demo_presets_head_reads_its_fusion_grid():
     demo = get_preset("demo")  # written out in presets.py, which cannot import the trainer's helper
-    assert demo.grounding_head == head_config_for(dataclasses.replace(demo, grounding_head=None),
-                                                  answers=answer_vocabulary(HEAD_TASKS), dropped_cells=True)
+    trained = head_config_for(dataclasses.replace(demo, grounding_head=None), answers=answer_vocabulary(HEAD_TASKS),
+                              dropped_cells=True)
+    # answer_weight is fitted after training (edgevlm train answer-weight), not by the head's trainer
+    assert demo.grounding_head == dataclasses.replace(trained, answer_weight=demo.grounding_head.answer_weight)
+    assert demo.grounding_head.answer_weight == 3.0
 
 
 def test_the_answer_prior_shares_out_the_decoders_answer_mass_by_the_heads_choice():

@@ -4,6 +4,7 @@
     edgevlm train stage1 --out runs/s1          # alignment only (captions), connector trains
     edgevlm train stage2 --init runs/s1/checkpoint --out runs/s2
     edgevlm train grounding --model runs/s2/checkpoint --out runs/gh   # a box head on a trained model
+    edgevlm train answer-weight --model runs/gh/checkpoint   # how much the head's short answers count
     edgevlm train qformer --out runs/qf         # BLIP-2 Q-Former pre-training (ITC + ITM + ITG), tiny recipe
     edgevlm train flip --out runs/flip          # FLIP masked image-encoder steps
     edgevlm train mix A B --beta 0.5 --out C    # weight mixing of two checkpoints
@@ -239,6 +240,51 @@ def cmd_grounding(args) -> int:
     return 0
 
 
+def cmd_answer_weight(args) -> int:
+    """Fit the grounding head's ``answer_weight`` on held-out draws (train/answer_weight.py)."""
+    import edgevlm
+
+    from .answer_weight import HEAD_TASKS, WEIGHTS, accuracy, choose, collect
+    from .data import build_split
+
+    set_threads(args)
+    pipe = edgevlm.load(args.model, quant=args.quant, progress=not args.json, **vision_kwargs(args))
+    if pipe.grounding_head is None or not pipe.grounding_head.cfg.answers:
+        from edgevlm.errors import ConfigError
+
+        raise ConfigError(f"model {args.model!r} has no grounding head with short answers; nothing to weigh")
+    records = []
+    for seed in args.seeds:
+        samples = build_split("heldout", args.n_scenes, args.n_digits, seed=seed, tasks=HEAD_TASKS)
+        records += collect(pipe, samples, seed, progress=not args.json)
+    weights = args.weights or WEIGHTS
+    best = choose(records, weights)
+    current = pipe.grounding_head.cfg.answer_weight
+    rows = [("decoder alone", 0.0), *((f"{w:g}", w) for w in weights), ("head alone", None)]
+    table = {name: accuracy(records, w) for name, w in rows}
+    tasks = [t for t in (*HEAD_TASKS, "all") if t in table[rows[0][0]]]
+    if args.json:
+        print(json.dumps({"model": args.model, "seeds": list(args.seeds), "chosen": best, "current": current,
+                          "accuracy": {k: {t: v[t][0] / v[t][1] for t in tasks} for k, v in table.items()}}, indent=2))
+    else:
+        print(f"first-token accuracy on held-out seeds {','.join(map(str, args.seeds))} "
+              f"({table[rows[0][0]]['all'][1]} questions)")
+        print(f"  {'answer_weight':<14}" + "".join(f"{t:>9}" for t in tasks))
+        for name, _ in rows:
+            mark = "  <- chosen" if name == f"{best:g}" else ""
+            print(f"  {name:<14}" + "".join(f"{100 * table[name][t][0] / table[name][t][1]:8.1f}%" for t in tasks) + mark)
+        print(f"chosen answer_weight: {best:g} (the model's config says {current:g}); set it in the model's "
+              "GroundingHeadConfig")
+    if args.csv:
+        for name, w in rows:
+            _append_row(Path(args.csv), {
+                "model": args.model, "quant": args.quant, "seeds": ",".join(map(str, args.seeds)),
+                "n_scenes": args.n_scenes, "n_digits": args.n_digits, "answer_weight": name,
+                "chosen": w == best, **{f"{t}_accuracy": f"{table[name][t][0] / table[name][t][1]:.4f}" for t in tasks},
+                **{f"n_{t}": table[name][t][1] for t in tasks}})
+    return 0
+
+
 def _stage_fields(stage: str, log: dict, last: int = 20) -> dict:
     """A stage's columns of a training row: its seconds, steps, and the mean image-task loss of its last
     ``last`` steps (the text batches' KL is not in it)."""
@@ -430,6 +476,23 @@ def add_parsers(sub) -> None:
     gh.add_argument("--csv", default=None, help="append a row (machine, versions, commit, time, loss) to this CSV")
     gh.add_argument("--json", action="store_true", help="print the checkpoint and log paths as JSON (no progress bar)")
     gh.set_defaults(func=cmd_grounding)
+    aw = tsub.add_parser("answer-weight", help="fit how much the grounding head's short answers count against the "
+                                               "decoder's (answer_weight) on held-out draws")
+    aw.add_argument("--model", "-m", default="demo", help="a model with a grounding head that has answers (default: demo)")
+    aw.add_argument("--seeds", type=_int_list, default=(2, 3, 4),
+                    help="held-out draws to fit on, comma-separated; keep them apart from the draws you report "
+                         "(default: 2,3,4; the README reports 0 and 1)")
+    aw.add_argument("--n-scenes", dest="n_scenes", type=int, default=DEMO_EVAL["n_scenes"])
+    aw.add_argument("--n-digits", dest="n_digits", type=int, default=DEMO_EVAL["n_digits"])
+    aw.add_argument("--weights", type=_float_list, default=None,
+                    help="candidate weights, comma-separated (default: 0.5,1,1.5,2,3,4,6)")
+    aw.add_argument("--threads", type=int, default=0)
+    aw.add_argument("--quant", default="none",
+                    help="decoder weights, as for edgevlm eval (default: none, as the README's held-out table)")
+    add_vision_args(aw)
+    aw.add_argument("--json", action="store_true")
+    aw.add_argument("--csv", default=None, help="append a row per weight (machine, versions, commit, accuracies) to this CSV")
+    aw.set_defaults(func=cmd_answer_weight)
     for name, module, what in (("qformer", "qformer_pretrain", "BLIP-2 Q-Former pre-training (ITC, ITM, ITG)"),
                                ("flip", "flip", "FLIP masked image-encoder training"),
                                ("mix", "mix", "weight mixing of two checkpoints")):
@@ -471,6 +534,23 @@ def _task_list(text: str) -> tuple[str, ...]:
     if not tasks or bad:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(TASKS)}, got {text!r}")
     return tasks
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"expected weights > 0, got {text!r}")
+    return out
 
 
 def _positive_int(text: str) -> int:
