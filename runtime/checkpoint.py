@@ -63,6 +63,23 @@ def save_checkpoint(path: str | os.PathLike, config: ModelConfig, state_dict: di
     return path
 
 
+def save_checkpoint_config(path: str | os.PathLike, config: ModelConfig) -> Path:
+    """Replace the config of the checkpoint folder ``path``, weights untouched (e.g. a fitted
+    ``answer_weight``). The file is swapped in whole, so a reader sees the old config or the new one."""
+    path = Path(path)
+    if not is_checkpoint_dir(path):
+        raise CheckpointError(f"{path} is not an edgevlm checkpoint folder (no {CONFIG_NAME})")
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", dir=path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"edgevlm_format": FORMAT_VERSION, "config": config.to_dict()}, f, indent=2)
+        os.replace(tmp, path / CONFIG_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path / CONFIG_NAME
+
+
 def load_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     path = Path(path)
     doc = read_json(path / CONFIG_NAME)
@@ -88,5 +105,5 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     return config, state
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_checkpoint_dir", "save_checkpoint", "load_checkpoint",
-           "load_checkpoint_config"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_checkpoint_dir", "save_checkpoint", "save_checkpoint_config",
+           "load_checkpoint", "load_checkpoint_config"]

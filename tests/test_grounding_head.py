@@ -287,3 +287,30 @@ def test_dropped_cells_are_filled_with_the_learned_stand_in():
         assert torch.allclose(x, y, atol=1e-6)
     with pytest.raises(ConfigError, match="whole grid"):
         GroundingHead(dataclasses.replace(cfg, dropped_cells=False))(short, q, cells=cells)
+
+
+def test_answer_weight_fit_writes_its_choice_into_the_checkpoint(trained, tmp_path, capsys):
+    """`edgevlm train answer-weight --write` on a checkpoint: the chosen weight is one of the candidates,
+    the one the replayed records favour, and lands in edgevlm.json with the weights untouched."""
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(trained[0], folder)
+    before = (folder / "model.safetensors").read_bytes()
+    assert main(["train", "answer-weight", "--model", str(folder), "--seeds", "5", "--n-scenes", "3", "--n-digits",
+                 "2", "--weights", "0.5,2", "--write", "--json", "--csv", str(tmp_path / "aw.csv")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["chosen"] in (0.5, 2.0) and doc["current"] == 1.0
+    acc = doc["accuracy"]
+    assert acc[f"{doc['chosen']:g}"]["all"] >= max(acc["0.5"]["all"], acc["2"]["all"])
+    cfg, _ = load_checkpoint(folder)
+    assert cfg.grounding_head.answer_weight == doc["chosen"]
+    assert cfg == dataclasses.replace(load_checkpoint(trained[0])[0], grounding_head=cfg.grounding_head)
+    assert (folder / "model.safetensors").read_bytes() == before
+    rows = (tmp_path / "aw.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "answer_weight" in rows[0]  # decoder alone, 0.5, 2, head alone
+
+
+def test_answer_weight_write_refuses_a_preset(capsys):
+    assert main(["train", "answer-weight", "--model", "demo", "--write"]) != 0  # before loading anything
+    assert "ConfigError: --write needs an edgevlm checkpoint folder" in capsys.readouterr().err

@@ -247,11 +247,15 @@ def cmd_answer_weight(args) -> int:
     from .answer_weight import HEAD_TASKS, WEIGHTS, accuracy, choose, collect
     from .data import build_split
 
+    from edgevlm.errors import ConfigError
+    from edgevlm.runtime.checkpoint import is_checkpoint_dir, load_checkpoint_config, save_checkpoint_config
+
+    if args.write and not is_checkpoint_dir(args.model):
+        raise ConfigError(f"--write needs an edgevlm checkpoint folder, got {args.model!r}; for a preset, set "
+                          "answer_weight in its GroundingHeadConfig (edgevlm/presets.py)")
     set_threads(args)
     pipe = edgevlm.load(args.model, quant=args.quant, progress=not args.json, **vision_kwargs(args))
     if pipe.grounding_head is None or not pipe.grounding_head.cfg.answers:
-        from edgevlm.errors import ConfigError
-
         raise ConfigError(f"model {args.model!r} has no grounding head with short answers; nothing to weigh")
     records = []
     for seed in args.seeds:
@@ -263,8 +267,14 @@ def cmd_answer_weight(args) -> int:
     rows = [("decoder alone", 0.0), *((f"{w:g}", w) for w in weights), ("head alone", None)]
     table = {name: accuracy(records, w) for name, w in rows}
     tasks = [t for t in (*HEAD_TASKS, "all") if t in table[rows[0][0]]]
+    written = None
+    if args.write:
+        cfg = load_checkpoint_config(args.model)
+        cfg = replace(cfg, grounding_head=replace(cfg.grounding_head, answer_weight=best))
+        written = str(save_checkpoint_config(args.model, cfg))
     if args.json:
         print(json.dumps({"model": args.model, "seeds": list(args.seeds), "chosen": best, "current": current,
+                          "written": written,
                           "accuracy": {k: {t: v[t][0] / v[t][1] for t in tasks} for k, v in table.items()}}, indent=2))
     else:
         print(f"first-token accuracy on held-out seeds {','.join(map(str, args.seeds))} "
@@ -273,8 +283,9 @@ def cmd_answer_weight(args) -> int:
         for name, _ in rows:
             mark = "  <- chosen" if name == f"{best:g}" else ""
             print(f"  {name:<14}" + "".join(f"{100 * table[name][t][0] / table[name][t][1]:8.1f}%" for t in tasks) + mark)
-        print(f"chosen answer_weight: {best:g} (the model's config says {current:g}); set it in the model's "
-              "GroundingHeadConfig")
+        print(f"chosen answer_weight: {best:g} (the model's config said {current:g}); "
+              + (f"written to {written}" if written else "set it in the model's GroundingHeadConfig, or rerun "
+                 "with --write on a checkpoint folder"))
     if args.csv:
         for name, w in rows:
             _append_row(Path(args.csv), {
@@ -490,6 +501,8 @@ def add_parsers(sub) -> None:
     aw.add_argument("--quant", default="none",
                     help="decoder weights, as for edgevlm eval (default: none, as the README's held-out table)")
     add_vision_args(aw)
+    aw.add_argument("--write", action="store_true",
+                    help="write the chosen weight into the checkpoint folder's edgevlm.json (weights untouched)")
     aw.add_argument("--json", action="store_true")
     aw.add_argument("--csv", default=None, help="append a row per weight (machine, versions, commit, accuracies) to this CSV")
     aw.set_defaults(func=cmd_answer_weight)
