@@ -116,3 +116,20 @@ def test_the_shipped_head_weighs_in_on_short_answers_only(shipped):
             assert out.text.strip() in words, (q, out.text)
         else:  # a caption opens with "A": the decoder's own first token, so its own answer
             assert out.token_ids == own.token_ids, (q, out.text, own.text)
+
+
+def test_the_demo_answers_at_least_seven_of_its_eight_checked_questions_in_float(shipped, capsys):
+    """`edgevlm demo --json --quant none`: the issue's bar (7 of 8) for the model as shipped. Float, so that
+    which CPU kernels run does not decide it (the default GGUF decoder's caption of the first scene flips
+    with the summation order; README). The count on the second scene is the one the fitted answer_weight
+    turned round."""
+    import json
+
+    from edgevlm.cli import main
+
+    assert main(["demo", "--json", "--quant", "none"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["trained"] and doc["checked"] == 8
+    assert doc["correct"] >= 7, [(a["question"], a["answer"]) for a in doc["answers"] if a.get("correct") is False]
+    count = next(a for a in doc["answers"] if a["question"] == "How many objects are on the table?")
+    assert count["correct"], count["answer"]
