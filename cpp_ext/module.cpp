@@ -5,9 +5,11 @@ namespace py = pybind11;
 
 void register_preprocess(py::module_& m);
 void register_qgemm(py::module_& m);
+void register_decode_step(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "edgevlm C++ fast paths";
   register_preprocess(m);
   register_qgemm(m);
+  register_decode_step(m);
 }

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "qgemm.h"
 #include "spin_pool.h"
 
 #if defined(__unix__) || defined(__APPLE__)
@@ -46,9 +47,11 @@ namespace py = pybind11;
 namespace evlm {
 namespace {
 
-constexpr int kBlock = 32;  // activation quantisation block
-constexpr int kLanes = 16;  // rows per row block
+constexpr int kBlock = kQBlock;
+constexpr int kLanes = kQLanes;
 constexpr int kMTile = 4;   // tokens sharing one weight load
+using Acts = QActs;
+using Weights = QWeights;
 
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16;
@@ -70,49 +73,6 @@ inline float half_to_float(uint16_t h) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
-
-// Quantised activations of M tokens: int8 values, one scale per block, per-block sums.
-struct Acts {
-  int M = 0, K = 0, nb = 0;
-  std::vector<int8_t> q;       // [M, K]
-  std::vector<float> scale;    // [M, nb]
-  std::vector<int32_t> qsum;   // [M, nb]  sum of q (int8 weights' +128 correction)
-  std::vector<float> sum;      // [M, nb]  exact sum of x (int4 zero points)
-};
-
-void size_acts(int M, int K, Acts& a) {
-  a.M = M, a.K = K, a.nb = K / kBlock;
-  a.q.resize(size_t(M) * K), a.scale.resize(size_t(M) * a.nb), a.qsum.resize(size_t(M) * a.nb);
-  a.sum.resize(size_t(M) * a.nb);
-}
-
-void quantize_rows(const float* x, int m0, int m1, Acts& a) {
-  const int K = a.K;
-  for (int m = m0; m < m1; ++m)
-    for (int b = 0; b < a.nb; ++b) {
-      const float* xb = x + size_t(m) * K + size_t(b) * kBlock;
-      float amax = 0.f, s = 0.f;
-      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i])), s += xb[i];
-      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      int8_t* qb = a.q.data() + size_t(m) * K + size_t(b) * kBlock;
-      int32_t qs = 0;
-      for (int i = 0; i < kBlock; ++i) {
-        const int v = int(std::nearbyint(xb[i] * inv));
-        qb[i] = int8_t(std::clamp(v, -127, 127));
-        qs += qb[i];
-      }
-      a.scale[size_t(m) * a.nb + b] = d, a.qsum[size_t(m) * a.nb + b] = qs, a.sum[size_t(m) * a.nb + b] = s;
-    }
-}
-
-struct Weights {
-  int bits;            // 8 or 4
-  int N, K, G;         // logical rows, columns, group size (G divides K, multiple of 32)
-  const uint8_t* qw;
-  const void* scales;  // fp32 (int8) or fp16 (int4)
-  const uint16_t* zeros;
-  const float* bias;   // [N] or null
-};
 
 // One row block rb, tokens m0..m0+mt-1 -> out rows (16 lanes each, written to tmp[mt][16]).
 using BlockFn = void (*)(const Weights&, const Acts&, int rb, int m0, int mt, float* tmp);
@@ -313,47 +273,26 @@ void qgemm(int bits, uintptr_t x_ptr, int M, int K, uintptr_t qw_ptr, int N, uin
 
   py::gil_scoped_release release;  // pointers are owned by tensors the caller holds for the call
   Acts& a = tl_acts;
-  size_acts(M, K, a);
-  const KernelSet& ks = kernel_set();
-  const BlockFn fn = bits == 8 ? ks.int8 : ks.int4;
-  std::unique_lock<std::mutex> lk(*g_qmutex, std::defer_lock);
-  threads = std::min(threads, nrb);
-  if (threads > 1 && !lk.try_lock()) threads = 1;  // another caller owns the pool: run inline
-  // Row blocks split evenly (decode: each thread streams its share of the weights once); for long
-  // prompts every thread walks all tokens in tiles of 4 over its row blocks, weights staying in L2.
+  qacts_resize(M, K, a);
+  std::unique_lock<std::mutex> lk;
+  SpinPool* pool = qgemm_pool(std::min(threads, nrb), lk);
+  threads = pool ? std::min(threads, nrb) : 1;
+  // Row blocks split evenly (decode: each thread streams its share of the weights once).
   const std::function<void(int)> body = [&](int t) {
-    const int rb0 = int(int64_t(nrb) * t / threads), rb1 = int(int64_t(nrb) * (t + 1) / threads);
-    float tmp[kMTile * kLanes];
-    constexpr int kMChunk = 64;  // tokens per pass over a thread's row blocks (keeps xq in L2)
-    for (int mc = 0; mc < M; mc += kMChunk) {
-      const int mend = std::min(M, mc + kMChunk);
-      for (int rb = rb0; rb < rb1; ++rb) {
-        const int n0 = rb * kLanes, nl = std::min(kLanes, N - n0);
-        for (int m0 = mc; m0 < mend; m0 += kMTile) {
-          const int mt = std::min(kMTile, mend - m0);
-          fn(w, a, rb, m0, mt, tmp);
-          for (int i = 0; i < mt; ++i) {
-            float* o = out + size_t(m0 + i) * N + n0;
-            for (int l = 0; l < nl; ++l) o[l] = tmp[i * kLanes + l] + (w.bias ? w.bias[n0 + l] : 0.f);
-          }
-        }
-      }
-    }
+    qgemm_row_blocks(w, a, int(int64_t(nrb) * t / threads), int(int64_t(nrb) * (t + 1) / threads), out);
   };
-  if (threads > 1) {
-    if (!g_qpool) g_qpool = new SpinPool;
-    g_qpool->grow(threads);
+  if (pool) {
     if (M >= 8) {  // a long prompt's activations are worth quantising in parallel (rows are independent)
       const std::function<void(int)> quant = [&](int t) {
-        quantize_rows(x, int(int64_t(M) * t / threads), int(int64_t(M) * (t + 1) / threads), a);
+        qacts_quantize(x, int(int64_t(M) * t / threads), int(int64_t(M) * (t + 1) / threads), a);
       };
-      g_qpool->run(threads, quant);
+      pool->run(threads, quant);
     } else {
-      quantize_rows(x, 0, M, a);
+      qacts_quantize(x, 0, M, a);
     }
-    g_qpool->run(threads, body);
+    pool->run(threads, body);
   } else {
-    quantize_rows(x, 0, M, a);
+    qacts_quantize(x, 0, M, a);
     body(0);
   }
 }
@@ -361,6 +300,67 @@ void qgemm(int bits, uintptr_t x_ptr, int M, int K, uintptr_t qw_ptr, int N, uin
 std::string qgemm_kernels() { return kernel_set().name; }
 
 }  // namespace
+
+// ---- entry points shared with decode_step.cpp (qgemm.h) ------------------------------------------
+void qacts_resize(int M, int K, QActs& a) {
+  a.M = M, a.K = K, a.nb = K / kBlock;
+  a.q.resize(size_t(M) * K), a.scale.resize(size_t(M) * a.nb), a.qsum.resize(size_t(M) * a.nb);
+  a.sum.resize(size_t(M) * a.nb);
+}
+
+void qacts_quantize(const float* x, int m0, int m1, QActs& a) {
+  const int K = a.K;
+  for (int m = m0; m < m1; ++m)
+    for (int b = 0; b < a.nb; ++b) {
+      const float* xb = x + size_t(m) * K + size_t(b) * kBlock;
+      float amax = 0.f, s = 0.f;
+      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i])), s += xb[i];
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int8_t* qb = a.q.data() + size_t(m) * K + size_t(b) * kBlock;
+      int32_t qs = 0;
+      for (int i = 0; i < kBlock; ++i) {
+        const int v = int(std::nearbyint(xb[i] * inv));
+        qb[i] = int8_t(std::clamp(v, -127, 127));
+        qs += qb[i];
+      }
+      a.scale[size_t(m) * a.nb + b] = d, a.qsum[size_t(m) * a.nb + b] = qs, a.sum[size_t(m) * a.nb + b] = s;
+    }
+}
+
+void qgemm_row_blocks(const QWeights& w, const QActs& a, int rb0, int rb1, float* out) {
+  const KernelSet& ks = kernel_set();
+  const BlockFn fn = w.bits == 8 ? ks.int8 : ks.int4;
+  const int M = a.M, N = w.N;
+  // For long prompts every thread walks all tokens in tiles of 4 over its row blocks, weights staying in L2.
+  float tmp[kMTile * kLanes];
+  constexpr int kMChunk = 64;  // tokens per pass over the row blocks (keeps xq in L2)
+  for (int mc = 0; mc < M; mc += kMChunk) {
+    const int mend = std::min(M, mc + kMChunk);
+    for (int rb = rb0; rb < rb1; ++rb) {
+      const int n0 = rb * kLanes, nl = std::min(kLanes, N - n0);
+      for (int m0 = mc; m0 < mend; m0 += kMTile) {
+        const int mt = std::min(kMTile, mend - m0);
+        fn(w, a, rb, m0, mt, tmp);
+        for (int i = 0; i < mt; ++i) {
+          float* o = out + size_t(m0 + i) * N + n0;
+          for (int l = 0; l < nl; ++l) o[l] = tmp[i * kLanes + l] + (w.bias ? w.bias[n0 + l] : 0.f);
+        }
+      }
+    }
+  }
+}
+
+SpinPool* qgemm_pool(int threads, std::unique_lock<std::mutex>& lk) {
+  kernel_set();  // picked here, on the calling thread, before any worker asks for it
+  if (threads < 2) return nullptr;
+  std::unique_lock<std::mutex> mine(*g_qmutex, std::try_to_lock);
+  if (!mine.owns_lock()) return nullptr;  // another caller owns the pool: run inline
+  if (!g_qpool) g_qpool = new SpinPool;
+  g_qpool->grow(threads);
+  lk = std::move(mine);
+  return g_qpool;
+}
+
 }  // namespace evlm
 
 void register_qgemm(py::module_& m) {

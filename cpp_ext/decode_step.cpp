@@ -1,0 +1,407 @@
+// edgevlm._C.DecodePlan: one batch-1 decode step of a quantised LLaMA-style decoder, every layer in C++.
+//
+// The Python step (runtime/decoder.py) spends about a third of a small model's token in the
+// interpreter and in small torch ops between the quantised matmuls. Here one call runs, per layer,
+//
+//   h = rmsnorm(x) -> qkv = qgemm(h) (+ B (A h)) -> rope(q, k) -> cache[l, :, :, p] = k, v
+//     -> att = softmax(q k^T / sqrt(Dh)) v over positions 0..p (GQA: head h reads kv head h / (H / Hkv))
+//     -> x += qgemm_o(att) (+ side) -> h = rmsnorm(x) -> gu = qgemm(h) (+ side)
+//     -> x += qgemm_down(silu(gate) * up) (+ side)
+//
+// and returns x before the final norm (Python applies decoder.norm and lm_head, so the logits come
+// from the same modules as the ordinary path). The matmuls are the very kernels edgevlm._C.qgemm runs
+// (qgemm.h), on the same shared worker pool; rope, attention and the norms are plain fp32 C++.
+//
+// Everything is raw pointers: runtime/quant/fused_decode.py checks dtype, contiguity and size of every
+// tensor once and keeps them alive; this file checks only the structure it is given (sizes that must
+// agree, offsets that must tile the output, null pointers).
+//
+// Buffers per step (batch 1): x [D]; h [D]; qkv [(H + 2 Hkv) Dh] (q | k | v, the order of the fused
+// projection); att [H Dh]; gu [2 I] (gate | up); act [I]; tmp [D]; side [sum of ranks]; scores
+// [threads, p + 1]. K/V cache: float [L, 1, Hkv, max_len, Dh].
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "qgemm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define EVLM_X86 1
+#endif
+
+namespace py = pybind11;
+
+namespace evlm {
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("DecodePlan: " + msg); }
+
+// Attention work (heads x positions x head_dim) from which the heads are split over the worker pool.
+constexpr size_t kParallelAttention = size_t(1) << 17;
+
+// ---- fp32 math helpers ---------------------------------------------------------------------------
+// Written so that -O3 vectorises them without -ffast-math: dot products keep 16 independent partial
+// sums (a plain `s += a[i] * b[i]` is a serial chain the compiler may not reorder), and exp is a
+// polynomial the compiler can unroll across lanes (std::exp is a scalar libm call per element: at a
+// 2k context that alone would cost milliseconds per token). On x86 the helpers are built twice more,
+// for x86-64-v3 (AVX2 + FMA) and v4 (AVX-512), and picked at run time like the qgemm kernels.
+#define EVLM_INLINE inline __attribute__((always_inline))
+
+EVLM_INLINE float dot_body(const float* a, const float* b, int n) {
+  float acc[16] = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  for (int w = 8; w; w >>= 1)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0] + tail;
+}
+
+// e^x for x in [-87.3, 88.3] (clamped outside: softmax and SiLU only need 0 and "huge" there), within
+// about 2 ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (truncation
+// below 1e-8 relative), 2^k written into the exponent bits.
+EVLM_INLINE float exp_body(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  // round to nearest by the 1.5 * 2^23 trick: plain adds, so it vectorises on every ISA (|x log2 e| < 2^22)
+  const float k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723212e-6f;  // ln2 split hi + lo
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (int32_t(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// y[r] += A[r, :] . x for r < rows (A row-major [rows, K]).
+EVLM_INLINE void matvec_body(const float* A, const float* x, int rows, int K, float* y) {
+  for (int r = 0; r < rows; ++r) y[r] += dot_body(A + size_t(r) * K, x, K);
+}
+
+// One head over positions 0..n-1: out[Dh] = softmax(q . K[j] * scale) @ V, fp32 with the max subtracted.
+EVLM_INLINE void attend_body(const float* q, const float* K, const float* V, int n, int Dh, float scale,
+                             float* scores, float* out) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < n; ++j) {
+    scores[j] = dot_body(q, K + size_t(j) * Dh, Dh) * scale;
+    m = std::max(m, scores[j]);
+  }
+  for (int j = 0; j < n; ++j) scores[j] = exp_body(scores[j] - m);
+  float sum = 0.f;
+  for (int j = 0; j < n; ++j) sum += scores[j];
+  for (int d = 0; d < Dh; ++d) out[d] = 0.f;
+  for (int j = 0; j < n; ++j) {
+    const float w = scores[j];
+    const float* v = V + size_t(j) * Dh;
+    for (int d = 0; d < Dh; ++d) out[d] += w * v[d];
+  }
+  const float inv = 1.f / sum;
+  for (int d = 0; d < Dh; ++d) out[d] *= inv;
+}
+
+// out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up, as torch computes it.
+EVLM_INLINE void silu_mul_body(const float* gate, const float* up, int n, float* out) {
+  for (int i = 0; i < n; ++i) out[i] = gate[i] / (1.f + exp_body(-gate[i])) * up[i];
+}
+
+struct MathSet {
+  const char* name;
+  void (*matvec)(const float*, const float*, int, int, float*);
+  void (*attend)(const float*, const float*, const float*, int, int, float, float*, float*);
+  void (*silu_mul)(const float*, const float*, int, float*);
+};
+
+#define EVLM_MATH_SET(NAME, ATTR)                                                                       \
+  ATTR void matvec_##NAME(const float* A, const float* x, int rows, int K, float* y) {                  \
+    matvec_body(A, x, rows, K, y);                                                                      \
+  }                                                                                                     \
+  ATTR void attend_##NAME(const float* q, const float* K, const float* V, int n, int Dh, float scale,   \
+                          float* scores, float* out) {                                                  \
+    attend_body(q, K, V, n, Dh, scale, scores, out);                                                    \
+  }                                                                                                     \
+  ATTR void silu_mul_##NAME(const float* g, const float* u, int n, float* out) {                     \
+    silu_mul_body(g, u, n, out);                                                                        \
+  }                                                                                                     \
+  const MathSet k_##NAME{#NAME, matvec_##NAME, attend_##NAME, silu_mul_##NAME};
+
+EVLM_MATH_SET(portable, )
+#ifdef EVLM_X86
+EVLM_MATH_SET(x86_64_v3, __attribute__((target("arch=x86-64-v3"))))
+EVLM_MATH_SET(x86_64_v4, __attribute__((target("arch=x86-64-v4"))))
+#endif
+
+const MathSet& math_set() {
+  static const MathSet* set = [] {
+#ifdef EVLM_X86
+    // EDGEVLM_QGEMM=portable forces the portable C++ here too, so one variable tests the whole fallback.
+    const char* env = std::getenv("EDGEVLM_QGEMM");
+    if (env && std::string(env) == "portable") return &k_portable;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return &k_x86_64_v4;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &k_x86_64_v3;
+#endif
+    return &k_portable;
+  }();
+  return *set;
+}
+
+// RMSNorm as torch's fp32 rms_norm: x * rsqrt(mean(x^2) + eps) * weight.
+void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
+  float acc[16] = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
+  float ss = 0.f;
+  for (; i < n; ++i) ss += x[i] * x[i];
+  for (int j = 0; j < 16; ++j) ss += acc[j];
+  const float r = 1.f / std::sqrt(ss / float(n) + eps);
+  for (i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+// Rotate-half RoPE of one head in place over its first Dr dims, with the sin row sign-folded as
+// runtime/decoder.py's Rotary builds it: x * cos + roll(x, Dr / 2) * signed_sin.
+void rope(float* x, const float* cos, const float* ssin, int Dr) {
+  float t[1024];  // Dr <= head_dim <= 1024, checked at construction
+  const int half = Dr / 2;
+  for (int i = 0; i < Dr; ++i) t[i] = x[i];
+  for (int i = 0; i < Dr; ++i) x[i] = t[i] * cos[i] + t[i < half ? i + half : i - half] * ssin[i];
+}
+
+// ---- the plan ------------------------------------------------------------------------------------
+// One quantised matmul writing rows [off, off + N) of its group's output, with an optional low-rank
+// side path (LoRA beside quantised weights): out += B (A in), A [rank, K], B [N, rank].
+struct Proj {
+  QWeights w;
+  int off = 0;
+  const float* side_a = nullptr;
+  const float* side_b = nullptr;
+  int rank = 0;
+  int side_off = 0;  // where A in goes in the step's side buffer
+  int nrb() const { return (w.N + kQLanes - 1) / kQLanes; }
+};
+
+struct Layer {
+  bool set = false;
+  const float* attn_norm = nullptr;
+  const float* mlp_norm = nullptr;
+  float attn_eps = 0.f, mlp_eps = 0.f;
+  std::vector<Proj> qkv, o, gate_up, down;
+};
+
+// (bits, N, K, group, qweight, scales, zeros, bias, out offset, side_A, side_B, rank)
+using ProjArgs =
+    std::tuple<int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int, uintptr_t, uintptr_t, int>;
+
+// Scratch of the calling thread (reused across steps; a plan may be stepped from several threads).
+struct Scratch {
+  std::vector<float> h, qkv, att, gu, act, tmp, side, scores;
+  QActs acts;
+};
+thread_local Scratch tl_scratch;
+
+class DecodePlan {
+ public:
+  DecodePlan(int hidden, int heads, int kv_heads, int head_dim, int rope_dim, int intermediate, int layers)
+      : D_(hidden), H_(heads), Hkv_(kv_heads), Dh_(head_dim), Dr_(rope_dim), I_(intermediate), layers_(layers) {
+    if (D_ < 1 || H_ < 1 || Hkv_ < 1 || Dh_ < 1 || I_ < 1 || layers_ < 1) fail("sizes must be positive");
+    if (H_ % Hkv_) fail("heads " + std::to_string(H_) + " must be a multiple of kv_heads " + std::to_string(Hkv_));
+    if (Dh_ > 1024) fail("head_dim " + std::to_string(Dh_) + " above 1024");
+    if (Dr_ < 2 || Dr_ > Dh_ || Dr_ % 2) fail("rope_dim " + std::to_string(Dr_) + " must be even and in 2..head_dim");
+    layer_.resize(layers_);
+  }
+
+  void set_layer(int i, uintptr_t attn_norm, float attn_eps, uintptr_t mlp_norm, float mlp_eps,
+                 const std::vector<ProjArgs>& qkv, const std::vector<ProjArgs>& o,
+                 const std::vector<ProjArgs>& gate_up, const std::vector<ProjArgs>& down) {
+    if (i < 0 || i >= layers_) fail("layer " + std::to_string(i) + " outside 0.." + std::to_string(layers_ - 1));
+    if (!attn_norm || !mlp_norm) fail("null norm weight");
+    Layer l;
+    l.attn_norm = reinterpret_cast<const float*>(attn_norm), l.attn_eps = attn_eps;
+    l.mlp_norm = reinterpret_cast<const float*>(mlp_norm), l.mlp_eps = mlp_eps;
+    const std::string at = "layer " + std::to_string(i) + " ";
+    l.qkv = group(qkv, D_, (H_ + 2 * Hkv_) * Dh_, at + "q/k/v");
+    l.o = group(o, H_ * Dh_, D_, at + "o_proj");
+    l.gate_up = group(gate_up, D_, 2 * I_, at + "gate/up");
+    l.down = group(down, I_, D_, at + "down_proj");
+    l.set = true;
+    layer_[i] = std::move(l);
+  }
+
+  // x [D] (fp32, updated in place to the last layer's output), position p, the cos / signed-sin rows
+  // of p [Dr], the cache's K and V buffers [L, 1, Hkv, max_len, Dh].
+  void step(uintptr_t x_ptr, int pos, uintptr_t cos_ptr, uintptr_t sin_ptr, uintptr_t k_ptr, uintptr_t v_ptr,
+            int max_len, int threads) {
+    for (int i = 0; i < layers_; ++i)
+      if (!layer_[i].set) fail("layer " + std::to_string(i) + " was never set");
+    if (!x_ptr || !cos_ptr || !sin_ptr || !k_ptr || !v_ptr) fail("null pointer");
+    if (max_len < 1 || pos < 0 || pos >= max_len)
+      fail("position " + std::to_string(pos) + " outside the cache's 0.." + std::to_string(max_len - 1));
+    if (threads < 1 || threads > 256) fail("threads must be in 1..256");
+    float* x = reinterpret_cast<float*>(x_ptr);
+    const float* cos = reinterpret_cast<const float*>(cos_ptr);
+    const float* ssin = reinterpret_cast<const float*>(sin_ptr);
+    float* kc = reinterpret_cast<float*>(k_ptr);
+    float* vc = reinterpret_cast<float*>(v_ptr);
+
+    py::gil_scoped_release release;  // the tensors behind every pointer are held by the Python step
+    Scratch& s = tl_scratch;
+    s.h.resize(std::max(D_, I_)), s.qkv.resize(size_t(H_ + 2 * Hkv_) * Dh_), s.att.resize(size_t(H_) * Dh_);
+    s.gu.resize(2 * size_t(I_)), s.act.resize(I_), s.tmp.resize(D_), s.side.resize(std::max(side_len_, 1));
+    std::unique_lock<std::mutex> lk;
+    SpinPool* pool = qgemm_pool(threads, lk);  // held for the whole step: no other caller interleaves
+    const int nt = pool ? threads : 1;
+    s.scores.resize(size_t(nt) * (pos + 1));
+    const MathSet& ms = math_set();
+    const float scale = float(1.0 / std::sqrt(double(Dh_)));
+    const int group_size = H_ / Hkv_;
+    const size_t head_stride = size_t(max_len) * Dh_;  // one kv head's positions in the cache
+
+    for (int li = 0; li < layers_; ++li) {
+      const Layer& L = layer_[li];
+      rms_norm(x, L.attn_norm, D_, L.attn_eps, s.h.data());
+      project(L.qkv, s.h.data(), D_, s.qkv.data(), nullptr, pool, nt, ms, s);
+      float* q = s.qkv.data();
+      float* k = q + size_t(H_) * Dh_;
+      const float* v = k + size_t(Hkv_) * Dh_;
+      for (int h = 0; h < H_; ++h) rope(q + size_t(h) * Dh_, cos, ssin, Dr_);
+      float* kl = kc + size_t(li) * Hkv_ * head_stride;  // this layer's [Hkv, max_len, Dh]
+      float* vl = vc + size_t(li) * Hkv_ * head_stride;
+      for (int g = 0; g < Hkv_; ++g) {
+        rope(k + size_t(g) * Dh_, cos, ssin, Dr_);
+        std::memcpy(kl + g * head_stride + size_t(pos) * Dh_, k + size_t(g) * Dh_, sizeof(float) * Dh_);
+        std::memcpy(vl + g * head_stride + size_t(pos) * Dh_, v + size_t(g) * Dh_, sizeof(float) * Dh_);
+      }
+      const std::function<void(int)> attend = [&](int t) {
+        float* sc = s.scores.data() + size_t(t) * (pos + 1);
+        for (int h = H_ * t / nt; h < H_ * (t + 1) / nt; ++h) {
+          const int g = h / group_size;
+          ms.attend(q + size_t(h) * Dh_, kl + g * head_stride, vl + g * head_stride, pos + 1, Dh_, scale, sc,
+                    s.att.data() + size_t(h) * Dh_);
+        }
+      };
+      // Heads are split over the pool only for long contexts: measured on the demo (2 threads), a pool
+      // run per layer costs more than it saves below ~250 positions (+0.8 ms a token at 40) and saves
+      // 1 ms at 600, 4 ms at 2000.
+      if (pool && size_t(H_) * (pos + 1) * Dh_ >= kParallelAttention) {
+        pool->run(nt, attend);
+      } else {
+        for (int t = 0; t < nt; ++t) attend(t);  // same head ranges, so the same numbers either way
+      }
+      project(L.o, s.att.data(), H_ * Dh_, s.tmp.data(), x, pool, nt, ms, s);
+      rms_norm(x, L.mlp_norm, D_, L.mlp_eps, s.h.data());
+      project(L.gate_up, s.h.data(), D_, s.gu.data(), nullptr, pool, nt, ms, s);
+      ms.silu_mul(s.gu.data(), s.gu.data() + I_, I_, s.act.data());
+      project(L.down, s.act.data(), I_, s.tmp.data(), x, pool, nt, ms, s);
+    }
+  }
+
+  std::string math_kernels() const { return math_set().name; }
+
+ private:
+  // Checks one group of projections (all reading K inputs) that must tile `total` output rows.
+  std::vector<Proj> group(const std::vector<ProjArgs>& args, int K, int total, const std::string& what) {
+    if (args.empty()) fail(what + ": no projection");
+    std::vector<Proj> out;
+    int next = 0;
+    for (const ProjArgs& a : args) {
+      Proj p;
+      auto [bits, N, k, G, qw, sc, zr, bias, off, sa, sb, rank] = a;
+      p.w = QWeights{bits, N, k, G, reinterpret_cast<const uint8_t*>(qw), reinterpret_cast<const void*>(sc),
+                     reinterpret_cast<const uint16_t*>(zr), reinterpret_cast<const float*>(bias)};
+      if (bits != 8 && bits != 4) fail(what + ": bits must be 8 or 4, got " + std::to_string(bits));
+      if (k != K) fail(what + ": expected " + std::to_string(K) + " inputs, got " + std::to_string(k));
+      if (K % kQBlock || G < kQBlock || G % kQBlock || K % G)
+        fail(what + ": group " + std::to_string(G) + " must be a multiple of 32 dividing K=" + std::to_string(K));
+      if (!qw || !sc || (bits == 4 && !zr)) fail(what + ": null weight pointer");
+      if (off != next || N < 1) fail(what + ": output rows must tile 0.." + std::to_string(total) + " in order");
+      if (rank < 0 || (rank > 0 && (!sa || !sb))) fail(what + ": side path needs A and B for rank > 0");
+      p.off = off, next = off + N;
+      p.rank = rank, p.side_a = reinterpret_cast<const float*>(sa), p.side_b = reinterpret_cast<const float*>(sb);
+      if (rank) p.side_off = side_len_, side_len_ += rank;
+      out.push_back(p);
+    }
+    if (next != total)
+      fail(what + ": outputs cover " + std::to_string(next) + " rows, expected " + std::to_string(total));
+    return out;
+  }
+
+  // out[0, total) = each projection of the group applied to in [K] (+ its side path); with a residual,
+  // residual += out row by row. Row blocks of all the group's matrices are split evenly over threads.
+  void project(const std::vector<Proj>& ps, const float* in, int K, float* out, float* residual, SpinPool* pool,
+               int nt, const MathSet& ms, Scratch& s) const {
+    qacts_resize(1, K, s.acts);
+    qacts_quantize(in, 0, 1, s.acts);
+    int total = 0;
+    for (const Proj& p : ps) {
+      total += p.nrb();
+      if (p.rank) {
+        float* h = s.side.data() + p.side_off;
+        std::fill(h, h + p.rank, 0.f);
+        ms.matvec(p.side_a, in, p.rank, K, h);
+      }
+    }
+    const std::function<void(int)> body = [&](int t) {
+      const int g0 = int(int64_t(total) * t / nt), g1 = int(int64_t(total) * (t + 1) / nt);
+      int base = 0;
+      for (const Proj& p : ps) {
+        const int lo = std::max(g0, base) - base, hi = std::min(g1, base + p.nrb()) - base;
+        base += p.nrb();
+        if (lo >= hi) continue;
+        float* o = out + p.off;
+        qgemm_row_blocks(p.w, s.acts, lo, hi, o);
+        const int n0 = lo * kQLanes, n1 = std::min(hi * kQLanes, p.w.N);
+        if (p.rank) ms.matvec(p.side_b + size_t(n0) * p.rank, s.side.data() + p.side_off, n1 - n0, p.rank, o + n0);
+        if (residual)
+          for (int n = n0; n < n1; ++n) residual[p.off + n] += o[n];
+      }
+    };
+    if (pool) pool->run(nt, body); else body(0);
+  }
+
+  int D_, H_, Hkv_, Dh_, Dr_, I_, layers_;
+  int side_len_ = 0;
+  std::vector<Layer> layer_;
+};
+
+}  // namespace
+}  // namespace evlm
+
+void register_decode_step(py::module_& m) {
+  using evlm::DecodePlan;
+  py::class_<DecodePlan>(m, "DecodePlan", R"doc(One batch-1 decode step of a quantised LLaMA-style decoder,
+every layer in C++ (cpp_ext/decode_step.cpp). Built and fed raw pointers by
+edgevlm.runtime.quant.fused_decode.FusedDecodeStep, which checks every tensor first.)doc")
+      .def(py::init<int, int, int, int, int, int, int>(), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"),
+           py::arg("head_dim"), py::arg("rope_dim"), py::arg("intermediate"), py::arg("layers"))
+      .def("set_layer", &DecodePlan::set_layer, py::arg("index"), py::arg("attn_norm"), py::arg("attn_eps"),
+           py::arg("mlp_norm"), py::arg("mlp_eps"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"),
+           "Projections: lists of (bits, N, K, group, qweight, scales, zeros, bias, out_offset, side_A, side_B, "
+           "rank) tuples whose outputs tile the group's rows in order (q|k|v, gate|up).")
+      .def("step", &DecodePlan::step, py::arg("x"), py::arg("position"), py::arg("cos"), py::arg("signed_sin"),
+           py::arg("k_cache"), py::arg("v_cache"), py::arg("max_len"), py::arg("threads"),
+           "Run every layer for one token: x [hidden] fp32 in place -> the last layer's output (before the "
+           "final norm); writes K/V at `position`. Releases the GIL.")
+      .def_property_readonly("math_kernels", &DecodePlan::math_kernels,
+                             "The instruction set of the non-matmul loops: x86_64_v4, x86_64_v3 or portable.");
+}
