@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from edgevlm.errors import ConfigError, ShapeError
+from edgevlm.runtime.decoder import Decoder, RMSNorm
+from edgevlm.runtime.kv_cache import ContextLengthError, KVCache
+from edgevlm.runtime.lora import LoRASide
 
-from ..decoder import Decoder, RMSNorm
-from ..kv_cache import ContextLengthError, KVCache
-from ..lora import LoRASide
 from .cpu_linear import FusedQuantLinear, QuantLinear, QuantSlice, _default_threads, cpu_kernels, kernel_threads
 
 # RoPE scalings whose frequencies are fixed, so one cos/sin table serves every position; dynamic NTK
