@@ -11,7 +11,8 @@ C++ call: what a Pipeline uses on CPU; the rows without it time the ordinary per
 transformers ``generate`` in fp32 and after torch's int8 dynamic quantisation
 (``quantize_dynamic``, fbgemm); optimum's ONNX Runtime export (``ORTModelForCausalLM``, SmolLM2 only:
 optimum-onnx pins transformers 4.x, so it runs from its own interpreter, ``--ort-python``; make one
-with ``scripts/setup_ort_peer.sh``).
+with ``scripts/setup_ort_peer.sh``); llama.cpp (``llama-cpp-python``, ``--llama-python``, built with AMX off by
+``scripts/setup_llama_peer.sh``) on the same GGUF file as ``gguf``, SmolLM2 only.
 
 Method: greedy, batch 1, ``--prompt`` real-text tokens (SmolLM2) or random ids (TinyLlama), then
 ``--new`` tokens; best of ``--repeat``. transformers' TTFT is ``generate(max_new_tokens=1)``; its
@@ -22,7 +23,9 @@ bound; beside each prefill figure: achieved GFLOP/s (2 x params x tokens) and th
 measured here.
 
     scripts/setup_ort_peer.sh .venv-ort
-    python bench/decode.py --threads 2 --repeat 5 --ort-python .venv-ort/bin/python --out bench/results/decode.csv
+    scripts/setup_llama_peer.sh .venv-llama
+    python bench/decode.py --threads 2 --repeat 5 --ort-python .venv-ort/bin/python \
+        --llama-python .venv-llama/bin/python --out bench/results/decode.csv
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import torch
 import edgevlm
 from edgevlm.config import DecoderConfig, QuantConfig
 from edgevlm.perf.limits import decoder_step_bytes, git_commit, kv_bytes, matmul_peak, read_bandwidth
+from edgevlm.perf.limits import cpu_flags, cpu_model
 from edgevlm.perf.results import append_rows
 from edgevlm.runtime import quant as Q
 from edgevlm.runtime.decoder import Decoder
@@ -54,7 +58,7 @@ from edgevlm.runtime.readers.hf_decoders import to_transformers
 FIELDS = ["timestamp", "git", "cpu", "threads", "torch", "transformers", "edgevlm_kernels", "model", "variant",
           "prompt_tokens", "new_tokens", "ttft_ms", "prefill_tok_s", "prefill_gflops", "fp32_peak_gflops",
           "decode_tok_s", "decode_ms", "mbytes_per_token", "bandwidth_gbs", "bound_tok_s", "fraction_of_bound",
-          "decode_x_hf_fp32", "prefill_x_hf_fp32", "note"]
+          "decode_x_hf_fp32", "prefill_x_hf_fp32", "note", "cpu_model", "cpu_flags"]
 
 TINYLLAMA = DecoderConfig(vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632,
                           max_seq_len=2048, rope_theta=10000.0)
@@ -128,6 +132,41 @@ print("RESULT" + json.dumps({"ttft_ms": t1 * 1e3, "decode_ms": (tn - t1) / (new 
 """
 
 
+# llama.cpp on the very GGUF file edgevlm reads. Prefill: eval() of the prompt from an empty context
+# (its first token's sampling is microseconds, left out as for the others' TTFT it is in); decode: the
+# mean per eval() of one greedy token at a time, as generate does, after that prefill.
+LLAMA_SCRIPT = r"""
+import json, sys, time
+import llama_cpp
+path, prompt, new, repeat, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+m = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new + 8, n_threads=threads, n_threads_batch=threads,
+                    n_batch=max(512, len(prompt)), verbose=False)
+def run():
+    m.reset()
+    t = time.perf_counter(); m.eval(prompt); t1 = time.perf_counter()
+    tok = int(m.scores[m.n_tokens - 1].argmax())
+    t2 = time.perf_counter()
+    for _ in range(new - 1):
+        m.eval([tok]); tok = int(m.scores[m.n_tokens - 1].argmax())
+    return t1 - t, (time.perf_counter() - t2) / (new - 1)
+run()
+runs = [run() for _ in range(repeat)]
+info = llama_cpp.llama_print_system_info().decode()
+flags = " ".join(f.split(" = ")[0].strip() for f in info.split("|") if f.strip().endswith("= 1"))
+print("RESULT" + json.dumps({"ttft_ms": min(r[0] for r in runs) * 1e3, "decode_ms": min(r[1] for r in runs) * 1e3,
+                             "note": f"llama-cpp-python {llama_cpp.__version__}; {flags}"}))
+"""
+
+
+def time_llama(path: str, prompt: list[int], new: int, repeat: int, python: str, threads: int) -> dict:
+    r = subprocess.run([python, "-c", LLAMA_SCRIPT, path, json.dumps(prompt), str(new), str(repeat), str(threads)],
+                       capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if line is None:
+        raise RuntimeError(f"llama.cpp peer failed: {r.stderr.strip().splitlines()[-1:] or r.returncode}")
+    return json.loads(line[len("RESULT"):])
+
+
 def time_ort(dec: Decoder, prompt: list[int], new: int, repeat: int, python: str, threads: int):
     with tempfile.TemporaryDirectory() as d:
         to_transformers(dec).save_pretrained(d)
@@ -155,7 +194,8 @@ def hf_weight_bytes(model) -> int:
 
 # ---- one model -----------------------------------------------------------------------------------
 
-def bench_model(name: str, base: Decoder, prompt: list[int], args, common: dict, gguf_raw=None) -> list[dict]:
+def bench_model(name: str, base: Decoder, prompt: list[int], args, common: dict, gguf_raw=None,
+                gguf_path: str | None = None) -> list[dict]:
     new, rows = args.new, []
     mean_pos = len(prompt) + new / 2
     params = sum(p.numel() for n, p in base.named_parameters() if "embed" not in n or not base.cfg.tie_embeddings)
@@ -167,6 +207,8 @@ def bench_model(name: str, base: Decoder, prompt: list[int], args, common: dict,
     peers = [] if args.no_peers else ["transformers fp32", "transformers int8-dynamic"]
     if not args.no_peers and args.ort_python and name == "smollm2-135m":
         peers.append("optimum onnxruntime fp32")
+    if not args.no_peers and args.llama_python and gguf_path is not None:
+        peers.append("llama.cpp gguf")
 
     def row(variant, ttft, dec_ms, wbytes, note=""):
         b = wbytes + kv_bytes(base.cfg, mean_pos)
@@ -192,7 +234,12 @@ def bench_model(name: str, base: Decoder, prompt: list[int], args, common: dict,
         del dec
     for peer in peers:
         try:
-            if peer.startswith("optimum"):
+            if peer.startswith("llama.cpp"):  # the same blocks as "edgevlm gguf", so the same bytes per token
+                r = time_llama(gguf_path, prompt, new, args.repeat, args.llama_python, args.threads)
+                gguf_bytes = next(float(x["mbytes_per_token"]) for x in rows if x["variant"] == "edgevlm gguf")
+                rows.append(row(peer, r["ttft_ms"], r["decode_ms"], int(gguf_bytes * 1e6) - kv_bytes(base.cfg, mean_pos),
+                                r["note"]))
+            elif peer.startswith("optimum"):
                 r = time_ort(base, prompt, new, args.repeat, args.ort_python, args.threads)
                 rows.append(row(peer, r["ttft_ms"], r["decode_ms"], decoder_step_bytes(base), r["note"]))
             else:
@@ -232,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="edgevlm variants only")
     ap.add_argument("--ort-python", default=os.environ.get("EDGEVLM_ORT_PYTHON", ""),
                     help="python with optimum-onnx[onnxruntime] installed (it pins transformers 4.x); empty: skip")
+    ap.add_argument("--llama-python", default=os.environ.get("EDGEVLM_LLAMA_PYTHON", ""),
+                    help="python with llama-cpp-python installed (scripts/setup_llama_peer.sh); runs llama.cpp on "
+                         "the same GGUF file as 'edgevlm gguf'; empty: skip")
     ap.add_argument("--out", default="bench/results/decode.csv")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -240,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     common = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git": git,
-              "cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+              "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
+              "threads": args.threads, "torch": torch.__version__,
               "transformers": transformers.__version__, "edgevlm_kernels": Q.cpu_kernels(),
               "fp32_peak_gflops": matmul_peak()}
     print(f"edgevlm decode bench: {common['cpu']}, {args.threads} threads, torch {torch.__version__}, "
@@ -259,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             base = Decoder.from_state(g.config, g.state).eval()
             pipe = edgevlm.load(path, quant="none")
             prompt = pipe.tokenizer.encode(heldout_text(), add_bos=False)[:args.prompt]
-            rows += bench_model("smollm2-135m", base, prompt, args, common, gguf_raw=g.raw)
+            rows += bench_model("smollm2-135m", base, prompt, args, common, gguf_raw=g.raw, gguf_path=str(path))
         elif name == "tinyllama":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
