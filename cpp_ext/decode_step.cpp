@@ -168,15 +168,9 @@ const MathSet& math_set() {
 
 // RMSNorm as torch's fp32 rms_norm: x * rsqrt(mean(x^2) + eps) * weight.
 void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
-  float acc[16] = {0};
-  int i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[i + j] * x[i + j];
-  float ss = 0.f;
-  for (; i < n; ++i) ss += x[i] * x[i];
-  for (int j = 0; j < 16; ++j) ss += acc[j];
+  const float ss = dot_body(x, x, n);
   const float r = 1.f / std::sqrt(ss / float(n) + eps);
-  for (i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+  for (int i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
 }
 
 // Rotate-half RoPE of one head in place over its first Dr dims, with the sin row sign-folded as
