@@ -106,6 +106,31 @@ def assert_kernel_close(out: torch.Tensor, ref32: torch.Tensor, lowp: torch.Tens
     assert_within_noise(out, ref32, what, noise=max_abs(lowp, ref32), factor=2.0)
 
 
+def qgemm_reference_fp32(x: torch.Tensor, p, bias=None) -> torch.Tensor:
+    """The quantised matmul oracle's arithmetic (same quantised activations, codes, scales, zero points)
+    in fp32: against the float64 oracle it measures the fp32 rounding noise of that matmul."""
+    from edgevlm.runtime import quant as Q
+
+    q, d = Q.quantize_activations(x)
+    m = x.shape[0]
+    xd = (q.float().view(m, -1, Q.ACT_BLOCK) * d.float()[..., None]).view(m, p.k // p.group, p.group)
+    codes = Q.unpack_codes(p).float().view(p.n, p.k // p.group, p.group)
+    out = torch.einsum("mgk,ngk,ng->mn", xd, codes, Q.unlanes(p.scales, p.n).float())
+    if p.zeros is not None:
+        out = out + x.float().view(m, p.k // p.group, p.group).sum(-1) @ Q.unlanes(p.zeros, p.n).float().T
+    return out if bias is None else out + bias.float()
+
+
+def assert_kernel_matches_reference(out, x, p, bias, what: str) -> float:
+    """A quantised-matmul kernel against the float64 oracle (``quant.qgemm_reference``). Its integer dot
+    products are exact; what remains is the fp32 scaling and accumulation, bounded by the oracle's own
+    arithmetic run in fp32."""
+    from edgevlm.runtime import quant as Q
+
+    ref = Q.qgemm_reference(x, p, bias)
+    return assert_within_noise(out, ref, what, noise=max_abs(qgemm_reference_fp32(x, p, bias), ref))
+
+
 def _f64(t) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64) if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64)
 

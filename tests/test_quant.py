@@ -17,8 +17,8 @@ from edgevlm.errors import ConfigError, EdgeVLMError
 from edgevlm.runtime import quant as Q
 from edgevlm.runtime.decoder import Decoder
 
-from edgevlm_testkit import (EPS32, SMOLLM_GGUF_NAME, assert_within_noise, max_abs, needs_smollm, randomize_params,
-                             smollm_dir)
+from edgevlm_testkit import (EPS32, SMOLLM_GGUF_NAME, assert_kernel_matches_reference, assert_within_noise, max_abs,
+                             needs_smollm, randomize_params, smollm_dir)
 
 gguf = pytest.importorskip("gguf")
 
@@ -30,26 +30,6 @@ def _packed(bits, group, n=200, k=256, seed=0):
     w = torch.randn(n, k, generator=g) * 0.05
     w[3, :40] *= 20  # an outlier run, so groups differ in scale
     return w, (Q.quantize_int8(w, group) if bits == 8 else Q.quantize_int4(w, group))
-
-
-def _reference_fp32(x, p, bias=None):
-    """Q.qgemm_reference's arithmetic (same quantised activations, codes, scales, zero points) in fp32:
-    against the float64 oracle it measures the fp32 rounding noise of this matmul."""
-    q, d = Q.quantize_activations(x)
-    m = x.shape[0]
-    xd = (q.float().view(m, -1, Q.ACT_BLOCK) * d.float()[..., None]).view(m, p.k // p.group, p.group)
-    codes = Q.unpack_codes(p).float().view(p.n, p.k // p.group, p.group)
-    out = torch.einsum("mgk,ngk,ng->mn", xd, codes, Q.unlanes(p.scales, p.n).float())
-    if p.zeros is not None:
-        out = out + x.float().view(m, p.k // p.group, p.group).sum(-1) @ Q.unlanes(p.zeros, p.n).float().T
-    return out if bias is None else out + bias.float()
-
-
-def assert_kernel_matches_reference(out, x, p, bias, what):
-    """The C++ kernel against the float64 oracle. Its integer dot products are exact; what remains is the
-    fp32 scaling and accumulation, bounded by the oracle's own arithmetic run in fp32."""
-    ref = Q.qgemm_reference(x, p, bias)
-    assert_within_noise(out, ref, what, noise=max_abs(_reference_fp32(x, p, bias), ref))
 
 
 @pytest.mark.parametrize("bits,group", CASES)
