@@ -1,7 +1,10 @@
-// edgevlm._C.DecodePlan: one batch-1 decode step of a quantised LLaMA-style decoder, every layer in C++.
+// edgevlm._C.DecodePlan: one batch-1 step of M tokens (a decode step, M = 1, or a prefill) of a quantised
+// LLaMA-style decoder, every layer in C++.
 //
 // The Python step (runtime/decoder.py) spends about a third of a small model's token in the
-// interpreter and in small torch ops between the quantised matmuls. Here one call runs, per layer,
+// interpreter and in small torch ops between the quantised matmuls; its prefill, half of a 128-token
+// prompt's time in elementwise ops and attention calls (measured on SmolLM2-135M int8, 2 threads).
+// Here one call runs, per layer and for each token (position p),
 //
 //   h = rmsnorm(x) -> qkv = qgemm(h) (+ B (A h)) -> rope(q, k) -> cache[l, :, :, p] = k, v
 //     -> att = softmax(q k^T / sqrt(Dh)) v over positions 0..p (GQA: head h reads kv head h / (H / Hkv))
@@ -16,9 +19,9 @@
 // tensor once and keeps them alive; this file checks only the structure it is given (sizes that must
 // agree, offsets that must tile the output, null pointers).
 //
-// Buffers per step (batch 1): x [D]; h [D]; qkv [(H + 2 Hkv) Dh] (q | k | v, the order of the fused
-// projection); att [H Dh]; gu [2 I] (gate | up); act [I]; tmp [D]; side [sum of ranks]; scores
-// [threads, p + 1]. K/V cache: float [L, 1, Hkv, max_len, Dh].
+// Buffers per step (batch 1, M tokens): x [M, D]; h [M, max(D, I)]; qkv [M, (H + 2 Hkv) Dh] (q | k | v,
+// the order of the fused projection); att [M, H Dh]; gu [M, 2 I] (gate | up); act [M, I]; tmp [M, D];
+// side [M, sum of ranks]; scores [threads, p + M]. K/V cache: float [L, 1, Hkv, max_len, Dh].
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -70,6 +73,31 @@ EVLM_INLINE float dot_body(const float* a, const float* b, int n) {
   return acc[0] + tail;
 }
 
+// sum and max of n floats in 16 independent lanes (a serial fp32 chain would cost 4 cycles an element).
+EVLM_INLINE float sum_body(const float* a, int n) {
+  float acc[16] = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j];
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i];
+  for (int w = 8; w; w >>= 1)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0] + tail;
+}
+
+EVLM_INLINE float max_body(const float* a, int n) {
+  float acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = -std::numeric_limits<float>::infinity();
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] = acc[j] > a[i + j] ? acc[j] : a[i + j];
+  for (; i < n; ++i) acc[0] = acc[0] > a[i] ? acc[0] : a[i];
+  for (int w = 8; w; w >>= 1)
+    for (int j = 0; j < w; ++j) acc[j] = acc[j] > acc[j + w] ? acc[j] : acc[j + w];
+  return acc[0];
+}
+
 // e^x for x in [-87.3, 88.3] (clamped outside: softmax and SiLU only need 0 and "huge" there), within
 // about 2 ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (truncation
 // below 1e-8 relative), 2^k written into the exponent bits.
@@ -118,6 +146,48 @@ EVLM_INLINE void attend_body(const float* q, const float* K, const float* V, int
   for (int d = 0; d < Dh; ++d) out[d] *= inv;
 }
 
+// The prefill's attention: as attend_body, but the scores read a transposed copy of the keys, Kt [Dh, ld]
+// (ld a multiple of 64 covering n), so 64 positions' scores are four independent vector accumulators
+// over Dh broadcast multiply-adds, with no horizontal sums; the weighted sum of V keeps 64 output dims
+// in registers across all positions. A prompt's queries all read the same keys, so the transpose is
+// made once per layer and kv head; one decode step would pay it for a single query.
+EVLM_INLINE void attend_t_body(const float* q, const float* Kt, int ld, const float* V, int n, int Dh, float scale,
+                               float* scores, float* out) {
+  constexpr int kW = 64;
+  for (int j0 = 0; j0 < n; j0 += kW) {
+    float acc[kW] = {0};
+    for (int d = 0; d < Dh; ++d) {
+      const float qd = q[d];
+      const float* kr = Kt + size_t(d) * ld + j0;
+      for (int l = 0; l < kW; ++l) acc[l] += qd * kr[l];
+    }
+    const int w = std::min(kW, n - j0);
+    for (int l = 0; l < w; ++l) scores[j0 + l] = acc[l] * scale;
+  }
+  const float m = max_body(scores, n);
+  for (int j = 0; j < n; ++j) scores[j] = exp_body(scores[j] - m);
+  const float inv = 1.f / sum_body(scores, n);
+  int d0 = 0;
+  for (; d0 + kW <= Dh; d0 += kW) {
+    float acc[kW] = {0};
+    for (int j = 0; j < n; ++j) {
+      const float w = scores[j];
+      const float* v = V + size_t(j) * Dh + d0;
+      for (int l = 0; l < kW; ++l) acc[l] += w * v[l];
+    }
+    for (int l = 0; l < kW; ++l) out[d0 + l] = acc[l] * inv;
+  }
+  if (d0 < Dh) {  // head_dim not a multiple of 64
+    for (int d = d0; d < Dh; ++d) out[d] = 0.f;
+    for (int j = 0; j < n; ++j) {
+      const float w = scores[j];
+      const float* v = V + size_t(j) * Dh;
+      for (int d = d0; d < Dh; ++d) out[d] += w * v[d];
+    }
+    for (int d = d0; d < Dh; ++d) out[d] *= inv;
+  }
+}
+
 // out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up, as torch computes it.
 EVLM_INLINE void silu_mul_body(const float* gate, const float* up, int n, float* out) {
   for (int i = 0; i < n; ++i) out[i] = gate[i] / (1.f + exp_body(-gate[i])) * up[i];
@@ -127,6 +197,7 @@ struct MathSet {
   const char* name;
   void (*matvec)(const float*, const float*, int, int, float*);
   void (*attend)(const float*, const float*, const float*, int, int, float, float*, float*);
+  void (*attend_t)(const float*, const float*, int, const float*, int, int, float, float*, float*);
   void (*silu_mul)(const float*, const float*, int, float*);
 };
 
@@ -138,10 +209,14 @@ struct MathSet {
                           float* scores, float* out) {                                                  \
     attend_body(q, K, V, n, Dh, scale, scores, out);                                                    \
   }                                                                                                     \
+  ATTR void attend_t_##NAME(const float* q, const float* Kt, int ld, const float* V, int n, int Dh,       \
+                            float scale, float* scores, float* out) {                                   \
+    attend_t_body(q, Kt, ld, V, n, Dh, scale, scores, out);                                             \
+  }                                                                                                     \
   ATTR void silu_mul_##NAME(const float* g, const float* u, int n, float* out) {                     \
     silu_mul_body(g, u, n, out);                                                                        \
   }                                                                                                     \
-  const MathSet k_##NAME{#NAME, matvec_##NAME, attend_##NAME, silu_mul_##NAME};
+  const MathSet k_##NAME{#NAME, matvec_##NAME, attend_##NAME, attend_t_##NAME, silu_mul_##NAME};
 
 EVLM_MATH_SET(portable, )
 #ifdef EVLM_X86
@@ -209,7 +284,7 @@ using ProjArgs =
 
 // Scratch of the calling thread (reused across steps; a plan may be stepped from several threads).
 struct Scratch {
-  std::vector<float> h, qkv, att, gu, act, tmp, side, scores;
+  std::vector<float> h, qkv, att, gu, act, tmp, side, scores, kt;
   QActs acts;
 };
 thread_local Scratch tl_scratch;
@@ -242,15 +317,19 @@ class DecodePlan {
     layer_[i] = std::move(l);
   }
 
-  // x [D] (fp32, updated in place to the last layer's output), position p, the cos / signed-sin rows
-  // of p [Dr], the cache's K and V buffers [L, 1, Hkv, max_len, Dh].
+  // x [M, D] (fp32, updated in place to the last layer's output) of M consecutive tokens at positions
+  // pos..pos+M-1, the cos / signed-sin rows of those positions [M, Dr], the cache's K and V buffers
+  // [L, 1, Hkv, max_len, Dh]. M = 1 is a decode step; M > 1 a prefill (or a forced chunk), whose
+  // matmuls take the tiled prefill kernels and whose token i attends to positions 0..pos+i.
   void step(uintptr_t x_ptr, int pos, uintptr_t cos_ptr, uintptr_t sin_ptr, uintptr_t k_ptr, uintptr_t v_ptr,
-            int max_len, int threads) {
+            int max_len, int threads, int M) {
     for (int i = 0; i < layers_; ++i)
       if (!layer_[i].set) fail("layer " + std::to_string(i) + " was never set");
     if (!x_ptr || !cos_ptr || !sin_ptr || !k_ptr || !v_ptr) fail("null pointer");
-    if (max_len < 1 || pos < 0 || pos >= max_len)
-      fail("position " + std::to_string(pos) + " outside the cache's 0.." + std::to_string(max_len - 1));
+    if (M < 1) fail("tokens must be at least 1, got " + std::to_string(M));
+    if (max_len < 1 || pos < 0 || pos + M > max_len)
+      fail("positions " + std::to_string(pos) + ".." + std::to_string(pos + M - 1) + " outside the cache's 0.." +
+           std::to_string(max_len - 1));
     if (threads < 1 || threads > 256) fail("threads must be in 1..256");
     float* x = reinterpret_cast<float*>(x_ptr);
     const float* cos = reinterpret_cast<const float*>(cos_ptr);
@@ -260,53 +339,90 @@ class DecodePlan {
 
     py::gil_scoped_release release;  // the tensors behind every pointer are held by the Python step
     Scratch& s = tl_scratch;
-    s.h.resize(std::max(D_, I_)), s.qkv.resize(size_t(H_ + 2 * Hkv_) * Dh_), s.att.resize(size_t(H_) * Dh_);
-    s.gu.resize(2 * size_t(I_)), s.act.resize(I_), s.tmp.resize(D_), s.side.resize(std::max(side_len_, 1));
+    const size_t m = size_t(M), qkv_w = size_t(H_ + 2 * Hkv_) * Dh_;
+    s.h.resize(m * std::max(D_, I_)), s.qkv.resize(m * qkv_w), s.att.resize(m * H_ * Dh_);
+    s.gu.resize(m * 2 * I_), s.act.resize(m * I_), s.tmp.resize(m * D_), s.side.resize(m * std::max(side_len_, 1));
     std::unique_lock<std::mutex> lk;
     SpinPool* pool = qgemm_pool(threads, lk);  // held for the whole step: no other caller interleaves
     const int nt = pool ? threads : 1;
-    s.scores.resize(size_t(nt) * (pos + 1));
+    s.scores.resize(size_t(nt) * ((pos + M + 63) / 64 * 64));
     const MathSet& ms = math_set();
     const float scale = float(1.0 / std::sqrt(double(Dh_)));
     const int group_size = H_ / Hkv_;
     const size_t head_stride = size_t(max_len) * Dh_;  // one kv head's positions in the cache
+    // Row-wise work (norms, rope, SiLU) of a prompt split over the pool; rows are independent, so the
+    // numbers do not depend on the split.
+    const auto for_rows = [&](int rows, const auto& fn) {
+      if (!pool || rows < 8) {
+        for (int i = 0; i < rows; ++i) fn(i);
+        return;
+      }
+      const std::function<void(int)> part = [&](int t) {
+        for (int i = int(int64_t(rows) * t / nt); i < int(int64_t(rows) * (t + 1) / nt); ++i) fn(i);
+      };
+      pool->run(nt, part);
+    };
 
     for (int li = 0; li < layers_; ++li) {
       const Layer& L = layer_[li];
-      rms_norm(x, L.attn_norm, D_, L.attn_eps, s.h.data());
-      project(L.qkv, s.h.data(), D_, s.qkv.data(), nullptr, pool, nt, ms, s);
-      float* q = s.qkv.data();
-      float* k = q + size_t(H_) * Dh_;
-      const float* v = k + size_t(Hkv_) * Dh_;
-      for (int h = 0; h < H_; ++h) rope(q + size_t(h) * Dh_, cos, ssin, Dr_);
+      for_rows(M, [&](int i) { rms_norm(x + i * size_t(D_), L.attn_norm, D_, L.attn_eps, s.h.data() + i * size_t(D_)); });
+      project(L.qkv, s.h.data(), D_, M, s.qkv.data(), int(qkv_w), nullptr, pool, nt, ms, s);
       float* kl = kc + size_t(li) * Hkv_ * head_stride;  // this layer's [Hkv, max_len, Dh]
       float* vl = vc + size_t(li) * Hkv_ * head_stride;
-      for (int g = 0; g < Hkv_; ++g) {
-        rope(k + size_t(g) * Dh_, cos, ssin, Dr_);
-        std::memcpy(kl + g * head_stride + size_t(pos) * Dh_, k + size_t(g) * Dh_, sizeof(float) * Dh_);
-        std::memcpy(vl + g * head_stride + size_t(pos) * Dh_, v + size_t(g) * Dh_, sizeof(float) * Dh_);
+      for_rows(M, [&](int i) {  // tokens write disjoint cache rows
+        float* q = s.qkv.data() + i * qkv_w;
+        float* k = q + size_t(H_) * Dh_;
+        const float* v = k + size_t(Hkv_) * Dh_;
+        const float* ci = cos + size_t(i) * Dr_;
+        const float* si = ssin + size_t(i) * Dr_;
+        for (int h = 0; h < H_; ++h) rope(q + size_t(h) * Dh_, ci, si, Dr_);
+        for (int g = 0; g < Hkv_; ++g) {
+          rope(k + size_t(g) * Dh_, ci, si, Dr_);
+          std::memcpy(kl + g * head_stride + size_t(pos + i) * Dh_, k + size_t(g) * Dh_, sizeof(float) * Dh_);
+          std::memcpy(vl + g * head_stride + size_t(pos + i) * Dh_, v + size_t(g) * Dh_, sizeof(float) * Dh_);
+        }
+      });
+      // (token, head) pairs split evenly over the threads; token i sees positions 0..pos+i. Several
+      // tokens read the keys through their transpose (attend_t_body), made here once per kv head.
+      const int pairs = M * H_, n_all = pos + M, ld = (n_all + 63) / 64 * 64;
+      if (M > 1) {
+        s.kt.resize(size_t(Hkv_) * Dh_ * ld);
+        for (int g = 0; g < Hkv_; ++g) {
+          float* kt = s.kt.data() + size_t(g) * Dh_ * ld;
+          const float* kg = kl + g * head_stride;
+          for (int j = 0; j < n_all; ++j)
+            for (int d = 0; d < Dh_; ++d) kt[size_t(d) * ld + j] = kg[size_t(j) * Dh_ + d];
+          for (int d = 0; d < Dh_; ++d) std::fill(kt + size_t(d) * ld + n_all, kt + size_t(d + 1) * ld, 0.f);
+        }
       }
       const std::function<void(int)> attend = [&](int t) {
-        float* sc = s.scores.data() + size_t(t) * (pos + 1);
-        for (int h = H_ * t / nt; h < H_ * (t + 1) / nt; ++h) {
-          const int g = h / group_size;
-          ms.attend(q + size_t(h) * Dh_, kl + g * head_stride, vl + g * head_stride, pos + 1, Dh_, scale, sc,
-                    s.att.data() + size_t(h) * Dh_);
+        float* sc = s.scores.data() + size_t(t) * ld;
+        for (int j = int(int64_t(pairs) * t / nt); j < int(int64_t(pairs) * (t + 1) / nt); ++j) {
+          const int i = j / H_, h = j % H_, g = h / group_size;
+          const float* q = s.qkv.data() + i * qkv_w + size_t(h) * Dh_;
+          float* o = s.att.data() + (i * size_t(H_) + h) * Dh_;
+          if (M > 1)
+            ms.attend_t(q, s.kt.data() + size_t(g) * Dh_ * ld, ld, vl + g * head_stride, pos + i + 1, Dh_, scale, sc, o);
+          else
+            ms.attend(q, kl + g * head_stride, vl + g * head_stride, pos + 1, Dh_, scale, sc, o);
         }
       };
-      // Heads are split over the pool only for long contexts: measured on the demo (2 threads), a pool
-      // run per layer costs more than it saves below ~250 positions (+0.8 ms a token at 40) and saves
-      // 1 ms at 600, 4 ms at 2000.
-      if (pool && size_t(H_) * (pos + 1) * Dh_ >= kParallelAttention) {
+      // Split over the pool only when the work is worth a pool run: measured on the demo (2 threads), a
+      // pool run per layer costs more than it saves below ~250 positions of one token (+0.8 ms a token
+      // at 40) and saves 1 ms at 600, 4 ms at 2000.
+      if (pool && size_t(H_) * M * (pos + (M + 1) / 2) * Dh_ >= kParallelAttention) {
         pool->run(nt, attend);
       } else {
-        for (int t = 0; t < nt; ++t) attend(t);  // same head ranges, so the same numbers either way
+        for (int t = 0; t < nt; ++t) attend(t);  // same pair ranges, so the same numbers either way
       }
-      project(L.o, s.att.data(), H_ * Dh_, s.tmp.data(), x, pool, nt, ms, s);
-      rms_norm(x, L.mlp_norm, D_, L.mlp_eps, s.h.data());
-      project(L.gate_up, s.h.data(), D_, s.gu.data(), nullptr, pool, nt, ms, s);
-      ms.silu_mul(s.gu.data(), s.gu.data() + I_, I_, s.act.data());
-      project(L.down, s.act.data(), I_, s.tmp.data(), x, pool, nt, ms, s);
+      project(L.o, s.att.data(), H_ * Dh_, M, s.tmp.data(), D_, x, pool, nt, ms, s);
+      for_rows(M, [&](int i) { rms_norm(x + i * size_t(D_), L.mlp_norm, D_, L.mlp_eps, s.h.data() + i * size_t(D_)); });
+      project(L.gate_up, s.h.data(), D_, M, s.gu.data(), 2 * I_, nullptr, pool, nt, ms, s);
+      for_rows(M, [&](int i) {
+        const float* gu = s.gu.data() + i * 2 * size_t(I_);
+        ms.silu_mul(gu, gu + I_, I_, s.act.data() + i * size_t(I_));
+      });
+      project(L.down, s.act.data(), I_, M, s.tmp.data(), D_, x, pool, nt, ms, s);
     }
   }
 
@@ -340,20 +456,29 @@ class DecodePlan {
     return out;
   }
 
-  // out[0, total) = each projection of the group applied to in [K] (+ its side path); with a residual,
-  // residual += out row by row. Row blocks of all the group's matrices are split evenly over threads.
-  void project(const std::vector<Proj>& ps, const float* in, int K, float* out, float* residual, SpinPool* pool,
-               int nt, const MathSet& ms, Scratch& s) const {
-    qacts_resize(1, K, s.acts);
-    qacts_quantize(in, 0, 1, s.acts);
+  // out[m, 0..width) = each projection of the group applied to in[m] [K] (+ its side path), for M rows
+  // (row stride K in, width out); with a residual [M, width], residual += out. Row blocks of all the
+  // group's matrices are split evenly over threads; a long prompt's activations are quantised in parallel.
+  void project(const std::vector<Proj>& ps, const float* in, int K, int M, float* out, int width, float* residual,
+               SpinPool* pool, int nt, const MathSet& ms, Scratch& s) const {
+    qacts_resize(M, K, s.acts);
+    if (pool && M >= 8) {
+      const std::function<void(int)> quant = [&](int t) {
+        qacts_quantize(in, int(int64_t(M) * t / nt), int(int64_t(M) * (t + 1) / nt), s.acts);
+      };
+      pool->run(nt, quant);
+    } else {
+      qacts_quantize(in, 0, M, s.acts);
+    }
     int total = 0;
     for (const Proj& p : ps) {
       total += p.nrb();
-      if (p.rank) {
-        float* h = s.side.data() + p.side_off;
-        std::fill(h, h + p.rank, 0.f);
-        ms.matvec(p.side_a, in, p.rank, K, h);
-      }
+      if (p.rank)
+        for (int i = 0; i < M; ++i) {
+          float* h = s.side.data() + size_t(i) * side_len_ + p.side_off;
+          std::fill(h, h + p.rank, 0.f);
+          ms.matvec(p.side_a, in + size_t(i) * K, p.rank, K, h);
+        }
     }
     const std::function<void(int)> body = [&](int t) {
       const int g0 = int(int64_t(total) * t / nt), g1 = int(int64_t(total) * (t + 1) / nt);
@@ -362,12 +487,18 @@ class DecodePlan {
         const int lo = std::max(g0, base) - base, hi = std::min(g1, base + p.nrb()) - base;
         base += p.nrb();
         if (lo >= hi) continue;
-        float* o = out + p.off;
-        qgemm_row_blocks(p.w, s.acts, lo, hi, o);
+        qgemm_row_blocks(p.w, s.acts, lo, hi, out + p.off, width);
         const int n0 = lo * kQLanes, n1 = std::min(hi * kQLanes, p.w.N);
-        if (p.rank) ms.matvec(p.side_b + size_t(n0) * p.rank, s.side.data() + p.side_off, n1 - n0, p.rank, o + n0);
-        if (residual)
-          for (int n = n0; n < n1; ++n) residual[p.off + n] += o[n];
+        for (int i = 0; i < M; ++i) {
+          float* o = out + size_t(i) * width + p.off;
+          if (p.rank)
+            ms.matvec(p.side_b + size_t(n0) * p.rank, s.side.data() + size_t(i) * side_len_ + p.side_off, n1 - n0,
+                      p.rank, o + n0);
+          if (residual) {
+            float* r = residual + size_t(i) * width + p.off;
+            for (int n = n0; n < n1; ++n) r[n] += o[n];
+          }
+        }
       }
     };
     if (pool) pool->run(nt, body); else body(0);
@@ -393,9 +524,10 @@ edgevlm.runtime.quant.fused_decode.FusedDecodeStep, which checks every tensor fi
            "Projections: lists of (bits, N, K, group, qweight, scales, zeros, bias, out_offset, side_A, side_B, "
            "rank) tuples whose outputs tile the group's rows in order (q|k|v, gate|up).")
       .def("step", &DecodePlan::step, py::arg("x"), py::arg("position"), py::arg("cos"), py::arg("signed_sin"),
-           py::arg("k_cache"), py::arg("v_cache"), py::arg("max_len"), py::arg("threads"),
-           "Run every layer for one token: x [hidden] fp32 in place -> the last layer's output (before the "
-           "final norm); writes K/V at `position`. Releases the GIL.")
+           py::arg("k_cache"), py::arg("v_cache"), py::arg("max_len"), py::arg("threads"), py::arg("tokens") = 1,
+           "Run every layer for `tokens` consecutive tokens: x [tokens, hidden] fp32 in place -> the last "
+           "layer's output (before the final norm); cos / signed_sin: their rows [tokens, rope_dim]; writes "
+           "K/V at position..position+tokens-1. Releases the GIL.")
       .def_property_readonly("math_kernels", &DecodePlan::math_kernels,
                              "The instruction set of the non-matmul loops: x86_64_v4, x86_64_v3 or portable.");
 }

@@ -87,13 +87,13 @@ void block_portable(const QWeights& w, const QActs& a, int rb, int m, float* lan
   std::memcpy(lanes, acc, sizeof acc);
 }
 
-void rows_portable(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out) {
+void rows_portable(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {
   float lanes[kLanes];
   for (int rb = rb0; rb < rb1; ++rb) {
     const int n0 = rb * kLanes, nl = std::min(kLanes, w.N - n0);
     for (int m = m0; m < m1; ++m) {
       block_portable(w, a, rb, m, lanes);
-      float* o = out + size_t(m) * w.N + n0;
+      float* o = out + size_t(m) * ldo + n0;
       for (int l = 0; l < nl; ++l) o[l] = lanes[l] + (w.bias ? w.bias[n0 + l] : 0.f);
     }
   }
@@ -206,9 +206,9 @@ void qacts_quantize_portable(const float* x, int m0, int m1, QActs& a) {
 
 void qacts_quantize(const float* x, int m0, int m1, QActs& a) { active_kernel_set().quantize(x, m0, m1, a); }
 
-void qgemm_row_blocks(const QWeights& w, const QActs& a, int rb0, int rb1, float* out) {
+void qgemm_row_blocks(const QWeights& w, const QActs& a, int rb0, int rb1, float* out, int ldo) {
   const KernelSet& ks = active_kernel_set();
-  (w.bits == 8 ? ks.int8 : ks.int4)(w, a, rb0, rb1, 0, a.M, out);
+  (w.bits == 8 ? ks.int8 : ks.int4)(w, a, rb0, rb1, 0, a.M, out, ldo);
 }
 
 SpinPool* qgemm_pool(int threads, std::unique_lock<std::mutex>& lk) {
@@ -231,7 +231,7 @@ void qgemm_run(const QWeights& w, const float* x, int M, float* out, int threads
   threads = pool ? std::min(threads, nrb) : 1;
   // Row blocks split evenly (decode: each thread streams its share of the weights once).
   const std::function<void(int)> body = [&](int t) {
-    qgemm_row_blocks(w, a, int(int64_t(nrb) * t / threads), int(int64_t(nrb) * (t + 1) / threads), out);
+    qgemm_row_blocks(w, a, int(int64_t(nrb) * t / threads), int(int64_t(nrb) * (t + 1) / threads), out, w.N);
   };
   if (pool) {
     if (M >= 8) {  // a long prompt's activations are worth quantising in parallel (rows are independent)

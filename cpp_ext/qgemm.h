@@ -36,8 +36,8 @@ struct QWeights {
   const float* bias;   // [N] or null
 };
 
-// out[m, n] (+ bias) for row blocks rb0..rb1-1 and tokens m0..m1-1 of `a`; out's row stride is w.N.
-using RowsFn = void (*)(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out);
+// out[m, n] (+ bias) for row blocks rb0..rb1-1 and tokens m0..m1-1 of `a`; out's rows are ldo floats apart.
+using RowsFn = void (*)(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo);
 // Rows m0..m1-1 of x [M, K] into `a` (sized by qacts_resize).
 using QuantizeFn = void (*)(const float* x, int m0, int m1, QActs& a);
 
@@ -63,8 +63,9 @@ void qacts_resize(int M, int K, QActs& a);
 void qacts_quantize(const float* x, int m0, int m1, QActs& a);
 void qacts_quantize_portable(const float* x, int m0, int m1, QActs& a);
 // out[m, n] (+ bias) for the rows n of row blocks rb0..rb1-1 (16 rows each, the last one may be short)
-// and every token m of `a`; out's row stride is w.N. Runs the active kernel set.
-void qgemm_row_blocks(const QWeights& w, const QActs& a, int rb0, int rb1, float* out);
+// and every token m of `a`; out's rows are ldo floats apart (w.N for a whole matmul). Runs the active
+// kernel set.
+void qgemm_row_blocks(const QWeights& w, const QActs& a, int rb0, int rb1, float* out, int ldo);
 
 // The active kernel set. Picked on first use: EDGEVLM_QGEMM names one (or "portable"), else the first set
 // of arch_kernel_sets() that is automatic and runs here, else portable.

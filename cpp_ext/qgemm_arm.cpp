@@ -83,8 +83,8 @@ struct V {
 // 32 128-bit registers: int8 3 tokens x 1 row block (12 dot + 12 scale accumulators + 4 weights + 1),
 // int4 2 tokens (its nibbles take 8).
 template <int BITS>
-void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out) {
-  tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out);
+void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {
+  tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out, ldo);
 }
 
 }  // namespace neon

@@ -161,8 +161,8 @@ void decode_block(const QWeights& w, const QActs& a, int rb, int m0, float* tmp)
 }
 
 template <int BITS>
-void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out) {
-  if (m1 - m0 >= 4) return tile_rows<BITS, BITS == 8 ? 6 : 5, 2>(w, a, rb0, rb1, m0, m1, out);
+void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {
+  if (m1 - m0 >= 4) return tile_rows<BITS, BITS == 8 ? 6 : 5, 2>(w, a, rb0, rb1, m0, m1, out, ldo);
   alignas(64) float tmp[3 * kQLanes];
   for (int rb = rb0; rb < rb1; ++rb) {
     const int mt = m1 - m0;
@@ -171,7 +171,7 @@ void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, f
     else decode_block<BITS, 1>(w, a, rb, m0, tmp);
     const int n0 = rb * kQLanes, nl = std::min(kQLanes, w.N - n0);
     for (int i = 0; i < mt; ++i)
-      for (int l = 0; l < nl; ++l) out[size_t(m0 + i) * w.N + n0 + l] = tmp[i * kQLanes + l] + (w.bias ? w.bias[n0 + l] : 0.f);
+      for (int l = 0; l < nl; ++l) out[size_t(m0 + i) * ldo + n0 + l] = tmp[i * kQLanes + l] + (w.bias ? w.bias[n0 + l] : 0.f);
   }
 }
 
@@ -313,8 +313,8 @@ namespace vex256 {
 EVLM_V256_KERNELS(_mm256_dpbusd_avx_epi32)
 #include "qgemm_tile.inc"
 template <int BITS>
-void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out) {
-  tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out);
+void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {
+  tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out, ldo);
 }
 }  // namespace vex256
 #if defined(__clang__)
@@ -334,8 +334,8 @@ namespace evex256 {
 EVLM_V256_KERNELS(_mm256_dpbusd_epi32)
 #include "qgemm_tile.inc"
 template <int BITS>
-void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out) {
-  tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out);
+void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {
+  tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out, ldo);
 }
 }  // namespace evex256
 #if defined(__clang__)

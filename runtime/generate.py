@@ -209,9 +209,9 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
     captured steps, which sample on the device; the prefill and a forced chunk take the ordinary path.
     Capture done lazily during the call is timed into ``stats.capture_ms``, not into ``decode_ms``.
 
-    ``fused`` (:class:`~.quant.fused_decode.FusedDecodeStep` of ``model``): one-token steps run every
-    layer in one C++ call (CPU-quantised decoders); the prefill and a forced chunk take the ordinary
-    path, and the final norm, ``lm_head`` and sampling stay the same modules.
+    ``fused`` (:class:`~.quant.fused_decode.FusedDecodeStep` of ``model``): the prefill, each decode step
+    and each forced chunk run every layer in one C++ call (CPU-quantised decoders); the final norm,
+    ``lm_head`` and sampling stay the same modules.
     """
     if graphs is not None and graphs.cache is not cache:
         raise ConfigError("graphs were captured over another KV cache than the one passed")
@@ -238,15 +238,18 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
     stops = set(gen_cfg.stop_token_ids)
 
     @torch.inference_mode()
-    def step(first: bool = False, one_token: int | None = None, **inputs) -> int:
-        # one forward + sample; inference_mode is entered per step so it never leaks into the
-        # caller's code between yields.
+    def step(embeds: torch.Tensor | None = None, ids: list[int] | None = None, first: bool = False) -> int:
+        # one forward of embeddings [1, T, D] or token ids + sample; inference_mode is entered per step
+        # so it never leaks into the caller's code between yields.
         with kernel_threads(model):
-            if one_token is not None:  # the fused step: [1, 1, D] embedding -> [1, V]
-                logits = fused.logits(model.embed(torch.tensor([[one_token]], device=model.device)), cache,
-                                      checked=True)
+            if fused is not None:  # every layer of the T tokens in one C++ call -> [1, V]
+                if embeds is None:
+                    embeds = model.embed(torch.tensor([ids], device=model.device))
+                logits = fused.logits(embeds, cache, checked=True)
+            elif embeds is not None:
+                logits = model(cache=cache, last_only=True, inputs_embeds=embeds)[:, -1]  # [1, V]
             else:
-                logits = model(cache=cache, last_only=True, **inputs)[:, -1]  # [1, V]
+                logits = model(cache=cache, last_only=True, input_ids=torch.tensor([ids], device=model.device))[:, -1]
             if first and prior is not None:
                 logits = prior(logits)
             return int(sampler(logits)[0])  # int() waits for the device, so timings are real
@@ -254,7 +257,7 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
     def run() -> Iterator[int]:
         stats.stop_reason = "closed"
         t0 = time.perf_counter()
-        tok = step(first=True, inputs_embeds=x)
+        tok = step(embeds=x, first=True)
         stats.prefill_ms = (time.perf_counter() - t0) * 1e3
         while True:
             if tok in stops:
@@ -280,10 +283,8 @@ def generate_tokens(model: Decoder, cache: KVCache, prompt_ids: torch.Tensor | S
                 tok = graphs(pending[0], cache.length, sampler)
                 stats.capture_ms += graphs.capture_ms - captured
                 t0 += (graphs.capture_ms - captured) / 1e3
-            elif fused is not None and len(pending) == 1:
-                tok = step(one_token=pending[0])
             else:
-                tok = step(input_ids=torch.tensor([pending], device=model.device))
+                tok = step(ids=pending)
             # one entry per token fed back, so that decode_per_token stays a per-token figure
             stats.decode_ms += [(time.perf_counter() - t0 + force_s) * 1e3 / len(pending)] * len(pending)
 

@@ -193,6 +193,32 @@ def test_portable_build_matches_too():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_prefill_matches_python_and_float64(case):
+    """A prompt through the fused step (the prefill kernels: tiles of tokens, token i attending to
+    positions 0..i), in two chunks so the second starts after a cached prefix, against the Python
+    prefill and the float64 model run token by token: every position's hidden state and K/V."""
+    scheme, lora, bias, fuse, extra = CASES[case]
+    dec = tiny_decoder(scheme, lora, bias, fuse, seed=len(case) + 1, **extra)
+    t, split = 21, 8  # > 8 tokens: activations quantised in parallel; tiles of 4-6 with remainders
+    ids = torch.randint(0, dec.cfg.vocab_size, (1, t), generator=torch.Generator().manual_seed(4))
+    ref, mine = dec.new_cache(max_len=t), dec.new_cache(max_len=t)
+    step = FusedDecodeStep(dec, mine)
+    cfg = dec.cfg
+    k64 = torch.zeros(cfg.layers, cfg.kv_heads, t, cfg.head_dim, dtype=torch.float64)
+    v64 = torch.zeros_like(k64)
+    with torch.inference_mode():
+        x = dec.embed(ids)  # [1, T, D]
+        py = dec.hidden_states(inputs_embeds=x, cache=ref)
+        fu = torch.cat([step(x[:, :split], mine), step(x[:, split:], mine)], 1)
+        r64 = torch.stack([step64(dec, k64, v64, p, x[0, p].double()) for p in range(t)])[None]
+    assert ref.length == mine.length == t
+    assert_within_noise(fu, r64, f"{case}: prefill hidden, fused vs float64", noise=max_abs(py, r64))
+    kv_py = torch.stack([ref.k[:, 0], ref.v[:, 0]])  # [2, L, Hkv, T, Dh]
+    kv_fu, kv64 = torch.stack([mine.k[:, 0], mine.v[:, 0]]), torch.stack([k64, v64])
+    assert_within_noise(kv_fu, kv64, f"{case}: prefill K/V, fused vs float64", noise=max_abs(kv_py, kv64))
+
+
 @pytest.mark.parametrize("case", ["int8-bias", "int8g32-lora"])
 def test_one_fused_step_against_float64(case):
     """One step from a prefilled cache, int8 weights (whose activations flip no code at this noise level,

@@ -1,5 +1,6 @@
-"""A batch-1 decode step of a CPU-quantised decoder with no Python per layer: :class:`FusedDecodeStep`
-runs every layer of one token in one call into ``edgevlm._C.DecodePlan`` (``cpp_ext/decode_step.cpp``).
+"""Batch-1 steps of a CPU-quantised decoder with no Python per layer: :class:`FusedDecodeStep` runs every
+layer of one token (a decode step) or of a whole prompt (a prefill) in one call into
+``edgevlm._C.DecodePlan`` (``cpp_ext/decode_step.cpp``).
 
 The ordinary step (:meth:`~edgevlm.runtime.decoder.Decoder.forward`) makes about fifteen torch and
 kernel calls per layer; on a small model (the demo's 30 layers of 576) that interpreter time is a third
@@ -11,7 +12,7 @@ summation (and a polynomial ``exp`` within a couple of ulp of torch's). The fina
 stay the decoder's own modules::
 
     step = FusedDecodeStep(decoder, cache)        # refuses (ConfigError) what supports() refuses
-    logits = decoder(prompt_ids, cache=cache, last_only=True)[:, -1]            # prefill: ordinary path
+    logits = step.logits(decoder.embed(prompt_ids), cache)                      # prefill: [1, T] ids -> [1, V]
     for _ in range(n):
         token = logits.argmax(-1)                                               # [1]
         logits = step.logits(decoder.embed(token[:, None]), cache)              # [1, V]; commits 1 position
@@ -296,39 +297,41 @@ class FusedDecodeStep:
 
     # ---- the step ------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, cache: KVCache, *, checked: bool = False) -> torch.Tensor:
-        """Token embedding ``x [1, 1, D]`` at position ``cache.length`` -> the final-normed hidden state
-        ``[1, 1, D]`` (what :meth:`Decoder.hidden_states` returns); its K/V are written and the cache
-        advances by one, exactly as an ordinary one-token forward does.
+        """Embeddings ``x [1, T, D]`` of T tokens at positions ``cache.length ..`` -> the final-normed
+        hidden states ``[1, T, D]`` (what :meth:`Decoder.hidden_states` returns); their K/V are written
+        and the cache advances by T, exactly as an ordinary forward does. T = 1 is a decode step; a
+        prompt (T > 1) runs the prefill kernels, with token i attending to every position up to its own.
 
         ``checked=True`` skips looking for changes in the decoder (:meth:`check`), for a caller that
         ran ``check(cache)`` and does not change the decoder in between (generate_tokens, once per
         generation); the cache is still verified to be the bound one."""
         d = self.decoder.cfg.hidden
-        if tuple(x.shape) != (1, 1, d):
-            raise ShapeError(f"the fused decode step takes one token embedding [1, 1, {d}], got {tuple(x.shape)}")
+        if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != d or x.shape[1] < 1:
+            raise ShapeError(f"the fused step takes token embeddings [1, T, {d}] (T >= 1), got {tuple(x.shape)}")
         if cache.batch != 1:
-            raise ShapeError(f"KV cache was built for batch {cache.batch}, the fused decode step runs batch 1")
+            raise ShapeError(f"KV cache was built for batch {cache.batch}, the fused step runs batch 1")
         b = self._bound
         if not checked or b is None or b[0] is not cache or b[1] is not cache.k or b[2] is not cache.v:
             self.check(cache)
-        start = cache.reserve(1)  # ContextLengthError on overflow, before anything is written
+        t = x.shape[1]
+        start = cache.reserve(t)  # ContextLengthError on overflow, before anything is written
         max_seq = self.decoder.cfg.max_seq_len
-        if start + 1 > max_seq:
-            raise ContextLengthError(f"{start} cached + 1 new = {start + 1} positions exceed the decoder's "
+        if start + t > max_seq:
+            raise ContextLengthError(f"{start} cached + {t} new = {start + t} positions exceed the decoder's "
                                      f"max_seq_len {max_seq}")
         with torch.no_grad(), kernel_threads(self.decoder):
-            h = x.detach().reshape(d).to("cpu", torch.float32, copy=True)  # [D], a private buffer the step updates
+            h = x.detach().reshape(t, d).to("cpu", torch.float32, copy=True)  # [T, D], a private buffer updated in place
             row = self._cos.shape[1] * 4 * start  # byte offset of row `start` in the [S, Dr] tables
             self._plan.step(h.data_ptr(), start, self._cos.data_ptr() + row, self._sin.data_ptr() + row,
-                            cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, self.threads or _default_threads())
-            cache.commit(start + 1)
-            return self.decoder.norm(h.view(1, 1, d))
+                            cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, self.threads or _default_threads(), t)
+            cache.commit(start + t)
+            return self.decoder.norm(h.view(1, t, d))
 
     def logits(self, x: torch.Tensor, cache: KVCache, *, checked: bool = False) -> torch.Tensor:
-        """As ``__call__``, then the decoder's ``lm_head``: logits ``[1, V]``."""
+        """As ``__call__``, then the decoder's ``lm_head`` on the last position: logits ``[1, V]``."""
         h = self(x, cache, checked=checked)
         with torch.no_grad(), kernel_threads(self.decoder):
-            return self.decoder.lm_head(h)[:, -1]
+            return self.decoder.lm_head(h[:, -1:])[:, -1]
 
     def info(self) -> dict:
         return {"threads": self.threads or _default_threads(), "qgemm_kernels": cpu_kernels(),
