@@ -13,6 +13,8 @@ Pipeline users run) in one run:
 * ``ort-fp32`` / ``ort-fp16`` / ``ort-int8``: the tower + fusion as an ONNX Runtime graph of that precision
   (exported on first use into the cache, int8 calibrated on the bundled images);
 * ``keep-0.75`` / ``keep-0.5``: token dropping, the ViT sees that share of the fused grid's cells.
+* ``dtype-auto``: ``dtype="auto"``, the tower in bf16 where the CPU has native bf16 (AVX512-BF16 or
+  AMX-BF16; elsewhere it is the fp32 run again, which its row's cpu_flags show).
 
 Each accuracy comes with its 95 % Wilson interval. Because the variants answer the same questions, the
 figure that says whether a variant *changed* anything is the paired one: its difference from ``fp32``
@@ -45,6 +47,8 @@ VARIANTS: dict[str, dict] = {
     "ort-int8": {"quant": "none", "vision_backend": "onnxruntime", "vision_precision": "int8"},
     "keep-0.75": {"quant": "none", "keep_ratio": 0.75},
     "keep-0.5": {"quant": "none", "keep_ratio": 0.5},
+    # bf16 tower where the CPU has native bf16 (AVX512-BF16 / AMX-BF16); on other CPUs the same as fp32
+    "dtype-auto": {"quant": "none", "dtype": "auto"},
 }
 BASELINE = "fp32"
 METRICS = ("qa_accuracy", "count_accuracy", "digit_accuracy", "grounding_iou50")

@@ -23,6 +23,8 @@ Backends (``--backends``; one that this machine lacks gets a row whose ``note`` 
 one that fails a row that says ``failed: error``):
 
 * ``torch``: eager fp32 on the CPU under ``torch.inference_mode()``, the reference for the speedups;
+* ``torch-bf16``: the same in bf16 (what ``edgevlm.load(dtype="auto")`` runs on a CPU with AVX512-BF16 or
+  AMX-BF16; skipped elsewhere), judged against torch's bf16 matmul peak;
 * ``ort-fp32`` / ``ort-int8``: ``edgevlm.export.export_model`` to ONNX (int8: static QDQ on the weight
   MatMuls, calibrated on ``--calib-images`` real images) opened with ``open_export(...,
   backend="onnxruntime")``: ONNX Runtime's CPU execution provider with ``--threads`` intra-op threads;
@@ -75,6 +77,9 @@ Columns of ``--out`` (appended with ``edgevlm.perf.results.append_rows``):
                          columns). int8 and fp16 rows are compared with this fp32 peak too: their own
                          peaks are higher and are not measured here
     fraction_of_peak     achieved_gflops / fp32_peak_gflops
+    own_peak_gflops, fraction_of_own_peak   the peak at the row's own precision where it is measured
+                         (fp32 rows: fp32_peak_gflops; torch-bf16: torch's bf16 matmul peak on the CPU),
+                         and achieved_gflops against it
     torch_matmul_gflops, ort_matmul_gflops   the two CPU matmul measurements behind the CPU peak
     max_abs_err, rel_rms_err, min_cosine   accuracy against eager fp32 (see err_on)
     err_on               "export validation": the numbers the export wrote into its manifest (eager vs
@@ -110,7 +115,7 @@ import torch
 
 from edgevlm.config import ConvNeXtConfig, TowerConfig, ViTConfig
 from edgevlm.perf.limits import (busy_cpus, count_flops, cpu_model, git_commit, matmul_peak, module_version,
-                                 ort_fp32_peak)
+                                 native_bf16, ort_fp32_peak)
 from edgevlm.perf.results import append_rows
 from edgevlm.presets import get_preset
 from edgevlm.runtime.tower import VisionTowerModel, build_tower_model, resolve_tower_source
@@ -118,11 +123,11 @@ from edgevlm.runtime.tower import VisionTowerModel, build_tower_model, resolve_t
 FIELDS = ["timestamp", "commit", "cpu", "device", "cpus", "threads", "busy_cpus", "loadavg", "torch", "onnxruntime",
           "tensorrt", "model", "weights", "params_m", "backend", "precision", "providers", "images_per_call",
           "views_per_image", "runs", "ms_per_image_median", "ms_per_image_p90", "speedup_vs_torch", "gflop_per_image",
-          "achieved_gflops", "fp32_peak_gflops", "fraction_of_peak", "torch_matmul_gflops", "ort_matmul_gflops",
+          "achieved_gflops", "fp32_peak_gflops", "fraction_of_peak", "own_peak_gflops", "fraction_of_own_peak", "torch_matmul_gflops", "ort_matmul_gflops",
           "max_abs_err", "rel_rms_err", "min_cosine", "err_on", "export_s", "note"]
 
 MODELS = ("demo", "sphinx-1k-shaped")
-BACKENDS = ("torch", "ort-fp32", "ort-int8", "ort-cuda", "ort-trt", "tensorrt", "torch-cuda")
+BACKENDS = ("torch", "torch-bf16", "ort-fp32", "ort-int8", "ort-cuda", "ort-trt", "tensorrt", "torch-cuda")
 ORT_EPS = {"ort-cuda": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}
 # the session's provider list for each: the EP first, then fallbacks for the nodes it does not take
 ORT_EP_CHAIN = {"ort-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -264,6 +269,14 @@ def candidates(model: VisionTowerModel, name: str, views: dict[str, torch.Tensor
 
     if "torch" in wanted:
         out.append(Candidate("torch", "fp32", run=eager_runner(model, views)))
+    if "torch-bf16" in wanted:  # what load(dtype="auto") runs on a CPU with native bf16
+        c = Candidate("torch-bf16", "bf16", check=True, err_on="timed views")
+        if native_bf16("cpu"):
+            c.run = eager_runner(copy.deepcopy(model).to(torch.bfloat16),
+                                 {k: v.to(torch.bfloat16) for k, v in views.items()})
+        else:
+            c.note = "skipped: no AVX512-BF16 / AMX-BF16 on this CPU (oneDNN would emulate bf16, slower than fp32)"
+        out.append(c)
 
     # ---- ONNX Runtime on the fp32 graph: CPU, then the GPU execution providers ------------------
     ort_fp32 = [b for b in ("ort-fp32", "ort-cuda", "ort-trt") if b in wanted]
@@ -448,6 +461,9 @@ def bench_model(name: str, images: list, args, common: dict, peaks: dict[str, fl
     cands: list[Candidate] = []
     try:
         cands = candidates(model, name, views, Exporter(model, name, root, calib, max_images), args)
+        if any(c.precision == "bf16" and c.run is not None for c in cands) and "cpu-bf16" not in peaks:
+            peaks["cpu-bf16"] = matmul_peak("cpu", torch.bfloat16)
+            print(f"  CPU bf16 matmul peak {peaks['cpu-bf16']:.0f} GFLOP/s", flush=True)
         if any(c.device == "cuda" and c.run is not None for c in cands) and "cuda" not in peaks:
             peaks["cuda"] = matmul_peak("cuda")
             print(f"  GPU fp32 matmul peak {peaks['cuda']:.0f} GFLOP/s (TF32 off)", flush=True)
@@ -485,11 +501,14 @@ def bench_model(name: str, images: list, args, common: dict, peaks: dict[str, fl
             p90 = float(np.percentile(c.times, 90)) * 1e3 / k
             achieved = gflop / (med / 1e3)
             peak = peaks.get(c.device)
+            own = peaks.get("cpu-bf16") if c.precision == "bf16" else peak  # judged at its own precision
             row.update(ms_per_image_median=f"{med:.2f}", ms_per_image_p90=f"{p90:.2f}",
                        speedup_vs_torch=f"{base_ms / med:.2f}" if base_ms else "",
                        achieved_gflops=f"{achieved:.1f}",
                        fp32_peak_gflops=f"{peak:.0f}" if peak else "",
-                       fraction_of_peak=f"{achieved / peak:.3f}" if peak else "")
+                       fraction_of_peak=f"{achieved / peak:.3f}" if peak else "",
+                       own_peak_gflops=f"{own:.0f}" if own else "",
+                       fraction_of_own_peak=f"{achieved / own:.3f}" if own else "")
         if c.err:
             row.update(max_abs_err=f"{c.err['max_abs']:.3g}", rel_rms_err=f"{c.err['rel_rms']:.3g}",
                        min_cosine=f"{c.err['min_cosine']:.5f}")
@@ -512,7 +531,8 @@ def print_table(rows: list[dict]) -> None:
             ("ms_per_image_median", "ms/img", ">"), ("ms_per_image_p90", "p90", ">"), ("runs", "runs", ">"),
             ("speedup_vs_torch", "x torch", ">"), ("gflop_per_image", "GFLOP/img", ">"),
             ("achieved_gflops", "GFLOP/s", ">"), ("fp32_peak_gflops", "fp32 peak", ">"),
-            ("fraction_of_peak", "of peak", ">"), ("rel_rms_err", "rel_rms", ">"), ("max_abs_err", "max_abs", ">"),
+            ("fraction_of_peak", "of peak", ">"), ("own_peak_gflops", "own peak", ">"),
+            ("fraction_of_own_peak", "of own", ">"), ("rel_rms_err", "rel_rms", ">"), ("max_abs_err", "max_abs", ">"),
             ("min_cosine", "min_cos", ">")]
     width = {k: max(len(h), *(len(str(r.get(k, ""))) for r in rows)) for k, h, _ in cols}
     line = lambda vals: "  ".join(f"{v:{a}{width[k]}}" for (k, _, a), v in zip(cols, vals))  # noqa: E731

@@ -224,21 +224,16 @@ EVLM_MATH_SET(x86_64_v3, __attribute__((target("arch=x86-64-v3"))))
 EVLM_MATH_SET(x86_64_v4, __attribute__((target("arch=x86-64-v4"))))
 #endif
 
+// The fp32 loops follow the active matmul kernel set's vector width (whose check already proved the
+// instructions: AVX-512 F/BW/VL/DQ for 512 bits, AVX2 + FMA for 256), so picking a set (EDGEVLM_QGEMM,
+// edgevlm._C.qgemm_use) tests the whole step on that path. aarch64 builds the portable loops with NEON.
 const MathSet& math_set() {
-  static const MathSet* set = [] {
 #ifdef EVLM_X86
-    // EDGEVLM_QGEMM=portable forces the portable C++ here too, so one variable tests the whole fallback.
-    const char* env = std::getenv("EDGEVLM_QGEMM");
-    if (env && std::string(env) == "portable") return &k_portable;
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return &k_x86_64_v4;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &k_x86_64_v3;
+  const int bits = active_kernel_set().vector_bits;
+  if (bits >= 512) return k_x86_64_v4;
+  if (bits >= 256) return k_x86_64_v3;
 #endif
-    return &k_portable;
-  }();
-  return *set;
+  return k_portable;
 }
 
 // RMSNorm as torch's fp32 rms_norm: x * rsqrt(mean(x^2) + eps) * weight.

@@ -101,7 +101,7 @@ void rows_portable(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, 
 
 bool always() { return true; }
 
-const KernelSet kPortable{"portable", always, true, rows_portable, rows_portable, qacts_quantize_portable};
+const KernelSet kPortable{"portable", always, true, 0, rows_portable, rows_portable, qacts_quantize_portable};
 
 // ---- dispatch ------------------------------------------------------------------------------------
 std::atomic<const KernelSet*> g_set{nullptr};

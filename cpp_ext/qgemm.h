@@ -47,6 +47,7 @@ struct KernelSet {
   const char* name;
   bool (*runs_here)();  // this CPU has the instructions
   bool automatic;       // picked without being asked for (false: a test instantiation of another set's code)
+  int vector_bits;      // 512, 256, 128, or 0 (portable); decode_step.cpp picks its fp32 loops to match
   RowsFn int8, int4;
   QuantizeFn quantize;
 };

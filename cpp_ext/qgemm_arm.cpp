@@ -95,7 +95,7 @@ void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, f
 #endif
 
 namespace {
-const KernelSet kNeon{"neon-dotprod", has_dotprod, true, neon::rows<8>, neon::rows<4>, qacts_quantize_portable};
+const KernelSet kNeon{"neon-dotprod", has_dotprod, true, 128, neon::rows<8>, neon::rows<4>, qacts_quantize_portable};
 }  // namespace
 
 const std::vector<const KernelSet*>& arch_kernel_sets() {

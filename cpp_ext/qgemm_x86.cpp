@@ -39,7 +39,8 @@ const int g_prefetch = [] {
 bool has_avx512_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni") &&
          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
 }
 
@@ -345,9 +346,9 @@ void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, f
 #endif
 
 namespace {
-const KernelSet kAvx512{"avx512-vnni", has_avx512_vnni, true, v512::rows<8>, v512::rows<4>, v512::quantize};
-const KernelSet kAvxVnni{"avx-vnni", has_avx_vnni, true, vex256::rows<8>, vex256::rows<4>, avx2_quant::quantize};
-const KernelSet kEvex256{"avx512vl-vnni256", has_avx512_vnni, false, evex256::rows<8>, evex256::rows<4>,
+const KernelSet kAvx512{"avx512-vnni", has_avx512_vnni, true, 512, v512::rows<8>, v512::rows<4>, v512::quantize};
+const KernelSet kAvxVnni{"avx-vnni", has_avx_vnni, true, 256, vex256::rows<8>, vex256::rows<4>, avx2_quant::quantize};
+const KernelSet kEvex256{"avx512vl-vnni256", has_avx512_vnni, false, 256, evex256::rows<8>, evex256::rows<4>,
                          avx2_quant::quantize};
 }  // namespace
 

@@ -231,6 +231,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         if f and f["used"]:  # runtime/quant/fused_decode.py
             print(f"  decode: fused C++ step, all layers per call ({f['threads']} threads, {f['qgemm_kernels']} "
                   f"matmuls, {f['math_kernels']} attention)")
+        k = info.get("cpu_kernels")
+        if k:
+            print(f"  CPU: quantised matmuls {k['qgemm']} (this CPU runs {', '.join(k['qgemm_sets'])}); native bf16: "
+                  f"{'yes' if k['native_bf16'] else 'no'}" + (f"; tower {v['dtype']}" if v and "dtype" in v else ""))
         print(f"  tokenizer: {info['tokenizer']['vocab']} tokens ({info['tokenizer']['source']}); "
               f"chat: {info['chat']['format']} ({info['chat']['template']} template), images {info['chat']['image_placement']}")
     print("  backends: " + ", ".join(f"{k} {val}" for k, val in info["backends"].items()))

@@ -38,7 +38,9 @@ def add_model_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
         p.add_argument("--model", "-m", default="demo", help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"],
+                   help="weights dtype; auto: the vision tower in bf16 where the CPU/GPU has native bf16 "
+                        "(AVX512-BF16, AMX), float32 elsewhere, decoder float32")
     p.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
                    help="image preprocessing backend (default: auto = C++ when built)")
     p.add_argument("--max-context", type=int, default=2048, help="KV cache positions (default: 2048)")

@@ -22,7 +22,10 @@ def load(source: Any, options: LoadOptions | None = None, **overrides) -> "Pipel
     keyword arguments naming its fields say how; keywords override ``options``. All are checked
     before any weights are read.
 
-    - ``device``, ``dtype``: where the model runs and the float dtype of its weights.
+    - ``device``, ``dtype``: where the model runs and the float dtype of its weights. ``dtype="auto"``:
+      the vision tower in bf16 where bf16 matmuls run in hardware (AVX512-BF16 or AMX-BF16 CPUs, bf16
+      GPUs), float32 elsewhere, and the decoder in float32 (:func:`edgevlm.options.auto_dtypes`).
+    - ``tower_dtype``: the vision tower's dtype when it should differ from ``dtype``.
     - ``quant``: the decoder's weight format. ``"auto"`` keeps a GGUF file's own Q8_0/Q4_0/Q4_1 blocks
       (repacked bit-exactly; nothing else is quantised), ``"none"``/None runs float weights, ``"int8"``
       (per channel), ``"int4"`` (group 32), ``"int4-g64"``, ``"int4-g128"``, ``"int8-g32"`` or a

@@ -3,8 +3,9 @@ keyword arguments (or takes as it is) and hands, whole, to every stage of loadin
 
 Every field is checked and normalised when the object is made, so a bad option fails before any
 weights are read, and later stages never re-derive a setting from a string: ``quant`` is ``"auto"``,
-None or a :class:`~edgevlm.config.QuantConfig`; ``device`` a ``torch.device``; ``dtype`` a
-``torch.dtype``.
+None or a :class:`~edgevlm.config.QuantConfig`; ``device`` a ``torch.device``; ``dtype`` and
+``tower_dtype`` ``torch.dtype``s (``dtype="auto"`` is resolved here, for this machine: see
+:func:`auto_dtypes`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,20 @@ def torch_dtype(d: str | torch.dtype) -> torch.dtype:
             raise ConfigError(f"dtype {d} not supported; use one of {sorted(DTYPES)}")
         return d
     if d not in DTYPES:
-        raise ConfigError(f"dtype {d!r} not supported; use one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {d!r} not supported; use one of {sorted(DTYPES)} (or 'auto' for load's dtype)")
     return DTYPES[d]
+
+
+def auto_dtypes(device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """What ``dtype="auto"`` means on ``device``: (decoder dtype, vision tower dtype).
+
+    The tower is bf16 where bf16 matmuls run in hardware (a CPU with AVX512-BF16 or AMX-BF16, a CUDA
+    GPU with bf16) and float32 elsewhere, where bf16 would be emulated and slower. The decoder stays
+    float32: the quantised CPU kernels take fp32 activations (their prefill runs int8 dot products,
+    faster than bf16 on CPUs without AMX), and a float decoder keeps its reference numbers."""
+    from .perf.limits import native_bf16
+
+    return torch.float32, (torch.bfloat16 if native_bf16(device) else torch.float32)
 
 
 def quant_setting(quant: str | QuantConfig | None) -> str | QuantConfig | None:
@@ -60,6 +73,7 @@ class LoadOptions:
 
     device: str | torch.device = "cpu"
     dtype: str | torch.dtype = "float32"
+    tower_dtype: str | torch.dtype | None = None
     quant: str | QuantConfig | None = "auto"
     kv_cache: str = "float"
     max_context: int = 2048
@@ -78,7 +92,15 @@ class LoadOptions:
     decode_graphs: str = "off"
 
     def __post_init__(self) -> None:
-        normalise = {"device": torch.device(self.device), "dtype": torch_dtype(self.dtype),
+        device = torch.device(self.device)
+        if isinstance(self.dtype, str) and self.dtype == "auto":
+            dtype, tower_dtype = auto_dtypes(device)
+        else:
+            dtype = torch_dtype(self.dtype)
+            tower_dtype = dtype
+        if self.tower_dtype is not None:
+            tower_dtype = torch_dtype(self.tower_dtype)
+        normalise = {"device": device, "dtype": dtype, "tower_dtype": tower_dtype,
                      "quant": quant_setting(self.quant), "reuse_prefix": bool(self.reuse_prefix),
                      "grounding_head": bool(self.grounding_head)}
         for name, value in normalise.items():
@@ -129,5 +151,5 @@ class LoadOptions:
         return self.keep_ratio != 1.0 or self.keep_mode != "uniform"
 
 
-__all__ = ["LoadOptions", "torch_dtype", "quant_setting", "VISION_BACKENDS", "VISION_PRECISIONS", "KV_CACHES",
+__all__ = ["LoadOptions", "torch_dtype", "auto_dtypes", "quant_setting", "VISION_BACKENDS", "VISION_PRECISIONS", "KV_CACHES",
            "KEEP_MODES", "DTYPES", "DECODE_GRAPHS"]

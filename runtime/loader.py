@@ -50,7 +50,7 @@ class ModelParts:
     """A model's pieces before they become a Pipeline. ``gguf_raw``: the GGUF file's raw blocks, while
     they still describe the decoder's weights (``quant="auto"`` repacks them). ``lora``: LoRA
     (factors, config) kept apart from the weights so that quantisation can put them beside the
-    quantised layers. ``tower``: the vision tower module on the load's device and dtype, or None.
+    quantised layers. ``tower``: the vision tower module on the load's device, in ``opts.tower_dtype``, or None.
     ``grounding_head``: the box head of a config with one (float32, on the load's device), or None."""
 
     name: str
@@ -230,7 +230,7 @@ def _from_model_config(cfg: ModelConfig, state: dict[str, torch.Tensor], opts: L
     elif any(k.startswith(GROUNDING_PREFIX) for k in state):
         raise CheckpointError(f"checkpoint holds {GROUNDING_PREFIX}* tensors but its config has no grounding_head")
     return ModelParts(cfg.name, decoder, tokenizer, ChatFormat.from_config(cfg, tokenizer), sources,
-                      tower=model.to(opts.device, opts.dtype), tower_weights=report, gguf_raw=native, lora=lora,
+                      tower=model.to(opts.device, opts.tower_dtype), tower_weights=report, gguf_raw=native, lora=lora,
                       instruction_tokenizer=_checkpoint_instruction_tokenizer(tokenizer_dir, model.config),
                       grounding_head=head)
 
@@ -382,7 +382,7 @@ def assemble(parts: ModelParts, opts: LoadOptions, *, runner=None, backend: str 
     graph's runner, :func:`edgevlm.export.open_export`), named by ``backend``."""
     tower = None
     if parts.tower is not None:
-        tower = VisionTower(parts.tower, device=opts.device, dtype=opts.dtype,
+        tower = VisionTower(parts.tower, device=opts.device, dtype=opts.tower_dtype,
                             preprocess_backend=opts.preprocess_backend, max_image_pixels=opts.max_image_pixels,
                             weights=parts.tower_weights, embedding_cache_bytes=opts.embedding_cache_bytes,
                             runner=runner, backend=backend, keep_ratio=opts.keep_ratio, keep_mode=opts.keep_mode,

@@ -41,6 +41,7 @@ from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
 from .grounding_head import AnswerPrior, BoxWriter, GroundingHead, HeadQuestion, answer_ids, trigger_id
 from .kv_cache import KVCache
+from .quant.cpu_linear import cpu_kernel_info
 from .quant.fused_decode import FusedDecodeStep
 from .token_keep import select_cells
 from .tokenizer import Tokenizer
@@ -440,6 +441,7 @@ class Pipeline:
             "decode_graphs": self._graphs.info() if self._graphs is not None else None,
             "fused_decode": ({"used": True, **self._fused.info()} if self._fused is not None
                              else {"used": False, "reason": self._fused_reason}),
+            "cpu_kernels": cpu_kernel_info(),
             "tokenizer": {"vocab": self.tokenizer.vocab_size, "bos": self.tokenizer.bos_id,
                           "eos": self.tokenizer.eos_id, "source": self.sources.get("tokenizer", "?")},
             "chat": {"format": self.chat.kind, "image_placement": self.chat.image_placement,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgevlm
+from edgevlm import _C
 from edgevlm.config import DecoderConfig, LoRAConfig, QuantConfig
 from edgevlm.errors import ConfigError
 from edgevlm.runtime import quant as Q
@@ -217,6 +218,22 @@ def test_fused_prefill_matches_python_and_float64(case):
     kv_py = torch.stack([ref.k[:, 0], ref.v[:, 0]])  # [2, L, Hkv, T, Dh]
     kv_fu, kv64 = torch.stack([mine.k[:, 0], mine.v[:, 0]]), torch.stack([k64, v64])
     assert_within_noise(kv_fu, kv64, f"{case}: prefill K/V, fused vs float64", noise=max_abs(kv_py, kv64))
+
+
+@pytest.mark.parametrize("kernel_set", _C.qgemm_kernel_sets())
+def test_every_kernel_set_runs_the_fused_step_and_prefill(kernel_set):
+    """The decode-step and prefill comparisons on each matmul kernel set this CPU runs, whose vector
+    width also picks the fp32 loops (AVX-512, AVX2 + FMA or portable)."""
+    before = _C.qgemm_kernels()
+    _C.qgemm_use(kernel_set)
+    try:
+        width = {"avx512-vnni": "x86_64_v4", "avx-vnni": "x86_64_v3", "avx512vl-vnni256": "x86_64_v3"}
+        assert _C.DecodePlan(64, 2, 1, 32, 32, 64, 1).math_kernels == width.get(kernel_set, "portable")
+        for case in ("int4-lora-bias", "int8-partial-rope"):
+            test_fused_step_matches_python_and_float64_over_decode_steps(case)
+            test_fused_prefill_matches_python_and_float64(case)
+    finally:
+        _C.qgemm_use(before)
 
 
 @pytest.mark.parametrize("case", ["int8-bias", "int8g32-lora"])

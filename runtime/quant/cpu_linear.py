@@ -46,10 +46,22 @@ def qgemm_reference(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None
 
 
 def cpu_kernels() -> str:
-    """Which quantised-matmul kernels run on this CPU: ``avx512-vnni`` or ``portable``."""
+    """Which quantised-matmul kernel set runs on this CPU: ``avx512-vnni``, ``avx-vnni``, ``neon-dotprod``
+    or ``portable`` (``EDGEVLM_QGEMM=<name>`` picks another this CPU can run)."""
     from edgevlm import _C
 
     return _C.qgemm_kernels()
+
+
+def cpu_kernel_info() -> dict:
+    """What this CPU runs: the quantised-matmul kernel set in use (``qgemm``), every set it could run,
+    best first (``qgemm_sets``), whether bf16 matmuls are native here (``native_bf16``: where they are,
+    ``dtype="auto"`` puts the vision tower in bf16) and the instruction-set flags behind both."""
+    from edgevlm import _C
+    from edgevlm.perf.limits import cpu_flags, native_bf16
+
+    return {"qgemm": _C.qgemm_kernels(), "qgemm_sets": list(_C.qgemm_kernel_sets()), "native_bf16": native_bf16("cpu"),
+            "flags": cpu_flags()}
 
 
 class QuantLinear(nn.Module):
@@ -229,4 +241,5 @@ def kernel_threads(decoder: nn.Module):
 
 
 __all__ = ["QuantLinear", "FusedQuantLinear", "QuantSlice", "quantize_activations", "qgemm_reference", "cpu_kernels",
+           "cpu_kernel_info",
            "kernel_threads", "mark_quantized"]
