@@ -377,22 +377,24 @@ class DecodePlan {
           std::memcpy(vl + g * head_stride + size_t(pos + i) * Dh_, v + size_t(g) * Dh_, sizeof(float) * Dh_);
         }
       });
-      // (token, head) pairs split evenly over the threads; token i sees positions 0..pos+i. Several
-      // tokens read the keys through their transpose (attend_t_body), made here once per kv head.
+      // Token i sees positions 0..pos+i. Several tokens read the keys through their transpose
+      // (attend_t_body), made here once per kv head: Kt[g, d, j] = K[g, j, d], zero past the last position.
       const int pairs = M * H_, n_all = pos + M, ld = (n_all + 63) / 64 * 64;
       if (M > 1) {
         s.kt.resize(size_t(Hkv_) * Dh_ * ld);
-        for (int g = 0; g < Hkv_; ++g) {
-          float* kt = s.kt.data() + size_t(g) * Dh_ * ld;
-          const float* kg = kl + g * head_stride;
-          for (int j = 0; j < n_all; ++j)
-            for (int d = 0; d < Dh_; ++d) kt[size_t(d) * ld + j] = kg[size_t(j) * Dh_ + d];
-          for (int d = 0; d < Dh_; ++d) std::fill(kt + size_t(d) * ld + n_all, kt + size_t(d + 1) * ld, 0.f);
-        }
+        for_rows(Hkv_ * Dh_, [&](int r) {
+          const int g = r / Dh_, d = r % Dh_;
+          float* kt = s.kt.data() + size_t(r) * ld;
+          const float* kg = kl + g * head_stride + d;
+          for (int j = 0; j < n_all; ++j) kt[j] = kg[size_t(j) * Dh_];
+          std::fill(kt + n_all, kt + ld, 0.f);
+        });
       }
+      // (token, head) pairs dealt round-robin: a later token attends to more positions, so contiguous
+      // ranges would leave the last thread most of the work. Each pair's numbers do not depend on who runs it.
       const std::function<void(int)> attend = [&](int t) {
         float* sc = s.scores.data() + size_t(t) * ld;
-        for (int j = int(int64_t(pairs) * t / nt); j < int(int64_t(pairs) * (t + 1) / nt); ++j) {
+        for (int j = t; j < pairs; j += nt) {
           const int i = j / H_, h = j % H_, g = h / group_size;
           const float* q = s.qkv.data() + i * qkv_w + size_t(h) * Dh_;
           float* o = s.att.data() + (i * size_t(H_) + h) * Dh_;
@@ -408,7 +410,7 @@ class DecodePlan {
       if (pool && size_t(H_) * M * (pos + (M + 1) / 2) * Dh_ >= kParallelAttention) {
         pool->run(nt, attend);
       } else {
-        for (int t = 0; t < nt; ++t) attend(t);  // same pair ranges, so the same numbers either way
+        for (int t = 0; t < nt; ++t) attend(t);  // same pairs per t, so the same numbers either way
       }
       project(L.o, s.att.data(), H_ * Dh_, M, s.tmp.data(), D_, x, pool, nt, ms, s);
       for_rows(M, [&](int i) { rms_norm(x + i * size_t(D_), L.mlp_norm, D_, L.mlp_eps, s.h.data() + i * size_t(D_)); });
