@@ -24,6 +24,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -101,7 +103,7 @@ void rows_portable(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, 
 
 bool always() { return true; }
 
-const KernelSet kPortable{"portable", always, true, 0, rows_portable, rows_portable, qacts_quantize_portable};
+const KernelSet kPortable{"portable", always, true, 0, rows_portable, rows_portable, qacts_quantize_portable, nullptr};
 
 // ---- dispatch ------------------------------------------------------------------------------------
 std::atomic<const KernelSet*> g_set{nullptr};
@@ -220,6 +222,31 @@ SpinPool* qgemm_pool(int threads, std::unique_lock<std::mutex>& lk) {
   g_qpool->grow(threads);
   lk = std::move(mine);
   return g_qpool;
+}
+
+double kernel_set_peak_gops(int threads, double seconds) {
+  const KernelSet& ks = active_kernel_set();
+  if (!ks.peak_loop || threads < 1) return 0.0;
+  // Each instruction: vector_bits / 32 lanes x 4 byte products, 2 ops per multiply-add, 12 per round.
+  const double ops_per_round = 12.0 * ks.vector_bits / 32 * 4 * 2;
+  int64_t iters = 1 << 16;
+  for (;;) {  // grow until one thread's loop takes a tenth of the budget, then run it on every thread
+    const auto t0 = std::chrono::steady_clock::now();
+    volatile int64_t sink = ks.peak_loop(iters);
+    (void)sink;
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > seconds / 10 || iters > (int64_t(1) << 40)) {
+      iters = std::max<int64_t>(1, int64_t(iters * (seconds / std::max(dt, 1e-9))));
+      break;
+    }
+    iters *= 4;
+  }
+  std::vector<std::thread> pool;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int t = 0; t < threads; ++t) pool.emplace_back([&] { volatile int64_t sink = ks.peak_loop(iters); (void)sink; });
+  for (std::thread& t : pool) t.join();
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return ops_per_round * double(iters) * threads / dt / 1e9;
 }
 
 void qgemm_run(const QWeights& w, const float* x, int M, float* out, int threads) {

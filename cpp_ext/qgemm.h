@@ -50,6 +50,9 @@ struct KernelSet {
   int vector_bits;      // 512, 256, 128, or 0 (portable); decode_step.cpp picks its fp32 loops to match
   RowsFn int8, int4;
   QuantizeFn quantize;
+  // The set's dot-product instruction alone: `iters` rounds of 12 independent accumulations, no memory
+  // traffic (null for portable). Its rate is the integer peak the prefill kernels are judged against.
+  int64_t (*peak_loop)(int64_t iters);
 };
 
 // Sets in order of preference (x86: avx512-vnni, avx-vnni, avx512vl-vnni256; aarch64: neon-dotprod).
@@ -76,6 +79,10 @@ std::vector<std::string> kernel_sets_here();
 // Makes `name` the active set ("" = the automatic choice); throws std::invalid_argument naming the sets
 // this CPU can run. Not for use while another thread is inside a kernel.
 void use_kernel_set(const std::string& name);
+
+// GOP/s (2 per multiply-add) of the active set's dot-product instruction on `threads` threads, about
+// `seconds` long; 0 for the portable set.
+double kernel_set_peak_gops(int threads, double seconds);
 
 // Whole matmul on `threads` threads (the pool when free, else inline): out[M, N] = x[M, K] @ W^T + bias.
 void qgemm_run(const QWeights& w, const float* x, int M, float* out, int threads);

@@ -43,6 +43,14 @@ Releases the GIL.)doc");
         "The quantised-matmul kernel set in use (EDGEVLM_QGEMM=<name> picks another this CPU can run).");
   m.def("qgemm_kernel_sets", &evlm::kernel_sets_here,
         "Names of the quantised-matmul kernel sets this CPU can run, best first ('portable' last).");
+  m.def("qgemm_peak_gops",
+        [](int threads, double seconds) {
+          py::gil_scoped_release release;
+          return evlm::kernel_set_peak_gops(threads, seconds);
+        },
+        py::arg("threads"), py::arg("seconds") = 0.3,
+        "GOP/s (2 per multiply-add) of the active kernel set's dot-product instruction alone on `threads` threads, "
+        "no memory traffic: the integer peak the prefill kernels are judged against (0 for 'portable').");
   m.def("qgemm_use", &evlm::use_kernel_set, py::arg("name"),
         "Make `name` the active kernel set ('' = the automatic choice). Raises ValueError naming the sets this "
         "CPU can run. Not while another thread is inside a kernel.");

@@ -199,6 +199,23 @@ void quantize(const float* x, int m0, int m1, QActs& a) {
     }
 }
 
+// 12 accumulators hide vpdpbusd's latency; the empty asm keeps them in registers (an array spills).
+int64_t peak_loop(int64_t iters) {
+  const __m512i w = _mm512_set1_epi8(1), x = _mm512_set1_epi8(2);
+  __m512i a0 = w, a1 = w, a2 = w, a3 = w, a4 = w, a5 = w, a6 = w, a7 = w, a8 = w, a9 = w, a10 = w, a11 = w;
+  for (int64_t i = 0; i < iters; ++i) {
+    a0 = _mm512_dpbusd_epi32(a0, w, x), a1 = _mm512_dpbusd_epi32(a1, w, x), a2 = _mm512_dpbusd_epi32(a2, w, x);
+    a3 = _mm512_dpbusd_epi32(a3, w, x), a4 = _mm512_dpbusd_epi32(a4, w, x), a5 = _mm512_dpbusd_epi32(a5, w, x);
+    a6 = _mm512_dpbusd_epi32(a6, w, x), a7 = _mm512_dpbusd_epi32(a7, w, x), a8 = _mm512_dpbusd_epi32(a8, w, x);
+    a9 = _mm512_dpbusd_epi32(a9, w, x), a10 = _mm512_dpbusd_epi32(a10, w, x), a11 = _mm512_dpbusd_epi32(a11, w, x);
+    asm volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7), "+v"(a8),
+                 "+v"(a9), "+v"(a10), "+v"(a11));
+  }
+  const __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
+                                     _mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7)));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(a8, a9), _mm512_add_epi32(a10, a11))));
+}
+
 }  // namespace v512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -242,7 +259,23 @@ void quantize(const float* x, int m0, int m1, QActs& a) {
     static EVLM_ALWAYS_INLINE void prefetch(const uint8_t* p) {                                          \
       _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);                                       \
     }                                                                                                    \
-  };
+  };                                                                                                     \
+  int64_t peak_loop(int64_t iters) {                                                                     \
+    const __m256i w = _mm256_set1_epi8(1), x = _mm256_set1_epi8(2);                                      \
+    __m256i a0 = w, a1 = w, a2 = w, a3 = w, a4 = w, a5 = w, a6 = w, a7 = w, a8 = w, a9 = w, a10 = w, a11 = w; \
+    for (int64_t i = 0; i < iters; ++i) {                                                                \
+      a0 = DP(a0, w, x), a1 = DP(a1, w, x), a2 = DP(a2, w, x), a3 = DP(a3, w, x), a4 = DP(a4, w, x);     \
+      a5 = DP(a5, w, x), a6 = DP(a6, w, x), a7 = DP(a7, w, x), a8 = DP(a8, w, x), a9 = DP(a9, w, x);     \
+      a10 = DP(a10, w, x), a11 = DP(a11, w, x);                                                          \
+      asm volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7),  \
+                   "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));                                            \
+    }                                                                                                    \
+    int32_t out[8];                                                                                      \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),                                                 \
+                        _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)), \
+                                         _mm256_add_epi32(_mm256_add_epi32(a4, a5), _mm256_add_epi32(a6, a7)))); \
+    return int64_t(out[0]) + out[7] + _mm256_extract_epi32(_mm256_add_epi32(a8, _mm256_add_epi32(a9, _mm256_add_epi32(a10, a11))), 0); \
+  }
 
 namespace avx2_quant {
 // AVX2 version of v512::quantize (same roundings; only the fp32 sum of x is added in another order).
@@ -346,10 +379,12 @@ void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, f
 #endif
 
 namespace {
-const KernelSet kAvx512{"avx512-vnni", has_avx512_vnni, true, 512, v512::rows<8>, v512::rows<4>, v512::quantize};
-const KernelSet kAvxVnni{"avx-vnni", has_avx_vnni, true, 256, vex256::rows<8>, vex256::rows<4>, avx2_quant::quantize};
+const KernelSet kAvx512{"avx512-vnni", has_avx512_vnni, true, 512, v512::rows<8>, v512::rows<4>, v512::quantize,
+                        v512::peak_loop};
+const KernelSet kAvxVnni{"avx-vnni", has_avx_vnni, true, 256, vex256::rows<8>, vex256::rows<4>, avx2_quant::quantize,
+                         vex256::peak_loop};
 const KernelSet kEvex256{"avx512vl-vnni256", has_avx512_vnni, false, 256, evex256::rows<8>, evex256::rows<4>,
-                         avx2_quant::quantize};
+                         avx2_quant::quantize, evex256::peak_loop};
 }  // namespace
 
 const std::vector<const KernelSet*>& arch_kernel_sets() {

@@ -71,6 +71,12 @@ def test_threads_split_rows_never_sums(kernel_set, bits, group):
     assert torch.equal(one, lin(x))
 
 
+@pytest.mark.parametrize("kernel_set", SETS, indirect=True)
+def test_peak_loop_measures_the_dot_product_instruction(kernel_set):
+    peak = _C.qgemm_peak_gops(1, 0.05)
+    assert (peak > 1.0) if kernel_set != "portable" else peak == 0.0, peak
+
+
 def test_unknown_set_is_refused_and_nothing_changes():
     before = _C.qgemm_kernels()
     with pytest.raises(ValueError, match="no kernel set 'sse9'.*portable"):
@@ -132,6 +138,8 @@ def test_aarch64_kernel_sets_under_qemu(arm_selftest, tmp_path, kernel_set):
     cases = _write_cases(tmp_path)
     out = _run_arm(arm_selftest, tmp_path, "max", kernel_set)  # qemu's "max" Arm core has dotprod and i8mm
     assert f"used: {kernel_set}" in out and f"cases: {len(cases)}" in out, out
+    peak = float(out.split("peak_gops: ")[1].split()[0])
+    assert (peak > 0) == (kernel_set != "portable"), out  # sdot's peak loop ran (its rate means nothing under qemu)
     for name, (p, x, bias) in cases.items():
         got = torch.from_numpy(np.fromfile(tmp_path / f"{name}.{kernel_set}.out", dtype=np.float32))
         assert_kernel_matches_reference(got.view(x.shape[0], p.n), x, p, bias, f"aarch64 {kernel_set} {name}")

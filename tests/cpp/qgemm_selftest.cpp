@@ -7,7 +7,7 @@
 //                              "name bits N K G M threads has_bias"; DIR/<name>.{qw,scales,zeros,bias,x}
 //                              raw little-endian arrays; writes DIR/<name>.<SET>.out (fp32 [M, N]).
 //                              SET: a kernel set name, or "" for the automatic choice. Prints the sets
-//                              this CPU runs and the one used.
+//                              this CPU runs, the one used, and its dot-product peak (0: portable).
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
       ++n_cases;
     }
     std::cout << "cases: " << n_cases << '\n';
+    std::cout << "peak_gops: " << evlm::kernel_set_peak_gops(1, 0.05) << '\n';  // runs the set's peak loop
   } catch (const std::exception& e) {
     std::cerr << "qgemm_selftest: " << e.what() << '\n';
     return 1;
