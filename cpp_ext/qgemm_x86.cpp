@@ -277,6 +277,13 @@ int64_t peak_loop(int64_t iters) {
     return int64_t(out[0]) + out[7] + _mm256_extract_epi32(_mm256_add_epi32(a8, _mm256_add_epi32(a9, _mm256_add_epi32(a10, a11))), 0); \
   }
 
+// Tiles of 3 tokens (int8) or 2 (int4) over one row block, for every token count.
+#define EVLM_V256_ROWS                                                                                     \
+  template <int BITS>                                                                                    \
+  void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {  \
+    tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out, ldo);                             \
+  }
+
 namespace avx2_quant {
 // AVX2 version of v512::quantize (same roundings; only the fp32 sum of x is added in another order).
 #if defined(__clang__)
@@ -346,10 +353,7 @@ void quantize(const float* x, int m0, int m1, QActs& a) {
 namespace vex256 {
 EVLM_V256_KERNELS(_mm256_dpbusd_avx_epi32)
 #include "qgemm_tile.inc"
-template <int BITS>
-void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {
-  tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out, ldo);
-}
+EVLM_V256_ROWS
 }  // namespace vex256
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -367,10 +371,7 @@ void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, f
 namespace evex256 {
 EVLM_V256_KERNELS(_mm256_dpbusd_epi32)
 #include "qgemm_tile.inc"
-template <int BITS>
-void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {
-  tile_rows<BITS, BITS == 8 ? 3 : 2, 1>(w, a, rb0, rb1, m0, m1, out, ldo);
-}
+EVLM_V256_ROWS
 }  // namespace evex256
 #if defined(__clang__)
 #pragma clang attribute pop

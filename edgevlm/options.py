@@ -49,7 +49,7 @@ def auto_dtypes(device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     GPU with bf16) and float32 elsewhere, where bf16 would be emulated and slower. The decoder stays
     float32: the quantised CPU kernels take fp32 activations (their prefill runs int8 dot products,
     faster than bf16 on CPUs without AMX), and a float decoder keeps its reference numbers."""
-    from .perf.limits import native_bf16
+    from .cpu_features import native_bf16
 
     return torch.float32, (torch.bfloat16 if native_bf16(device) else torch.float32)
 

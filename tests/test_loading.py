@@ -33,7 +33,7 @@ def test_options_are_normalised_once():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_puts_the_tower_in_bf16_only_where_bf16_is_native(native, monkeypatch):
-    monkeypatch.setattr("edgevlm.perf.limits.native_bf16", lambda device: native)
+    monkeypatch.setattr("edgevlm.cpu_features.native_bf16", lambda device: native)
     o = LoadOptions(dtype="auto")
     assert o.dtype is torch.float32  # the decoder: the quantised kernels take fp32
     assert o.tower_dtype is (torch.bfloat16 if native else torch.float32)
@@ -46,7 +46,7 @@ def test_auto_dtype_loads_a_bf16_tower_that_tracks_the_fp32_one(monkeypatch):
     within a few percent of fp32's (bench/vision.py measured 1.3 % relative RMS on the bundled images)."""
     from edgevlm.scenes import make_scene
 
-    monkeypatch.setattr("edgevlm.perf.limits.native_bf16", lambda device: True)
+    monkeypatch.setattr("edgevlm.cpu_features.native_bf16", lambda device: True)
     auto = edgevlm.load("demo", dtype="auto", quant="none", embedding_cache_bytes=0)
     ref = edgevlm.load("demo", quant="none", embedding_cache_bytes=0)
     assert auto.tower.dtype is torch.bfloat16 and auto.decoder.dtype is torch.float32

@@ -10,12 +10,13 @@ bound is as tight as this machine showed it can be), not taken from a datasheet.
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from edgevlm.cpu_features import SPEED_FLAGS, cpu_flags, cpu_model, native_bf16  # noqa: F401  (re-exported)
 
 # ---- the machine's limits ------------------------------------------------------------------------
 
@@ -168,45 +169,6 @@ def git_commit(where: str | os.PathLike | None = None, dirty: bool = True) -> st
         return commit
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# The instruction sets that change which kernel or precision is fastest here (bf16 wins only with AMX or
-# AVX512-BF16; the int8 kernels need VNNI): bench rows record them, since "AMD EPYC" alone can mean AVX2 only.
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
-               "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> str:
-    """The :data:`SPEED_FLAGS` this CPU has, space-separated (Linux /proc/cpuinfo; ``""`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in SPEED_FLAGS if f in have)
-    except OSError:
-        pass
-    return ""
-
-
-def native_bf16(device: str | torch.device) -> bool:
-    """Whether bf16 matmuls run in hardware here: a CUDA device that supports bf16, or a CPU with AMX-BF16
-    or AVX512-BF16. Elsewhere oneDNN emulates them, and a bf16-autocast training step on an AVX2-only
-    AMD EPYC took 157 s against 20 s in fp32 (docs/training.md)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool({"amx_bf16", "avx512_bf16"} & set(cpu_flags().split()))
 
 
 def device_name(device: str | torch.device) -> str:

@@ -58,7 +58,7 @@ def cpu_kernel_info() -> dict:
     best first (``qgemm_sets``), whether bf16 matmuls are native here (``native_bf16``: where they are,
     ``dtype="auto"`` puts the vision tower in bf16) and the instruction-set flags behind both."""
     from edgevlm import _C
-    from edgevlm.perf.limits import cpu_flags, native_bf16
+    from edgevlm.cpu_features import cpu_flags, native_bf16
 
     return {"qgemm": _C.qgemm_kernels(), "qgemm_sets": list(_C.qgemm_kernel_sets()), "native_bf16": native_bf16("cpu"),
             "flags": cpu_flags()}
