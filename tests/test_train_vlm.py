@@ -386,10 +386,10 @@ def test_stage2_init_from_a_bare_weights_file(tmp_path, capsys):
 def test_autocast_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch, flags, native):
     """bf16 autocast on a CPU without bf16 matmul hardware is emulated (a demo step: 157 s against 20 s in
     fp32 on an AVX2 EPYC), so "auto" must pick fp32 there and bf16 on AMX / AVX512-BF16 machines."""
-    import edgevlm.perf.limits as limits
+    import edgevlm.cpu_features as features
 
-    monkeypatch.setattr(limits, "cpu_flags", lambda: flags)
-    assert limits.native_bf16("cpu") is native
+    monkeypatch.setattr(features, "cpu_flags", lambda: flags)
+    assert features.native_bf16("cpu") is native
     pipe = edgevlm.load(get_preset("tiny"))
     for mode, want in (("auto", "bf16" if native else "none"), ("bf16", "bf16"), ("none", "none")):
         t = VLMTrainer(get_preset("tiny"), TrainConfig(stage="stage1", steps=1, batch_size=2, autocast=mode),
