@@ -138,8 +138,6 @@ thread_local QActs tl_acts;
 
 }  // namespace
 
-const KernelSet& portable_kernel_set() { return kPortable; }
-
 #if !defined(__x86_64__) && !defined(_M_X64) && !defined(__aarch64__)
 const std::vector<const KernelSet*>& arch_kernel_sets() {
   static const std::vector<const KernelSet*> none;

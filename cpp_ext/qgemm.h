@@ -57,8 +57,6 @@ struct KernelSet {
 
 // Sets in order of preference (x86: avx512-vnni, avx-vnni, avx512vl-vnni256; aarch64: neon-dotprod).
 const std::vector<const KernelSet*>& arch_kernel_sets();
-// The portable set (qgemm.cpp), always last.
-const KernelSet& portable_kernel_set();
 
 // Sizes `a` for M tokens of K values (allocates only when it grows).
 void qacts_resize(int M, int K, QActs& a);

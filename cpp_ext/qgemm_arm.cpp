@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "qgemm.h"
+#include "target_region.h"
 
 #if defined(__linux__)
 #include <sys/auxv.h>
@@ -40,12 +41,7 @@ bool has_dotprod() {
 }
 }  // namespace
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("dotprod"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("arch=armv8.2-a+dotprod")
-#endif
+EVLM_TARGET_BEGIN("arch=armv8.2-a+dotprod", "dotprod")
 namespace neon {
 
 struct V {
@@ -105,11 +101,7 @@ void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, f
 }
 
 }  // namespace neon
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+EVLM_TARGET_END
 
 namespace {
 const KernelSet kNeon{"neon-dotprod", has_dotprod, true, 128, neon::rows<8>, neon::rows<4>, qacts_quantize_portable,

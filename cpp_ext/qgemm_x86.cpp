@@ -7,7 +7,7 @@
 //                     Never picked on its own: it lets a machine with AVX-512 VNNI but no AVX-VNNI (AMD
 //                     Zen 4, most Xeons) run and test the 256-bit kernels' arithmetic.
 //
-// Each set is its own namespace compiled under its own target (a pragma region, not a whole-file -m
+// Each set is its own namespace compiled under its own target (target_region.h: a pragma region, not a whole-file -m
 // flag: nothing here may leak wide instructions into code that every CPU runs). Prefill (4 or more
 // tokens) runs the register-tiled kernel of qgemm_tile.inc; AVX-512 decode (1 to 3 tokens) keeps its
 // own weight-streaming kernel, whose two accumulator chains per row block hide vpdpbusd's latency.
@@ -22,8 +22,11 @@
 #include <vector>
 
 #include "qgemm.h"
+#include "target_region.h"
 
 #define EVLM_ALWAYS_INLINE inline __attribute__((always_inline))
+// What the 512-bit set and the EVEX build of the 256-bit one are compiled for.
+#define EVLM_AVX512_VNNI "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
 
 namespace evlm {
 namespace {
@@ -53,13 +56,7 @@ bool has_avx_vnni() {
 }  // namespace
 
 // ==== AVX-512 VNNI ================================================================================
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#endif
+EVLM_TARGET_BEGIN(EVLM_AVX512_VNNI, EVLM_AVX512_VNNI)
 namespace v512 {
 
 struct V {
@@ -217,11 +214,7 @@ int64_t peak_loop(int64_t iters) {
 }
 
 }  // namespace v512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+EVLM_TARGET_END
 
 // ==== 256-bit VNNI (AVX-VNNI, and the same source in EVEX encoding) ==============================
 // 16 ymm registers without AVX-512: tiles of 3 tokens x 1 row block (int8: 6 dot + 6 scale
@@ -286,12 +279,7 @@ int64_t peak_loop(int64_t iters) {
 
 namespace avx2_quant {
 // AVX2 version of v512::quantize (same roundings; only the fp32 sum of x is added in another order).
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+EVLM_TARGET_BEGIN("avx2,fma", "avx2,fma")
 EVLM_ALWAYS_INLINE float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -337,47 +325,24 @@ void quantize(const float* x, int m0, int m1, QActs& a) {
       a.scale[i] = d, a.qsum[i] = _mm_cvtsi128_si32(s4), a.sum[i] = hsum8(sm);
     }
 }
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+EVLM_TARGET_END
 }  // namespace avx2_quant
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avxvnni")
-#endif
+EVLM_TARGET_BEGIN("avx2,fma,f16c,avxvnni", "avx2,fma,f16c,avxvnni")
 namespace vex256 {
 EVLM_V256_KERNELS(_mm256_dpbusd_avx_epi32)
 #include "qgemm_tile.inc"
 EVLM_V256_ROWS
 }  // namespace vex256
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+EVLM_TARGET_END
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#endif
+EVLM_TARGET_BEGIN(EVLM_AVX512_VNNI, EVLM_AVX512_VNNI)
 namespace evex256 {
 EVLM_V256_KERNELS(_mm256_dpbusd_epi32)
 #include "qgemm_tile.inc"
 EVLM_V256_ROWS
 }  // namespace evex256
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+EVLM_TARGET_END
 
 namespace {
 const KernelSet kAvx512{"avx512-vnni", has_avx512_vnni, true, 512, v512::rows<8>, v512::rows<4>, v512::quantize,
