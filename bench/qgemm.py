@@ -8,7 +8,7 @@ For each projection of a decoder layer (q/k/v fused, o, gate/up fused, down) and
 bandwidth: one matrix called in a loop would sit in the cache and flatter it):
 
 * ``edgevlm int8`` on every kernel set this CPU runs (``edgevlm._C.qgemm_kernel_sets()``: avx512-vnni,
-  avx-vnni, avx512vl-vnni256, neon-dotprod, portable), per-channel weights, int8 activations per 32;
+  avx-vnni, avx512vl-vnni256, neon-i8mm, neon-dotprod, portable), per-channel weights, int8 activations per 32;
 * ``edgevlm int4`` (group 32, GGUF Q4_1's layout) on the automatic set;
 * ``torch int8-dynamic``: ``torch.ao`` dynamic quantisation (fbgemm; int8 weights per tensor, int8
   activations per tensor), what transformers' int8-dynamic rows in ``bench/decode.py`` run;

@@ -17,7 +17,7 @@
 //   int4:  sum_k w x = scale * sum_b xs_b * sum_k q xq + zero * sum_k x      (exact fp32 sum of x)
 //
 // Kernel sets, picked at run time (active_kernel_set): AVX-512 VNNI, AVX-VNNI (256-bit, Intel client
-// CPUs), NEON dotprod (aarch64), and the portable C++ path here, which is written as plainly as the
+// CPUs), NEON i8mm and dotprod (aarch64), and the portable C++ path here, which is written as plainly as the
 // arithmetic above so that it reads as the reference for the others. Integer dot products are exact in
 // every set, so sets differ only in fp32 summation order.
 #include "qgemm.h"
@@ -103,7 +103,7 @@ void rows_portable(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, 
 
 bool always() { return true; }
 
-const KernelSet kPortable{"portable", always, true, 0, rows_portable, rows_portable, qacts_quantize_portable, nullptr};
+const KernelSet kPortable{"portable", always, true, 0, rows_portable, rows_portable, qacts_quantize_portable, nullptr, 0};
 
 // ---- dispatch ------------------------------------------------------------------------------------
 std::atomic<const KernelSet*> g_set{nullptr};
@@ -225,8 +225,8 @@ SpinPool* qgemm_pool(int threads, std::unique_lock<std::mutex>& lk) {
 double kernel_set_peak_gops(int threads, double seconds) {
   const KernelSet& ks = active_kernel_set();
   if (!ks.peak_loop || threads < 1) return 0.0;
-  // Each instruction: vector_bits / 32 lanes x 4 byte products, 2 ops per multiply-add, 12 per round.
-  const double ops_per_round = 12.0 * ks.vector_bits / 32 * 4 * 2;
+  // 12 instructions per round, 2 ops per multiply-add.
+  const double ops_per_round = 12.0 * ks.peak_macs * 2;
   int64_t iters = 1 << 16;
   for (;;) {  // grow until one thread's loop takes a tenth of the budget, then run it on every thread
     const auto t0 = std::chrono::steady_clock::now();

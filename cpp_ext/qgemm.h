@@ -53,9 +53,11 @@ struct KernelSet {
   // The set's dot-product instruction alone: `iters` rounds of 12 independent accumulations, no memory
   // traffic (null for portable). Its rate is the integer peak the prefill kernels are judged against.
   int64_t (*peak_loop)(int64_t iters);
+  int peak_macs;  // byte multiply-adds per instruction of peak_loop (vpdpbusd zmm 64, sdot 16, smmla 32)
 };
 
-// Sets in order of preference (x86: avx512-vnni, avx-vnni, avx512vl-vnni256; aarch64: neon-dotprod).
+// Sets in order of preference (x86: avx512-vnni, avx-vnni, avx512vl-vnni256; aarch64: neon-i8mm,
+// neon-dotprod).
 const std::vector<const KernelSet*>& arch_kernel_sets();
 
 // Sizes `a` for M tokens of K values (allocates only when it grows).

@@ -346,11 +346,11 @@ EVLM_TARGET_END
 
 namespace {
 const KernelSet kAvx512{"avx512-vnni", has_avx512_vnni, true, 512, v512::rows<8>, v512::rows<4>, v512::quantize,
-                        v512::peak_loop};
+                        v512::peak_loop, 64};
 const KernelSet kAvxVnni{"avx-vnni", has_avx_vnni, true, 256, vex256::rows<8>, vex256::rows<4>, avx2_quant::quantize,
-                         vex256::peak_loop};
+                         vex256::peak_loop, 32};
 const KernelSet kEvex256{"avx512vl-vnni256", has_avx512_vnni, false, 256, evex256::rows<8>, evex256::rows<4>,
-                         avx2_quant::quantize, evex256::peak_loop};
+                         avx2_quant::quantize, evex256::peak_loop, 32};
 }  // namespace
 
 const std::vector<const KernelSet*>& arch_kernel_sets() {

@@ -115,7 +115,8 @@ def _write_cases(folder: Path) -> dict:
     for bits, group in CASES:
         for m in (1, 3, 5, 40):
             name = f"i{bits}g{group}m{m}"
-            p, x, bias = _case(bits, group, n=72, k=128, m=m, seed=100 + m)
+            # n = 76: the last row block's second half holds 4 rows (i8mm works in halves of 8)
+            p, x, bias = _case(bits, group, n=76, k=128, m=m, seed=100 + m)
             cases[name] = (p, x, bias)
             for ext, t in (("qw", p.qweight), ("scales", p.scales), ("zeros", p.zeros), ("bias", bias), ("x", x)):
                 if t is not None:
@@ -133,7 +134,7 @@ def _run_arm(exe: Path, folder: Path, cpu: str, kernel_set: str = "") -> str:
 
 
 @needs_arm_emulation
-@pytest.mark.parametrize("kernel_set", ["neon-dotprod", "portable"])
+@pytest.mark.parametrize("kernel_set", ["neon-i8mm", "neon-dotprod", "portable"])
 def test_aarch64_kernel_sets_under_qemu(arm_selftest, tmp_path, kernel_set):
     cases = _write_cases(tmp_path)
     out = _run_arm(arm_selftest, tmp_path, "max", kernel_set)  # qemu's "max" Arm core has dotprod and i8mm
@@ -146,8 +147,10 @@ def test_aarch64_kernel_sets_under_qemu(arm_selftest, tmp_path, kernel_set):
 
 
 @needs_arm_emulation
-def test_aarch64_without_dotprod_picks_portable(arm_selftest, tmp_path):
+def test_aarch64_picks_the_best_set_the_core_has(arm_selftest, tmp_path):
     (tmp_path / "cases.txt").write_text("")
-    assert "used: neon-dotprod" in _run_arm(arm_selftest, tmp_path, "max")
+    assert "sets: neon-i8mm neon-dotprod portable\nused: neon-i8mm" in _run_arm(arm_selftest, tmp_path, "max")
+    out = _run_arm(arm_selftest, tmp_path, "neoverse-n1")  # Armv8.2 with dotprod, no i8mm (Graviton 2)
+    assert "sets: neon-dotprod portable\nused: neon-dotprod" in out, out
     out = _run_arm(arm_selftest, tmp_path, "cortex-a53")  # Armv8.0: no sdot
     assert "sets: portable\nused: portable" in out, out

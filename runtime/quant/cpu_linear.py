@@ -46,8 +46,8 @@ def qgemm_reference(x: torch.Tensor, p: Packed, bias: torch.Tensor | None = None
 
 
 def cpu_kernels() -> str:
-    """Which quantised-matmul kernel set runs on this CPU: ``avx512-vnni``, ``avx-vnni``, ``neon-dotprod``
-    or ``portable`` (``EDGEVLM_QGEMM=<name>`` picks another this CPU can run)."""
+    """Which quantised-matmul kernel set runs on this CPU: ``avx512-vnni``, ``avx-vnni``, ``neon-i8mm``,
+    ``neon-dotprod`` or ``portable`` (``EDGEVLM_QGEMM=<name>`` picks another this CPU can run)."""
     from edgevlm import _C
 
     return _C.qgemm_kernels()
