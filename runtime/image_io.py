@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgevlm.errors import ImageDecodeError, ImageError, ImageSizeError
 
@@ -46,7 +46,15 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 # any recipe here, and padding it to a square would be ~32x larger than the image.
 DEFAULT_MAX_ASPECT = 32.0
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA", "ICO", "MPO")
+# MPO (multi-picture JPEG, from phones and stereo cameras) opens through the JPEG entry, as in PIL itself.
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA", "ICO")
+
+
+def _open_formats() -> tuple[str, ...]:
+    """The allowed formats this PIL has an opener for. Naming one it lacks makes ``Image.open`` raise
+    ``KeyError`` for every unrecognised input, which would hide what was wrong with the bytes."""
+    Image.init()
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -152,9 +160,13 @@ def _open(src: Any, what: str, max_pixels: int, max_aspect: float) -> np.ndarray
         try:
             with warnings.catch_warnings():  # our max_pixels check below is the policy, not PIL's warning
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(fp, formats=ALLOWED_FORMATS)  # reads the header only
+                formats = _open_formats()
+                im = Image.open(fp, formats=formats)  # reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageSizeError(f"{what}: refused by PIL's decompression-bomb guard ({e})") from e
+        except UnidentifiedImageError as e:
+            raise ImageDecodeError(f"{what}: not a supported image: the bytes start like none of "
+                                   f"{', '.join(formats)}") from e
         except Exception as e:  # untrusted bytes: any plugin failure means "not a readable image"
             raise ImageDecodeError(f"{what}: not a readable image ({type(e).__name__}: {e})") from e
         with im:

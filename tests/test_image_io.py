@@ -43,9 +43,22 @@ def _png_claiming(w: int, h: int) -> bytes:
 # ---- decode failures ----------------------------------------------------------------------------
 
 
-def test_corrupt_bytes():
-    with pytest.raises(ImageDecodeError, match="not a readable image"):
-        load_image(b"this is not an image, just text" * 3)
+@pytest.mark.parametrize("data", [b"this is not an image, just text" * 3, b"\x00" * 64, b"GIF89a" + b"\x00" * 4])
+def test_unrecognised_bytes_say_so(data):
+    with pytest.raises(ImageDecodeError, match="not a supported image: the bytes start like none of JPEG, PNG") as e:
+        load_image(data)
+    assert "KeyError" not in str(e.value)  # once, every such input read "KeyError: 'MPO'" (PIL internals)
+
+
+def test_mpo_opens_through_jpeg():
+    """Phones and stereo cameras write MPO (JPEG frames in one file); its first frame is the image."""
+    a, b = _photo(48, 64), _photo(48, 64)[::-1].copy()
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="MPO", save_all=True, append_images=[Image.fromarray(b)], quality=95)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    got = load_image(buf.getvalue())
+    assert got.shape == (48, 64, 3)
+    assert np.abs(got.astype(int) - a).mean() < np.abs(got.astype(int) - b).mean()  # the first frame
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
