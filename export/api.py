@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from edgevlm.errors import ConfigError, ExportError, StaleExportError
+from edgevlm.file_lock import exclusive
 from edgevlm.progress import Stages
 from edgevlm.runtime.tower import VisionTowerModel, build_tower_model, resolve_tower_source
 
@@ -225,14 +226,31 @@ def export_model(model: VisionTowerModel, *, out: str | Path, to: str = "onnx", 
                                                       else "") + _instruction_note(contract), **checks, **extra},
                             device=device, created=now())
         write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        _publish(tmp, out)
     finally:
         stages.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Moves a finished export into place. A folder already at ``out`` is first renamed aside in one
+    step, so a reader never opens a half-deleted export; if another process publishes into ``out``
+    in between, the rename fails and says so instead of deleting that export."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ExportError(f"{out} was written by another process while this export ran; this export is "
+                          "discarded (exports into one folder must not run at once)") from e
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _instruction_note(contract: ExportContract) -> str:
@@ -306,7 +324,9 @@ def cached_export(model: VisionTowerModel, *, backend: str, precision: str = "fp
     """The export of ``model`` for ``backend`` under :func:`cache_dir`, made on first use.
 
     Keyed by the weights' digest, precision and (for TensorRT) GPU and TensorRT version, so a
-    changed checkpoint or a new GPU gets a new folder instead of a stale engine.
+    changed checkpoint or a new GPU gets a new folder instead of a stale engine. Processes that ask
+    for the same entry at once take turns (:func:`edgevlm.file_lock.exclusive`): one exports, the
+    others wait and then use its folder.
     """
     target = BACKENDS.get(backend)
     if target is None:
@@ -319,14 +339,15 @@ def cached_export(model: VisionTowerModel, *, backend: str, precision: str = "fp
 
         key += "-" + hashlib.sha256(repr(sorted(device_key().items())).encode()).hexdigest()[:12]
     folder = cache_dir() / "exports" / key
-    if (folder / MANIFEST).is_file():
-        try:
-            read_manifest(folder)
-            return folder
-        except ExportError:  # a corrupt cache entry is rebuilt, not trusted
-            pass
-    export_model(model, out=folder, to=target, precision=precision, source_name=name, overwrite=True,
-                 progress=progress)
+    with exclusive(cache_dir() / "locks" / f"export-{key}.lock", str(folder), announce=progress):
+        if (folder / MANIFEST).is_file():
+            try:
+                read_manifest(folder)
+                return folder
+            except ExportError:  # a corrupt cache entry is rebuilt, not trusted
+                pass
+        export_model(model, out=folder, to=target, precision=precision, source_name=name, overwrite=True,
+                     progress=progress)
     return folder
 
 

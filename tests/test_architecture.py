@@ -31,7 +31,7 @@ FOLDERS = {"edgevlm": "edgevlm", "runtime": "edgevlm.runtime", "kernels": "edgev
 # Module prefix -> layer. The longest matching prefix wins; "edgevlm" alone is the public facade.
 LAYERS = {
     "edgevlm.config": "core", "edgevlm.errors": "core", "edgevlm.presets": "core", "edgevlm.progress": "core",
-    "edgevlm.options": "core", "edgevlm._C": "core", "edgevlm.cpu_features": "core",
+    "edgevlm.options": "core", "edgevlm._C": "core", "edgevlm.cpu_features": "core", "edgevlm.file_lock": "core",
     "edgevlm.kernels": "kernels",
     "edgevlm.runtime": "runtime",
     "edgevlm.scenes": "scenes",

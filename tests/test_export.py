@@ -433,6 +433,44 @@ def test_load_exports_into_the_cache_once(tmp_path, monkeypatch):
     assert read_manifest(folders[0]).files["graph"]["bytes"] > 1000
 
 
+def test_one_cache_entry_asked_for_at_once_is_exported_once(tmp_path, monkeypatch):
+    """Callers that ask for the same export together (server workers, robot processes started at once;
+    here threads, each holding its own lock handle, which flock treats as processes) take turns: one
+    exports, the others wait and use its folder, and none races on the final rename."""
+    import threading
+    import time
+
+    import edgevlm.export.api as api
+
+    monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path))
+    calls, real = [], api.export_model
+
+    def slow_export(*args, **kwargs):
+        calls.append(kwargs["out"])
+        time.sleep(0.5)  # every caller reaches the cache check before this export is published
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "export_model", slow_export)
+    tower = edgevlm.load("tiny", quant="none").tower.model
+    folders, errors = [], []
+
+    def ask():
+        try:
+            folders.append(api.cached_export(tower, backend="onnxruntime", progress=False))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len(folders) == 3 and len(set(folders)) == 1 and len(calls) == 1, (folders, calls)
+    read_manifest(folders[0])
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == [folders[0].name]  # nothing partial or set aside
+
+
 def test_load_rejects_bad_vision_options():
     with pytest.raises(ConfigError, match="vision_backend must be one of"):
         edgevlm.load("tiny", vision_backend="openvino")
