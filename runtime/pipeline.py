@@ -106,7 +106,12 @@ class Pipeline:
         self.reuse_prefix = reuse_prefix
         self.kv_int8 = kv_cache == "int8"
         self._cache_keys: list = []  # one key per position held in the KV cache (see _position_keys)
-        self._lock = threading.Lock()
+        # One caller at a time owns the decoder and its KV cache (the turn, _Turn). The lock is held only
+        # while that caller computes, never while a stream waits for its consumer between pieces, so a
+        # stream abandoned without close() cannot block the others: it loses the turn (below).
+        self._lock = threading.RLock()  # reentrant: an abandoned stream may be collected inside a call
+        self._turn_changed = threading.Condition(self._lock)
+        self._holder: _Turn | None = None
         self.last_output: GenerateOutput | None = None
         self._graphs: DecodeGraphs | None = None
         if decode_graphs != "off":
@@ -235,14 +240,47 @@ class Pipeline:
             n += 1
         return n
 
+    # ---- the turn ------------------------------------------------------------------------------
+    #: Seconds a stream may sit between pieces, its consumer not asking for the next one, before a caller
+    #: waiting for the decoder takes it over; the idle stream then ends with stop_reason "preempted".
+    stream_idle_s: float = 5.0
+
+    def _take_turn(self, me: "_Turn") -> None:
+        """Waits (holding ``_lock`` on return) until no one holds the turn or its holder has sat idle for
+        :attr:`stream_idle_s`, then takes it. A stream preempted that way kept the cache in a state its
+        own bookkeeping would have recorded only at its end, so the cached prefix is forgotten."""
+        self._lock.acquire()
+        while (h := self._holder) is not None:
+            if h.idle_since is None:
+                self._turn_changed.wait()
+                continue
+            idle = time.monotonic() - h.idle_since
+            if idle >= self.stream_idle_s:
+                h.preempted = True
+                self._cache_keys = []
+                break
+            self._turn_changed.wait(self.stream_idle_s - idle)
+        self._holder = me
+
+    def _give_turn(self, me: "_Turn") -> None:
+        """Releases ``_lock`` (taken by _take_turn or on resuming) and, if ``me`` still holds it, the turn."""
+        if self._holder is me:
+            self._holder = None
+            self._turn_changed.notify_all()
+        self._lock.release()
+
     def reset(self) -> None:
         """Forget the cached conversation and image embeddings (the next call computes everything)."""
-        with self._lock:
+        me = _Turn()
+        self._take_turn(me)
+        try:
             self._cache_keys = []
             if self._cache is not None:
                 self._cache.reset()
             if self.tower is not None:
                 self.tower.embedding_cache.clear()
+        finally:
+            self._give_turn(me)
 
     # ---- generation ------------------------------------------------------------------------
     def stream(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -258,6 +296,12 @@ class Pipeline:
         ``cancel``: a :class:`threading.Event` another thread may set; decoding stops at the next token
         (``stop_reason="cancelled"``). Either way the text so far is returned and the KV cache stays
         consistent for a follow-up.
+
+        Calls run one at a time. A stream holds the decoder only while it computes a piece: if its
+        consumer does not ask for the next piece within :attr:`stream_idle_s` (default 5 s) while
+        another call waits, that call takes over and the idle stream ends at its next ``next()``
+        (``stop_reason="preempted"``, the text so far in ``output``). An abandoned, unclosed stream so
+        never blocks the others.
         """
         _check_deadline(deadline_s)
         sink: list[GenerateOutput] = []
@@ -268,8 +312,10 @@ class Pipeline:
     def _stream(self, image, prompt, sampling: dict, stop: Sequence[str], raw: bool, system: str | None,
                 deadline_s: float | None, cancel: threading.Event | None, sink: list | None) -> Iterator[str]:
         # The output goes to ``self.last_output`` and into ``sink`` (the caller's) under the lock, so a
-        # caller never reads another thread's answer.
-        with self._lock:
+        # caller never reads another thread's answer. Between pieces the lock is released, the turn kept.
+        me = _Turn()
+        self._take_turn(me)
+        try:
             t_start = time.perf_counter()
             x, timings, embeds, keys = self._prepare(image, prompt, raw, system)
             n_visual = sum(e.shape[0] for e in embeds)
@@ -286,7 +332,7 @@ class Pipeline:
             stops = StopStringMatcher(tuple(self.chat.stop_strings) + tuple(stop))
             parts: list[str] = []
             stopped = False
-            interrupted = ""  # "deadline" | "cancelled"
+            interrupted = ""  # "deadline" | "cancelled" | "preempted"
             t_end = t_start + deadline_s if deadline_s is not None else None
             t_ready = time.perf_counter()  # image stages, tokenisation and embedding done; prefill is next
             try:
@@ -297,7 +343,10 @@ class Pipeline:
                     text, stopped = stops.feed(detok.feed(tok) if tok < vocab else "")
                     if text:
                         parts.append(text)
-                        yield text
+                        yield from self._hand_out(me, text)
+                        if me.preempted:
+                            interrupted = "preempted"
+                            break
                     if stopped:
                         break
                     if cancel is not None and cancel.is_set():
@@ -306,30 +355,48 @@ class Pipeline:
                         interrupted = "deadline"
                     if interrupted:
                         break
-                if not stopped:
+                if not stopped and interrupted != "preempted":
                     tail, _ = stops.feed(detok.flush())
                     tail += stops.flush()
                     if tail:
                         parts.append(tail)
-                        yield tail
+                        yield from self._hand_out(me, tail)
             finally:
-                tokens.close()
+                tokens.close()  # touches no shared state: safe even after losing the turn
                 # what the cache now holds: the prompt, then the answer tokens that were fed back
-                self._cache_keys = (keys + list(tokens.tokens))[:cache.length]
+                if not me.preempted:
+                    self._cache_keys = (keys + list(tokens.tokens))[:cache.length]
                 s = tokens.stats
                 timings.update({"prefill": s.prefill_ms, "ttft": (t_ready - t_start) * 1e3 + s.prefill_ms,
                                 "decode_per_token": s.mean_decode_ms,
                                 "total": (time.perf_counter() - t_start) * 1e3,
                                 **({"graph_capture": s.capture_ms} if s.capture_ms else {})})
-                self.last_output = GenerateOutput(
+                out = GenerateOutput(
                     text="".join(parts), token_ids=list(tokens.tokens), timings=timings,
                     prompt_tokens=len(keys), cached_tokens=reused, visual_tokens=n_visual,
                     stop_reason="stop_string" if stopped else (interrupted or s.stop_reason),
                     info={"decode_tokens_per_s": s.decode_tokens_per_s,
                           **({"boxes_from_head": len(writer.boxes)} if writer and writer.boxes is not None else {}),
                           **({"answer_head": prior.info} if prior and prior.info is not None else {})})
+                if not me.preempted:
+                    self.last_output = out
                 if sink is not None:
-                    sink.append(self.last_output)
+                    sink.append(out)
+        finally:
+            self._give_turn(me)
+
+    def _hand_out(self, me: "_Turn", text: str) -> Iterator[str]:
+        """Yields ``text`` with the lock released and the turn marked idle, so a caller that waits can
+        take over a stream whose consumer went away; on resuming the lock is taken again (a stream that
+        lost the turn sees ``me.preempted``)."""
+        me.idle_since = time.monotonic()
+        self._turn_changed.notify_all()  # waiters start timing this stream's idleness
+        self._lock.release()
+        try:
+            yield text
+        finally:
+            self._lock.acquire()
+            me.idle_since = None
 
     def generate(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
@@ -454,6 +521,16 @@ class Pipeline:
             "backends": backends(),
         }
         return out
+
+
+class _Turn:
+    """One call's claim on the decoder and KV cache (Pipeline._take_turn)."""
+
+    __slots__ = ("idle_since", "preempted")
+
+    def __init__(self) -> None:
+        self.idle_since: float | None = None  # monotonic time its stream last handed out a piece, while it waits
+        self.preempted = False
 
 
 class TextStream:

@@ -72,6 +72,65 @@ def test_cancel_from_another_thread_and_follow_up_stays_exact(pipe):
     assert pipe.generate(frame, "Describe.", max_new_tokens=30).token_ids == full.token_ids
 
 
+def _in_thread(fn, timeout: float):
+    """fn() in a thread -> its result; fails (instead of hanging the suite) if it does not finish."""
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"still blocked after {timeout} s"
+    return box[0]
+
+
+def test_an_abandoned_stream_does_not_block_other_callers(pipe, monkeypatch):
+    """Serving exposes this: a client goes away mid-stream and its generator is neither closed nor
+    collected. The next caller takes the decoder over once the stream has sat idle for stream_idle_s."""
+    monkeypatch.setattr(pipe, "stream_idle_s", 0.3)
+    frame = _frames(1, seed=9)[0]
+    want = pipe.generate(None, "Hi there.", max_new_tokens=6).token_ids
+    full = pipe.generate(frame, "Describe.", max_new_tokens=30)
+    left = pipe.stream(frame, "Describe.", max_new_tokens=30)
+    first = next(left)  # the consumer reads one piece, then walks away holding the stream
+    t0 = time.perf_counter()
+    got = _in_thread(lambda: pipe.generate(None, "Hi there.", max_new_tokens=6), timeout=60)
+    assert got.token_ids == want  # the taker recomputed from a clean cache, not the stream's leftovers
+    assert time.perf_counter() - t0 >= 0.3  # it waited for the idle limit, not less
+    assert list(left) == [] and left.output.stop_reason == "preempted"  # ends at its next step
+    assert left.output.text == first and left.output.token_ids == full.token_ids[:len(left.output.token_ids)]
+    assert pipe.last_output is got  # the preempted stream does not overwrite the later answer
+    assert pipe.generate(frame, "Describe.", max_new_tokens=30).token_ids == full.token_ids
+
+
+def test_streams_read_at_once_from_two_threads_both_finish(pipe):
+    """Consumers that keep reading are never preempted: the second stream waits for the first."""
+    frames = _frames(2, seed=13)
+    want = [pipe.generate(f, "Describe.", max_new_tokens=12) for f in frames]
+
+    def read(f):
+        s = pipe.stream(f, "Describe.", max_new_tokens=12)
+        text = "".join(s)
+        return text, s.output
+
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        got = list(ex.map(read, frames))
+    for (text, out), w in zip(got, want):
+        assert out.stop_reason == w.stop_reason != "preempted" and out.token_ids == w.token_ids and text == w.text
+
+
+def test_reset_waits_for_a_running_stream(pipe):
+    frame = _frames(1, seed=17)[0]
+    full = pipe.generate(frame, "Describe.", max_new_tokens=20)
+    s = pipe.stream(frame, "Describe.", max_new_tokens=20)
+    first = next(s)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (pipe.reset(), done.set()), daemon=True)
+    t.start()
+    assert not done.wait(0.2)  # the stream is within its idle allowance: reset waits for it
+    rest = "".join(s)  # the consumer comes back and finishes undisturbed
+    t.join(30)
+    assert done.is_set() and s.output.token_ids == full.token_ids and first + rest == full.text
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
