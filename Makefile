@@ -1,6 +1,7 @@
 # The two commands of the README. Both are idempotent: they create .venv on first use.
 #   make demo          set up, then run `edgevlm demo` on the embedded default model
-#   make test          set up with test dependencies, then run the test suite (what CI runs)
+#   make test          set up with test dependencies, then run the test suite (what CI runs); the serving
+#                      tests (tests/test_serve.py) run again in .venv-serve, where Triton's server is
 # and, for maintainers:
 #   make test-latest   the same suite in .venv-latest against today's newest releases (the canary)
 #   make lock          rewrite requirements/lock.txt from .venv-latest after `make test-latest` passed
@@ -10,15 +11,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 VENV_LATEST ?= .venv-latest
+VENV_SERVE ?= .venv-serve
 PYTEST = PYTHONSAFEPATH=1 $(1)/bin/python -m pytest -q
 
-.PHONY: demo test test-latest lock setup setup-dev clean
+.PHONY: demo test test-latest lock setup setup-dev setup-serve clean
 
 demo: setup
 	$(VENV)/bin/edgevlm demo
 
-test: setup-dev
+test: setup-dev setup-serve
 	$(call PYTEST,$(VENV))
+	$(call PYTEST,$(VENV_SERVE)) tests/test_serve.py
 
 test-latest:
 	./scripts/setup.sh $(VENV_LATEST) --dev --latest
@@ -33,5 +36,8 @@ setup:
 setup-dev:
 	./scripts/setup.sh $(VENV) --dev
 
+setup-serve:
+	./scripts/setup.sh $(VENV_SERVE) --serve
+
 clean:
-	rm -rf build $(VENV) $(VENV_LATEST)
+	rm -rf build $(VENV) $(VENV_LATEST) $(VENV_SERVE)

@@ -526,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan(sub)
 
+    from .serving.cli import add_parser as add_serve
+
+    add_serve(sub)
+
     demo = sub.add_parser("demo", help="run the embedded demo model on bundled real photos and a text question")
     demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],
                       help="image preprocessing backend (default: auto = C++ when built)")

@@ -72,6 +72,10 @@ class BackendUnavailableError(EdgeVLMError, RuntimeError):
     """An optional backend (C++ extension, ONNX Runtime, TensorRT, Triton) is not installed."""
 
 
+class ServingError(EdgeVLMError, RuntimeError):
+    """A served model could not be reached, or failed a request in a way no typed error describes."""
+
+
 class ExportError(EdgeVLMError, RuntimeError):
     """An export (ONNX graph, TensorRT engine, manifest) could not be made or used."""
 
@@ -107,6 +111,7 @@ __all__ = [
     "WeightsNotFoundError",
     "ShapeError",
     "BackendUnavailableError",
+    "ServingError",
     "ExportError",
     "ExportValidationError",
     "CorruptExportError",

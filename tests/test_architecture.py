@@ -40,6 +40,8 @@ LAYERS = {
     "edgevlm.perf": "perf",
     "edgevlm.train": "train",
     "edgevlm.cli_args": "cli_args",
+    "edgevlm.serving": "serving",
+    "edgevlm.client": "client",
     "edgevlm.cli": "cli",
     "edgevlm": "facade",
 }
@@ -55,8 +57,11 @@ ALLOWED = {
     "facade": {"core", "runtime", "loading"},
     "perf": {"core", "kernels", "runtime", "loading", "facade"},
     "cli_args": {"core"},
+    "serving": {"core", "runtime", "loading", "facade", "cli_args"},
+    "client": {"core", "runtime", "serving"},
     "train": {"core", "kernels", "runtime", "scenes", "perf", "cli_args", "facade"},
-    "cli": {"core", "kernels", "runtime", "scenes", "export", "loading", "perf", "train", "cli_args", "facade"},
+    "cli": {"core", "kernels", "runtime", "scenes", "export", "loading", "perf", "train", "cli_args", "facade",
+            "serving", "client"},
 }
 
 

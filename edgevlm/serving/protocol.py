@@ -1,0 +1,153 @@
+"""The tensors a served edgevlm model takes and returns, shared by the Triton model
+(:mod:`.triton_model`) and the client (:mod:`edgevlm.client`). Pure NumPy: no Triton import.
+
+Every tensor has Triton's batch dimension first (the models are batched, ``max_batch_size`` > 0), and a
+request carries one frame: shape ``[1, ...]``.
+
+Inputs (``BYTES`` are UTF-8 text or raw bytes):
+
+==============  ======  =======  =================================================================
+name            type    shape    meaning
+==============  ======  =======  =================================================================
+``prompt``      BYTES   [1, 1]   the question (``detect``: the phrase to find)
+``image``       BYTES   [1, 1]   optional: an encoded image file (JPEG, PNG, ...)
+``max_tokens``  INT32   [1, 1]   optional, default 64
+``temperature`` FP32    [1, 1]   optional, default 0 (greedy)
+``deadline_ms`` FP32    [1, 1]   optional latency budget (``stop_reason`` "deadline" when reached)
+``task``        BYTES   [1, 1]   optional: ``generate`` (default), ``detect`` or ``ground``
+==============  ======  =======  =================================================================
+
+Outputs: ``text`` BYTES [1, 1]; ``token_ids`` INT64 [1, n]; ``stop_reason`` BYTES [1, 1]; ``timings``
+BYTES [1, 1] (JSON: the Pipeline's timings in ms plus ``batch``, the number of requests the server
+handled in the same call); ``boxes`` FP32 [1, k, 4] (pixel edges in the frame as sent),
+``boxes_norm`` FP32 [1, k, 4] (as the model printed them: 0..1 of the padded square) and ``labels``
+BYTES [1, k] for ``detect`` / ``ground`` (k = 0 otherwise).
+
+The streaming model (decoupled, gRPC only) sends one response per text piece (``text`` only) and a
+last one with every output but ``text`` (``text`` empty), flagged final.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgevlm.errors import PromptError
+
+MODEL = "edgevlm"  # batched, one response per request
+STREAM_MODEL = "edgevlm_stream"  # decoupled: text pieces as they are decoded
+TASKS = ("generate", "detect", "ground")
+DEFAULT_MAX_TOKENS = 64
+
+# name -> (Triton datatype, dims after the batch dimension, optional)
+INPUTS: dict[str, tuple[str, tuple[int, ...], bool]] = {
+    "prompt": ("BYTES", (1,), False),
+    "image": ("BYTES", (1,), True),
+    "max_tokens": ("INT32", (1,), True),
+    "temperature": ("FP32", (1,), True),
+    "deadline_ms": ("FP32", (1,), True),
+    "task": ("BYTES", (1,), True),
+}
+OUTPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "text": ("BYTES", (1,)),
+    "token_ids": ("INT64", (-1,)),
+    "stop_reason": ("BYTES", (1,)),
+    "timings": ("BYTES", (1,)),
+    "boxes": ("FP32", (-1, 4)),
+    "boxes_norm": ("FP32", (-1, 4)),
+    "labels": ("BYTES", (-1,)),
+}
+NUMPY = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+
+
+@dataclass
+class Request:
+    """One request's inputs, checked."""
+
+    prompt: str
+    image: bytes | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    deadline_s: float | None = None
+    task: str = "generate"
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"max_new_tokens": self.max_tokens, "temperature": self.temperature}
+        if self.deadline_s is not None:
+            kw["deadline_s"] = self.deadline_s
+        return kw
+
+
+def _scalar(arrays: dict[str, np.ndarray], name: str):
+    a = arrays.get(name)
+    if a is None:
+        return None
+    if a.size != 1:
+        raise PromptError(f"input '{name}' must hold one value per request, got shape {tuple(a.shape)}")
+    return a.reshape(-1)[0]
+
+
+def _text(v, name: str) -> str:
+    if isinstance(v, (bytes, np.bytes_)):
+        try:
+            return bytes(v).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PromptError(f"input '{name}' is not UTF-8 text") from e
+    return str(v)
+
+
+def parse_request(arrays: dict[str, np.ndarray]) -> Request:
+    """The inputs of one request (name -> array, batch dimension included) -> :class:`Request`;
+    PromptError naming what is wrong."""
+    unknown = sorted(set(arrays) - set(INPUTS))
+    if unknown:
+        raise PromptError(f"unknown inputs {unknown}; expected some of {sorted(INPUTS)}")
+    prompt = _scalar(arrays, "prompt")
+    if prompt is None:
+        raise PromptError("input 'prompt' is required")
+    r = Request(prompt=_text(prompt, "prompt"))
+    image = _scalar(arrays, "image")
+    if image is not None:
+        r.image = bytes(image) if isinstance(image, (bytes, np.bytes_)) else _text(image, "image").encode()
+        if not r.image:
+            r.image = None
+    if (v := _scalar(arrays, "max_tokens")) is not None:
+        if not 1 <= int(v) <= 4096:
+            raise PromptError(f"max_tokens must be in 1..4096, got {int(v)}")
+        r.max_tokens = int(v)
+    if (v := _scalar(arrays, "temperature")) is not None:
+        if not (np.isfinite(v) and 0.0 <= float(v) <= 10.0):
+            raise PromptError(f"temperature must be in 0..10, got {float(v)}")
+        r.temperature = float(v)
+    if (v := _scalar(arrays, "deadline_ms")) is not None:
+        if not (np.isfinite(v) and float(v) > 0):
+            raise PromptError(f"deadline_ms must be a positive number, got {float(v)}")
+        r.deadline_s = float(v) / 1e3
+    if (v := _scalar(arrays, "task")) is not None:
+        r.task = _text(v, "task") or "generate"
+        if r.task not in TASKS:
+            raise PromptError(f"task must be one of {list(TASKS)}, got {r.task!r}")
+    if r.task != "generate" and r.image is None:
+        raise PromptError(f"task '{r.task}' needs an image")
+    return r
+
+
+def response_arrays(text: str, token_ids, stop_reason: str, timings: dict, boxes=(), boxes_norm=(),
+                    labels=()) -> dict[str, np.ndarray]:
+    """One request's outputs as arrays with the batch dimension."""
+    return {
+        "text": np.array([[text.encode("utf-8")]], dtype=np.object_),
+        "token_ids": np.asarray(token_ids, dtype=np.int64).reshape(1, -1),
+        "stop_reason": np.array([[stop_reason.encode()]], dtype=np.object_),
+        "timings": np.array([[json.dumps(timings).encode()]], dtype=np.object_),
+        "boxes": np.asarray(boxes, dtype=np.float32).reshape(1, -1, 4),
+        "boxes_norm": np.asarray(boxes_norm, dtype=np.float32).reshape(1, -1, 4),
+        "labels": np.array([[(lab or "").encode("utf-8") for lab in labels]], dtype=np.object_).reshape(1, -1),
+    }
+
+
+__all__ = ["MODEL", "STREAM_MODEL", "TASKS", "INPUTS", "OUTPUTS", "NUMPY", "Request", "parse_request",
+           "response_arrays", "DEFAULT_MAX_TOKENS"]

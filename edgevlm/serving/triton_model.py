@@ -1,0 +1,156 @@
+"""edgevlm as a model of Triton Inference Server's Python backend.
+
+A model repository written by :func:`edgevlm.serving.repository.write_repository` holds two models whose
+``model.py`` is one line importing :class:`TritonPythonModel` from here; their ``config.pbtxt``
+names the edgevlm model to load and its load options (parameters ``edgevlm_model`` and
+``edgevlm_options``). Triton runs each in its own stub process, in the Python environment edgevlm is
+installed in; tensors are described in :mod:`.protocol`.
+
+- ``edgevlm`` (batched): Triton's dynamic batcher hands :meth:`execute` the requests that arrived
+  together; their frames go through the vision tower in one batched call, then each is answered from
+  the tower's embedding cache. Each request gets its own response: a bad one gets an error naming the
+  typed error (``ImageDecodeError: ...``) and the others are answered.
+- ``edgevlm_stream`` (decoupled): one response per text piece, then a final one with the ids, stop
+  reason and timings. A client that goes away closes the stream at the next piece.
+
+Nothing here raises out of :meth:`execute`: a failure is a response, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from edgevlm.errors import PromptError
+
+from .protocol import INPUTS, Request, parse_request, response_arrays
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class TritonPythonModel:
+    """The Python backend's model interface: ``initialize``, ``execute``, ``finalize``."""
+
+    def initialize(self, args: dict) -> None:
+        import triton_python_backend_utils as pb  # provided by Triton's stub process only
+
+        import edgevlm
+
+        self.pb = pb
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.decoupled = bool(pb.using_decoupled_model_transaction_policy(config))
+        options = json.loads(params.get("edgevlm_options") or "{}")
+        self.pipe = edgevlm.load(params["edgevlm_model"], progress=False, **options)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _arrays(self, request) -> dict[str, np.ndarray]:
+        out = {}
+        for name in INPUTS:
+            t = self.pb.get_input_tensor_by_name(request, name)
+            if t is not None:
+                out[name] = t.as_numpy()
+        return out
+
+    def _frame(self, r: Request):
+        if r.image is None:
+            return None
+        from edgevlm.runtime.image_io import DEFAULT_MAX_PIXELS, load_image
+
+        tower = self.pipe.tower
+        if tower is None:
+            raise PromptError(f"model {self.pipe.name!r} has no vision tower; send no image")
+        return load_image(r.image, max_pixels=tower.max_image_pixels or DEFAULT_MAX_PIXELS)
+
+    def _tensors(self, arrays: dict[str, np.ndarray]) -> list:
+        return [self.pb.Tensor(name, a) for name, a in arrays.items()]
+
+    def _error(self, e: BaseException):
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(_error_text(e)))
+
+    def _answer(self, r: Request, frame, batch: int):
+        kw = r.generate_kwargs()
+        boxes, norm, labels = [], [], []
+        if r.task == "generate":
+            out = self.pipe.generate(frame, r.prompt, **kw)
+        else:
+            found = (self.pipe.detect(frame, r.prompt, **kw) if r.task == "detect"
+                     else self.pipe.ground(frame, **kw))
+            out = found.output
+            boxes, norm, labels = [d.box for d in found], [d.box_norm.as_tuple() for d in found], [d.label for d in found]
+        timings = {**out.timings, "batch": batch}
+        arrays = response_arrays(out.text, out.token_ids, out.stop_reason, timings, boxes, norm, labels)
+        return self.pb.InferenceResponse(output_tensors=self._tensors(arrays))
+
+    # ---- the backend's entry points ------------------------------------------------------------
+    def execute(self, requests: list):
+        if self.decoupled:
+            for request in requests:
+                self._stream(request)
+            return None
+        parsed: list = []
+        frames: dict[int, np.ndarray] = {}
+        for i, request in enumerate(requests):
+            try:
+                r = parse_request(self._arrays(request))
+                f = self._frame(r)
+            except Exception as e:  # noqa: BLE001 - this request's error response
+                parsed.append(e)
+                continue
+            parsed.append(r)
+            if f is not None:
+                frames[i] = f
+        tower = self.pipe.tower
+        if len(frames) > 1 and tower is not None and tower.embedding_cache.enabled:
+            try:  # the frames of this batch through the tower at once; each answer then hits its cache
+                tower.embed_each(list(frames.values()))
+            except Exception:  # noqa: BLE001 - each request meets (and reports) its own failure below
+                pass
+        responses = []
+        for i, r in enumerate(parsed):
+            if isinstance(r, Exception):
+                responses.append(self._error(r))
+                continue
+            try:
+                responses.append(self._answer(r, frames.get(i), len(requests)))
+            except Exception as e:  # noqa: BLE001 - typed errors and anything else become this response's error
+                responses.append(self._error(e))
+        return responses
+
+    def _stream(self, request) -> None:
+        pb = self.pb
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        sender = request.get_response_sender()
+        stream = None
+        try:
+            r = parse_request(self._arrays(request))
+            if r.task != "generate":
+                raise PromptError(f"the streaming model answers task 'generate' only, got {r.task!r}; "
+                                  "send detect / ground to the batched model")
+            stream = self.pipe.stream(self._frame(r), r.prompt, **r.generate_kwargs())
+            for piece in stream:
+                if request.is_cancelled():  # the client went away or cancelled: stop decoding now
+                    break
+                sender.send(pb.InferenceResponse(output_tensors=[
+                    pb.Tensor("text", np.array([[piece.encode("utf-8")]], dtype=np.object_))]))
+            stream.close()
+            out = stream.output
+            arrays = response_arrays("", out.token_ids, out.stop_reason, {**out.timings, "batch": 1})
+            del arrays["text"]
+            sender.send(pb.InferenceResponse(output_tensors=self._tensors(arrays)), flags=final)
+        except Exception as e:  # noqa: BLE001 - reported to this client; the server keeps serving
+            if stream is not None:
+                stream.close()
+            try:
+                sender.send(self._error(e), flags=final)
+            except Exception:  # noqa: BLE001 - the client is gone; nothing left to tell
+                pass
+
+    def finalize(self) -> None:
+        self.pipe = None
+
+
+__all__ = ["TritonPythonModel"]

@@ -1,0 +1,273 @@
+"""`edgevlm serve`: the Triton model repository, the server's environment, and (where Triton's server is
+installed: `make test` runs this file again in .venv-serve) the served demo model against the in-process
+Pipeline, over HTTP and gRPC, with concurrent frames, streaming and bad requests.
+
+Everything runs on loopback; the server is the tritonserver bundled in nvidia-pytriton, on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import socket
+import struct
+import sys
+import sysconfig
+import threading
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgevlm
+from edgevlm.errors import ConfigError, ImageDecodeError, ImageSizeError, PromptError, ServingError
+from edgevlm.serving.protocol import parse_request
+from edgevlm.serving.repository import write_repository
+from edgevlm.serving.server import check_numpy, server_env
+
+ASSETS = Path(edgevlm.__file__).resolve().parent / "assets"
+
+
+# ---- without a server ----------------------------------------------------------------------------
+
+def test_server_env_puts_this_interpreters_libpython_first():
+    """Triton's Python stub finds libpython through the loader: left alone it took the system's
+    libpython3.11 and failed on a stdlib mismatch ('_thread.RLock' object has no attribute
+    '_recursion_count'). The server's environment names this interpreter's own library first."""
+    env = server_env(Path("/opt/triton-libs"), base={"LD_LIBRARY_PATH": "/usr/lib/x86_64-linux-gnu", "PATH": "/bin"})
+    parts = env["LD_LIBRARY_PATH"].split(":")
+    libdir = sysconfig.get_config_var("LIBDIR")
+    assert parts[0] == libdir and parts.index("/opt/triton-libs") < parts.index("/usr/lib/x86_64-linux-gnu")
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)  # the stub runs this environment
+
+
+def test_numpy_2_is_refused_before_it_corrupts_inputs():
+    with pytest.raises(ConfigError, match="NumPy 2.4.6 .* needs NumPy < 2"):
+        check_numpy("2.4.6")
+    check_numpy("1.26.4")
+
+
+def test_repository_holds_both_models_and_the_load_options(tmp_path):
+    repo = write_repository("demo", tmp_path / "repo", options={"quant": "int8", "dtype": "float32"},
+                            max_batch_size=4, batch_delay_us=500)
+    batched = (repo / "edgevlm" / "config.pbtxt").read_text()
+    stream = (repo / "edgevlm_stream" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in batched and "max_queue_delay_microseconds: 500" in batched
+    assert "decoupled: true" in stream and "decoupled" not in batched
+    assert '\\"quant\\": \\"int8\\"' in batched and 'string_value: "demo"' in batched
+    assert "TritonPythonModel" in (repo / "edgevlm" / "1" / "model.py").read_text()
+    assert not (write_repository("demo", tmp_path / "one", stream=False) / "edgevlm_stream").exists()
+    with pytest.raises(ConfigError, match="JSON"):
+        write_repository("demo", tmp_path / "bad", options={"dtype": object()})
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        write_repository("demo", tmp_path / "bad", max_batch_size=0)
+
+
+def _arr(v, dtype=np.object_):
+    return np.array([[v]], dtype=dtype)
+
+
+def test_requests_are_checked_field_by_field():
+    r = parse_request({"prompt": _arr(b"Hi"), "max_tokens": _arr(5, np.int32), "deadline_ms": _arr(250.0, np.float32)})
+    assert (r.prompt, r.max_tokens, r.deadline_s, r.task, r.image) == ("Hi", 5, 0.25, "generate", None)
+    bad = [({}, "'prompt' is required"),
+           ({"prompt": _arr(b"x"), "max_tokens": _arr(0, np.int32)}, "max_tokens must be in 1..4096"),
+           ({"prompt": _arr(b"x"), "temperature": _arr(np.nan, np.float32)}, "temperature"),
+           ({"prompt": _arr(b"x"), "task": _arr(b"segment")}, "task must be one of"),
+           ({"prompt": _arr(b"cup"), "task": _arr(b"detect")}, "needs an image"),
+           ({"prompt": _arr(b"\xff\xfe")}, "not UTF-8"),
+           ({"prompt": _arr(b"x"), "images": _arr(b"")}, "unknown inputs"),
+           ({"prompt": np.array([[b"a", b"b"]], dtype=np.object_)}, "one value per request")]
+    for arrays, msg in bad:
+        with pytest.raises(PromptError, match=msg):
+            parse_request(arrays)
+
+
+def test_client_raises_the_servers_typed_error():
+    from edgevlm.client import _typed_error
+
+    e = _typed_error("[StatusCode.INVALID_ARGUMENT] ImageDecodeError: 12 bytes: not a supported image: ...")
+    assert type(e) is ImageDecodeError and str(e).startswith("12 bytes: not a supported image")
+    assert type(_typed_error("in ensemble: KeyError: 'x'")) is ServingError
+    assert type(_typed_error("connection refused")) is ServingError
+
+
+# ---- a served demo model ---------------------------------------------------------------------------
+
+def _serving_missing() -> str | None:
+    if importlib.util.find_spec("pytriton") is None or importlib.util.find_spec("tritonclient") is None:
+        return "needs Triton's server and client (nvidia-pytriton, tritonclient): `make test` runs this file in .venv-serve"
+    if int(np.__version__.split(".")[0]) >= 2:
+        return "Triton's bundled Python backend needs NumPy < 2; `make test` runs this file in .venv-serve"
+    return None
+
+
+needs_server = pytest.mark.skipif(_serving_missing() is not None, reason=str(_serving_missing()))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from edgevlm.serving.server import TritonServer
+
+    repo = write_repository("demo", tmp_path_factory.mktemp("repo"), max_batch_size=8, batch_delay_us=20000)
+    http, grpc, metrics = _free_ports(3)
+    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return edgevlm.load("demo")
+
+
+@pytest.fixture(scope="module")
+def frames():
+    from edgevlm.runtime.image_io import load_image
+
+    return {n: load_image(ASSETS / n) for n in ("scene_a.png", "scene_b.png", "chelsea.jpg", "digit.png")}
+
+
+def _png_claiming(w: int, h: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"\x00garbage" * 4) + chunk(b"IEND", b""))
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_answers_equal_the_in_process_pipeline(server, pipe, frames, protocol):
+    from edgevlm.client import Client
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with Client(url, protocol=protocol) as c:
+        assert c.ready()
+        frame = frames["scene_a.png"]
+        for q in ("What color is the circle?", "How many triangles are there?"):
+            want, got = pipe.generate(frame, q, max_new_tokens=16), c.generate(frame, q, max_new_tokens=16)
+            assert got.token_ids == want.token_ids and got.text == want.text and got.stop_reason == want.stop_reason
+            assert got.timings["batch"] >= 1 and "ttft" in got.timings
+        # a path and raw file bytes are sent as they are; the text-only prompt has no image
+        assert c.generate(ASSETS / "scene_b.png", "What color is the circle?", max_new_tokens=8).token_ids == \
+            pipe.generate(frames["scene_b.png"], "What color is the circle?", max_new_tokens=8).token_ids
+        assert c.generate(None, "Hello.", max_new_tokens=6).token_ids == pipe.generate(None, "Hello.", max_new_tokens=6).token_ids
+
+
+@needs_server
+def test_served_detect_gives_the_pipelines_boxes_in_pixels(server, pipe, frames):
+    from edgevlm.client import Client
+
+    frame = frames["scene_a.png"]
+    want = pipe.detect(frame, "yellow triangle")
+    with Client(server.http_url) as c:
+        got = c.detect(frame, "yellow triangle")
+    assert len(want) >= 1 and len(got) == len(want)  # the demo finds it (edgevlm demo checks the box)
+    for g, w in zip(got, want):
+        assert g.label == w.label and np.allclose(g.box, w.box, atol=1e-3) and np.allclose(g.box_norm.as_tuple(), w.box_norm.as_tuple(), atol=1e-6)
+    assert got.output.text == want.output.text
+
+
+@needs_server
+def test_streamed_pieces_join_into_the_answer(server, frames):
+    """The streaming model is its own Pipeline (its own process): the reference is a fresh in-process
+    Pipeline given the same calls, since a reused KV prefix is prefilled in other chunks than a whole
+    prompt and can tip a greedy near-tie (noted in docs/serving.md)."""
+    from edgevlm.client import Client
+
+    ref = edgevlm.load("demo")
+    frame, q = frames["scene_b.png"], "Describe the image briefly."
+    want = ref.generate(frame, q, max_new_tokens=24)
+    with Client(server.grpc_url, protocol="grpc") as c:
+        s = c.stream(frame, q, max_new_tokens=24)
+        pieces = list(s)
+        assert len(pieces) > 1 and "".join(pieces) == want.text == s.output.text
+        assert s.output.token_ids == want.token_ids and s.output.stop_reason == want.stop_reason
+        # a client that leaves mid-stream: the stream stops, and the next request is answered in full
+        early = c.stream(frame, q, max_new_tokens=24)
+        next(iter(early))
+        early.close()
+        ref_early = ref.stream(frame, q, max_new_tokens=24)
+        next(ref_early)
+        ref_early.close()
+        s2 = c.stream(frame, q, max_new_tokens=24)
+        assert "".join(s2) == ref.generate(frame, q, max_new_tokens=24).text
+    with Client(server.http_url) as c, pytest.raises(ConfigError, match="streaming needs gRPC"):
+        c.stream(frame, "Hi.")
+
+
+@needs_server
+def test_bad_requests_get_typed_errors_and_the_server_keeps_serving(server, pipe, frames):
+    from edgevlm.client import Client
+
+    with Client(server.http_url) as c:
+        with pytest.raises(ImageDecodeError, match="not a supported image"):
+            c.generate(b"this is not an image" * 4, "What is it?")
+        with pytest.raises(ImageSizeError, match="pixels"):
+            c.generate(_png_claiming(20000, 20000), "What is it?")  # refused from its header, never decoded
+        with pytest.raises(PromptError, match="detect needs a non-empty phrase"):
+            c.detect(frames["scene_a.png"], " ")
+        with pytest.raises(PromptError, match="max_tokens"):
+            c.generate(None, "Hi.", max_new_tokens=100000)
+        ok = c.generate(frames["scene_a.png"], "What color is the circle?", max_new_tokens=8)
+    assert ok.token_ids == pipe.generate(frames["scene_a.png"], "What color is the circle?", max_new_tokens=8).token_ids
+
+
+@needs_server
+def test_concurrent_frames_share_a_batch_and_each_gets_its_own_answer(server, pipe, frames):
+    from edgevlm.client import Client
+
+    names = list(frames) * 2
+    want = {n: pipe.generate(frames[n], "What color is the circle?", max_new_tokens=6).token_ids for n in frames}
+    results: dict[int, object] = {}
+    bad = b"not an image at all"
+    barrier = threading.Barrier(len(names) + 1)
+
+    def ask(i, name):
+        with Client(server.http_url) as c:
+            barrier.wait()
+            try:
+                results[i] = c.generate(frames[name], "What color is the circle?", max_new_tokens=6)
+            except Exception as e:  # noqa: BLE001 - checked below
+                results[i] = e
+
+    def ask_bad():
+        with Client(server.http_url) as c:
+            barrier.wait()
+            try:
+                c.generate(bad, "What color is the circle?")
+            except ImageDecodeError as e:
+                results[-1] = e
+
+    threads = [threading.Thread(target=ask, args=(i, n)) for i, n in enumerate(names)] + [threading.Thread(target=ask_bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert isinstance(results.get(-1), ImageDecodeError)  # the bad frame failed alone
+    for i, n in enumerate(names):
+        assert not isinstance(results[i], Exception), results[i]
+        assert results[i].token_ids == want[n], n
+    assert max(results[i].timings["batch"] for i in range(len(names))) >= 2  # the batcher formed a batch
+
+
+@needs_server
+def test_health_and_prometheus_metrics(server):
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=5) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/edgevlm/config", timeout=5) as r:
+        assert json.load(r)["max_batch_size"] == 8
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'nv_inference_request_success{model="edgevlm"' in text
