@@ -13,7 +13,8 @@ from .config import (
 )
 from .errors import (
     BackendUnavailableError, BoxFormatError, ChatTemplateError, CheckpointError, ConfigError, EdgeVLMError, ImageDecodeError,
-    ImageError, ImageSizeError, PromptError, ShapeError, TokenizerError, UnknownPresetError, WeightsNotFoundError,
+    ImageError, ImageSizeError, PromptError, ServingError, ShapeError, TokenizerError, UnknownPresetError,
+    WeightsNotFoundError,
 )
 from .presets import get_preset, preset_names
 
@@ -56,7 +57,7 @@ __all__ = [
     "ResamplerConnectorConfig", "SphinxFusionConfig", "WeightsRef",
     "EdgeVLMError", "ConfigError", "UnknownPresetError", "ImageError", "ImageDecodeError", "ImageSizeError",
     "CheckpointError", "WeightsNotFoundError", "ShapeError", "BackendUnavailableError", "ChatTemplateError",
-    "PromptError", "TokenizerError", "BoxFormatError",
+    "PromptError", "TokenizerError", "BoxFormatError", "ServingError",
 ]
 
 

@@ -2,7 +2,7 @@
 the Pipeline's calling convention, so robot code switches from embedded to served in one line::
 
     pipe = edgevlm.load("demo")                                  # embedded
-    pipe = edgevlm.client.Client("gpu-server:8001", protocol="grpc")  # served: same calls below
+    pipe = Client("gpu-server:8001", protocol="grpc")            # served (from edgevlm.client): same calls
     out = pipe.generate(frame, "What color is the cube?")        # GenerateOutput
     for d in pipe.detect(frame, "red cube"): print(d.box)        # Grounding, boxes in frame pixels
     for piece in pipe.stream(frame, "Describe the scene."): ...  # gRPC only (Triton streams over gRPC)
