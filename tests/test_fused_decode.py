@@ -168,6 +168,31 @@ def run_steps(dec: Decoder, steps: int = STEPS, seed: int = 0):
     return hidden, kv
 
 
+# An int8 activation that lands within fp32 rounding of a quantisation boundary rounds to the other
+# neighbour in one path than in another: that step's output moves by one activation quantum times a
+# weight column, far above the fp32 noise, in no other step. Measured on an Intel Xeon, where the int4
+# cases' Python and fused paths each showed 0-3 such steps in 20 (up to 5e-4 of the output's scale),
+# at steps that move with the kernel set's summation order. A real fault (a missing bias, a wrong
+# position or mask) moves every step. So: every step within the noise bound, except at most
+# MAX_FLIPS steps, each within FLIP_SHARE of the scale.
+MAX_FLIPS = 3
+FLIP_SHARE = 2e-3
+
+
+def assert_steps_within_noise(fu: torch.Tensor, want: torch.Tensor, noise: float, what: str) -> None:
+    """fu, want [steps, ...]: assert_within_noise per step, with the rounding-flip allowance above."""
+    scale = max(float(want.abs().max()), 1e-30)
+    over = []
+    for i in range(fu.shape[0]):
+        try:
+            assert_within_noise(fu[i], want[i], f"{what}, step {i}", noise=noise)
+        except AssertionError as e:
+            err = max_abs(fu[i], want[i])
+            assert err <= FLIP_SHARE * scale, f"{e} -- and above {FLIP_SHARE:g} of the scale {scale:.3g}: not a rounding flip"
+            over.append(i)
+    assert len(over) <= MAX_FLIPS, f"{what}: steps {over} beyond the noise bound: more than {MAX_FLIPS} rounding flips"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_step_matches_python_and_float64_over_decode_steps(case):
     scheme, lora, bias, fuse, extra = CASES[case]
@@ -176,8 +201,8 @@ def test_fused_step_matches_python_and_float64_over_decode_steps(case):
     for what, rows in (("final-normed hidden", hidden), ("K/V written", kv)):
         py, fu, r64 = (torch.stack([r[i].reshape(-1) for r in rows]) for i in range(3))  # [steps, ...]
         noise = max_abs(py, r64)  # the Python fp32 step's distance from float64, over all steps
-        assert_within_noise(fu, r64, f"{case}: {what}, fused vs float64", noise=noise)
-        assert_within_noise(fu, py, f"{case}: {what}, fused vs Python step", noise=noise)
+        assert_steps_within_noise(fu, r64, noise, f"{case}: {what}, fused vs float64")
+        assert_steps_within_noise(fu, py, noise, f"{case}: {what}, fused vs Python step")
 
 
 def test_portable_build_matches_too():
