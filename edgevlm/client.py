@@ -10,7 +10,9 @@ the Pipeline's calling convention, so robot code switches from embedded to serve
 Errors: a typed error the server raised comes back as the same class (``ImageDecodeError``,
 ``PromptError``, ...); an unreachable server or an unknown failure is a
 :class:`~edgevlm.errors.ServingError`. Needs ``tritonclient[http,grpc]`` (``pip install edgevlm[client]``).
-Images go as encoded files: a path or bytes as they are, arrays and PIL images as PNG (lossless).
+Images go as encoded files: a path or bytes as they are, arrays and PIL images as PNG (lossless). An
+:class:`~edgevlm.runtime.image_embedding.ImageEmbedding` (the image through a tower run on the robot)
+goes as its tensor and digest, and the server only decodes.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from edgevlm.runtime.boxes import Box
+from edgevlm.runtime.image_embedding import ImageEmbedding
+from edgevlm.runtime.pipeline import GenerateOutput
+from edgevlm.runtime.structured import Detection, Grounding
 
 from . import errors as _errors
 from .errors import BackendUnavailableError, ConfigError, ServingError
-from edgevlm.runtime.boxes import Box
-from edgevlm.runtime.pipeline import GenerateOutput
-from edgevlm.runtime.structured import Detection, Grounding
 from .serving.protocol import INPUTS, MODEL, STREAM_MODEL
 
 _TYPED = re.compile(r"\b([A-Z][A-Za-z]*Error): (.*)", re.S)
@@ -95,15 +100,18 @@ class Client:
             raise _errors.PromptError(f"the served model takes a text prompt, got {type(prompt).__name__}")
         values: dict[str, Any] = {"prompt": prompt.encode("utf-8"), "max_tokens": int(max_new_tokens),
                                   "temperature": float(temperature), "task": task.encode()}
-        data = encode_image(image)
-        if data is not None:
+        if isinstance(image, ImageEmbedding):  # encoded here: the server only decodes
+            values["image_embeds"] = image.tokens.detach().to("cpu", torch.float32).numpy()[None]
+            values["image_digest"] = image.digest.encode()
+        elif (data := encode_image(image)) is not None:
             values["image"] = data
         if deadline_s is not None:
             values["deadline_ms"] = float(deadline_s) * 1e3
         inputs = []
         for name, v in values.items():
             dtype = INPUTS[name][0]
-            arr = np.array([[v]], dtype={"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32}[dtype])
+            arr = v if isinstance(v, np.ndarray) else \
+                np.array([[v]], dtype={"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32}[dtype])
             t = self._tc.InferInput(name, list(arr.shape), dtype)
             t.set_data_from_numpy(arr)
             inputs.append(t)

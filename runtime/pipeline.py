@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from edgevlm.errors import ConfigError, PromptError
+from edgevlm.errors import ConfigError, PromptError, ShapeError
 from edgevlm.options import DECODE_GRAPHS, KV_CACHES
 
 from .chat import ChatFormat
@@ -40,6 +40,7 @@ from .decoder import Decoder
 from .embed_cache import tensor_digest
 from .generate import GenerationConfig, StopStringMatcher, generate_tokens
 from .grounding_head import AnswerPrior, BoxWriter, GroundingHead, HeadQuestion, answer_ids, trigger_id
+from .image_embedding import ImageEmbedding
 from .kv_cache import KVCache
 from .quant.cpu_linear import cpu_kernel_info
 from .quant.fused_decode import FusedDecodeStep
@@ -135,6 +136,16 @@ class Pipeline:
             raise PromptError(f"model {self.name or '(text-only)'} has no vision tower; pass image=None")
         return images
 
+    def _check_embeddings(self, given: list["ImageEmbedding"]) -> None:
+        if self.tower.takes_instruction:
+            raise PromptError("this model's Q-Former reads the prompt while it encodes the image, so it takes the "
+                              "image itself, not an embedding made without the prompt")
+        width = self.decoder.cfg.hidden
+        for e in given:
+            if e.tokens.shape[1] != width:
+                raise ShapeError(f"image embedding is {e.tokens.shape[1]} wide; this model's decoder takes {width} "
+                                 f"([visual_tokens, {width}], as its own tower gives)")
+
     def _messages(self, prompt, system: str | None) -> list[dict]:
         if isinstance(prompt, str):
             msgs = [{"role": "user", "content": prompt}]
@@ -162,12 +173,21 @@ class Pipeline:
         images = self._images(image)
         timings: dict[str, float] = {}
         embeds: list[torch.Tensor] = []
-        if images:
+        given = [im for im in images if isinstance(im, ImageEmbedding)]  # already through a tower elsewhere
+        if given:
+            self._check_embeddings(given)
+        pixels = [im for im in images if not isinstance(im, ImageEmbedding)]
+        if pixels:
             # InstructBLIP's Q-Former reads the user's words (not the chat-templated text), as its processor does
             instruction = self._instruction(prompt, raw) if self.tower.takes_instruction else None
-            embeds = self.tower.embed_each(images, instruction=instruction)  # one [T_i, D] per image
+            encoded = iter(self.tower.embed_each(pixels, instruction=instruction))  # one [T_i, D] per image
             t = self.tower.last_timings
             timings = {"decode_image": t["decode_ms"], "preprocess": t["preprocess_ms"], "vision": t["vision_ms"]}
+        elif images:  # every image arrived as its embedding: no image stage ran here
+            timings = {"decode_image": 0.0, "preprocess": 0.0, "vision": 0.0}
+        if images:
+            dev, dt = self.decoder.device, self.decoder.dtype
+            embeds = [im.tokens.to(dev, dt) if isinstance(im, ImageEmbedding) else next(encoded) for im in images]
         tpi = [e.shape[0] for e in embeds]
         if raw:
             if not isinstance(prompt, str):
@@ -403,7 +423,8 @@ class Pipeline:
                  system: str | None = None, deadline_s: float | None = None,
                  cancel: threading.Event | None = None) -> GenerateOutput:
         """Run to completion; see :meth:`stream` for the arguments. ``image`` may be None, one image
-        (path, PIL image, HWC uint8 array) or a list; ``raw=True`` sends ``prompt`` verbatim.
+        (path, PIL image, HWC uint8 array, or an :class:`~.image_embedding.ImageEmbedding` made by a
+        tower elsewhere) or a list; ``raw=True`` sends ``prompt`` verbatim.
 
         Safe to call from several threads: calls run one at a time, and each returns its own output."""
         _check_deadline(deadline_s)

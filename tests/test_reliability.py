@@ -131,6 +131,31 @@ def test_reset_waits_for_a_running_stream(pipe):
     assert done.is_set() and s.output.token_ids == full.token_ids and first + rest == full.text
 
 
+def test_an_image_embedding_answers_like_its_image(pipe):
+    """The embedding hand-off: an image encoded elsewhere (here by the same tower) and passed as an
+    ImageEmbedding gives the image's own answer, alone or beside images; bad ones are refused."""
+    import torch
+
+    from edgevlm.errors import ShapeError
+    from edgevlm.runtime.image_embedding import ImageEmbedding
+
+    a, b = _frames(2, seed=21)
+    emb = ImageEmbedding.of(pipe.tower, a)
+    answers = []
+    for image in (a, emb, [b, a], [b, emb]):
+        pipe.reset()  # the same (empty) cache before each, so only the image's form differs
+        answers.append(pipe.generate(image, "Describe.", max_new_tokens=8))
+    assert answers[1].token_ids == answers[0].token_ids and answers[1].visual_tokens == answers[0].visual_tokens
+    assert answers[3].token_ids == answers[2].token_ids
+    assert answers[1].timings["vision"] == 0.0 and answers[0].timings["vision"] > 0.0
+    with pytest.raises(ShapeError, match="decoder takes"):
+        pipe.generate(ImageEmbedding(emb.tokens[:, :-1]), "Describe.")
+    with pytest.raises(ShapeError, match="do not match its digest"):
+        ImageEmbedding(emb.tokens, digest="0" * 40)
+    with pytest.raises(ShapeError, match="visual_tokens, width"):
+        ImageEmbedding(torch.zeros(8))
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

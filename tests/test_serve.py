@@ -28,6 +28,7 @@ from edgevlm.serving.repository import write_repository
 from edgevlm.serving.server import check_numpy, server_env
 
 ASSETS = Path(edgevlm.__file__).resolve().parent / "assets"
+OPTIONS = {"reuse_prefix": False}  # the served models' load options, and the in-process reference's
 
 
 # ---- without a server ----------------------------------------------------------------------------
@@ -121,7 +122,10 @@ def _free_ports(n: int) -> list[int]:
 def server(tmp_path_factory):
     from edgevlm.serving.server import TritonServer
 
-    repo = write_repository("demo", tmp_path_factory.mktemp("repo"), max_batch_size=8, batch_delay_us=20000)
+    # No KV prefix reuse here or in `pipe`: a reused prefix is prefilled in other chunks than a whole prompt,
+    # which can tip a greedy near-tie, so answers would depend on each Pipeline's history of calls.
+    repo = write_repository("demo", tmp_path_factory.mktemp("repo"), options=OPTIONS, max_batch_size=8,
+                            batch_delay_us=20000)
     http, grpc, metrics = _free_ports(3)
     with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as s:
         yield s
@@ -129,7 +133,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe():
-    return edgevlm.load("demo")
+    return edgevlm.load("demo", **OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -180,15 +184,11 @@ def test_served_detect_gives_the_pipelines_boxes_in_pixels(server, pipe, frames)
 
 
 @needs_server
-def test_streamed_pieces_join_into_the_answer(server, frames):
-    """The streaming model is its own Pipeline (its own process): the reference is a fresh in-process
-    Pipeline given the same calls, since a reused KV prefix is prefilled in other chunks than a whole
-    prompt and can tip a greedy near-tie (noted in docs/serving.md)."""
+def test_streamed_pieces_join_into_the_answer(server, pipe, frames):
     from edgevlm.client import Client
 
-    ref = edgevlm.load("demo")
     frame, q = frames["scene_b.png"], "Describe the image briefly."
-    want = ref.generate(frame, q, max_new_tokens=24)
+    want = pipe.generate(frame, q, max_new_tokens=24)
     with Client(server.grpc_url, protocol="grpc") as c:
         s = c.stream(frame, q, max_new_tokens=24)
         pieces = list(s)
@@ -198,11 +198,8 @@ def test_streamed_pieces_join_into_the_answer(server, frames):
         early = c.stream(frame, q, max_new_tokens=24)
         next(iter(early))
         early.close()
-        ref_early = ref.stream(frame, q, max_new_tokens=24)
-        next(ref_early)
-        ref_early.close()
         s2 = c.stream(frame, q, max_new_tokens=24)
-        assert "".join(s2) == ref.generate(frame, q, max_new_tokens=24).text
+        assert "".join(s2) == want.text
     with Client(server.http_url) as c, pytest.raises(ConfigError, match="streaming needs gRPC"):
         c.stream(frame, "Hi.")
 
@@ -260,6 +257,30 @@ def test_concurrent_frames_share_a_batch_and_each_gets_its_own_answer(server, pi
         assert not isinstance(results[i], Exception), results[i]
         assert results[i].token_ids == want[n], n
     assert max(results[i].timings["batch"] for i in range(len(names))) >= 2  # the batcher formed a batch
+
+
+@needs_server
+def test_an_embedding_made_on_the_robot_is_decoded_on_the_server(server, pipe, frames):
+    """The hand-off: the robot runs the tower, sends [visual_tokens, width] and its digest; the server
+    decodes it to the answer the image itself gets. A digest that does not match is refused."""
+    from edgevlm.client import Client
+    from edgevlm.errors import ShapeError
+    from edgevlm.runtime.image_embedding import ImageEmbedding
+
+    frame, q = frames["scene_a.png"], "What color is the circle?"
+    emb = ImageEmbedding.of(pipe.tower, frame)
+    want = pipe.generate(frame, q, max_new_tokens=8)
+    with Client(server.http_url) as c:
+        got = c.generate(emb, q, max_new_tokens=8)
+        assert got.token_ids == want.token_ids and got.timings["vision"] == 0.0
+        inputs = c._inputs(emb, q, max_new_tokens=8, temperature=0.0, deadline_s=None, task="generate")
+        inputs[-1].set_data_from_numpy(np.array([[b"0" * 40]], dtype=np.object_))  # the digest, replaced
+        with pytest.raises(ShapeError, match="do not match its digest"):
+            c._infer(inputs)
+        with pytest.raises(ShapeError, match="decoder takes 576"):
+            c.generate(ImageEmbedding(emb.tokens[:, :100]), q)
+        with pytest.raises(PromptError, match="boxes are given in its pixels"):
+            c.detect(emb, "yellow triangle")
 
 
 @needs_server

@@ -11,6 +11,8 @@ name            type    shape    meaning
 ==============  ======  =======  =================================================================
 ``prompt``      BYTES   [1, 1]   the question (``detect``: the phrase to find)
 ``image``       BYTES   [1, 1]   optional: an encoded image file (JPEG, PNG, ...)
+``image_embeds`` FP32   [1, T, D] optional, instead of ``image``: the image already through the tower
+``image_digest`` BYTES  [1, 1]   optional with ``image_embeds``: its digest, checked against the values
 ``max_tokens``  INT32   [1, 1]   optional, default 64
 ``temperature`` FP32    [1, 1]   optional, default 0 (greedy)
 ``deadline_ms`` FP32    [1, 1]   optional latency budget (``stop_reason`` "deadline" when reached)
@@ -46,6 +48,8 @@ DEFAULT_MAX_TOKENS = 64
 INPUTS: dict[str, tuple[str, tuple[int, ...], bool]] = {
     "prompt": ("BYTES", (1,), False),
     "image": ("BYTES", (1,), True),
+    "image_embeds": ("FP32", (-1, -1), True),
+    "image_digest": ("BYTES", (1,), True),
     "max_tokens": ("INT32", (1,), True),
     "temperature": ("FP32", (1,), True),
     "deadline_ms": ("FP32", (1,), True),
@@ -69,6 +73,8 @@ class Request:
 
     prompt: str
     image: bytes | None = None
+    embeds: np.ndarray | None = None  # [T, D]
+    digest: str | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     deadline_s: float | None = None
@@ -114,6 +120,16 @@ def parse_request(arrays: dict[str, np.ndarray]) -> Request:
         r.image = bytes(image) if isinstance(image, (bytes, np.bytes_)) else _text(image, "image").encode()
         if not r.image:
             r.image = None
+    if (e := arrays.get("image_embeds")) is not None:
+        if r.image is not None:
+            raise PromptError("send 'image' or 'image_embeds', not both")
+        if e.ndim != 3 or e.shape[0] != 1:
+            raise PromptError(f"input 'image_embeds' must be [1, visual_tokens, width], got {tuple(e.shape)}")
+        r.embeds = np.ascontiguousarray(e[0], dtype=np.float32)
+        if (d := _scalar(arrays, "image_digest")) is not None:
+            r.digest = _text(d, "image_digest") or None
+    elif "image_digest" in arrays:
+        raise PromptError("'image_digest' goes with 'image_embeds'")
     if (v := _scalar(arrays, "max_tokens")) is not None:
         if not 1 <= int(v) <= 4096:
             raise PromptError(f"max_tokens must be in 1..4096, got {int(v)}")
@@ -131,7 +147,8 @@ def parse_request(arrays: dict[str, np.ndarray]) -> Request:
         if r.task not in TASKS:
             raise PromptError(f"task must be one of {list(TASKS)}, got {r.task!r}")
     if r.task != "generate" and r.image is None:
-        raise PromptError(f"task '{r.task}' needs an image")
+        raise PromptError(f"task '{r.task}' needs an image" + (" file: boxes are given in its pixels, which an "
+                                                             "embedding does not carry" if r.embeds is not None else ""))
     return r
 
 

@@ -56,6 +56,12 @@ class TritonPythonModel:
         return out
 
     def _frame(self, r: Request):
+        if r.embeds is not None:
+            import torch
+
+            from edgevlm.runtime.image_embedding import ImageEmbedding
+
+            return ImageEmbedding(torch.from_numpy(r.embeds), r.digest)  # ShapeError if the digest disagrees
         if r.image is None:
             return None
         from edgevlm.runtime.image_io import DEFAULT_MAX_PIXELS, load_image
@@ -104,9 +110,10 @@ class TritonPythonModel:
             if f is not None:
                 frames[i] = f
         tower = self.pipe.tower
-        if len(frames) > 1 and tower is not None and tower.embedding_cache.enabled:
+        pixels = [f for f in frames.values() if isinstance(f, np.ndarray)]  # not the embeddings sent
+        if len(pixels) > 1 and tower is not None and tower.embedding_cache.enabled:
             try:  # the frames of this batch through the tower at once; each answer then hits its cache
-                tower.embed_each(list(frames.values()))
+                tower.embed_each(pixels)
             except Exception:  # noqa: BLE001 - each request meets (and reports) its own failure below
                 pass
         responses = []
