@@ -23,6 +23,7 @@ import json
 import os
 import queue
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,22 @@ class Client:
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
         self.model, self.stream_model = model, stream_model
         self._tc = tc
-        kw = {"connection_timeout": timeout_s, "network_timeout": timeout_s} if protocol == "http" else {}
-        self._client = tc.InferenceServerClient(url, **kw)
+        self._kw = {"connection_timeout": timeout_s, "network_timeout": timeout_s} if protocol == "http" else {}
+        # One transport client per thread: tritonclient's HTTP client runs on gevent and fails when used
+        # from another thread than its own ("Cannot switch to a different thread"), and a gRPC client
+        # holds one stream at a time. So a Client may be shared by a robot's threads.
+        self._local = threading.local()
+        self._made: list = []
+        self._made_lock = threading.Lock()
+
+    @property
+    def _client(self):
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._local.client = self._tc.InferenceServerClient(self.url, **self._kw)
+            with self._made_lock:
+                self._made.append(c)
+        return c
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _inputs(self, image, prompt: str, *, max_new_tokens: int, temperature: float, deadline_s: float | None,
@@ -117,11 +132,11 @@ class Client:
             inputs.append(t)
         return inputs
 
-    def _infer(self, inputs: list):
+    def _infer(self, inputs: list, request_id: str = ""):
         try:
             if self.protocol == "http":
-                return self._client.infer(self.model, inputs)
-            return self._client.infer(self.model, inputs, client_timeout=self.timeout_s)
+                return self._client.infer(self.model, inputs, request_id=request_id)
+            return self._client.infer(self.model, inputs, request_id=request_id, client_timeout=self.timeout_s)
         except self._tc.InferenceServerException as e:
             raise _typed_error(e.message() or str(e)) from None
         except Exception as e:  # noqa: BLE001 - connection refused, reset, timeout: the transport's own types
@@ -185,7 +200,13 @@ class Client:
             return False
 
     def close(self) -> None:
-        self._client.close()
+        with self._made_lock:
+            made, self._made = self._made, []
+        for c in made:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - a gevent client closed from another thread; nothing to keep
+                pass
 
     def __enter__(self) -> "Client":
         return self

@@ -231,13 +231,14 @@ def test_concurrent_frames_share_a_batch_and_each_gets_its_own_answer(server, pi
     bad = b"not an image at all"
     barrier = threading.Barrier(len(names) + 1)
 
+    shared = Client(server.http_url)  # one Client used from every thread, as a robot's threads would
+
     def ask(i, name):
-        with Client(server.http_url) as c:
-            barrier.wait()
-            try:
-                results[i] = c.generate(frames[name], "What color is the circle?", max_new_tokens=6)
-            except Exception as e:  # noqa: BLE001 - checked below
-                results[i] = e
+        barrier.wait()
+        try:
+            results[i] = shared.generate(frames[name], "What color is the circle?", max_new_tokens=6)
+        except Exception as e:  # noqa: BLE001 - checked below
+            results[i] = e
 
     def ask_bad():
         with Client(server.http_url) as c:
@@ -252,6 +253,7 @@ def test_concurrent_frames_share_a_batch_and_each_gets_its_own_answer(server, pi
         t.start()
     for t in threads:
         t.join(300)
+    shared.close()
     assert isinstance(results.get(-1), ImageDecodeError)  # the bad frame failed alone
     for i, n in enumerate(names):
         assert not isinstance(results[i], Exception), results[i]
