@@ -57,19 +57,20 @@ FIELDS = ["timestamp", "commit", "cpu_model", "threads", "torch", "tritonserver"
           "mean_batch", "max_batch", "errors", "lost", "doubled", "note"]
 
 
-def frames(n: int, seed: int) -> list[np.ndarray]:
-    """n distinct frames: random 200 x 200 crops of the bundled scenes (each new to the tower)."""
-    from edgevlm.runtime.image_io import load_image
+class Frames:
+    """A new camera frame per call: a random 200 x 200 crop of a bundled scene, so the tower's embedding
+    cache (which keys on the pixels) practically never answers, as with a real camera."""
 
-    assets = Path(edgevlm.__file__).resolve().parent / "assets"
-    scenes = [load_image(assets / n) for n in ("scene_a.png", "scene_b.png")]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        s = scenes[i % 2]
+    def __init__(self) -> None:
+        from edgevlm.runtime.image_io import load_image
+
+        assets = Path(edgevlm.__file__).resolve().parent / "assets"
+        self.scenes = [load_image(assets / n) for n in ("scene_a.png", "scene_b.png")]
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        s = self.scenes[int(rng.integers(2))]
         y, x = rng.integers(0, s.shape[0] - 200), rng.integers(0, s.shape[1] - 200)
-        out.append(np.ascontiguousarray(s[y:y + 200, x:x + 200]))
-    return out
+        return np.ascontiguousarray(s[y:y + 200, x:x + 200])
 
 
 def png_claiming(w: int, h: int) -> bytes:
@@ -98,7 +99,7 @@ class Tally:
         self.lost = self.doubled = 0
 
 
-def run_load(n_clients: int, seconds: float, call, pool: list[np.ndarray], seed: int) -> tuple[Tally, float]:
+def run_load(n_clients: int, seconds: float, call, frames: Frames, seed: int) -> tuple[Tally, float]:
     """n_clients threads, each calling ``call(client_index, frame, request_id)`` back to back."""
     tally, stop = Tally(), threading.Event()
     barrier = threading.Barrier(n_clients + 1)
@@ -112,7 +113,7 @@ def run_load(n_clients: int, seconds: float, call, pool: list[np.ndarray], seed:
             k += 1
             t0 = time.perf_counter()
             try:
-                batch, echoed = call(i, pool[int(rng.integers(len(pool)))], rid)
+                batch, echoed = call(i, frames(rng), rid)
             except Exception as e:  # noqa: BLE001 - counted
                 with tally.lock:
                     tally.errors.append(f"{type(e).__name__}: {e}"[:200])
@@ -149,13 +150,13 @@ def row(common: dict, mode: str, n: int, tally: Tally, elapsed: float, limit: fl
             "lost": tally.lost, "doubled": tally.doubled, "note": note or "; ".join(sorted(set(tally.errors))[:2])}
 
 
-def inject_faults(server, pool) -> list[str]:
+def inject_faults(server, frame: np.ndarray) -> list[str]:
     """During load: a stream closed early, a non-image, an oversized header. -> what each got."""
     from edgevlm.client import Client
 
     seen = []
     with Client(server.grpc_url, protocol="grpc") as g:
-        s = g.stream(pool[0], "Describe the image briefly.", max_new_tokens=24)
+        s = g.stream(frame, "Describe the image briefly.", max_new_tokens=24)
         next(iter(s))
         s.close()
         seen.append("stream closed after its first piece")
@@ -188,7 +189,8 @@ def main() -> int:
     from edgevlm.serving.repository import write_repository
     from edgevlm.serving.server import TritonServer
 
-    pool = frames(64, seed=1)
+    frames = Frames()
+    rng = np.random.default_rng(0)
     common = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
               "cpu_model": cpu_model() or platform.processor(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "model": args.model, "seconds": args.seconds,
@@ -197,7 +199,7 @@ def main() -> int:
 
     # ---- embedded ----------------------------------------------------------------------------
     pipe = edgevlm.load(args.model)
-    pipe.generate(pool[0], QUESTION, max_new_tokens=args.max_tokens)  # warm-up
+    pipe.generate(frames(rng), QUESTION, max_new_tokens=args.max_tokens)  # warm-up
 
     def embedded(i, frame, rid):
         out = pipe.generate(frame, QUESTION, max_new_tokens=args.max_tokens)
@@ -205,7 +207,7 @@ def main() -> int:
 
     limit = 0.0
     for n in levels:
-        tally, elapsed = run_load(n, args.seconds, embedded, pool, seed=n)
+        tally, elapsed = run_load(n, args.seconds, embedded, frames, seed=n)
         if not limit:  # one Pipeline's serial rate: the first level's answers per second
             limit = len(tally.latencies) / elapsed
         rows.append(row({**common, "tritonserver": ""}, "embedded", n, tally, elapsed, limit))
@@ -222,7 +224,7 @@ def main() -> int:
                     if "server_version" in ln), "")
     common["tritonserver"] = version
     clients = [Client(server.http_url, timeout_s=600) for _ in range(max(levels))]
-    clients[0].generate(pool[0], QUESTION, max_new_tokens=args.max_tokens)  # warm-up
+    clients[0].generate(frames(rng), QUESTION, max_new_tokens=args.max_tokens)  # warm-up
 
     def served(i, frame, rid):
         c = clients[i]
@@ -237,9 +239,9 @@ def main() -> int:
             faults: list[str] = []
             timer = None
             if args.faults and n == max(levels):
-                timer = threading.Timer(args.seconds / 2, lambda: faults.extend(inject_faults(server, pool)))
+                timer = threading.Timer(args.seconds / 2, lambda: faults.extend(inject_faults(server, frames(rng))))
                 timer.start()
-            tally, elapsed = run_load(n, args.seconds, served, pool, seed=100 + n)
+            tally, elapsed = run_load(n, args.seconds, served, frames, seed=100 + n)
             if timer is not None:
                 timer.join()
             note = "; ".join(faults) if faults else ""
@@ -252,12 +254,12 @@ def main() -> int:
             server.stop()
             t0 = time.perf_counter()
             try:
-                clients[0].generate(pool[1], QUESTION, max_new_tokens=2)
+                clients[0].generate(frames(rng), QUESTION, max_new_tokens=2)
                 down = "answered while stopped?!"
             except ServingError as e:
                 down = f"ServingError after {(time.perf_counter() - t0) * 1e3:.0f} ms ({str(e)[:80]})"
             server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics).start()
-            back = clients[0].generate(pool[1], QUESTION, max_new_tokens=2)
+            back = clients[0].generate(frames(rng), QUESTION, max_new_tokens=2)
             fault_note = f"restart: while down {down}; after restart the same Client answered ({back.stop_reason})"
             print(fault_note, flush=True)
             rows.append({**common, "mode": "restart", "clients": 1, "errors": 0, "note": fault_note})

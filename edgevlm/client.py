@@ -111,10 +111,14 @@ class Client:
     # ---- plumbing ------------------------------------------------------------------------------
     def _inputs(self, image, prompt: str, *, max_new_tokens: int, temperature: float, deadline_s: float | None,
                 task: str) -> list:
-        if not isinstance(prompt, str):
-            raise _errors.PromptError(f"the served model takes a text prompt, got {type(prompt).__name__}")
-        values: dict[str, Any] = {"prompt": prompt.encode("utf-8"), "max_tokens": int(max_new_tokens),
-                                  "temperature": float(temperature), "task": task.encode()}
+        if isinstance(prompt, str):
+            values: dict[str, Any] = {"prompt": prompt.encode("utf-8")}
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+            values = {"messages": json.dumps(list(prompt)).encode("utf-8")}
+        else:
+            raise _errors.PromptError("prompt must be a string or a list of chat messages ({'role': ..., "
+                                      f"'content': ...}}), got {type(prompt).__name__}")
+        values.update({"max_tokens": int(max_new_tokens), "temperature": float(temperature), "task": task.encode()})
         if isinstance(image, ImageEmbedding):  # encoded here: the server only decodes
             values["image_embeds"] = image.tokens.detach().to("cpu", torch.float32).numpy()[None]
             values["image_digest"] = image.digest.encode()

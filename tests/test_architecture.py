@@ -41,6 +41,7 @@ LAYERS = {
     "edgevlm.train": "train",
     "edgevlm.cli_args": "cli_args",
     "edgevlm.serving": "serving",
+    "edgevlm.serving.protocol": "protocol",
     "edgevlm.client": "client",
     "edgevlm.cli": "cli",
     "edgevlm": "facade",
@@ -57,11 +58,12 @@ ALLOWED = {
     "facade": {"core", "runtime", "loading"},
     "perf": {"core", "kernels", "runtime", "loading", "facade"},
     "cli_args": {"core"},
-    "serving": {"core", "runtime", "loading", "facade", "cli_args"},
-    "client": {"core", "runtime", "serving"},
+    "protocol": {"core"},
+    "client": {"core", "runtime", "protocol"},
+    "serving": {"core", "runtime", "loading", "facade", "cli_args", "protocol", "client"},
     "train": {"core", "kernels", "runtime", "scenes", "perf", "cli_args", "facade"},
     "cli": {"core", "kernels", "runtime", "scenes", "export", "loading", "perf", "train", "cli_args", "facade",
-            "serving", "client"},
+            "serving", "protocol", "client"},
 }
 
 

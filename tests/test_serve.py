@@ -14,6 +14,7 @@ import struct
 import sys
 import sysconfig
 import threading
+import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
@@ -73,7 +74,14 @@ def _arr(v, dtype=np.object_):
 def test_requests_are_checked_field_by_field():
     r = parse_request({"prompt": _arr(b"Hi"), "max_tokens": _arr(5, np.int32), "deadline_ms": _arr(250.0, np.float32)})
     assert (r.prompt, r.max_tokens, r.deadline_s, r.task, r.image) == ("Hi", 5, 0.25, "generate", None)
-    bad = [({}, "'prompt' is required"),
+    chat = parse_request({"messages": _arr(b'[{"role": "user", "content": "Hi"}]')})
+    assert chat.prompt == [{"role": "user", "content": "Hi"}]
+    bad = [({}, "send one of 'prompt'"),
+           ({"prompt": _arr(b"x"), "messages": _arr(b"[]")}, "send one of 'prompt'"),
+           ({"messages": _arr(b"not json")}, "not JSON"),
+           ({"messages": _arr(b'[{"role": "robot", "content": "x"}]')}, "message 0 must be"),
+           ({"messages": _arr(b'[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]')},
+            "last message must be the user's"),
            ({"prompt": _arr(b"x"), "max_tokens": _arr(0, np.int32)}, "max_tokens must be in 1..4096"),
            ({"prompt": _arr(b"x"), "temperature": _arr(np.nan, np.float32)}, "temperature"),
            ({"prompt": _arr(b"x"), "task": _arr(b"segment")}, "task must be one of"),
@@ -283,6 +291,65 @@ def test_an_embedding_made_on_the_robot_is_decoded_on_the_server(server, pipe, f
             c.generate(ImageEmbedding(emb.tokens[:, :100]), q)
         with pytest.raises(PromptError, match="boxes are given in its pixels"):
             c.detect(emb, "yellow triangle")
+
+
+@pytest.fixture(scope="module")
+def openai(server):
+    from edgevlm.serving.openai import OpenAIServer
+
+    o = OpenAIServer(server.http_url, server.grpc_url, port=_free_ports(1)[0], model_name="demo").start()
+    yield o
+    o.stop()
+
+
+def _post(url: str, body) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@needs_server
+def test_openai_chat_completions_with_an_image_and_streaming(openai, pipe, frames):
+    import base64
+
+    png = (ASSETS / "scene_a.png").read_bytes()
+    q = "Describe the image briefly."
+    want = pipe.generate(frames["scene_a.png"], [{"role": "user", "content": q}], max_new_tokens=16)
+    msg = [{"role": "user", "content": [{"type": "text", "text": q}, {"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(png).decode()}}]}]
+    code, body = _post(f"{openai.url}/v1/chat/completions", {"model": "demo", "messages": msg, "max_tokens": 16})
+    out = json.loads(body)
+    assert code == 200 and out["object"] == "chat.completion", body[:300]
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": want.text}
+    assert out["usage"]["completion_tokens"] == len(want.token_ids)
+    code, body = _post(f"{openai.url}/v1/chat/completions", {"messages": msg, "max_tokens": 16, "stream": True})
+    events = [ln[6:] for ln in body.decode().split("\n") if ln.startswith("data: ")]
+    assert code == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks) and len(chunks) > 2
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want.text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    with urllib.request.urlopen(f"{openai.url}/v1/models", timeout=10) as r:
+        assert json.load(r)["data"][0]["id"] == "demo"
+
+
+@needs_server
+def test_openai_endpoint_refuses_bad_requests_with_typed_errors(openai):
+    url = f"{openai.url}/v1/chat/completions"
+    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    for body, code, kind, msg in ((b"{not json", 400, "PromptError", "not JSON"),
+                                  ({"messages": remote}, 400, "PromptError", "does not fetch images"),
+                                  ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                                      "url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]}, 400, "ImageDecodeError",
+                                   "not a supported image"),
+                                  ({"messages": []}, 400, "PromptError", "non-empty")):
+        got, raw = _post(url, body)
+        err = json.loads(raw)["error"]
+        assert got == code and err["type"] == kind and msg in err["message"], (got, raw[:300])
 
 
 @needs_server

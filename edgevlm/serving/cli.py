@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--instances", type=int, default=1,
                    help="Pipelines per model, each its own process and memory (default: 1)")
     p.add_argument("--no-stream", action="store_true", help="leave out the streaming model (one Pipeline less)")
+    p.add_argument("--openai-port", type=int, default=0,
+                   help="also serve an OpenAI-compatible POST /v1/chat/completions (image_url data: URLs; stream: "
+                   "true as server-sent events) on this port (default: 0 = off)")
     p.add_argument("--repo", default=None, help="write the model repository here and keep it (default: a temporary "
                    "folder); a stock tritonserver can serve it later with --model-repository")
     p.add_argument("--verbose", action="store_true", help="Triton's verbose log")
@@ -72,10 +75,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         with server:
+            openai = None
+            if args.openai_port:
+                from .openai import OpenAIServer
+
+                openai = OpenAIServer(server.http_url, server.grpc_url, host=args.host, port=args.openai_port,
+                                      model_name=str(args.model)).start()
             print(json.dumps({"ready_s": round(time.perf_counter() - t0, 1), "model": args.model,
                               "http": server.http_url, "grpc": server.grpc_url,
                               "metrics": f"{args.host}:{args.metrics_port}/metrics",
                               "models": ["edgevlm"] + ([] if args.no_stream else ["edgevlm_stream"]),
+                              **({"openai": f"{openai.url}/v1/chat/completions"} if openai else {}),
                               "log": str(server.log_path)}), flush=True)
             while server.proc is not None and server.proc.poll() is None:
                 time.sleep(0.5)

@@ -10,6 +10,7 @@ Inputs (``BYTES`` are UTF-8 text or raw bytes):
 name            type    shape    meaning
 ==============  ======  =======  =================================================================
 ``prompt``      BYTES   [1, 1]   the question (``detect``: the phrase to find)
+``messages``    BYTES   [1, 1]   instead of ``prompt``: a conversation, JSON ``[{"role", "content"}, ...]``
 ``image``       BYTES   [1, 1]   optional: an encoded image file (JPEG, PNG, ...)
 ``image_embeds`` FP32   [1, T, D] optional, instead of ``image``: the image already through the tower
 ``image_digest`` BYTES  [1, 1]   optional with ``image_embeds``: its digest, checked against the values
@@ -46,7 +47,8 @@ DEFAULT_MAX_TOKENS = 64
 
 # name -> (Triton datatype, dims after the batch dimension, optional)
 INPUTS: dict[str, tuple[str, tuple[int, ...], bool]] = {
-    "prompt": ("BYTES", (1,), False),
+    "prompt": ("BYTES", (1,), True),
+    "messages": ("BYTES", (1,), True),
     "image": ("BYTES", (1,), True),
     "image_embeds": ("FP32", (-1, -1), True),
     "image_digest": ("BYTES", (1,), True),
@@ -71,7 +73,7 @@ NUMPY = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.f
 class Request:
     """One request's inputs, checked."""
 
-    prompt: str
+    prompt: str | list[dict]  # a question, or chat messages
     image: bytes | None = None
     embeds: np.ndarray | None = None  # [T, D]
     digest: str | None = None
@@ -111,10 +113,10 @@ def parse_request(arrays: dict[str, np.ndarray]) -> Request:
     unknown = sorted(set(arrays) - set(INPUTS))
     if unknown:
         raise PromptError(f"unknown inputs {unknown}; expected some of {sorted(INPUTS)}")
-    prompt = _scalar(arrays, "prompt")
-    if prompt is None:
-        raise PromptError("input 'prompt' is required")
-    r = Request(prompt=_text(prompt, "prompt"))
+    prompt, messages = _scalar(arrays, "prompt"), _scalar(arrays, "messages")
+    if (prompt is None) == (messages is None):
+        raise PromptError("send one of 'prompt' (a question) and 'messages' (a JSON list of chat messages)")
+    r = Request(prompt=_text(prompt, "prompt") if prompt is not None else parse_messages(_text(messages, "messages")))
     image = _scalar(arrays, "image")
     if image is not None:
         r.image = bytes(image) if isinstance(image, (bytes, np.bytes_)) else _text(image, "image").encode()
@@ -152,6 +154,27 @@ def parse_request(arrays: dict[str, np.ndarray]) -> Request:
     return r
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def parse_messages(text: str) -> list[dict]:
+    """JSON chat messages -> ``[{"role", "content"}]`` with text contents (PromptError otherwise)."""
+    try:
+        msgs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PromptError(f"input 'messages' is not JSON: {e}") from None
+    if not isinstance(msgs, list) or not msgs:
+        raise PromptError("input 'messages' must be a non-empty JSON list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise PromptError(f"message {i} must be {{\"role\": one of {list(ROLES)}, \"content\": text}}, got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise PromptError("the last message must be the user's")
+    return out
+
+
 def response_arrays(text: str, token_ids, stop_reason: str, timings: dict, boxes=(), boxes_norm=(),
                     labels=()) -> dict[str, np.ndarray]:
     """One request's outputs as arrays with the batch dimension."""
@@ -166,5 +189,5 @@ def response_arrays(text: str, token_ids, stop_reason: str, timings: dict, boxes
     }
 
 
-__all__ = ["MODEL", "STREAM_MODEL", "TASKS", "INPUTS", "OUTPUTS", "NUMPY", "Request", "parse_request",
+__all__ = ["MODEL", "STREAM_MODEL", "TASKS", "INPUTS", "OUTPUTS", "NUMPY", "Request", "parse_request", "parse_messages",
            "response_arrays", "DEFAULT_MAX_TOKENS"]
