@@ -526,9 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan(sub)
 
-    from .serving.cli import add_parser as add_serve
+    from .serving.cli import add_parser as add_serve, cmd_export_triton_repo
 
     add_serve(sub)
+    sub.choices["export"].set_defaults(triton_repo=cmd_export_triton_repo)  # export --to triton-repo
 
     demo = sub.add_parser("demo", help="run the embedded demo model on bundled real photos and a text question")
     demo.add_argument("--preprocess", default="auto", choices=["auto", "cpp", "reference"],

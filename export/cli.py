@@ -1,4 +1,7 @@
-"""``edgevlm export SOURCE --to onnx|tensorrt --precision fp32|fp16|int8 --out DIR``."""
+"""``edgevlm export SOURCE --to onnx|tensorrt|triton-repo --precision fp32|fp16|int8 --out DIR``.
+
+``triton-repo`` is written by :mod:`edgevlm.serving` (a layer above this one), whose handler the
+command line passes in as ``args.triton_repo``."""
 
 from __future__ import annotations
 
@@ -12,6 +15,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .api import export_tower
 
     args.source = args.model or args.source or "demo"
+    if args.to == "triton-repo":
+        handler = getattr(args, "triton_repo", None)
+        if handler is None:
+            from edgevlm.errors import ConfigError
+
+            raise ConfigError("--to triton-repo is written by edgevlm.serving: run it as `edgevlm export ... --to "
+                              "triton-repo`")
+        return handler(args)
     m = export_tower(args.source, out=args.out, to=args.to, precision=args.precision, max_images=args.max_images,
                      calib_dir=args.calib_dir, calib_images=args.calib_images, opset=args.opset,
                      overwrite=args.force, workspace_mb=args.workspace_mb, dla_core=args.dla_core,
@@ -52,7 +63,13 @@ def add_parser(sub) -> None:
                    help="preset name, edgevlm checkpoint folder or transformers LLaVA / LLaVA-NeXT / BLIP-2 / "
                    "InstructBLIP folder (default: demo)")
     p.add_argument("--model", "-m", default=None, help="same as MODEL")
-    p.add_argument("--to", default="onnx", choices=TARGETS, help="onnx (ONNX Runtime) or tensorrt (needs a GPU)")
+    p.add_argument("--to", default="onnx", choices=TARGETS + ("triton-repo",),
+                   help="onnx (ONNX Runtime), tensorrt (needs a GPU), or triton-repo: a Triton Inference Server "
+                   "model repository (the tower as an onnxruntime model, the decoder loop as a Python-backend "
+                   "model, a `pipeline` model wiring them; see docs/serving.md)")
+    p.add_argument("--tower-backend", default="onnxruntime", choices=["onnxruntime", "python"],
+                   help="triton-repo: the tower model's Triton backend; python runs the same ONNX graph with ONNX "
+                   "Runtime inside Triton's Python backend, for servers without the onnxruntime backend"),
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32; fp16; int8 = static quantization calibrated on real images (default: fp32)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")

@@ -60,7 +60,7 @@ ALLOWED = {
     "cli_args": {"core"},
     "protocol": {"core"},
     "client": {"core", "runtime", "protocol"},
-    "serving": {"core", "runtime", "loading", "facade", "cli_args", "protocol", "client"},
+    "serving": {"core", "runtime", "export", "loading", "facade", "cli_args", "protocol", "client"},
     "train": {"core", "kernels", "runtime", "scenes", "perf", "cli_args", "facade"},
     "cli": {"core", "kernels", "runtime", "scenes", "export", "loading", "perf", "train", "cli_args", "facade",
             "serving", "protocol", "client"},

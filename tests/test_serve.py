@@ -353,6 +353,39 @@ def test_openai_endpoint_refuses_bad_requests_with_typed_errors(openai):
 
 
 @needs_server
+def test_exported_triton_repo_serves_image_tower_decoder(tmp_path, frames):
+    """`edgevlm export demo --to triton-repo`: the tower exported to ONNX as its own model, the decoder
+    loop fed its embeddings, a `pipeline` model wiring them. The bundled server has no onnxruntime
+    backend, so here the tower runs the same graph with ONNX Runtime inside the Python backend; the
+    onnxruntime-backend configuration is checked as text."""
+    from edgevlm.client import Client
+    from edgevlm.export import read_manifest
+    from edgevlm.serving.repository import tower_config, write_pipeline_repository
+    from edgevlm.serving.server import TritonServer
+
+    repo = write_pipeline_repository("demo", tmp_path / "repo", options=OPTIONS, tower_backend="python",
+                                     progress=False)
+    assert sorted(p.name for p in repo.iterdir()) == ["edgevlm", "edgevlm_stream", "pipeline", "tower"]
+    ort = tower_config(read_manifest(repo / "tower" / "1"), "onnxruntime")
+    assert 'backend: "onnxruntime"' in ort and 'default_model_filename: "tower.fp32.onnx"' in ort
+    assert "max_batch_size: 4" in ort and 'name: "pixels.dinov2" data_type: TYPE_FP32 dims: [3, 224, 224]' in ort
+    assert "dynamic_batching" in ort and 'dims: [67, 576]' in ort
+    # the reference: an in-process Pipeline running the same exported graph
+    ref = edgevlm.load("demo", vision_backend="onnxruntime", vision_export=repo / "tower" / "1", **OPTIONS)
+    http, grpc, metrics = _free_ports(3)
+    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as s, \
+            Client(s.http_url, model="pipeline") as c:
+        for name, q in (("scene_a.png", "What color is the circle?"), ("scene_b.png", "Describe the image briefly.")):
+            want = ref.generate(frames[name], q, max_new_tokens=16)
+            got = c.generate(frames[name], q, max_new_tokens=16)
+            assert got.token_ids == want.token_ids and got.text == want.text, name
+        with pytest.raises(PromptError, match="pipeline model answers task 'generate'"):
+            c.detect(frames["scene_a.png"], "yellow triangle")
+        with pytest.raises(ImageDecodeError, match="not a supported image"):
+            c.generate(b"no image here", "Hi.")
+
+
+@needs_server
 def test_health_and_prometheus_metrics(server):
     with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=5) as r:
         assert r.status == 200

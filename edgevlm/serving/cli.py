@@ -43,6 +43,26 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def cmd_export_triton_repo(args: argparse.Namespace) -> int:
+    """``edgevlm export SRC --to triton-repo --out DIR``."""
+    from .repository import write_pipeline_repository
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        from edgevlm.errors import ConfigError
+
+        raise ConfigError(f"{out} exists and is not empty; pass --force to write into it")
+    write_pipeline_repository(args.source, out, precision=args.precision, tower_backend=args.tower_backend,
+                              progress=not args.json)
+    models = sorted(p.name for p in out.iterdir() if (p / "config.pbtxt").is_file())
+    if args.json:
+        print(json.dumps({"repository": str(out), "models": models}))
+    else:
+        print(f"wrote a Triton model repository to {out}: models {', '.join(models)}\n"
+              f"  serve it: tritonserver --model-repository={out}   (its Python backend must import edgevlm)")
+    return 0
+
+
 def load_options(args: argparse.Namespace) -> dict:
     """The ``edgevlm.load`` keyword arguments the model flags stand for (JSON values only)."""
     opts = {"device": args.device, "dtype": args.dtype, "quant": args.quant, "max_context": args.max_context,

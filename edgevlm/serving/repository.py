@@ -90,4 +90,87 @@ def write_repository(source: str | os.PathLike, out: str | os.PathLike, *, optio
     return out
 
 
-__all__ = ["write_repository", "model_config"]
+_TOWER_PY = '''"""The exported vision tower run by ONNX Runtime inside Triton's Python backend (edgevlm.serving.tower_model)."""
+from edgevlm.serving.tower_model import TritonPythonModel  # noqa: F401
+'''
+_PIPELINE_PY = '''"""image + prompt -> tower -> decoder, by business-logic scripting (edgevlm.serving.pipeline_model)."""
+from edgevlm.serving.pipeline_model import TritonPythonModel  # noqa: F401
+'''
+TOWER_BACKENDS = ("onnxruntime", "python")
+
+
+def _spec_line(name: str, dims: list[int]) -> str:
+    return f'  {{ name: "{name}" data_type: TYPE_FP32 dims: {dims} }}'
+
+
+def tower_config(manifest, tower_backend: str, *, batch_delay_us: int = 2000, instances: int = 1) -> str:
+    """``config.pbtxt`` of the ``tower`` model for an ONNX export's manifest. Views batch dynamically
+    when each image is one view (up to the contract's ``max_views``); multi-view towers fuse an image's
+    views inside the graph, so a request keeps its views together (``max_batch_size: 0``)."""
+    c = manifest.contract
+    if c.instruction is not None or len(c.inputs) != len(c.pixel_inputs):
+        raise ConfigError("this tower's graph takes more than pixels (anyres masks or an instruction); "
+                          "serve it with `edgevlm serve`, whose models run the tower in the Pipeline")
+    one_view = tuple(c.view_counts) == (1,)
+    batch = c.profile.max_views if one_view else 0
+
+    def dims(shape) -> list[int]:
+        rest = shape[1:] if one_view else shape
+        return [-1 if isinstance(d, str) else int(d) for d in rest]
+
+    lines = ['name: "tower"', f'backend: "{tower_backend}"', f"max_batch_size: {batch}"]
+    if tower_backend == "onnxruntime":
+        lines.append(f'default_model_filename: "{manifest.files["graph"]["path"]}"')
+    lines += ["input ["] + [",\n".join(_spec_line(t.name, dims(t.shape)) for t in c.pixel_inputs)] + ["]"]
+    lines += ["output ["] + [",\n".join(_spec_line(t.name, dims(t.shape)) for t in c.outputs)] + ["]"]
+    if batch:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {batch_delay_us} }}")
+    lines.append(f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]  # KIND_GPU on a GPU server")
+    return "\n".join(lines) + "\n"
+
+
+def write_pipeline_repository(source: str | os.PathLike, out: str | os.PathLike, *,
+                              options: dict[str, Any] | None = None, precision: str = "fp32",
+                              tower_backend: str = "onnxruntime", max_batch_size: int = 8, batch_delay_us: int = 2000,
+                              instances: int = 1, progress: bool = True) -> Path:
+    """``edgevlm export SRC --to triton-repo``: the repository of :func:`write_repository` plus
+
+    - ``tower``: the vision tower and connector exported to ONNX (``precision`` fp32 / fp16 / int8,
+      validated against eager PyTorch on real images as ``edgevlm export`` does), served by Triton's
+      ``onnxruntime`` backend, or with ``tower_backend="python"`` by ONNX Runtime inside the Python
+      backend (for servers without the onnxruntime backend, such as the one in nvidia-pytriton);
+      dynamic batching over views when each image is one view (the export contract's ``max_views`` is
+      the largest batch), else one request's views at a time;
+    - ``pipeline``: image + prompt -> ``tower`` -> ``edgevlm`` (the decoder loop, fed ``image_embeds``),
+      wired by business-logic scripting (:mod:`.pipeline_model`).
+
+    Towers whose graph takes more than pixels (anyres padding masks, InstructBLIP's instruction) are
+    refused for now."""
+    from edgevlm.export.api import export_tower
+
+    if tower_backend not in TOWER_BACKENDS:
+        raise ConfigError(f"tower_backend must be one of {list(TOWER_BACKENDS)}, got {tower_backend!r}")
+    out = Path(out)
+    write_repository(source, out, options=options, max_batch_size=max_batch_size, batch_delay_us=batch_delay_us,
+                     instances=instances, stream=True)
+    tower = out / "tower"
+    version = tower / "1"
+    manifest = export_tower(str(source), out=version, to="onnx", precision=precision, overwrite=True,
+                            progress=progress)
+    (tower / "config.pbtxt").write_text(tower_config(manifest, tower_backend, batch_delay_us=batch_delay_us,
+                                                     instances=instances))
+    if tower_backend == "python":
+        (version / "model.py").write_text(_TOWER_PY)
+
+    pipe = out / "pipeline"
+    (pipe / "1").mkdir(parents=True, exist_ok=True)
+    (pipe / "1" / "model.py").write_text(_PIPELINE_PY)
+    cfg = model_config("pipeline", str(source), {}, max_batch_size=max_batch_size, batch_delay_us=batch_delay_us,
+                       instances=instances, decoupled=False)
+    cfg = cfg.replace('  { key: "edgevlm_model"', '  { key: "tower_model" value: { string_value: "tower" } },\n'
+                      '  { key: "decoder_model" value: { string_value: "edgevlm" } },\n  { key: "edgevlm_model"')
+    (pipe / "config.pbtxt").write_text(cfg)
+    return out
+
+
+__all__ = ["write_repository", "write_pipeline_repository", "model_config", "tower_config", "TOWER_BACKENDS"]
