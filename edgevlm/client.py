@@ -10,7 +10,8 @@ the Pipeline's calling convention, so robot code switches from embedded to serve
 Errors: a typed error the server raised comes back as the same class (``ImageDecodeError``,
 ``PromptError``, ...); an unreachable server or an unknown failure is a
 :class:`~edgevlm.errors.ServingError`. Needs ``tritonclient[http,grpc]`` (``pip install edgevlm[client]``).
-Images go as encoded files: a path or bytes as they are, arrays and PIL images as PNG (lossless). An
+Images go as encoded files (a path or bytes as they are, PIL images and other arrays as PNG), an HWC
+uint8 RGB array as its pixels (``image_array``). An
 :class:`~edgevlm.runtime.image_embedding.ImageEmbedding` (the image through a tower run on the robot)
 goes as its tensor and digest, and the server only decodes.
 """
@@ -38,7 +39,7 @@ from edgevlm.runtime.structured import Detection, Grounding
 
 from . import errors as _errors
 from .errors import BackendUnavailableError, ConfigError, ServingError
-from .serving.protocol import INPUTS, MODEL, STREAM_MODEL
+from .serving.protocol import INPUTS, MODEL, NUMPY, STREAM_MODEL
 
 _TYPED = re.compile(r"\b([A-Z][A-Za-z]*Error): (.*)", re.S)
 
@@ -122,6 +123,8 @@ class Client:
         if isinstance(image, ImageEmbedding):  # encoded here: the server only decodes
             values["image_embeds"] = image.tokens.detach().to("cpu", torch.float32).numpy()[None]
             values["image_digest"] = image.digest.encode()
+        elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+            values["image_array"] = np.ascontiguousarray(image)[None]  # a camera frame: pixels as they are
         elif (data := encode_image(image)) is not None:
             values["image"] = data
         if deadline_s is not None:
@@ -129,8 +132,7 @@ class Client:
         inputs = []
         for name, v in values.items():
             dtype = INPUTS[name][0]
-            arr = v if isinstance(v, np.ndarray) else \
-                np.array([[v]], dtype={"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32}[dtype])
+            arr = v if isinstance(v, np.ndarray) else np.array([[v]], dtype=NUMPY[dtype])
             t = self._tc.InferInput(name, list(arr.shape), dtype)
             t.set_data_from_numpy(arr)
             inputs.append(t)

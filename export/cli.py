@@ -67,9 +67,10 @@ def add_parser(sub) -> None:
                    help="onnx (ONNX Runtime), tensorrt (needs a GPU), or triton-repo: a Triton Inference Server "
                    "model repository (the tower as an onnxruntime model, the decoder loop as a Python-backend "
                    "model, a `pipeline` model wiring them; see docs/serving.md)")
-    p.add_argument("--tower-backend", default="onnxruntime", choices=["onnxruntime", "python"],
-                   help="triton-repo: the tower model's Triton backend; python runs the same ONNX graph with ONNX "
-                   "Runtime inside Triton's Python backend, for servers without the onnxruntime backend"),
+    p.add_argument("--tower-backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "python"],
+                   help="triton-repo: the tower model's Triton backend; tensorrt builds an engine here (GPU) for a "
+                   "tensorrt_plan model; python runs the ONNX graph with ONNX Runtime inside Triton's Python "
+                   "backend, for servers without the onnxruntime backend")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32; fp16; int8 = static quantization calibrated on real images (default: fp32)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")

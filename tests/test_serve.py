@@ -74,6 +74,12 @@ def _arr(v, dtype=np.object_):
 def test_requests_are_checked_field_by_field():
     r = parse_request({"prompt": _arr(b"Hi"), "max_tokens": _arr(5, np.int32), "deadline_ms": _arr(250.0, np.float32)})
     assert (r.prompt, r.max_tokens, r.deadline_s, r.task, r.image) == ("Hi", 5, 0.25, "generate", None)
+    px = np.zeros((1, 5, 7, 3), np.uint8)
+    assert parse_request({"prompt": _arr(b"x"), "image_array": px}).image.shape == (5, 7, 3)
+    with pytest.raises(PromptError, match="uint8 \\[1, H, W, 3\\]"):
+        parse_request({"prompt": _arr(b"x"), "image_array": px.astype(np.float32)})
+    with pytest.raises(PromptError, match="send one of 'image', 'image_array'"):
+        parse_request({"prompt": _arr(b"x"), "image": _arr(b"abc"), "image_array": px})
     chat = parse_request({"messages": _arr(b'[{"role": "user", "content": "Hi"}]')})
     assert chat.prompt == [{"role": "user", "content": "Hi"}]
     bad = [({}, "send one of 'prompt'"),
@@ -370,6 +376,13 @@ def test_exported_triton_repo_serves_image_tower_decoder(tmp_path, frames):
     assert 'backend: "onnxruntime"' in ort and 'default_model_filename: "tower.fp32.onnx"' in ort
     assert "max_batch_size: 4" in ort and 'name: "pixels.dinov2" data_type: TYPE_FP32 dims: [3, 224, 224]' in ort
     assert "dynamic_batching" in ort and 'dims: [67, 576]' in ort
+    import dataclasses
+
+    m = read_manifest(repo / "tower" / "1")  # as a TensorRT export's manifest would read (no GPU here to build one)
+    trt = tower_config(dataclasses.replace(m, target="tensorrt", files={"engine": {"path": "tower.fp16.engine"}}),
+                       "tensorrt")
+    assert 'platform: "tensorrt_plan"' in trt and 'default_model_filename: "tower.fp16.engine"' in trt
+    assert "KIND_GPU" in trt and "max_batch_size: 4" in trt
     # the reference: an in-process Pipeline running the same exported graph
     ref = edgevlm.load("demo", vision_backend="onnxruntime", vision_export=repo / "tower" / "1", **OPTIONS)
     http, grpc, metrics = _free_ports(3)

@@ -52,12 +52,12 @@ class TritonPythonModel:
                               "text-only prompts and embeddings to the 'edgevlm' model")
         from edgevlm.runtime.image_io import load_image
 
-        pre = self.pre([load_image(r.image)])
+        pre = self.pre([load_image(r.image)])  # an encoded file or HWC uint8 pixels, checked alike
         views = [pb.Tensor(spec.name, np.ascontiguousarray(pre.views[name].numpy()))
                  for name, spec in zip(self.contract.encoder_names, self.contract.pixel_inputs)]
         out_name = self.contract.output_names[0]
         emb = pb.get_output_tensor_by_name(self._call(self.tower_model, views, [out_name]), out_name).as_numpy()
-        passed = [pb.Tensor(n, a) for n, a in arrays.items() if n not in ("image", "image_digest")]
+        passed = [pb.Tensor(n, a) for n, a in arrays.items() if n not in ("image", "image_array", "image_digest")]
         passed.append(pb.Tensor("image_embeds", np.ascontiguousarray(emb.reshape(1, -1, emb.shape[-1]))))
         res = self._call(self.decoder_model, passed, list(OUTPUTS))
         return pb.InferenceResponse(output_tensors=[pb.get_output_tensor_by_name(res, n) for n in OUTPUTS])

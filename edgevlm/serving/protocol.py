@@ -12,6 +12,7 @@ name            type    shape    meaning
 ``prompt``      BYTES   [1, 1]   the question (``detect``: the phrase to find)
 ``messages``    BYTES   [1, 1]   instead of ``prompt``: a conversation, JSON ``[{"role", "content"}, ...]``
 ``image``       BYTES   [1, 1]   optional: an encoded image file (JPEG, PNG, ...)
+``image_array`` UINT8   [1, H, W, 3] optional, instead of ``image``: RGB pixels (a camera frame as it is)
 ``image_embeds`` FP32   [1, T, D] optional, instead of ``image``: the image already through the tower
 ``image_digest`` BYTES  [1, 1]   optional with ``image_embeds``: its digest, checked against the values
 ``max_tokens``  INT32   [1, 1]   optional, default 64
@@ -50,6 +51,7 @@ INPUTS: dict[str, tuple[str, tuple[int, ...], bool]] = {
     "prompt": ("BYTES", (1,), True),
     "messages": ("BYTES", (1,), True),
     "image": ("BYTES", (1,), True),
+    "image_array": ("UINT8", (-1, -1, 3), True),
     "image_embeds": ("FP32", (-1, -1), True),
     "image_digest": ("BYTES", (1,), True),
     "max_tokens": ("INT32", (1,), True),
@@ -66,7 +68,7 @@ OUTPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
     "boxes_norm": ("FP32", (-1, 4)),
     "labels": ("BYTES", (-1,)),
 }
-NUMPY = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+NUMPY = {"BYTES": np.object_, "UINT8": np.uint8, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
 
 
 @dataclass
@@ -74,7 +76,7 @@ class Request:
     """One request's inputs, checked."""
 
     prompt: str | list[dict]  # a question, or chat messages
-    image: bytes | None = None
+    image: bytes | np.ndarray | None = None  # an encoded file, or HWC uint8 pixels
     embeds: np.ndarray | None = None  # [T, D]
     digest: str | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -122,9 +124,15 @@ def parse_request(arrays: dict[str, np.ndarray]) -> Request:
         r.image = bytes(image) if isinstance(image, (bytes, np.bytes_)) else _text(image, "image").encode()
         if not r.image:
             r.image = None
+    if (a := arrays.get("image_array")) is not None:
+        if r.image is not None:
+            raise PromptError("send one of 'image', 'image_array' and 'image_embeds'")
+        if a.ndim != 4 or a.shape[0] != 1 or a.shape[3] != 3 or a.dtype != np.uint8:
+            raise PromptError(f"input 'image_array' must be uint8 [1, H, W, 3], got {a.dtype} {tuple(a.shape)}")
+        r.image = np.ascontiguousarray(a[0])
     if (e := arrays.get("image_embeds")) is not None:
         if r.image is not None:
-            raise PromptError("send 'image' or 'image_embeds', not both")
+            raise PromptError("send one of 'image', 'image_array' and 'image_embeds'")
         if e.ndim != 3 or e.shape[0] != 1:
             raise PromptError(f"input 'image_embeds' must be [1, visual_tokens, width], got {tuple(e.shape)}")
         r.embeds = np.ascontiguousarray(e[0], dtype=np.float32)

@@ -96,7 +96,7 @@ from edgevlm.serving.tower_model import TritonPythonModel  # noqa: F401
 _PIPELINE_PY = '''"""image + prompt -> tower -> decoder, by business-logic scripting (edgevlm.serving.pipeline_model)."""
 from edgevlm.serving.pipeline_model import TritonPythonModel  # noqa: F401
 '''
-TOWER_BACKENDS = ("onnxruntime", "python")
+TOWER_BACKENDS = ("onnxruntime", "tensorrt", "python")
 
 
 def _spec_line(name: str, dims: list[int]) -> str:
@@ -118,14 +118,20 @@ def tower_config(manifest, tower_backend: str, *, batch_delay_us: int = 2000, in
         rest = shape[1:] if one_view else shape
         return [-1 if isinstance(d, str) else int(d) for d in rest]
 
-    lines = ['name: "tower"', f'backend: "{tower_backend}"', f"max_batch_size: {batch}"]
+    if tower_backend == "tensorrt":  # an engine built for one GPU and TensorRT version (the manifest records them)
+        lines = ['name: "tower"', 'platform: "tensorrt_plan"', f"max_batch_size: {batch}",
+                 f'default_model_filename: "{manifest.files["engine"]["path"]}"']
+    else:
+        lines = ['name: "tower"', f'backend: "{tower_backend}"', f"max_batch_size: {batch}"]
     if tower_backend == "onnxruntime":
         lines.append(f'default_model_filename: "{manifest.files["graph"]["path"]}"')
     lines += ["input ["] + [",\n".join(_spec_line(t.name, dims(t.shape)) for t in c.pixel_inputs)] + ["]"]
     lines += ["output ["] + [",\n".join(_spec_line(t.name, dims(t.shape)) for t in c.outputs)] + ["]"]
     if batch:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {batch_delay_us} }}")
-    lines.append(f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]  # KIND_GPU on a GPU server")
+    kind = "KIND_GPU" if tower_backend == "tensorrt" else "KIND_CPU"
+    lines.append(f"instance_group [ {{ kind: {kind} count: {instances} }} ]" +
+                 ("  # KIND_GPU on a GPU server" if kind == "KIND_CPU" else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -137,8 +143,9 @@ def write_pipeline_repository(source: str | os.PathLike, out: str | os.PathLike,
 
     - ``tower``: the vision tower and connector exported to ONNX (``precision`` fp32 / fp16 / int8,
       validated against eager PyTorch on real images as ``edgevlm export`` does), served by Triton's
-      ``onnxruntime`` backend, or with ``tower_backend="python"`` by ONNX Runtime inside the Python
-      backend (for servers without the onnxruntime backend, such as the one in nvidia-pytriton);
+      ``onnxruntime`` backend; with ``tower_backend="tensorrt"`` a TensorRT engine built here (a GPU
+      and TensorRT needed) as a ``tensorrt_plan`` model; with ``"python"`` the ONNX graph run by ONNX
+      Runtime inside the Python backend (servers without the onnxruntime backend, such as nvidia-pytriton's);
       dynamic batching over views when each image is one view (the export contract's ``max_views`` is
       the largest batch), else one request's views at a time;
     - ``pipeline``: image + prompt -> ``tower`` -> ``edgevlm`` (the decoder loop, fed ``image_embeds``),
@@ -155,8 +162,8 @@ def write_pipeline_repository(source: str | os.PathLike, out: str | os.PathLike,
                      instances=instances, stream=True)
     tower = out / "tower"
     version = tower / "1"
-    manifest = export_tower(str(source), out=version, to="onnx", precision=precision, overwrite=True,
-                            progress=progress)
+    manifest = export_tower(str(source), out=version, to="tensorrt" if tower_backend == "tensorrt" else "onnx",
+                            precision=precision, overwrite=True, progress=progress)
     (tower / "config.pbtxt").write_text(tower_config(manifest, tower_backend, batch_delay_us=batch_delay_us,
                                                      instances=instances))
     if tower_backend == "python":
