@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import socket
 import statistics
 import struct
 import sys
@@ -78,16 +77,6 @@ def png_claiming(w: int, h: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", b"\x00x" * 4) + chunk(b"IEND", b""))
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Tally:
@@ -187,7 +176,7 @@ def main() -> int:
 
     from edgevlm.client import Client
     from edgevlm.serving.repository import write_repository
-    from edgevlm.serving.server import TritonServer
+    from edgevlm.serving.server import TritonServer, free_ports
 
     frames = Frames()
     rng = np.random.default_rng(0)

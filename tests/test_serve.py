@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import socket
 import struct
 import sys
 import sysconfig
@@ -26,7 +25,7 @@ import edgevlm
 from edgevlm.errors import ConfigError, ImageDecodeError, ImageSizeError, PromptError, ServingError
 from edgevlm.serving.protocol import parse_request
 from edgevlm.serving.repository import write_repository
-from edgevlm.serving.server import check_numpy, server_env
+from edgevlm.serving.server import check_numpy, free_ports, server_env
 
 ASSETS = Path(edgevlm.__file__).resolve().parent / "assets"
 OPTIONS = {"reuse_prefix": False}  # the served models' load options, and the in-process reference's
@@ -122,16 +121,6 @@ def _serving_missing() -> str | None:
 needs_server = pytest.mark.skipif(_serving_missing() is not None, reason=str(_serving_missing()))
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from edgevlm.serving.server import TritonServer
@@ -140,7 +129,7 @@ def server(tmp_path_factory):
     # which can tip a greedy near-tie, so answers would depend on each Pipeline's history of calls.
     repo = write_repository("demo", tmp_path_factory.mktemp("repo"), options=OPTIONS, max_batch_size=8,
                             batch_delay_us=20000)
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as s:
         yield s
 
@@ -303,7 +292,7 @@ def test_an_embedding_made_on_the_robot_is_decoded_on_the_server(server, pipe, f
 def openai(server):
     from edgevlm.serving.openai import OpenAIServer
 
-    o = OpenAIServer(server.http_url, server.grpc_url, port=_free_ports(1)[0], model_name="demo").start()
+    o = OpenAIServer(server.http_url, server.grpc_url, port=free_ports(1)[0], model_name="demo").start()
     yield o
     o.stop()
 
@@ -385,7 +374,7 @@ def test_exported_triton_repo_serves_image_tower_decoder(tmp_path, frames):
     assert "KIND_GPU" in trt and "max_batch_size: 4" in trt
     # the reference: an in-process Pipeline running the same exported graph
     ref = edgevlm.load("demo", vision_backend="onnxruntime", vision_export=repo / "tower" / "1", **OPTIONS)
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics) as s, \
             Client(s.http_url, model="pipeline") as c:
         for name, q in (("scene_a.png", "What color is the circle?"), ("scene_b.png", "Describe the image briefly.")):

@@ -84,6 +84,20 @@ def _backends(dist: Path, workspace: Path) -> Path:
     return workspace / "backends"
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` ports free on ``host`` right now (for servers started by tests and benches on loopback)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class TritonServer:
     """``tritonserver`` over ``repository``, as a context manager (or :meth:`start` / :meth:`stop`).
 
@@ -175,4 +189,4 @@ class TritonServer:
         self.stop()
 
 
-__all__ = ["TritonServer", "bundled_tritonserver", "check_numpy", "server_env"]
+__all__ = ["TritonServer", "bundled_tritonserver", "check_numpy", "free_ports", "server_env"]
