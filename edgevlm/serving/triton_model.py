@@ -98,7 +98,7 @@ class TritonPythonModel:
                 self._stream(request)
             return None
         parsed: list = []
-        frames: dict[int, np.ndarray] = {}
+        frames: dict[int, object] = {}  # request -> HWC pixels, or the ImageEmbedding it sent
         for i, request in enumerate(requests):
             try:
                 r = parse_request(self._arrays(request))
@@ -111,7 +111,8 @@ class TritonPythonModel:
                 frames[i] = f
         tower = self.pipe.tower
         pixels = [f for f in frames.values() if isinstance(f, np.ndarray)]  # not the embeddings sent
-        if len(pixels) > 1 and tower is not None and tower.embedding_cache.enabled:
+        # (an InstructBLIP tower encodes each image with its prompt, so it cannot be batched ahead)
+        if len(pixels) > 1 and tower is not None and tower.embedding_cache.enabled and not tower.takes_instruction:
             try:  # the frames of this batch through the tower at once; each answer then hits its cache
                 tower.embed_each(pixels)
             except Exception:  # noqa: BLE001 - each request meets (and reports) its own failure below
