@@ -110,7 +110,7 @@ class Client:
         return c
 
     # ---- plumbing ------------------------------------------------------------------------------
-    def _inputs(self, image, prompt: str, *, max_new_tokens: int, temperature: float, deadline_s: float | None,
+    def _inputs(self, image, prompt: "str | list[dict]", *, max_new_tokens: int, temperature: float, deadline_s: float | None,
                 task: str) -> list:
         if isinstance(prompt, str):
             values: dict[str, Any] = {"prompt": prompt.encode("utf-8")}
@@ -161,7 +161,7 @@ class Client:
                               info={"served_by": self.url, "batch": timings.get("batch", 1)})
 
     # ---- the Pipeline's calls ------------------------------------------------------------------
-    def generate(self, image, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+    def generate(self, image, prompt: "str | list[dict]", *, max_new_tokens: int = 64, temperature: float = 0.0,
                  deadline_s: float | None = None) -> GenerateOutput:
         """:meth:`edgevlm.runtime.pipeline.Pipeline.generate` on the server (one image or None)."""
         res = self._infer(self._inputs(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -187,7 +187,7 @@ class Client:
         """:meth:`~edgevlm.runtime.pipeline.Pipeline.ground` on the server (the model's default prompt)."""
         return self._grounding(image, "", "ground", max_new_tokens, temperature=temperature, deadline_s=deadline_s)
 
-    def stream(self, image, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+    def stream(self, image, prompt: "str | list[dict]", *, max_new_tokens: int = 64, temperature: float = 0.0,
                deadline_s: float | None = None) -> "ServedStream":
         """Text pieces as the server decodes them (gRPC: Triton streams decoupled models over gRPC only).
         ``output`` of the returned stream is the GenerateOutput once it has ended."""
