@@ -110,8 +110,8 @@ class Client:
         return c
 
     # ---- plumbing ------------------------------------------------------------------------------
-    def _inputs(self, image, prompt: "str | list[dict]", *, max_new_tokens: int, temperature: float, deadline_s: float | None,
-                task: str) -> list:
+    def _inputs(self, image, prompt: "str | list[dict]", *, max_new_tokens: int, temperature: float,
+                deadline_s: float | None, task: str) -> list:
         if isinstance(prompt, str):
             values: dict[str, Any] = {"prompt": prompt.encode("utf-8")}
         elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
