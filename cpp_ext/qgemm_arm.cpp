@@ -62,6 +62,26 @@ bool has_i8mm() {
 }
 }  // namespace
 
+// The set's dot-product instruction alone (KernelSet::peak_loop), for sdot and smmla alike (both
+// int32x4 += f(int8x16, int8x16)): 12 accumulators hide its latency, the empty asm keeps them in
+// registers. A macro, not a template, so each expansion is compiled in its own set's target region.
+#define EVLM_NEON_PEAK_LOOP(DOT)                                                                              \
+  int64_t peak_loop(int64_t iters) {                                                                          \
+    const int8x16_t w = vdupq_n_s8(1), x = vdupq_n_s8(2);                                                     \
+    int32x4_t a0 = vdupq_n_s32(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,     \
+              a9 = a0, a10 = a0, a11 = a0;                                                                    \
+    for (int64_t i = 0; i < iters; ++i) {                                                                     \
+      a0 = DOT(a0, w, x), a1 = DOT(a1, w, x), a2 = DOT(a2, w, x), a3 = DOT(a3, w, x), a4 = DOT(a4, w, x);     \
+      a5 = DOT(a5, w, x), a6 = DOT(a6, w, x), a7 = DOT(a7, w, x), a8 = DOT(a8, w, x), a9 = DOT(a9, w, x);     \
+      a10 = DOT(a10, w, x), a11 = DOT(a11, w, x);                                                             \
+      asm volatile("" : "+w"(a0), "+w"(a1), "+w"(a2), "+w"(a3), "+w"(a4), "+w"(a5), "+w"(a6), "+w"(a7),       \
+                   "+w"(a8), "+w"(a9), "+w"(a10), "+w"(a11));                                                 \
+    }                                                                                                         \
+    return vaddvq_s32(vaddq_s32(vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)),                              \
+                                vaddq_s32(vaddq_s32(vaddq_s32(a4, a5), vaddq_s32(a6, a7)),                    \
+                                          vaddq_s32(vaddq_s32(a8, a9), vaddq_s32(a10, a11)))));               \
+  }
+
 EVLM_TARGET_BEGIN("arch=armv8.2-a+dotprod", "dotprod")
 namespace neon {
 
@@ -97,22 +117,7 @@ struct V {
 
 #include "qgemm_tile.inc"
 
-// 12 accumulators hide sdot's latency; the empty asm keeps them in registers.
-int64_t peak_loop(int64_t iters) {
-  const int8x16_t w = vdupq_n_s8(1), x = vdupq_n_s8(2);
-  int32x4_t a0 = vdupq_n_s32(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
-            a10 = a0, a11 = a0;
-  for (int64_t i = 0; i < iters; ++i) {
-    a0 = vdotq_s32(a0, w, x), a1 = vdotq_s32(a1, w, x), a2 = vdotq_s32(a2, w, x), a3 = vdotq_s32(a3, w, x);
-    a4 = vdotq_s32(a4, w, x), a5 = vdotq_s32(a5, w, x), a6 = vdotq_s32(a6, w, x), a7 = vdotq_s32(a7, w, x);
-    a8 = vdotq_s32(a8, w, x), a9 = vdotq_s32(a9, w, x), a10 = vdotq_s32(a10, w, x), a11 = vdotq_s32(a11, w, x);
-    asm volatile("" : "+w"(a0), "+w"(a1), "+w"(a2), "+w"(a3), "+w"(a4), "+w"(a5), "+w"(a6), "+w"(a7), "+w"(a8),
-                 "+w"(a9), "+w"(a10), "+w"(a11));
-  }
-  return vaddvq_s32(vaddq_s32(vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)),
-                              vaddq_s32(vaddq_s32(vaddq_s32(a4, a5), vaddq_s32(a6, a7)),
-                                        vaddq_s32(vaddq_s32(a8, a9), vaddq_s32(a10, a11)))));
-}
+EVLM_NEON_PEAK_LOOP(vdotq_s32)
 
 // 32 128-bit registers: int8 3 tokens x 1 row block (12 dot + 12 scale accumulators + 4 weights + 1),
 // int4 2 tokens (its nibbles take 8).
@@ -247,21 +252,7 @@ void tile_any(int tp, const QWeights& w, const PairPack& p, int pair0, int rb, i
 // zipped weights.
 constexpr int kPairs = 3;
 
-int64_t peak_loop(int64_t iters) {
-  const int8x16_t w = vdupq_n_s8(1), x = vdupq_n_s8(2);
-  int32x4_t a0 = vdupq_n_s32(0), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
-            a10 = a0, a11 = a0;
-  for (int64_t i = 0; i < iters; ++i) {
-    a0 = vmmlaq_s32(a0, w, x), a1 = vmmlaq_s32(a1, w, x), a2 = vmmlaq_s32(a2, w, x), a3 = vmmlaq_s32(a3, w, x);
-    a4 = vmmlaq_s32(a4, w, x), a5 = vmmlaq_s32(a5, w, x), a6 = vmmlaq_s32(a6, w, x), a7 = vmmlaq_s32(a7, w, x);
-    a8 = vmmlaq_s32(a8, w, x), a9 = vmmlaq_s32(a9, w, x), a10 = vmmlaq_s32(a10, w, x), a11 = vmmlaq_s32(a11, w, x);
-    asm volatile("" : "+w"(a0), "+w"(a1), "+w"(a2), "+w"(a3), "+w"(a4), "+w"(a5), "+w"(a6), "+w"(a7), "+w"(a8),
-                 "+w"(a9), "+w"(a10), "+w"(a11));
-  }
-  return vaddvq_s32(vaddq_s32(vaddq_s32(vaddq_s32(a0, a1), vaddq_s32(a2, a3)),
-                              vaddq_s32(vaddq_s32(vaddq_s32(a4, a5), vaddq_s32(a6, a7)),
-                                        vaddq_s32(vaddq_s32(a8, a9), vaddq_s32(a10, a11)))));
-}
+EVLM_NEON_PEAK_LOOP(vmmlaq_s32)
 
 template <int BITS>
 void rows(const QWeights& w, const QActs& a, int rb0, int rb1, int m0, int m1, float* out, int ldo) {
