@@ -34,6 +34,8 @@ import copy
 import importlib.util
 import json
 import os
+import struct
+import zlib
 
 import pytest
 import torch
@@ -213,3 +215,16 @@ def fp32_export_of(folder, tmp_path_factory, name: str):
 
     out = tmp_path_factory.mktemp("exports") / name
     return out, export_tower(folder, out=out, max_images=3, progress=False)
+
+
+# ---- crafted image files ----
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_claiming(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h RGB pixels but whose data is garbage: decoding it would fail."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"\x00garbage" * 4)
+            + _png_chunk(b"IEND", b""))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +13,8 @@ from PIL import Image
 from edgevlm.errors import EdgeVLMError, ImageDecodeError, ImageError, ImageSizeError
 from edgevlm.runtime import image_io
 from edgevlm.runtime.image_io import DEFAULT_MAX_ASPECT, load_image, load_images
+
+from edgevlm_testkit import png_claiming
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -27,17 +27,6 @@ def _photo(h: int = 48, w: int = 64) -> np.ndarray:
     import skimage.data
 
     return np.ascontiguousarray(skimage.data.chelsea()[:h, :w])
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png_claiming(w: int, h: int) -> bytes:
-    """A PNG whose header claims w x h RGB pixels but whose data is garbage: decoding it would fail."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"\x00garbage" * 4)
-            + _png_chunk(b"IEND", b""))
 
 
 # ---- decode failures ----------------------------------------------------------------------------
@@ -120,7 +109,7 @@ def test_thin_strip_refused_with_size_and_limit(tmp_path):
 
 def test_max_pixels_checked_from_header_before_decoding():
     # 5000 x 4000 claimed, garbage data: the size error proves nothing was decoded.
-    data = _png_claiming(5000, 4000)
+    data = png_claiming(5000, 4000)
     with pytest.raises(ImageSizeError, match="max_pixels=1000000"):
         load_image(data, max_pixels=1_000_000)
     with pytest.raises(ImageDecodeError):  # allowed size: now it is decoded, and fails as garbage
@@ -129,7 +118,7 @@ def test_max_pixels_checked_from_header_before_decoding():
 
 def test_pil_decompression_bomb_translated():
     with pytest.raises(ImageSizeError):  # 1e10 pixels: PIL's own DecompressionBombError fires first
-        load_image(_png_claiming(100_000, 100_000), max_pixels=10**12, max_aspect=1e9)
+        load_image(png_claiming(100_000, 100_000), max_pixels=10**12, max_aspect=1e9)
 
 
 def test_real_file_over_small_max_pixels(tmp_path):

@@ -9,13 +9,11 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import struct
 import sys
 import sysconfig
 import threading
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ from edgevlm.errors import ConfigError, ImageDecodeError, ImageSizeError, Prompt
 from edgevlm.serving.protocol import parse_request
 from edgevlm.serving.repository import write_repository
 from edgevlm.serving.server import check_numpy, free_ports, server_env
+
+from edgevlm_testkit import png_claiming
 
 ASSETS = Path(edgevlm.__file__).resolve().parent / "assets"
 OPTIONS = {"reuse_prefix": False}  # the served models' load options, and the in-process reference's
@@ -146,13 +146,6 @@ def frames():
     return {n: load_image(ASSETS / n) for n in ("scene_a.png", "scene_b.png", "chelsea.jpg", "digit.png")}
 
 
-def _png_claiming(w: int, h: int) -> bytes:
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", b"\x00garbage" * 4) + chunk(b"IEND", b""))
-
-
 @needs_server
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_served_answers_equal_the_in_process_pipeline(server, pipe, frames, protocol):
@@ -215,7 +208,7 @@ def test_bad_requests_get_typed_errors_and_the_server_keeps_serving(server, pipe
         with pytest.raises(ImageDecodeError, match="not a supported image"):
             c.generate(b"this is not an image" * 4, "What is it?")
         with pytest.raises(ImageSizeError, match="pixels"):
-            c.generate(_png_claiming(20000, 20000), "What is it?")  # refused from its header, never decoded
+            c.generate(png_claiming(20000, 20000), "What is it?")  # refused from its header, never decoded
         with pytest.raises(PromptError, match="detect needs a non-empty phrase"):
             c.detect(frames["scene_a.png"], " ")
         with pytest.raises(PromptError, match="max_tokens"):

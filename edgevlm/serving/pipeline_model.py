@@ -18,7 +18,8 @@ import numpy as np
 
 from edgevlm.errors import PromptError
 
-from .protocol import INPUTS, OUTPUTS, parse_request
+from .protocol import OUTPUTS, parse_request
+from .triton_model import DownstreamError, error_response, input_arrays
 
 
 class TritonPythonModel:
@@ -40,12 +41,12 @@ class TritonPythonModel:
         pb = self.pb
         res = pb.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors).exec()
         if res.has_error():
-            raise RuntimeError(res.error().message())
+            raise DownstreamError(res.error().message())
         return res
 
     def _answer(self, request):
         pb = self.pb
-        arrays = {n: t.as_numpy() for n in INPUTS if (t := pb.get_input_tensor_by_name(request, n)) is not None}
+        arrays = input_arrays(pb, request)
         r = parse_request(arrays)
         if r.task != "generate" or r.image is None or r.embeds is not None:
             raise PromptError("the pipeline model answers task 'generate' about one image file; send detect / ground, "
@@ -68,8 +69,7 @@ class TritonPythonModel:
             try:
                 out.append(self._answer(request))
             except Exception as e:  # noqa: BLE001 - this request's error
-                msg = str(e) if isinstance(e, RuntimeError) and ": " in str(e) else f"{type(e).__name__}: {e}"
-                out.append(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(msg)))
+                out.append(error_response(self.pb, e))
         return out
 
 

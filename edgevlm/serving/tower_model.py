@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .triton_model import error_response
+
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
@@ -40,7 +42,7 @@ class TritonPythonModel:
                 emb = self.run(views).numpy()
                 out.append(pb.InferenceResponse(output_tensors=[pb.Tensor(self.output, emb)]))
             except Exception as e:  # noqa: BLE001 - this request's error
-                out.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{type(e).__name__}: {e}")))
+                out.append(error_response(pb, e))
         return out
 
 

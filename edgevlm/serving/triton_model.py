@@ -27,8 +27,20 @@ from edgevlm.errors import PromptError
 from .protocol import INPUTS, Request, parse_request, response_arrays
 
 
-def _error_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+class DownstreamError(Exception):
+    """Another model of the repository answered with this error text (already ``"TypeName: message"``)."""
+
+
+def error_response(pb, e: BaseException):
+    """A response carrying ``e`` the way the client reads typed errors back (``"ImageDecodeError: ..."``);
+    a :class:`DownstreamError` passes through as it is."""
+    text = str(e) if isinstance(e, DownstreamError) else f"{type(e).__name__}: {e}"
+    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(text))
+
+
+def input_arrays(pb, request) -> dict[str, np.ndarray]:
+    """The protocol inputs (:data:`~.protocol.INPUTS`) a request carries, by name."""
+    return {n: t.as_numpy() for n in INPUTS if (t := pb.get_input_tensor_by_name(request, n)) is not None}
 
 
 class TritonPythonModel:
@@ -47,14 +59,6 @@ class TritonPythonModel:
         self.pipe = edgevlm.load(params["edgevlm_model"], progress=False, **options)
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _arrays(self, request) -> dict[str, np.ndarray]:
-        out = {}
-        for name in INPUTS:
-            t = self.pb.get_input_tensor_by_name(request, name)
-            if t is not None:
-                out[name] = t.as_numpy()
-        return out
-
     def _frame(self, r: Request):
         if r.embeds is not None:
             import torch
@@ -73,9 +77,6 @@ class TritonPythonModel:
 
     def _tensors(self, arrays: dict[str, np.ndarray]) -> list:
         return [self.pb.Tensor(name, a) for name, a in arrays.items()]
-
-    def _error(self, e: BaseException):
-        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(_error_text(e)))
 
     def _answer(self, r: Request, frame, batch: int):
         kw = r.generate_kwargs()
@@ -101,7 +102,7 @@ class TritonPythonModel:
         frames: dict[int, object] = {}  # request -> HWC pixels, or the ImageEmbedding it sent
         for i, request in enumerate(requests):
             try:
-                r = parse_request(self._arrays(request))
+                r = parse_request(input_arrays(self.pb, request))
                 f = self._frame(r)
             except Exception as e:  # noqa: BLE001 - this request's error response
                 parsed.append(e)
@@ -120,12 +121,12 @@ class TritonPythonModel:
         responses = []
         for i, r in enumerate(parsed):
             if isinstance(r, Exception):
-                responses.append(self._error(r))
+                responses.append(error_response(self.pb, r))
                 continue
             try:
                 responses.append(self._answer(r, frames.get(i), len(requests)))
             except Exception as e:  # noqa: BLE001 - typed errors and anything else become this response's error
-                responses.append(self._error(e))
+                responses.append(error_response(self.pb, e))
         return responses
 
     def _stream(self, request) -> None:
@@ -134,7 +135,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         stream = None
         try:
-            r = parse_request(self._arrays(request))
+            r = parse_request(input_arrays(self.pb, request))
             if r.task != "generate":
                 raise PromptError(f"the streaming model answers task 'generate' only, got {r.task!r}; "
                                   "send detect / ground to the batched model")
@@ -153,7 +154,7 @@ class TritonPythonModel:
             if stream is not None:
                 stream.close()
             try:
-                sender.send(self._error(e), flags=final)
+                sender.send(error_response(self.pb, e), flags=final)
             except Exception:  # noqa: BLE001 - the client is gone; nothing left to tell
                 pass
 
@@ -161,4 +162,4 @@ class TritonPythonModel:
         self.pipe = None
 
 
-__all__ = ["TritonPythonModel"]
+__all__ = ["TritonPythonModel", "DownstreamError", "error_response", "input_arrays"]
