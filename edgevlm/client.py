@@ -154,8 +154,8 @@ class Client:
 
     def _output(self, res) -> GenerateOutput:
         timings = json.loads(self._text(res.as_numpy("timings")))
-        ids = res.as_numpy("token_ids")
-        return GenerateOutput(text=self._text(res.as_numpy("text")) if res.as_numpy("text") is not None else "",
+        ids, text = res.as_numpy("token_ids"), res.as_numpy("text")  # no text in a stream's final response
+        return GenerateOutput(text=self._text(text) if text is not None else "",
                               token_ids=[int(i) for i in np.asarray(ids).reshape(-1)], timings=timings,
                               stop_reason=self._text(res.as_numpy("stop_reason")),
                               info={"served_by": self.url, "batch": timings.get("batch", 1)})
