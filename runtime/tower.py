@@ -178,6 +178,24 @@ class VisionTowerModel(nn.Module):
             return self.connector(self.encode(views), masks)
         return self.connector(self.encode(views, cells), self.kept_masks(masks, cells), cells=cells)
 
+    def forward_rows(self, views: dict[str, torch.Tensor], rows: dict[str, list], states: dict[str, list],
+                     masks: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, list]]:
+        """Temporal reuse (:mod:`edgevlm.runtime.temporal`): as :meth:`forward`, but each ViT named in
+        ``rows`` computes only ``rows[name][i]`` of view i and takes its other tokens from
+        ``states[name][i]`` (:meth:`~edgevlm.runtime.vision.vit.ViT.forward_rows`; None and None: the
+        view whole, its state recorded). The other encoders and the connector run whole.
+        -> (``[n_views, tokens_per_view, out_width]``, the ViTs' states)."""
+        feats, out_states = {}, {}
+        for e in self.config.encoders:
+            if e.name not in views:
+                raise ShapeError(f"no views for encoder {e.name!r}; got views for {sorted(views)}")
+            if e.name in rows:
+                feats[e.name], out_states[e.name] = self.encoders[e.name].forward_rows(
+                    views[e.name], rows[e.name], states[e.name])
+            else:
+                feats[e.name] = self.encoders[e.name](views[e.name])
+        return self.connector(feats, masks), out_states
+
     def per_image(self, per_view: torch.Tensor, views_per_image: list[int],
                   image_sizes: list[tuple[int, int]] | None = None,
                   cells: torch.Tensor | None = None) -> list[torch.Tensor]:

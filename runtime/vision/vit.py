@@ -34,6 +34,9 @@ concatenated on channels: ``[N, T, width * len(feature_layers)]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,6 +110,57 @@ class Block(nn.Module):
         x = x + (a * self.ls1 if self.ls1 is not None else a)
         m = self.mlp(self.norm2(x))
         return x + (m * self.ls2 if self.ls2 is not None else m)
+
+    def forward_rows(self, x: torch.Tensor, parts: Sequence[tuple[torch.Tensor | None, "LayerKV"]]) -> torch.Tensor:
+        """The block on some token rows of several views, packed: ``x [S, W]`` holds, view after view, the
+        rows ``parts[i] = (rows [n_i], kv)`` of view i (``rows`` None: all its tokens, a whole encode).
+        Each view's queries attend to every token of that view: the K/V of the rows computed here
+        replace theirs in ``kv`` (a whole encode records them all), the others are the ones ``kv``
+        kept from earlier frames. The projections and the MLP run once over all views' rows."""
+        s, w = x.shape
+        heads = self.attn.heads
+        qkv = self.attn.qkv(self.norm1(x)).view(s, 3, heads, w // heads)  # [S, 3, H, D]
+        outs, start = [], 0
+        for rows, kv in parts:
+            n = kv.tokens if rows is None else rows.shape[0]
+            q, k, v = qkv[start:start + n].permute(1, 2, 0, 3).unbind(0)  # [H, n, D] each
+            start += n
+            if rows is None:
+                kv.k, kv.v = k.contiguous(), v.contiguous()  # [H, T, D]
+            else:
+                kv.k[:, rows], kv.v[:, rows] = k, v
+            o = attention(q[None], kv.k[None], kv.v[None])[0]  # [H, n, D]
+            outs.append(o.transpose(0, 1).reshape(n, w))
+        if start != s:
+            raise ShapeError(f"forward_rows: the parts hold {start} rows, x has {s}")
+        a = self.attn.proj(torch.cat(outs))
+        x = x + (a * self.ls1 if self.ls1 is not None else a)
+        m = self.mlp(self.norm2(x))
+        return x + (m * self.ls2 if self.ls2 is not None else m)
+
+
+@dataclass
+class LayerKV:
+    """One view's keys and values at one block, ``[H, T, D]`` each (None until recorded)."""
+
+    tokens: int
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class ViTState:
+    """What one view's tokens were, kept so that a later frame re-encodes only some of them
+    (:meth:`ViT.forward_rows`): every block's K/V, and the selected layers' outputs ``[T, W]`` (before
+    the final norm)."""
+
+    kv: list[LayerKV]
+    picked: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        ts = [t for l in self.kv for t in (l.k, l.v) if t is not None] + list(self.picked.values())
+        return sum(t.numel() * t.element_size() for t in ts)
 
 
 class ViT(nn.Module):
@@ -184,17 +238,67 @@ class ViT(nn.Module):
             x = blk(x)
             if len(layers) > 1 and i in layers:
                 picked.append(x)
+        if len(layers) > 1:
+            return self._features(dict(zip(sorted(set(layers)), picked)))
+        return self._features({layers[0]: x})
+
+    def forward_rows(self, pixels: torch.Tensor, rows: Sequence[torch.Tensor | None],
+                     states: Sequence[ViTState | None]) -> tuple[torch.Tensor, list[ViTState]]:
+        """Temporal reuse: ``pixels [N, 3, H, W]`` -> (tokens ``[N, T, width]`` as :meth:`forward` gives
+        them, each view's state), computing only token ``rows[i]`` (positions in the class token + patch
+        sequence) of view i and taking the other tokens from ``states[i]``, the view's earlier frame.
+        ``rows[i]`` None (and ``states[i]`` None) encodes view i whole and records its state.
+
+        The recomputed rows attend to every token of their view, the kept ones through their recorded
+        K/V: a kept token's values stay those of the frame it was last computed in (its pixels did not
+        change, the context around it may have). All views' rows go through each layer's projections
+        and MLP together. ``states`` are updated in place (a failure part-way leaves them mixed: encode
+        those views whole next time)."""
+        if len(rows) != pixels.shape[0] or len(states) != pixels.shape[0]:
+            raise ShapeError(f"forward_rows: {pixels.shape[0]} views, {len(rows)} row sets, {len(states)} states")
+        layers = self.cfg.selected_layers
+        full = self.embed(pixels)  # [N, T, W]: the patch embedding is a small share of the encoder
+        t = full.shape[1]
+        for r, st in zip(rows, states):
+            if (r is None) != (st is None):
+                raise ShapeError("forward_rows: a view is encoded whole (rows None) exactly when it has no state")
+        states = [ViTState([LayerKV(t) for _ in self.blocks]) if st is None else st for st in states]
+        parts_rows = [None if r is None else r.to(full.device) for r in rows]
+        x = torch.cat([f if r is None else f[r] for f, r in zip(full, parts_rows)])  # [S, W]
+        sizes = [t if r is None else r.shape[0] for r in parts_rows]
+
+        def record(layer: int, y: torch.Tensor) -> None:
+            for st, r, part in zip(states, parts_rows, y.split(sizes)):
+                if r is None:
+                    st.picked[layer] = part.clone()
+                else:
+                    st.picked[layer][r] = part
+
+        if 0 in layers:
+            record(0, x)
+        for i, blk in enumerate(self.blocks, start=1):
+            x = blk.forward_rows(x, [(r, st.kv[i - 1]) for r, st in zip(parts_rows, states)])
+            if i in layers:
+                record(i, x)
+        out = self._features({i: torch.stack([st.picked[i] for st in states]) for i in set(layers)})
+        return out, states
+
+    def _features(self, by_layer: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The selected layers' outputs ``{layer: [N, T0, W]}`` -> the encoder's tokens: final-normed,
+        concatenated on channels in the config's order, class token dropped where the config says."""
+        layers = self.cfg.selected_layers
         if len(layers) > 1:  # several layers, in the config's order: [N, T0, W * len(layers)]
-            by_layer = dict(zip(sorted(set(layers)), picked))
             feats = [by_layer[i] for i in layers]
             if self.norm is not None:
                 feats = [self.norm(f) for f in feats]
             x = torch.cat(feats, dim=-1)
-        elif self.norm is not None:
-            x = self.norm(x)
+        else:
+            x = by_layer[layers[0]]
+            if self.norm is not None:
+                x = self.norm(x)
         if self.cls_token is not None and not self.cfg.keep_class_token:
             x = x[:, 1:]  # [N, gh*gw, feature_width]
         return x
 
 
-__all__ = ["ViT", "Block", "Attention", "MLP"]
+__all__ = ["ViT", "Block", "Attention", "MLP", "ViTState", "LayerKV"]
