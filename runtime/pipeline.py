@@ -18,6 +18,9 @@ closed. ``deadline_s`` and a ``cancel`` event stop a generation at the next toke
 Between calls the Pipeline keeps what it computed: the KV cache of the last conversation (a follow-up
 whose prompt starts with the previous prompt and answer prefills only the new tokens) and the tower's
 embeddings of recent images (the same picture again skips the vision stages). ``reset()`` drops both.
+A call with ``kv_slot=key`` uses that key's own KV cache, so conversations that take turns (sessions,
+cameras: :mod:`edgevlm.streams`) each keep their prefix; :attr:`Pipeline.max_kv_slots` caches are kept,
+the least recently used dropped first.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +111,10 @@ class Pipeline:
         self.reuse_prefix = reuse_prefix
         self.kv_int8 = kv_cache == "int8"
         self._cache_keys: list = []  # one key per position held in the KV cache (see _position_keys)
+        # KV slots: the active one is _cache/_cache_keys, named _slot (None: the default); the others wait
+        # in _parked, least recently used first.
+        self._slot: Hashable | None = None
+        self._parked: OrderedDict = OrderedDict()
         # One caller at a time owns the decoder and its KV cache (the turn, _Turn). The lock is held only
         # while that caller computes, never while a stream waits for its consumer between pieces, so a
         # stream abandoned without close() cannot block the others: it loses the turn (below).
@@ -249,6 +257,20 @@ class Pipeline:
             self._cache = self.decoder.new_cache(batch=1, max_len=self.max_context, kv_int8=self.kv_int8)
         return self._cache
 
+    #: KV caches kept at once (each ``max_context`` positions: ``info()["kv_cache"]["bytes"]``), the active
+    #: one included; using one more drops the least recently used.
+    max_kv_slots: int = 8
+
+    def _use_slot(self, key: Hashable | None) -> None:
+        """Makes ``key``'s KV cache (and what it holds) the active one; called holding the turn."""
+        if key == self._slot or self._graphs is not None:  # captured steps write one cache: every slot shares it
+            return
+        self._parked[self._slot] = (self._cache, self._cache_keys)
+        self._cache, self._cache_keys = self._parked.pop(key, (None, []))
+        self._slot = key
+        while self._parked and len(self._parked) >= max(1, int(self.max_kv_slots)):
+            self._parked.popitem(last=False)
+
     def _reusable(self, keys: list) -> int:
         """How many leading positions of a prompt with ``keys`` the KV cache already holds; at least
         one position is always left to prefill, since its logits start the answer."""
@@ -297,6 +319,7 @@ class Pipeline:
             self._cache_keys = []
             if self._cache is not None:
                 self._cache.reset()
+            self._parked.clear()
             if self.tower is not None:
                 self.tower.embedding_cache.clear()
         finally:
@@ -306,7 +329,7 @@ class Pipeline:
     def stream(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
                system: str | None = None, deadline_s: float | None = None,
-               cancel: threading.Event | None = None) -> "TextStream":
+               cancel: threading.Event | None = None, kv_slot: Hashable | None = None) -> "TextStream":
         """Yield the answer's text pieces as they are decoded. After the loop the returned stream's
         ``output`` holds this call's :class:`GenerateOutput` (ids, timings, stop reason), whichever thread
         called last; ``pipe.last_output`` holds the latest call's.
@@ -322,15 +345,22 @@ class Pipeline:
         another call waits, that call takes over and the idle stream ends at its next ``next()``
         (``stop_reason="preempted"``, the text so far in ``output``). An abandoned, unclosed stream so
         never blocks the others.
+
+        ``kv_slot``: any hashable key (a session, a camera's name); the call uses that key's own KV
+        cache, so that conversations taking turns on one Pipeline each keep their prefix (None: the
+        default cache; with ``decode_graphs`` every call shares the one cache the graphs were captured
+        on). See :attr:`max_kv_slots`.
         """
         _check_deadline(deadline_s)
+        _check_slot(kv_slot)
         sink: list[GenerateOutput] = []
         return TextStream(self._stream(image, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature,
                                                            top_k=top_k, top_p=top_p, seed=seed),
-                                       stop, raw, system, deadline_s, cancel, sink=sink), sink)
+                                       stop, raw, system, deadline_s, cancel, sink=sink, kv_slot=kv_slot), sink)
 
     def _stream(self, image, prompt, sampling: dict, stop: Sequence[str], raw: bool, system: str | None,
-                deadline_s: float | None, cancel: threading.Event | None, sink: list | None) -> Iterator[str]:
+                deadline_s: float | None, cancel: threading.Event | None, sink: list | None,
+                kv_slot: Hashable | None = None) -> Iterator[str]:
         # The output goes to ``self.last_output`` and into ``sink`` (the caller's) under the lock, so a
         # caller never reads another thread's answer. Between pieces the lock is released, the turn kept.
         me = _Turn()
@@ -341,6 +371,7 @@ class Pipeline:
             n_visual = sum(e.shape[0] for e in embeds)
             writer, prior = self._head_helpers(embeds, prompt, raw)
             gen = GenerationConfig(**sampling, stop_token_ids=tuple(sorted(self.chat.stop_ids(self.tokenizer))))
+            self._use_slot(kv_slot)
             cache = self._cache_for()
             reused = self._reusable(keys)
             cache.truncate(min(reused, cache.length))
@@ -421,17 +452,18 @@ class Pipeline:
     def generate(self, image, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), raw: bool = False,
                  system: str | None = None, deadline_s: float | None = None,
-                 cancel: threading.Event | None = None) -> GenerateOutput:
+                 cancel: threading.Event | None = None, kv_slot: Hashable | None = None) -> GenerateOutput:
         """Run to completion; see :meth:`stream` for the arguments. ``image`` may be None, one image
         (path, PIL image, HWC uint8 array, or an :class:`~.image_embedding.ImageEmbedding` made by a
         tower elsewhere) or a list; ``raw=True`` sends ``prompt`` verbatim.
 
         Safe to call from several threads: calls run one at a time, and each returns its own output."""
         _check_deadline(deadline_s)
+        _check_slot(kv_slot)
         sink: list[GenerateOutput] = []
         for _ in self._stream(image, prompt, dict(max_new_tokens=max_new_tokens, temperature=temperature,
                                                   top_k=top_k, top_p=top_p, seed=seed),
-                              stop, raw, system, deadline_s, cancel, sink):
+                              stop, raw, system, deadline_s, cancel, sink, kv_slot):
             pass
         return sink[0]
 
@@ -525,6 +557,8 @@ class Pipeline:
                         "dtype": str(self.decoder.dtype).replace("torch.", ""), "device": str(self.decoder.device),
                         "weights": self.sources.get("decoder", "?"), "quantization": describe(self.decoder)},
             "kv_cache": {"max_context": self.max_context, "bytes": kv_bytes,
+                         "slots": sum(c is not None for c, _ in self._parked.values()) + (self._cache is not None),
+                         "max_slots": self.max_kv_slots,
                          "dtype": "int8" if self.kv_int8 else str(self.decoder.dtype).replace("torch.", "")},
             "decode_graphs": self._graphs.info() if self._graphs is not None else None,
             "fused_decode": ({"used": True, **self._fused.info()} if self._fused is not None
@@ -579,6 +613,13 @@ class TextStream:
 def _check_deadline(deadline_s) -> None:
     if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):
         raise PromptError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
+
+
+def _check_slot(key) -> None:
+    try:
+        hash(key)
+    except TypeError:
+        raise ConfigError(f"kv_slot must be a hashable key (a str, an int, an object), got {type(key).__name__}") from None
 
 
 def _position_keys(mp, embeds: Sequence[torch.Tensor]) -> list:

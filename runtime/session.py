@@ -8,9 +8,10 @@
     chat.messages                              # the OpenAI-style history, image part included
 
 Each ``ask`` sends the whole history as chat messages; the Pipeline's prefix reuse finds the previous
-turn's positions in its KV cache, so only the new turn is computed. Another call on the same Pipeline
-in between (another thread, another session) evicts that cache: the next turn is then recomputed from
-scratch, with the same answer.
+turn's positions in the session's own KV cache (a ``kv_slot`` of the Pipeline), so only the new turn is
+computed, also when other calls and sessions ran in between. When more sessions are in use than the
+Pipeline keeps caches (``Pipeline.max_kv_slots``) the least recently used one loses its cache: its next
+turn is then recomputed from scratch, with the same answer.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ class Session:
         self.system = system
         self.messages: list[dict[str, Any]] = []
         self.outputs: list = []
+        self._slot = _SlotKey()  # this session's KV cache in the Pipeline (not self: a cache must not keep it alive)
 
     def ask(self, text: str, **gen):
         """One user turn -> its :class:`~edgevlm.runtime.pipeline.GenerateOutput` (the answer joins the history)."""
         turn = self._turn(text)
-        out = self.pipe.generate(self.image, self.messages + [turn], system=self.system, **gen)
+        out = self.pipe.generate(self.image, self.messages + [turn], system=self.system, kv_slot=self._slot, **gen)
         self._record(turn, out)
         return out
 
@@ -40,7 +42,7 @@ class Session:
         """:meth:`ask`, yielding the answer's text pieces as they decode. The answer joins the history
         when the stream ends, also when the caller stops early (then with the text so far)."""
         turn = self._turn(text)
-        pieces = self.pipe.stream(self.image, self.messages + [turn], system=self.system, **gen)
+        pieces = self.pipe.stream(self.image, self.messages + [turn], system=self.system, kv_slot=self._slot, **gen)
         try:
             yield from pieces
         finally:
@@ -63,6 +65,15 @@ class Session:
     def reset(self) -> None:
         """Forget the history (the image stays)."""
         self.messages, self.outputs = [], []
+
+
+class _SlotKey:
+    """A session's KV slot key: hashable by identity, shown by its id."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<session {id(self):#x}>"
 
 
 __all__ = ["Session"]

@@ -293,3 +293,38 @@ def test_pixel_limit_is_enforced_through_load():
     with pytest.raises(edgevlm.ImageSizeError, match="1000"):
         pipe.generate(np.zeros((40, 40, 3), np.uint8), "hi", max_new_tokens=2)
     assert pipe.generate(np.zeros((30, 30, 3), np.uint8), "hi", max_new_tokens=2).visual_tokens == 135
+
+
+def test_kv_slots_keep_each_conversations_prefix(llama):
+    _, folder = llama
+    pipe, fresh = edgevlm.load(folder), edgevlm.load(folder, reuse_prefix=False)
+    prompts = {"a": "Alpha asks a question", "b": "Bravo asks another", "c": "Charlie third"}
+    want = {k: fresh.generate(None, p, raw=True, max_new_tokens=4).token_ids for k, p in prompts.items()}
+    first = {k: pipe.generate(None, p, raw=True, max_new_tokens=4, kv_slot=k) for k, p in prompts.items()}
+    again = {k: pipe.generate(None, p, raw=True, max_new_tokens=4, kv_slot=k) for k, p in prompts.items()}
+    for k in prompts:  # turns alternate, yet each slot still holds its own prompt: all but one position reused
+        assert first[k].cached_tokens <= 1 and again[k].cached_tokens == again[k].prompt_tokens - 1, k
+        assert first[k].token_ids == again[k].token_ids == want[k], k
+    assert pipe.info()["kv_cache"]["slots"] == 3
+    # the default cache (no slot) is one slot more; with room for 2, the least recently used goes
+    pipe.max_kv_slots = 2
+    pipe.generate(None, prompts["a"], raw=True, max_new_tokens=4, kv_slot="a")
+    pipe.generate(None, prompts["b"], raw=True, max_new_tokens=4, kv_slot="b")
+    out = pipe.generate(None, prompts["c"], raw=True, max_new_tokens=4, kv_slot="c")  # evicted by a and b
+    assert out.cached_tokens <= 1 and out.token_ids == want["c"]
+    assert pipe.info()["kv_cache"]["slots"] <= 2
+    with pytest.raises(edgevlm.ConfigError, match="hashable"):
+        pipe.generate(None, "x", raw=True, kv_slot=["not", "hashable"])
+    pipe.reset()
+    assert pipe.generate(None, prompts["b"], raw=True, max_new_tokens=2, kv_slot="b").cached_tokens <= 1
+
+
+def test_sessions_keep_their_prefix_while_interleaved(llama):
+    _, folder = llama
+    pipe = edgevlm.load(folder)
+    s1, s2 = pipe.session(), pipe.session()
+    s1.ask("First session, first turn", max_new_tokens=3)
+    s2.ask("Second session, first turn", max_new_tokens=3)
+    out = s1.ask("and a second turn", max_new_tokens=3)
+    # the whole first turn (question and answer) was still in session 1's cache
+    assert out.cached_tokens >= s1.outputs[0].prompt_tokens, (out.cached_tokens, s1.outputs[0].prompt_tokens)
