@@ -13,7 +13,9 @@
 The model prints SPHINX's convention (:mod:`edgevlm.runtime.boxes`): floats in 0..1 relative to the
 image padded to a square. These helpers decode the frame once, ask, parse tolerantly (a malformed or
 out-of-range box is skipped, never guessed) and convert to pixels of the frame as given. Prompts are
-arguments with defaults in the demo model's wording; pass your model's own phrasing.
+arguments with defaults in the demo model's wording; pass your model's own phrasing. An
+:class:`~.image_embedding.ImageEmbedding` (a frame already through a tower) is taken with the frame's
+``size=(h, w)``, which the boxes are converted to.
 """
 
 from __future__ import annotations
@@ -69,39 +71,47 @@ class Grounding:
         return self.detections[i]
 
 
-def _frame(pipe, image):
+def _frame(pipe, image, size: tuple[int, int] | None) -> tuple[object, int, int]:
+    """-> (what to send the Pipeline: the decoded frame or the embedding, the frame's h, w)."""
+    from .image_embedding import ImageEmbedding
     from .image_io import load_images
 
     if pipe.tower is None:
         raise PromptError(f"model {pipe.name or '(text-only)'} has no vision tower; structured outputs need an image")
     if image is None or isinstance(image, (list, tuple)):
         raise PromptError("detect / ground / keypoints take exactly one image (a frame)")
-    return load_images([image], max_pixels=pipe.tower.max_image_pixels)[0]  # HWC uint8, decoded once
+    if isinstance(image, ImageEmbedding):
+        if size is None or len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            raise PromptError(f"an ImageEmbedding carries no frame size: pass size=(h, w) of the frame it was made "
+                              f"from, to put the boxes in its pixels (got size={size!r})")
+        return image, size[0], size[1]
+    frame = load_images([image], max_pixels=pipe.tower.max_image_pixels)[0]  # HWC uint8, decoded once
+    return frame, frame.shape[0], frame.shape[1]
 
 
-def detect(pipe, image, phrase: str, *, prompt: str = DETECT_PROMPT, max_new_tokens: int = 80, **gen) -> Grounding:
+def detect(pipe, image, phrase: str, *, prompt: str = DETECT_PROMPT, max_new_tokens: int = 80,
+           size: tuple[int, int] | None = None, **gen) -> Grounding:
     """Boxes of ``phrase`` in ``image``, labelled ``phrase``."""
     if not isinstance(phrase, str) or not phrase.strip():
         raise PromptError("detect needs a non-empty phrase, e.g. 'red cup'")
-    frame = _frame(pipe, image)
-    h, w = frame.shape[:2]
+    frame, h, w = _frame(pipe, image, size)
     out = pipe.generate(frame, prompt.format(phrase=phrase.strip()), max_new_tokens=max_new_tokens, **gen)
     return Grounding([_detection(phrase.strip(), b, h, w) for b in parse_boxes(out.text)], out)
 
 
-def ground(pipe, image, *, prompt: str = GROUND_PROMPT, max_new_tokens: int = 160, **gen) -> Grounding:
+def ground(pipe, image, *, prompt: str = GROUND_PROMPT, max_new_tokens: int = 160,
+           size: tuple[int, int] | None = None, **gen) -> Grounding:
     """A grounded caption parsed into labelled boxes (``<p>phrase</p>[box;box]``; unlabelled boxes get
     ``label=None``)."""
-    frame = _frame(pipe, image)
-    h, w = frame.shape[:2]
+    frame, h, w = _frame(pipe, image, size)
     out = pipe.generate(frame, prompt, max_new_tokens=max_new_tokens, **gen)
     return Grounding([_detection(label, b, h, w) for label, boxes in parse_grounded(out.text) for b in boxes], out)
 
 
-def keypoints(pipe, image, prompt: str, *, max_new_tokens: int = 80, **gen) -> tuple[list[Keypoint], object]:
+def keypoints(pipe, image, prompt: str, *, max_new_tokens: int = 80, size: tuple[int, int] | None = None,
+              **gen) -> tuple[list[Keypoint], object]:
     """Points ``[x,y]`` the model prints in answer to ``prompt`` -> (keypoints in pixels, GenerateOutput)."""
-    frame = _frame(pipe, image)
-    h, w = frame.shape[:2]
+    frame, h, w = _frame(pipe, image, size)
     out = pipe.generate(frame, prompt, max_new_tokens=max_new_tokens, **gen)
     g = pad_to_square(h, w)
     pts = [Keypoint((min(max(x * g.side - g.left, 0.0), float(w)), min(max(y * g.side - g.top, 0.0), float(h))),
