@@ -36,6 +36,7 @@ from edgevlm.runtime.boxes import Box
 from edgevlm.runtime.image_embedding import ImageEmbedding
 from edgevlm.runtime.pipeline import GenerateOutput
 from edgevlm.runtime.structured import Detection, Grounding
+from edgevlm.runtime.temporal import ReuseReport
 
 from . import errors as _errors
 from .errors import BackendUnavailableError, ConfigError, ServingError
@@ -111,7 +112,7 @@ class Client:
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _inputs(self, image, prompt: "str | list[dict]", *, max_new_tokens: int, temperature: float,
-                deadline_s: float | None, task: str) -> list:
+                deadline_s: float | None, task: str, camera: str | None = None) -> list:
         if isinstance(prompt, str):
             values: dict[str, Any] = {"prompt": prompt.encode("utf-8")}
         elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
@@ -129,6 +130,8 @@ class Client:
             values["image"] = data
         if deadline_s is not None:
             values["deadline_ms"] = float(deadline_s) * 1e3
+        if camera is not None:
+            values["camera"] = str(camera).encode("utf-8")
         inputs = []
         for name, v in values.items():
             dtype = INPUTS[name][0]
@@ -155,17 +158,22 @@ class Client:
     def _output(self, res) -> GenerateOutput:
         timings = json.loads(self._text(res.as_numpy("timings")))
         ids, text = res.as_numpy("token_ids"), res.as_numpy("text")  # no text in a stream's final response
+        reuse = timings.pop("reuse", None)  # a camera's frame: what the server's tower did
         return GenerateOutput(text=self._text(text) if text is not None else "",
                               token_ids=[int(i) for i in np.asarray(ids).reshape(-1)], timings=timings,
                               stop_reason=self._text(res.as_numpy("stop_reason")),
-                              info={"served_by": self.url, "batch": timings.get("batch", 1)})
+                              info={"served_by": self.url, "batch": timings.get("batch", 1),
+                                    **({"reuse": ReuseReport(**reuse)} if reuse else {})})
 
     # ---- the Pipeline's calls ------------------------------------------------------------------
     def generate(self, image, prompt: "str | list[dict]", *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 deadline_s: float | None = None) -> GenerateOutput:
-        """:meth:`edgevlm.runtime.pipeline.Pipeline.generate` on the server (one image or None)."""
+                 deadline_s: float | None = None, camera: str | None = None) -> GenerateOutput:
+        """:meth:`edgevlm.runtime.pipeline.Pipeline.generate` on the server (one image or None).
+        ``camera``: the name of the camera ``image`` is a frame of: the server encodes it with temporal
+        reuse against that camera's previous frame and answers in the camera's KV slot
+        (``output.info["reuse"]``: what its tower did)."""
         res = self._infer(self._inputs(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       deadline_s=deadline_s, task="generate"))
+                                       deadline_s=deadline_s, task="generate", camera=camera))
         return self._output(res)
 
     def _grounding(self, image, prompt: str, task: str, max_new_tokens: int, **kw) -> Grounding:
@@ -178,14 +186,18 @@ class Client:
         return Grounding(dets, self._output(res))
 
     def detect(self, image, phrase: str, *, max_new_tokens: int = 80, temperature: float = 0.0,
-               deadline_s: float | None = None) -> Grounding:
-        """:meth:`~edgevlm.runtime.pipeline.Pipeline.detect` on the server: boxes in ``image``'s pixels."""
-        return self._grounding(image, phrase, "detect", max_new_tokens, temperature=temperature, deadline_s=deadline_s)
+               deadline_s: float | None = None, camera: str | None = None) -> Grounding:
+        """:meth:`~edgevlm.runtime.pipeline.Pipeline.detect` on the server: boxes in ``image``'s pixels
+        (``camera``: as for :meth:`generate`)."""
+        return self._grounding(image, phrase, "detect", max_new_tokens, temperature=temperature, deadline_s=deadline_s,
+                               camera=camera)
 
     def ground(self, image, *, max_new_tokens: int = 160, temperature: float = 0.0,
-               deadline_s: float | None = None) -> Grounding:
-        """:meth:`~edgevlm.runtime.pipeline.Pipeline.ground` on the server (the model's default prompt)."""
-        return self._grounding(image, "", "ground", max_new_tokens, temperature=temperature, deadline_s=deadline_s)
+               deadline_s: float | None = None, camera: str | None = None) -> Grounding:
+        """:meth:`~edgevlm.runtime.pipeline.Pipeline.ground` on the server (the model's default prompt;
+        ``camera``: as for :meth:`generate`)."""
+        return self._grounding(image, "", "ground", max_new_tokens, temperature=temperature, deadline_s=deadline_s,
+                               camera=camera)
 
     def stream(self, image, prompt: "str | list[dict]", *, max_new_tokens: int = 64, temperature: float = 0.0,
                deadline_s: float | None = None) -> "ServedStream":

@@ -99,6 +99,18 @@ def test_requests_are_checked_field_by_field():
             parse_request(arrays)
 
 
+def test_camera_requests_are_checked():
+    px = np.zeros((1, 5, 7, 3), np.uint8)
+    assert parse_request({"prompt": _arr(b"x"), "image_array": px, "camera": _arr(b"front")}).camera == "front"
+    assert parse_request({"prompt": _arr(b"x"), "image_array": px}).camera is None
+    for arrays, msg in [({"prompt": _arr(b"x"), "camera": _arr(b"front")}, "goes with the camera's frame"),
+                        ({"prompt": _arr(b"x"), "image_array": px, "camera": _arr(b"f" * 200)}, "at most 128"),
+                        ({"prompt": _arr(b"x"), "image_embeds": np.zeros((1, 3, 4), np.float32),
+                          "camera": _arr(b"front")}, "not with an embedding")]:
+        with pytest.raises(PromptError, match=msg):
+            parse_request(arrays)
+
+
 def test_client_raises_the_servers_typed_error():
     from edgevlm.client import _typed_error
 
@@ -283,6 +295,40 @@ def test_an_embedding_made_on_the_robot_is_decoded_on_the_server(server, pipe, f
             c.generate(ImageEmbedding(emb.tokens[:, :100]), q)
         with pytest.raises(PromptError, match="boxes are given in its pixels"):
             c.detect(emb, "yellow triangle")
+
+
+@needs_server
+def test_camera_streams_behind_the_server(server, pipe):
+    """Streams over a Client: a round's frames go to the server together with their cameras' names; the
+    server encodes them with temporal reuse per camera (reported back) and answers like the Pipeline."""
+    from edgevlm.client import Client
+    from edgevlm.scene_video import scene_video
+    from edgevlm.streams import Streams
+
+    videos = {"front": scene_video("moving", 3, index=3, speed=8.0), "wrist": scene_video("static", 3, index=11)}
+    with Client(server.http_url) as c:
+        streams = Streams(c)
+        cams = {n: streams.camera(n, v[0].mover or v[0].objects[0][0], task="detect", budget_s=120)
+                for n, v in videos.items()}
+        got = {n: [] for n in videos}
+        for k in range(3):
+            for n, cam in cams.items():
+                cam.push(videos[n][k].image)
+            for r in streams.run_once():
+                got[r.camera].append(r)
+        streams.stop()
+    for n, rs in got.items():
+        assert [r.error for r in rs] == [None] * 3, rs
+        assert rs[0].reuse.mode == "full" and all(r.reuse.mode in ("partial", "reused") for r in rs[1:]), n
+        want = pipe.detect(videos[n][0].image, cams[n].prompt)
+        # a first frame is encoded whole: the Pipeline's boxes (sent as float32)
+        assert np.allclose([d.box for d in rs[0].output], [d.box for d in want], atol=1e-3), n
+    assert got["wrist"][2].reuse.mode == "reused"  # a still scene: nothing over the threshold
+    with Client(server.http_url) as c:  # a camera's frame is pixels, not an embedding
+        from edgevlm.runtime.image_embedding import ImageEmbedding
+
+        with pytest.raises(PromptError, match="not with an embedding"):
+            c.generate(ImageEmbedding.of(pipe.tower, videos["front"][0].image), "Hi", camera="front")
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,9 @@ class TritonPythonModel:
         pb = self.pb
         arrays = input_arrays(pb, request)
         r = parse_request(arrays)
+        if r.camera is not None:
+            raise PromptError("send a camera's frames to the 'edgevlm' model: it keeps each camera's tower state for "
+                              "temporal reuse, which the exported tower here does not")
         if r.task != "generate" or r.image is None or r.embeds is not None:
             raise PromptError("the pipeline model answers task 'generate' about one image file; send detect / ground, "
                               "text-only prompts and embeddings to the 'edgevlm' model")

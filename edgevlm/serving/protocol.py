@@ -19,11 +19,15 @@ name            type    shape    meaning
 ``temperature`` FP32    [1, 1]   optional, default 0 (greedy)
 ``deadline_ms`` FP32    [1, 1]   optional latency budget (``stop_reason`` "deadline" when reached)
 ``task``        BYTES   [1, 1]   optional: ``generate`` (default), ``detect`` or ``ground``
+``camera``      BYTES   [1, 1]   optional with ``image`` / ``image_array``: the camera's name. Its frames
+                                 are encoded with temporal reuse against its previous frame, and its
+                                 answers keep their own KV prefix (:mod:`edgevlm.streams`)
 ==============  ======  =======  =================================================================
 
 Outputs: ``text`` BYTES [1, 1]; ``token_ids`` INT64 [1, n]; ``stop_reason`` BYTES [1, 1]; ``timings``
 BYTES [1, 1] (JSON: the Pipeline's timings in ms plus ``batch``, the number of requests the server
-handled in the same call); ``boxes`` FP32 [1, k, 4] (pixel edges in the frame as sent),
+handled in the same call, and for a camera's frame ``reuse``: what the tower did, the fields of
+:class:`~edgevlm.runtime.temporal.ReuseReport`); ``boxes`` FP32 [1, k, 4] (pixel edges in the frame as sent),
 ``boxes_norm`` FP32 [1, k, 4] (as the model printed them: 0..1 of the padded square) and ``labels``
 BYTES [1, k] for ``detect`` / ``ground`` (k = 0 otherwise).
 
@@ -58,6 +62,7 @@ INPUTS: dict[str, tuple[str, tuple[int, ...], bool]] = {
     "temperature": ("FP32", (1,), True),
     "deadline_ms": ("FP32", (1,), True),
     "task": ("BYTES", (1,), True),
+    "camera": ("BYTES", (1,), True),
 }
 OUTPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
     "text": ("BYTES", (1,)),
@@ -83,6 +88,7 @@ class Request:
     temperature: float = 0.0
     deadline_s: float | None = None
     task: str = "generate"
+    camera: str | None = None
 
     def generate_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"max_new_tokens": self.max_tokens, "temperature": self.temperature}
@@ -156,6 +162,13 @@ def parse_request(arrays: dict[str, np.ndarray]) -> Request:
         r.task = _text(v, "task") or "generate"
         if r.task not in TASKS:
             raise PromptError(f"task must be one of {list(TASKS)}, got {r.task!r}")
+    if (v := _scalar(arrays, "camera")) is not None:
+        r.camera = _text(v, "camera") or None
+        if r.camera is not None and (len(r.camera) > 128 or not r.camera.isprintable()):
+            raise PromptError(f"camera must be a printable name of at most 128 characters, got {r.camera!r:.40}")
+        if r.camera is not None and r.image is None:
+            raise PromptError("'camera' goes with the camera's frame ('image' or 'image_array'), not with an "
+                              "embedding: the server compares the frame's pixels with the camera's previous one")
     if r.task != "generate" and r.image is None:
         raise PromptError(f"task '{r.task}' needs an image" + (" file: boxes are given in its pixels, which an "
                                                              "embedding does not carry" if r.embeds is not None else ""))

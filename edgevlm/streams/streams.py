@@ -15,6 +15,10 @@ its budget, order by deadline), encodes the kept frames together (with temporal 
 allows it: :mod:`edgevlm.runtime.temporal`), then answers them one by one, each camera in its own KV
 slot so the prompt around its image stays cached between its frames (an unchanged frame keeps the
 image's positions too). ``run_once()`` runs one round in the caller's thread instead of the worker.
+
+Served: ``Streams(Client(...))`` keeps the newest-frame and deadline logic here and sends a round's
+frames to ``edgevlm serve`` together, each with its camera's name; the server's dynamic batcher puts them
+through the tower in one call, with temporal reuse and a KV slot per camera (:mod:`edgevlm.serving`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from edgevlm.errors import ConfigError, EdgeVLMError
@@ -49,14 +54,27 @@ class Streams:
 
     def __init__(self, pipe, *, reuse: TemporalReuse | str | None = "auto",
                  on_skip: Callable[[Skip], None] | None = None, skip_late: bool = True) -> None:
-        if getattr(pipe, "tower", None) is None:
+        from edgevlm.client import Client
+
+        self.remote = isinstance(pipe, Client)
+        if not self.remote and getattr(pipe, "tower", None) is None:
             raise ConfigError("camera streams need a model with a vision tower")
         self.pipe = pipe
         self.on_skip = on_skip
         self.skip_late = skip_late
         self._reuse_why = ""
         self.temporal: TemporalTower | None = None
-        if reuse == "auto":
+        self._pool: ThreadPoolExecutor | None = None
+        if self.remote:
+            if isinstance(reuse, TemporalReuse):
+                raise ConfigError("a served model's reuse settings are the server's; pass reuse='auto' (frames sent "
+                                  "with their camera's name) or None")
+            if reuse not in ("auto", None):
+                raise ConfigError(f"reuse must be 'auto', a TemporalReuse or None, got {reuse!r}")
+            self._reuse_why = ("the server's (frames sent with their camera's name)" if reuse == "auto"
+                               else "turned off (reuse=None): frames sent without a camera name")
+            self._send_camera = reuse == "auto"
+        elif reuse == "auto":
             try:
                 self.temporal = TemporalTower(pipe.tower)
             except ConfigError as e:
@@ -74,6 +92,9 @@ class Streams:
         self._stop = False
         self.tower_s: float | None = None  # running estimate: tower time per frame encoded
         self.rounds = 0
+        #: the latest round: frames ``taken``, ``skipped``, sent to the tower (``batch``), ``encoded`` by it
+        #: (temporal reuse leaves unchanged frames out), ``tower_ms``
+        self.last_round: dict[str, float] = {}
         self.last_error: BaseException | None = None
 
     # ---- cameras -------------------------------------------------------------------------------
@@ -93,6 +114,10 @@ class Streams:
                          on_result=on_result, hard_deadline=hard_deadline)
             cam.state = CameraState() if self.temporal is not None else None
             self._cameras[name] = cam
+            if self.remote:  # one sender per camera: a round's frames are in flight together
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(max_workers=len(self._cameras), thread_name_prefix="edgevlm-send")
         return cam
 
     @property
@@ -117,6 +142,9 @@ class Streams:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __enter__(self) -> "Streams":
         return self.start()
@@ -152,7 +180,10 @@ class Streams:
                                      {n: c.answer_s or 0.0 for n, c in self._cameras.items()}, self.skip_late)
             for f, why in skips:
                 self._skip(f, why)
+            self.last_round = {"taken": len(frames), "skipped": len(skips), "batch": 0, "encoded": 0, "tower_ms": 0.0}
             results: list[StreamResult] = []
+            if self.remote:
+                return self._send(keep, t_round)
             decoded: list[tuple[Frame, Any]] = []
             for f in keep:  # each frame decoded alone: a bad one fails alone
                 try:
@@ -181,6 +212,7 @@ class Streams:
         except EdgeVLMError as e:
             return [self._finish(f, None, None, {}, e, t_round) for f, _ in decoded]
         tower_s = time.monotonic() - t0
+        self.last_round.update(batch=len(arrays), encoded=n_encoded, tower_ms=tower_s * 1e3)
         if n_encoded:
             per = tower_s / n_encoded
             self.tower_s = per if self.tower_s is None else (1 - _EMA) * self.tower_s + _EMA * per
@@ -190,6 +222,7 @@ class Streams:
             if self.skip_late and t1 + (cam.answer_s or 0.0) > f.deadline:
                 self._skip(f, f"its deadline passed while the round answered earlier deadlines "
                               f"({(t1 + (cam.answer_s or 0.0) - f.deadline) * 1e3:.0f} ms short)")
+                self.last_round["skipped"] += 1
                 continue
             timings = {"wait": (t_round - f.t) * 1e3, "tower": tower_s * 1e3}
             try:
@@ -202,16 +235,49 @@ class Streams:
             results.append(self._finish(f, out, rep, {**timings, "answer": answer * 1e3}, None, t_round))
         return results
 
-    def _answer(self, cam: Camera, image, size: tuple[int, int], left_s: float):
-        kw: dict[str, Any] = {"kv_slot": ("camera", cam.name)}
+    def _send(self, keep: list[Frame], t_round: float) -> list[StreamResult]:
+        """Served: the round's frames to the server at once (its batcher encodes them together)."""
+        def one(f: Frame):
+            cam = self._cameras[f.camera]
+            t1 = time.monotonic()
+            try:
+                out = self._answer(cam, f.image, None, f.deadline - t1)
+            except EdgeVLMError as e:
+                return f, None, e, t1
+            return f, out, None, t1
+
+        results = []
+        for f, out, err, t1 in self._pool.map(one, keep):  # results in deadline order
+            timings = {"wait": (t_round - f.t) * 1e3}
+            rep = None
+            if out is not None:
+                gen = out if hasattr(out, "timings") else out.output
+                timings.update(answer=(time.monotonic() - t1) * 1e3, server=gen.timings.get("total", 0.0))
+                rep = gen.info.get("reuse")
+                cam = self._cameras[f.camera]
+                a = timings["answer"] / 1e3
+                cam.answer_s = a if cam.answer_s is None else (1 - _EMA) * cam.answer_s + _EMA * a
+            results.append(self._finish(f, out, rep, timings, err, t_round))
+        self.last_round.update(batch=len(keep), encoded=len(keep))
+        return results
+
+    def _answer(self, cam: Camera, image, size: tuple[int, int] | None, left_s: float):
+        """One frame's answer: from the Pipeline in the camera's KV slot (``image`` an ImageEmbedding of a
+        frame of ``size``, or the frame itself), or from the server, the frame sent with the camera's name."""
+        kw: dict[str, Any] = {}
+        if self.remote:
+            if self._send_camera:
+                kw["camera"] = cam.name
+        else:
+            kw["kv_slot"] = ("camera", cam.name)
+            if cam.task != "generate" and isinstance(image, ImageEmbedding):
+                kw["size"] = (int(size[0]), int(size[1]))
         if cam.max_new_tokens is not None:
             kw["max_new_tokens"] = cam.max_new_tokens
         if cam.hard_deadline:
             kw["deadline_s"] = max(left_s, 1e-3)
         if cam.task == "generate":
             return self.pipe.generate(image, cam.prompt, **kw)
-        if isinstance(image, ImageEmbedding):
-            kw["size"] = (int(size[0]), int(size[1]))
         if cam.task == "detect":
             return self.pipe.detect(image, cam.prompt, **kw)
         return self.pipe.ground(image, **kw)
