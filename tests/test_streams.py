@@ -44,6 +44,21 @@ def test_plan_skips_what_would_finish_late_and_says_by_how_much():
     assert len(kept) == 2 and skipped == []
 
 
+def test_plan_under_overload_takes_turns_instead_of_starving_a_camera():
+    # Two cameras, same phase, same costs: only one frame fits each round. Whoever was answered less
+    # recently goes first, so over rounds they alternate (deadline order alone would always pick "a").
+    last: dict[str, float] = {}
+    picks = []
+    for k in range(6):
+        now = float(k)
+        kept, skipped = plan_round([_f("a", now, 0.3), _f("b", now, 0.3)], now, 0.05, {"a": 0.2, "b": 0.2},
+                                   last_answer=last)
+        assert len(kept) == 1 and len(skipped) == 1 and skipped[0][1]  # a reason, whichever it was
+        picks.append(kept[0].camera)
+        last[kept[0].camera] = now + 0.25
+    assert picks == ["a", "b", "a", "b", "a", "b"], picks
+
+
 # ---- Streams on the tiny model ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

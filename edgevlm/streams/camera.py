@@ -118,6 +118,7 @@ class Camera:
         self._next_id = 0
         self._stats = CameraStats()
         self.answer_s: float | None = None  # running estimate of this camera's answer time (scheduler)
+        self.last_answer_t: float | None = None  # monotonic time of its last answer (the scheduler's fairness)
         self.state = None  # the tower's temporal-reuse memory for this camera (a CameraState), set by Streams
 
     def push(self, image, t: float | None = None) -> int:

@@ -177,7 +177,8 @@ class Streams:
             self.rounds += 1
             t_round = time.monotonic()
             keep, skips = plan_round(frames, t_round, self.tower_s or 0.0,
-                                     {n: c.answer_s or 0.0 for n, c in self._cameras.items()}, self.skip_late)
+                                     {n: c.answer_s or 0.0 for n, c in self._cameras.items()}, self.skip_late,
+                                     {n: c.last_answer_t for n, c in self._cameras.items() if c.last_answer_t})
             for f, why in skips:
                 self._skip(f, why)
             self.last_round = {"taken": len(frames), "skipped": len(skips), "batch": 0, "encoded": 0, "tower_ms": 0.0}
@@ -293,6 +294,7 @@ class Streams:
             if error is not None:
                 s.errors += 1
             else:
+                cam.last_answer_t = time.monotonic()
                 s.answered += 1
                 s.late += late
                 s.latencies.append(latency)
