@@ -72,6 +72,8 @@ def main() -> int:
     ap.add_argument("--thresholds", default="2,4,8,12,16,24")
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--refresh-every", type=int, default=30)
+    ap.add_argument("--context-refresh", type=float, default=TemporalReuse.context_refresh,
+                    help="TemporalReuse.context_refresh (flat cells; above 1: never)")
     ap.add_argument("--speed", type=float, default=4.0, help="pixels per frame (moving, pan)")
     ap.add_argument("--out", default="bench/results/temporal_reuse.csv")
     args = ap.parse_args()
@@ -82,7 +84,7 @@ def main() -> int:
     common = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
               "cpu_model": cpu_model() or platform.processor(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "model": args.model, "frames": args.frames,
-              "refresh_every": args.refresh_every, "noise_levels": 2.0}
+              "refresh_every": args.refresh_every, "context_refresh": args.context_refresh, "noise_levels": 2.0}
     rows = []
     for kind in args.kinds.split(","):
         video = scene_video(kind, args.frames, index=SCENES.get(kind, 0), speed=args.speed)
@@ -100,7 +102,8 @@ def main() -> int:
         print(f"{kind:8s} whole: tower {statistics.mean(full_ms[1:]):.1f} ms/frame, target {target!r}, answers equal "
               f"the previous frame's {sum(prev) / len(prev):.2f}")
         for th in [float(t) for t in args.thresholds.split(",")]:
-            tt = TemporalTower(tower, TemporalReuse(threshold=th, refresh_every=args.refresh_every))
+            tt = TemporalTower(tower, TemporalReuse(threshold=th, refresh_every=args.refresh_every,
+                                                    context_refresh=args.context_refresh))
             st = CameraState()
             fr, ms, cos_mean, cos_min, agree, ious, same = [], [], [], [], [], [], []
             for k, (v, box) in enumerate(zip(video, truth)):

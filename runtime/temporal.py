@@ -11,6 +11,11 @@ each new frame is compared with it cell by cell on the tower's keep grid (the gr
     cells over ``threshold``  -> their patches (and the class token) go through every ViT layer again,
                                  attending to all tokens of the view: the kept ones through their
                                  recorded K/V (:meth:`~edgevlm.runtime.vision.vit.ViT.forward_rows`)
+    flat cells (pixel std <= ``flat_std``: padding, a blank wall) whose surroundings changed by
+    ``context_refresh`` of the grid since they were last encoded
+                              -> re-encoded with the changed cells: a flat token's pixels say little, so
+                                 a ViT fills it with what it sees around it (DINOv2 keeps global
+                                 information in such tokens), and kept, it goes stale as the scene moves
     no cell over it           -> the previous embedding, unchanged: no tower work, and the decoder's
                                  KV prefix over the image stays valid
     the first frame, every ``refresh_every``-th, or more than ``max_changed`` of the cells
@@ -44,7 +49,9 @@ class TemporalReuse:
     """``threshold``: a cell is re-encoded when the mean absolute change of its pixels since it was last
     encoded exceeds this many 8-bit levels. ``refresh_every``: every this-many-th frame of a camera is
     encoded whole (1 = always: reuse off). ``max_changed``: above this fraction of changed cells the frame
-    is encoded whole (as cheap, and exact).
+    is encoded whole (as cheap, and exact). ``flat_std`` and ``context_refresh``: a cell whose pixels' standard
+    deviation is at most ``flat_std`` levels is re-encoded once cells amounting to ``context_refresh`` of
+    the grid were re-encoded around it since its own last encode (a value above 1 never does).
 
     The default threshold, 6 levels, is the largest at which the demo's detected boxes from reused
     tokens overlapped those from whole encodes (IoU >= 0.5) in every frame of the moving-object, pan and
@@ -55,6 +62,8 @@ class TemporalReuse:
     threshold: float = 6.0
     refresh_every: int = 30
     max_changed: float = 0.6
+    flat_std: float = 3.0
+    context_refresh: float = 0.25
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or \
@@ -65,6 +74,10 @@ class TemporalReuse:
         if isinstance(self.max_changed, bool) or not isinstance(self.max_changed, (int, float)) or \
                 not 0.0 < self.max_changed <= 1.0:
             raise ConfigError(f"max_changed is a fraction of cells in (0, 1], got {self.max_changed!r}")
+        for name in ("flat_std", "context_refresh"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0.0:
+                raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,8 @@ class CameraState:
         self.ref: dict[str, torch.Tensor] | None = None  # per reusing ViT: pixels [V, 3, H, W] its tokens saw
         self.vit: dict[str, list[ViTState]] | None = None  # per reusing ViT, per view
         self.embedding: torch.Tensor | None = None  # [visual_tokens, width], the last frame's
+        self.flat: torch.Tensor | None = None  # [V, g*g] bool: the cell's pixels were flat when last encoded
+        self.context: torch.Tensor | None = None  # [V, g*g]: grid fraction re-encoded around it since its encode
         self.since_full = 0  # frames since the last whole encode
         self.frames = 0
 
@@ -109,8 +124,9 @@ class CameraState:
 class _Plan:
     mode: str
     reason: str
-    cells: list[torch.Tensor] | None  # per view: kept cell ids (partial)
+    cells: list[torch.Tensor] | None  # per view: the cell ids to encode again (partial)
     change: torch.Tensor | None  # [V, g*g] levels
+    context: torch.Tensor | None = None  # [V, g*g]: the cells' context counts after this frame (partial)
 
 
 class TemporalTower:
@@ -212,7 +228,12 @@ class TemporalTower:
             return _Plan("reused", "no cell changed", None, change)
         if n > r.max_changed * over.numel():
             return _Plan("full", f"{n} of {over.numel()} cells changed", None, change)
-        return _Plan("partial", f"{n} of {over.numel()} cells changed", [row.nonzero()[:, 0] for row in over], change)
+        context = state.context + over.sum(1, keepdim=True) / over.shape[1]  # [V, g*g]
+        stale = state.flat & (context >= r.context_refresh) & ~over
+        encode = over | stale
+        context = context.masked_fill(encode, 0.0)
+        why = f"{n} of {over.numel()} cells changed" + (f" (+{int(stale.sum())} flat cells refreshed)" if stale.any() else "")
+        return _Plan("partial", why, [row.nonzero()[:, 0] for row in encode], change, context)
 
     def cell_change(self, views: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> torch.Tensor:
         """-> ``[V, g*g]``: each keep-grid cell's mean absolute pixel change against ``ref``, in 8-bit
@@ -229,6 +250,21 @@ class TemporalTower:
             c = F.avg_pool2d(d[:, None], kernel_size=(hp // g, wp // g))[:, 0].reshape(d.shape[0], g * g)
             worst = c if worst is None else torch.maximum(worst, c)
         return worst
+
+    def flat_cells(self, views: dict[str, torch.Tensor]) -> torch.Tensor:
+        """-> ``[V, g*g]`` bool: cells whose pixels' standard deviation (8-bit levels, the largest over the
+        channels and the reusing ViTs' views) is at most ``flat_std``."""
+        g, worst = self.plan.grid, None
+        for name in self.plan.vits:
+            enc = self.tower.config.encoder(name)
+            x = views[name]
+            hp, wp = enc.grid[0] * enc.patch_size, enc.grid[1] * enc.patch_size
+            std = torch.tensor(enc.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+            px = (x[..., :hp, :wp].float() * (std * 255.0))  # [V, 3, hp, wp], levels (offset irrelevant)
+            cells = px.reshape(px.shape[0], 3, g, hp // g, g, wp // g).permute(0, 2, 4, 1, 3, 5)
+            sd = cells.reshape(px.shape[0], g * g, 3, -1).std(-1).amax(-1)  # [V, g*g]
+            worst = sd if worst is None else torch.maximum(worst, sd)
+        return worst <= self.reuse.flat_std
 
     def _rows(self, name: str, cells: torch.Tensor) -> torch.Tensor:
         """Kept cells [K] -> the token rows of ViT ``name`` to recompute: its class token, then the patches
@@ -264,9 +300,14 @@ class TemporalTower:
         for j, (s, p, pv, emb) in enumerate(zip(states, plans, views, per_image)):
             s.vit = {n: new[n][j * v:(j + 1) * v] for n in self.plan.vits}
             s.embedding = emb
+            flat = self.flat_cells(pv)
             if p.mode == "full":
                 s.ref = {n: pv[n].clone() for n in self.plan.vits}
+                s.flat, s.context = flat, torch.zeros(flat.shape, device=flat.device)
                 continue
+            s.context = p.context
+            for i in range(v):  # a re-encoded cell is flat or not by its new pixels
+                s.flat[i, p.cells[i]] = flat[i, p.cells[i]]
             for n in self.plan.vits:  # the re-encoded cells' pixels become their reference
                 x, ref = pv[n], s.ref[n]
                 enc = self.tower.config.encoder(n)

@@ -176,6 +176,26 @@ def test_refresh_and_max_changed_encode_whole():
     assert torch.equal(emb, tower.embed_each([_frame(5)])[0])
 
 
+def test_flat_cells_follow_the_scene_around_them():
+    # A flat bottom row (padding, a blank wall): its tokens come from their context, so once a quarter of
+    # the grid was re-encoded around them they are re-encoded too, and only then.
+    _, tt = _tower(threshold=8.0, context_refresh=0.25)
+    f = _frame()
+    f[48:64] = 128
+    st = CameraState()
+    tt.encode([f], [st])
+    assert st.flat.tolist() == [[False] * 12 + [True] * 4]
+    rng = np.random.default_rng(9)
+    reasons = []
+    for rows in (slice(0, 16), slice(16, 32), slice(0, 16)):
+        f = f.copy()
+        f[rows, 0:32] = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8)  # two textured cells change
+        (_, rep), = tt.encode([f], [st])
+        reasons.append((rep.encoded, rep.reason))
+    assert reasons == [(2, "2 of 16 cells changed"), (6, "2 of 16 cells changed (+4 flat cells refreshed)"),
+                       (2, "2 of 16 cells changed")], reasons
+
+
 def test_cameras_batched_equal_cameras_alone():
     _, tt = _tower(threshold=4.0)
     frames0, frames1 = [_frame(1), _frame(2)], [_frame(1), _frame(2)]
@@ -214,7 +234,7 @@ def test_a_failure_resets_the_camera_state(monkeypatch):
 def test_bad_settings_and_towers_are_refused():
     tower, tt = _tower()
     for bad in (dict(threshold=-1), dict(threshold=300), dict(refresh_every=0), dict(max_changed=0.0),
-                dict(threshold=True)):
+                dict(threshold=True), dict(flat_std=-1), dict(context_refresh="often")):
         with pytest.raises(ConfigError):
             TemporalReuse(**bad)
     st = CameraState()

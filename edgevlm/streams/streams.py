@@ -23,6 +23,7 @@ through the tower in one call, with temporal reuse and a KV slot per camera (:mo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -323,8 +324,7 @@ class Streams:
         r = self.temporal.reuse if self.temporal is not None else None
         return {"cameras": {n: {"task": c.task, "budget_s": c.budget_s, "answer_ms": (c.answer_s or 0) * 1e3}
                             for n, c in self._cameras.items()},
-                "reuse": ({"on": True, "threshold": r.threshold, "refresh_every": r.refresh_every,
-                           "max_changed": r.max_changed} if r is not None else {"on": False, "why": self._reuse_why}),
+                "reuse": ({"on": True, **dataclasses.asdict(r)} if r is not None else {"on": False, "why": self._reuse_why}),
                 "tower_ms_per_frame": (self.tower_s or 0) * 1e3, "rounds": self.rounds}
 
 
