@@ -44,6 +44,14 @@ def test_plan_skips_what_would_finish_late_and_says_by_how_much():
     assert len(kept) == 2 and skipped == []
 
 
+def test_plan_never_skips_a_camera_it_must_answer():
+    frames = [_f("a", 0.0, 0.1), _f("b", 0.0, 0.1)]
+    kept, skipped = plan_round(frames, 0.0, 0.05, {"a": 0.2, "b": 0.2}, must={"b"})
+    assert [f.camera for f in kept] == ["b"] and [f.camera for f, _ in skipped] == ["a"]
+    kept, skipped = plan_round(frames, 0.0, 0.05, {"a": 0.2, "b": 0.2}, must={"a", "b"})
+    assert len(kept) == 2 and skipped == []
+
+
 def test_plan_under_overload_takes_turns_instead_of_starving_a_camera():
     # Two cameras, same phase, same costs: only one frame fits each round. Whoever was answered less
     # recently goes first, so over rounds they alternate (deadline order alone would always pick "a").
@@ -115,6 +123,14 @@ def test_a_bad_frame_fails_alone_and_late_frames_are_skipped_and_reported(tiny):
     hurried.push(_frames(1)[0])
     assert streams.run_once() == []
     assert hurried.stats.skipped == 1 and skips[-1].camera == "hurried" and skips[-1].reason == "deadline"
+    # a camera skipped 3 times in a row has its next frame answered, late: its estimates are measured again
+    for _ in range(2):
+        hurried.push(_frames(1)[0])
+        assert streams.run_once() == []
+    hurried.push(_frames(1)[0])
+    (probe,) = streams.run_once()
+    assert probe.camera == "hurried" and probe.late and probe.error is None
+    assert (hurried.stats.skipped, hurried.stats.answered, hurried.stats.late) == (3, 1, 1)
     relaxed = Streams(tiny, skip_late=False)
     late = relaxed.camera("late", "What is here?", max_new_tokens=2, budget_s=1e-6)
     late.push(_frames(1)[0])

@@ -119,6 +119,7 @@ class Camera:
         self._stats = CameraStats()
         self.answer_s: float | None = None  # running estimate of this camera's answer time (scheduler)
         self.last_answer_t: float | None = None  # monotonic time of its last answer (the scheduler's fairness)
+        self.skips_in_row = 0  # frames skipped since its last answer (past a few, the next one is answered)
         self.state = None  # the tower's temporal-reuse memory for this camera (a CameraState), set by Streams
 
     def push(self, image, t: float | None = None) -> int:

@@ -12,6 +12,10 @@ While some frame would finish past its deadline, one frame is skipped: the one w
 fewest frames late; among those, the frame of the camera answered most recently (so that a camera
 whose frames keep losing to another's gets its turn: with equal costs the cameras alternate), then the
 one with the latest deadline, then the one last in deadline order. Each skip says why.
+
+A frame of a camera in ``must`` is never skipped: the caller names the cameras whose frames were
+skipped several times in a row, so that an estimate grown too pessimistic (a slow first answer, a
+busy moment) is measured again instead of starving that camera for good.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ def _late(order: list[Frame], now: float, tower_s: float, answer_s: dict[str, fl
 
 def plan_round(frames: Sequence[Frame], now: float, tower_s: float, answer_s: dict[str, float],
                skip_late: bool = True, last_answer: dict[str, float] | None = None,
-               ) -> tuple[list[Frame], list[tuple[Frame, str]]]:
+               must: frozenset[str] | set[str] = frozenset()) -> tuple[list[Frame], list[tuple[Frame, str]]]:
     """-> (frames to answer, in deadline order; (frame, why) for each skipped). ``last_answer[camera]``:
-    when the camera was last answered (absent: never, the highest claim). Unknown estimates count as 0."""
+    when the camera was last answered (absent: never, the highest claim); ``must``: cameras whose frames
+    are answered even if late. Unknown estimates count as 0."""
     order = sorted(frames, key=lambda f: (f.deadline, f.t, f.camera))
     if not skip_late:
         return order, []
@@ -50,7 +55,10 @@ def plan_round(frames: Sequence[Frame], now: float, tower_s: float, answer_s: di
             rest = order[:i] + order[i + 1:]
             return (len(_late(rest, now, tower_s, answer_s)), -last.get(f.camera, float("-inf")), -f.deadline, -i)
 
-        victim = order[min(range(len(order)), key=cost)]
+        free = [i for i, f in enumerate(order) if f.camera not in must]
+        if not free:  # only frames that must be answered are left: they will be, late
+            break
+        victim = order[min(free, key=cost)]
         order = [g for g in order if g is not victim]
         if id(victim) in late_by:
             why = (f"expected to answer {late_by[id(victim)] * 1e3:.0f} ms after its deadline (tower "

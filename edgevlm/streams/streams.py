@@ -42,6 +42,7 @@ from .scheduler import plan_round
 log = logging.getLogger("edgevlm.streams")
 
 _EMA = 0.3  # weight of the newest measurement in the running time estimates
+_PROBE_AFTER = 3  # a camera skipped this many times in a row has its next frame answered, late or not
 
 
 class Streams:
@@ -177,9 +178,10 @@ class Streams:
                 return []
             self.rounds += 1
             t_round = time.monotonic()
+            must = {n for n, c in self._cameras.items() if c.skips_in_row >= _PROBE_AFTER}
             keep, skips = plan_round(frames, t_round, self.tower_s or 0.0,
                                      {n: c.answer_s or 0.0 for n, c in self._cameras.items()}, self.skip_late,
-                                     {n: c.last_answer_t for n, c in self._cameras.items() if c.last_answer_t})
+                                     {n: c.last_answer_t for n, c in self._cameras.items() if c.last_answer_t}, must)
             for f, why in skips:
                 self._skip(f, why)
             self.last_round = {"taken": len(frames), "skipped": len(skips), "batch": 0, "encoded": 0, "tower_ms": 0.0}
@@ -221,7 +223,7 @@ class Streams:
         results = []
         for (f, frame), cam, image, rep in zip(decoded, cams, images, reports):
             t1 = time.monotonic()
-            if self.skip_late and t1 + (cam.answer_s or 0.0) > f.deadline:
+            if self.skip_late and t1 + (cam.answer_s or 0.0) > f.deadline and cam.skips_in_row < _PROBE_AFTER:
                 self._skip(f, f"its deadline passed while the round answered earlier deadlines "
                               f"({(t1 + (cam.answer_s or 0.0) - f.deadline) * 1e3:.0f} ms short)")
                 self.last_round["skipped"] += 1
@@ -296,6 +298,7 @@ class Streams:
                 s.errors += 1
             else:
                 cam.last_answer_t = time.monotonic()
+                cam.skips_in_row = 0
                 s.answered += 1
                 s.late += late
                 s.latencies.append(latency)
@@ -313,6 +316,7 @@ class Streams:
     def _skip(self, f: Frame, why: str) -> None:
         with self._cond:
             self._cameras[f.camera]._stats.skipped += 1
+            self._cameras[f.camera].skips_in_row += 1
         log.debug("camera %r frame %d skipped: %s", f.camera, f.id, why)
         if self.on_skip is not None:
             try:
