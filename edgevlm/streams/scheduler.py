@@ -13,8 +13,8 @@ fewest frames late; among those, the frame of the camera answered most recently 
 whose frames keep losing to another's gets its turn: with equal costs the cameras alternate), then the
 one with the latest deadline, then the one last in deadline order. Each skip says why.
 
-A frame of a camera in ``must`` is never skipped: the caller names the cameras whose frames were
-skipped several times in a row, so that an estimate grown too pessimistic (a slow first answer, a
+A frame of a camera in ``must`` is never skipped: the caller (:class:`~.streams.Streams`) names the
+cameras whose frames were skipped 10 times in a row, so that an estimate grown too pessimistic (a slow first answer, a
 busy moment) is measured again instead of starving that camera for good.
 """
 

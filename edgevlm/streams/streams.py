@@ -42,7 +42,7 @@ from .scheduler import plan_round
 log = logging.getLogger("edgevlm.streams")
 
 _EMA = 0.3  # weight of the newest measurement in the running time estimates
-_PROBE_AFTER = 3  # a camera skipped this many times in a row has its next frame answered, late or not
+_PROBE_AFTER = 10  # a camera skipped this many times in a row has its next frame answered, late or not
 
 
 class Streams:
