@@ -52,7 +52,9 @@ class Streams:
     (:class:`~edgevlm.runtime.temporal.TemporalTower`; ``info()["reuse"]`` says whether, and if not why),
     a :class:`~edgevlm.runtime.temporal.TemporalReuse` to require it with those settings (ConfigError where
     the tower cannot), None to encode every frame whole. ``on_skip(Skip)``: called for each frame taken
-    but not answered. ``skip_late``: False answers every taken frame, late or not."""
+    but not answered. ``skip_late``: False answers every taken frame, late or not; with True (default) a
+    camera skipped 10 times in a row still has its next frame answered, so that its time estimates are
+    measured again."""
 
     def __init__(self, pipe, *, reuse: TemporalReuse | str | None = "auto",
                  on_skip: Callable[[Skip], None] | None = None, skip_late: bool = True) -> None:
