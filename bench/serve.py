@@ -48,6 +48,7 @@ import torch
 import edgevlm
 from edgevlm.errors import EdgeVLMError, ImageDecodeError, ImageSizeError, ServingError
 from edgevlm.perf.limits import cpu_model, git_commit
+from edgevlm.perf.plot import draw_grouped_bars
 from edgevlm.perf.results import append_rows
 
 QUESTION = "What color is the circle?"
@@ -263,45 +264,29 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Grouped bars drawn with Pillow (a dependency already; no matplotlib): per client count, requests
-    per second embedded and served, with p50 / p99, and a line at one Pipeline's serial rate."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font, bold = ImageFont.load_default(size=13), ImageFont.load_default(size=15)
+    """Grouped bars: per client count, requests per second embedded and served, with p50 / p99, and a
+    line at one Pipeline's serial rate."""
     levels = sorted({int(r["clients"]) for r in rows})
     colours = {"embedded": (86, 180, 233), "served": (0, 114, 178)}
     rate = {(r["mode"], int(r["clients"])): r for r in rows}
-    top = max(float(r["req_per_s"]) for r in rows) * 1.25 or 1.0
-    w, label_w, bar_w, row_h, pad = 980, 110, 420, 52, 16
-    img = Image.new("RGB", (w, 70 + row_h * len(levels) + 40), "white")
-    d = ImageDraw.Draw(img)
-    d.text((pad, 10), f"edgevlm serve vs embedded Pipeline: {rows[0]['model']}, {rows[0]['cpu_model']}, "
-                      f"{rows[0]['max_tokens']} tokens per answer", fill="black", font=bold)
-    d.text((pad + label_w, 36), "requests / s (bar), p50 / p99 latency (text)", fill="black", font=font)
-    scale = bar_w / top
-    limit = float(rows[0].get("serial_limit_req_per_s") or 0)
-    y = 60
+    groups = []
     for n in levels:
-        d.text((pad, y + 16), f"{n} clients", fill="black", font=font)
-        for k, mode in enumerate(("embedded", "served")):
-            r = rate.get((mode, n))
-            if not r:
+        bars = []
+        for mode in ("embedded", "served"):
+            if (r := rate.get((mode, n))) is None:
                 continue
-            v, yy = float(r["req_per_s"]), y + 4 + k * 22
-            d.rectangle([pad + label_w, yy, pad + label_w + v * scale, yy + 18], fill=colours[mode])
             extra = f"  batch mean {r['mean_batch']}" if mode == "served" else ""
-            d.text((pad + label_w + v * scale + 6, yy + 2),
-                   f"{mode} {v:.2f}/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  errors {r['errors']}{extra}",
-                   fill="black", font=font)
-        y += row_h
-    if limit:
-        x = pad + label_w + limit * scale
-        for yy in range(56, y, 6):
-            d.line([x, yy, x, yy + 3], fill="black", width=1)
-        d.text((x - 60, y + 6), f"one Pipeline, serial: {limit:.2f}/s", fill="black", font=font)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    print(f"plot -> {path}")
+            bars.append((float(r["req_per_s"]), colours[mode],
+                         f"{mode} {float(r['req_per_s']):.2f}/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  errors "
+                         f"{r['errors']}{extra}"))
+        groups.append((f"{n} clients", bars))
+    limit = float(rows[0].get("serial_limit_req_per_s") or 0)
+    out = draw_grouped_bars(
+        path, f"edgevlm serve vs embedded Pipeline: {rows[0]['model']}, {rows[0]['cpu_model']}, "
+              f"{rows[0]['max_tokens']} tokens per answer",
+        "requests / s (bar), p50 / p99 latency (text)", groups, top=max(float(r["req_per_s"]) for r in rows) * 1.25,
+        limit=limit, limit_label=f"one Pipeline, serial: {limit:.2f}/s", width=980)
+    print(f"plot -> {out}")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,13 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import edgevlm
 from edgevlm.perf.limits import cpu_model, git_commit
+from edgevlm.perf.plot import draw_grouped_bars
 from edgevlm.perf.results import append_rows
 from edgevlm.runtime.embed_cache import EmbeddingCache
 from edgevlm.scene_video import scene_video
@@ -163,45 +163,24 @@ def main() -> int:
 
 def plot(rows: list[dict], path: str) -> None:
     """Per camera count, the answer rate per camera with reuse off and on (bars), p50 / p99 latency and
-    the drops (text), and the budget's rate cap (dashed)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font, bold = ImageFont.load_default(size=13), ImageFont.load_default(size=15)
+    the drops (text), and the cameras' frame rate (dashed): what each camera could at most be answered."""
     levels = sorted({int(r["cameras"]) for r in rows})
     colours = {"off": (230, 159, 0), "on": (0, 114, 178)}
     by = {(int(r["cameras"]), r["reuse"]): r for r in rows}
     fps = float(rows[0]["fps"])
-    top = fps * 1.15
-    w, label_w, bar_w, row_h, pad = 1180, 110, 380, 52, 16
-    img = Image.new("RGB", (w, 80 + row_h * len(levels) + 30), "white")
-    d = ImageDraw.Draw(img)
-    d.text((pad, 10), f"edgevlm streams: {rows[0]['model']}, {rows[0]['cpu_model']}, {rows[0]['threads']} threads, "
-                      f"{fps:g} FPS per camera, {float(rows[0]['budget_ms']):.0f} ms budget, detect",
-           fill="black", font=bold)
-    d.text((pad + label_w, 36), "answers / s per camera (bar); p50 / p99 push-to-answer latency, frames dropped "
-                                "and skipped (text); orange: every frame whole, blue: temporal reuse",
-           fill="black", font=font)
-    scale = bar_w / top
-    y = 62
+    groups = []
     for n in levels:
-        d.text((pad, y + 16), f"{n} camera{'s' if n > 1 else ''}", fill="black", font=font)
-        for k, mode in enumerate(("off", "on")):
-            r = by.get((n, mode))
-            if not r:
-                continue
-            v, yy = float(r["answers_per_cam_s"]), y + 4 + k * 22
-            d.rectangle([pad + label_w, yy, pad + label_w + v * scale, yy + 18], fill=colours[mode])
-            d.text((pad + label_w + v * scale + 6, yy + 2),
-                   f"{v:.2f}/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  dropped {r['dropped']}  skipped "
-                   f"{r['skipped']}  tower {r['tower_ms_per_frame']} ms/frame", fill="black", font=font)
-        y += row_h
-    x = pad + label_w + fps * scale
-    for yy in range(58, y, 6):
-        d.line([x, yy, x, yy + 3], fill="black", width=1)
-    d.text((x - 40, y + 4), f"{fps:g} FPS", fill="black", font=font)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    print(f"plot -> {path}")
+        bars = [(float(r["answers_per_cam_s"]), colours[mode],
+                 f"{float(r['answers_per_cam_s']):.2f}/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  dropped "
+                 f"{r['dropped']}  skipped {r['skipped']}  tower {r['tower_ms_per_frame']} ms/frame")
+                for mode in ("off", "on") if (r := by.get((n, mode)))]
+        groups.append((f"{n} camera{'s' if n > 1 else ''}", bars))
+    out = draw_grouped_bars(
+        path, f"edgevlm streams: {rows[0]['model']}, {rows[0]['cpu_model']}, {rows[0]['threads']} threads, {fps:g} FPS "
+              f"per camera, {float(rows[0]['budget_ms']):.0f} ms budget, detect",
+        "answers / s per camera (bar); p50 / p99 push-to-answer latency, frames dropped and skipped (text); "
+        "orange: every frame whole, blue: temporal reuse", groups, top=fps * 1.15, limit=fps, limit_label=f"{fps:g} FPS")
+    print(f"plot -> {out}")
 
 
 if __name__ == "__main__":

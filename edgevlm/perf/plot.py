@@ -101,3 +101,38 @@ def draw_breakdown(rows: list[dict], path: str | Path, title: str) -> Path:
 
 
 __all__ = ["draw_breakdown", "STAGE_COLOURS"]
+
+
+def draw_grouped_bars(path: str | Path, title: str, subtitle: str,
+                      groups: list[tuple[str, list[tuple[float, tuple[int, int, int], str]]]], top: float,
+                      limit: float | None = None, limit_label: str = "", width: int = 1180) -> Path:
+    """Horizontal grouped bars (``bench/serve.py``, ``bench/streams.py``): one row per group ``(label,
+    bars)``, each bar ``(value, colour, text written after it)`` on a scale from 0 to ``top``; a dashed
+    line at ``limit`` with ``limit_label`` under it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, bold = ImageFont.load_default(size=13), ImageFont.load_default(size=15)
+    label_w, bar_w, bar_h, pad = 110, 400, 22, 16
+    heights = [6 + bar_h * len(bars) + 6 for _, bars in groups]
+    img = Image.new("RGB", (width, 62 + sum(heights) + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 10), title, fill="black", font=bold)
+    d.text((pad + label_w, 36), subtitle, fill="black", font=font)
+    scale = bar_w / (top or 1.0)
+    y = 60
+    for (label, bars), h in zip(groups, heights):
+        d.text((pad, y + h // 2 - 8), label, fill="black", font=font)
+        for k, (v, colour, text) in enumerate(bars):
+            yy = y + 4 + k * bar_h
+            d.rectangle([pad + label_w, yy, pad + label_w + v * scale, yy + bar_h - 4], fill=colour)
+            d.text((pad + label_w + v * scale + 6, yy + 2), text, fill="black", font=font)
+        y += h
+    if limit:
+        x = pad + label_w + limit * scale
+        for yy in range(56, y, 6):
+            d.line([x, yy, x, yy + 3], fill="black", width=1)
+        d.text((x - 60, y + 6), limit_label, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
