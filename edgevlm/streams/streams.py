@@ -195,7 +195,7 @@ class Streams:
                 try:
                     decoded.append((f, load_images([f.image], max_pixels=self.pipe.tower.max_image_pixels)[0]))
                 except EdgeVLMError as e:
-                    results.append(self._finish(f, None, None, {}, e, t_round))
+                    results.append(self._finish(f, None, None, {}, e))
             if decoded:
                 results += self._encode_and_answer(decoded, t_round)
             return results
@@ -216,7 +216,7 @@ class Streams:
             else:
                 images, n_encoded = [ImageEmbedding(e) for e in self.pipe.tower.embed_each(arrays)], len(arrays)
         except EdgeVLMError as e:
-            return [self._finish(f, None, None, {}, e, t_round) for f, _ in decoded]
+            return [self._finish(f, None, None, {}, e) for f, _ in decoded]
         tower_s = time.monotonic() - t0
         self.last_round.update(batch=len(arrays), encoded=n_encoded, tower_ms=tower_s * 1e3)
         if n_encoded:
@@ -234,11 +234,11 @@ class Streams:
             try:
                 out = self._answer(cam, image, frame.shape[:2], f.deadline - t1)
             except EdgeVLMError as e:
-                results.append(self._finish(f, None, rep, timings, e, t_round))
+                results.append(self._finish(f, None, rep, timings, e))
                 continue
             answer = time.monotonic() - t1
             cam.answer_s = answer if cam.answer_s is None else (1 - _EMA) * cam.answer_s + _EMA * answer
-            results.append(self._finish(f, out, rep, {**timings, "answer": answer * 1e3}, None, t_round))
+            results.append(self._finish(f, out, rep, {**timings, "answer": answer * 1e3}, None))
         return results
 
     def _send(self, keep: list[Frame], t_round: float) -> list[StreamResult]:
@@ -263,7 +263,7 @@ class Streams:
                 cam = self._cameras[f.camera]
                 a = timings["answer"] / 1e3
                 cam.answer_s = a if cam.answer_s is None else (1 - _EMA) * cam.answer_s + _EMA * a
-            results.append(self._finish(f, out, rep, timings, err, t_round))
+            results.append(self._finish(f, out, rep, timings, err))
         self.last_round.update(batch=len(keep), encoded=len(keep))
         return results
 
@@ -289,7 +289,7 @@ class Streams:
         return self.pipe.ground(image, **kw)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
-    def _finish(self, f: Frame, out, rep, timings: dict, error: Exception | None, t_round: float) -> StreamResult:
+    def _finish(self, f: Frame, out, rep, timings: dict, error: Exception | None) -> StreamResult:
         cam = self._cameras[f.camera]
         latency = time.monotonic() - f.t
         late = latency > cam.budget_s
