@@ -557,7 +557,7 @@ class Pipeline:
                         "dtype": str(self.decoder.dtype).replace("torch.", ""), "device": str(self.decoder.device),
                         "weights": self.sources.get("decoder", "?"), "quantization": describe(self.decoder)},
             "kv_cache": {"max_context": self.max_context, "bytes": kv_bytes,
-                         "slots": sum(c is not None for c, _ in self._parked.values()) + (self._cache is not None),
+                         "slots": sum(c is not None for c, _ in list(self._parked.values())) + (self._cache is not None),
                          "max_slots": self.max_kv_slots,
                          "dtype": "int8" if self.kv_int8 else str(self.decoder.dtype).replace("torch.", "")},
             "decode_graphs": self._graphs.info() if self._graphs is not None else None,
