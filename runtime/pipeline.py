@@ -252,6 +252,12 @@ class Pipeline:
         """The captured (or static-shape) decode steps over this Pipeline's KV cache, if it has them."""
         return self._graphs
 
+    @property
+    def fused_decode(self) -> FusedDecodeStep | None:
+        """The fused CPU step this Pipeline prefills and decodes with, if it uses one (``info()["fused_decode"]``
+        says why not): pass it to :func:`~.generate.generate_tokens` to time what the Pipeline runs."""
+        return self._fused
+
     def _cache_for(self) -> KVCache:
         if self._cache is None:
             self._cache = self.decoder.new_cache(batch=1, max_len=self.max_context, kv_int8=self.kv_int8)

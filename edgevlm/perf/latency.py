@@ -15,7 +15,8 @@ peak memory reported for it is its own and no configuration warms another's cach
 Times are medians of ``repeat`` runs after ``warmup``; the image stages are timed one by one with the
 device synchronised around each, ``prefill`` and ``ttft`` come from ``Pipeline.generate`` itself (its
 embedding cache and prefix reuse are off, so every run does all the work), and ``decode_token`` from
-``new_tokens`` steps that ignore end-of-sequence, so every config decodes the same positions.
+``new_tokens`` steps that ignore end-of-sequence, so every config decodes the same positions, through the
+step the Pipeline decodes with (its CUDA graphs, or its fused CPU step: ``Pipeline.fused_decode``).
 
 Beside each figure is its physical bound on this machine: tower and prefill FLOPs at the matmul peak
 measured here, a decode step's bytes (weights as stored + KV cache) at the read bandwidth measured
@@ -290,8 +291,10 @@ def measure(cfg: BenchConfig, run: BenchRun) -> dict:
                 graphs = pipe.decode_graphs  # captured over the Pipeline's own cache (prefix reuse is off here)
                 cache = graphs.cache if graphs is not None else \
                     dec.new_cache(batch=1, max_len=n_prompt + run.new_tokens + 1, kv_int8=cfg.kv_cache == "int8")
+                # the step the Pipeline decodes with: its CUDA graphs, or its fused CPU step
                 stream = generate_tokens(dec, cache, prompt_ids=ids[0].tolist(),
-                                         gen_cfg=GenerationConfig(max_new_tokens=run.new_tokens), graphs=graphs)
+                                         gen_cfg=GenerationConfig(max_new_tokens=run.new_tokens), graphs=graphs,
+                                         fused=pipe.fused_decode if graphs is None else None)
                 n = sum(1 for _ in stream)
                 if keep:
                     times["decode_token"].append(stream.stats.mean_decode_ms)
