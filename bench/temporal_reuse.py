@@ -39,6 +39,7 @@ import torch
 import edgevlm
 from edgevlm.perf.limits import cpu_model, git_commit
 from edgevlm.perf.results import append_rows
+from edgevlm.runtime.boxes import iou
 from edgevlm.runtime.embed_cache import EmbeddingCache
 from edgevlm.runtime.image_embedding import ImageEmbedding
 from edgevlm.runtime.temporal import CameraState, TemporalReuse, TemporalTower
@@ -46,14 +47,6 @@ from edgevlm.scene_video import KINDS, scene_video
 
 COUNT_Q = "How many objects are there?"
 SCENES = {"static": 7, "moving": 6, "pan": 2, "flicker": 5}  # held-out scenes the demo detects well when still
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def answers(pipe, emb: torch.Tensor, target: str, size, truth) -> tuple[list[str], float, tuple | None]:

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from edgevlm.errors import ConfigError, ShapeError
 
@@ -105,7 +104,7 @@ class CameraState:
 
     def reset(self) -> None:
         """Forget everything: the next frame is encoded whole."""
-        self.ref: dict[str, torch.Tensor] | None = None  # per reusing ViT: pixels [V, 3, H, W] its tokens saw
+        self.ref: dict[str, torch.Tensor] | None = None  # per reusing ViT: the pixels its tokens saw, by cell
         self.vit: dict[str, list[ViTState]] | None = None  # per reusing ViT, per view
         self.embedding: torch.Tensor | None = None  # [visual_tokens, width], the last frame's
         self.flat: torch.Tensor | None = None  # [V, g*g] bool: the cell's pixels were flat when last encoded
@@ -196,12 +195,13 @@ class TemporalTower:
         pre = tower.preprocessor(arrays)
         views = {k: x.to(tower.device, tower.dtype) for k, x in pre.views.items()}
         per_cam = [{k: x[i * v:(i + 1) * v] for k, x in views.items()} for i in range(len(frames))]
-        plans = [self._plan(s, pv) for s, pv in zip(states, per_cam)]
+        cells = [{n: self.cell_pixels(n, pv[n]) for n in self.plan.vits} for pv in per_cam]
+        plans = [self._plan(s, c) for s, c in zip(states, cells)]
         t2 = time.perf_counter()
         work = [i for i, p in enumerate(plans) if p.mode != "reused"]
         if work:
-            self._run([states[i] for i in work], [per_cam[i] for i in work], [plans[i] for i in work],
-                      [pre.image_sizes[i] for i in work] if pre.image_sizes else None)
+            self._run([states[i] for i in work], [per_cam[i] for i in work], [cells[i] for i in work],
+                      [plans[i] for i in work], [pre.image_sizes[i] for i in work] if pre.image_sizes else None)
         t3 = time.perf_counter()
         out = []
         for s, p in zip(states, plans):
@@ -215,11 +215,11 @@ class TemporalTower:
                              "vision_ms": (t3 - t2) * 1e3, "encoded_frames": len(work)}
         return out
 
-    def _plan(self, state: CameraState, views: dict[str, torch.Tensor]) -> _Plan:
+    def _plan(self, state: CameraState, cells: dict[str, torch.Tensor]) -> _Plan:
         r = self.reuse
         if state.embedding is None or state.vit is None:
             return _Plan("full", "first frame", None, None)
-        change = self.cell_change(views, state.ref)  # [V, g*g]
+        change = self.cell_change(cells, state.ref)  # [V, g*g]
         if state.since_full + 1 >= r.refresh_every:
             return _Plan("full", f"refresh (every {r.refresh_every} frames)", None, change)
         over = change > r.threshold
@@ -235,36 +235,26 @@ class TemporalTower:
         why = f"{n} of {over.numel()} cells changed" + (f" (+{int(stale.sum())} flat cells refreshed)" if stale.any() else "")
         return _Plan("partial", why, [row.nonzero()[:, 0] for row in encode], change, context)
 
-    def cell_change(self, views: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> torch.Tensor:
-        """-> ``[V, g*g]``: each keep-grid cell's mean absolute pixel change against ``ref``, in 8-bit
-        levels, the largest over the reusing ViTs' views (each un-normalised with its own std)."""
-        g = self.plan.grid
-        worst = None
-        for name in self.plan.vits:
-            enc = self.tower.config.encoder(name)
-            x, y = views[name], ref[name]
-            gh, gw = enc.grid
-            hp, wp = gh * enc.patch_size, gw * enc.patch_size  # what the patch conv reads
-            std = torch.tensor(enc.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-            d = ((x[..., :hp, :wp].float() - y[..., :hp, :wp].float()).abs() * (std * 255.0)).mean(1)  # [V, hp, wp]
-            c = F.avg_pool2d(d[:, None], kernel_size=(hp // g, wp // g))[:, 0].reshape(d.shape[0], g * g)
-            worst = c if worst is None else torch.maximum(worst, c)
-        return worst
+    def cell_pixels(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Views ``[V, 3, H, W]`` of reusing ViT ``name`` -> ``[V, g*g, 3, pixels per cell]``: the pixels its
+        patch convolution reads, cell by cell of the keep grid, in 8-bit levels (un-normalised with the
+        encoder's std; the mean is left out, as changes and spreads do not need it)."""
+        enc, g = self.tower.config.encoder(name), self.plan.grid
+        hp, wp = enc.grid[0] * enc.patch_size, enc.grid[1] * enc.patch_size
+        std = torch.tensor(enc.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        px = x[..., :hp, :wp].float() * (std * 255.0)
+        v = px.shape[0]
+        return px.reshape(v, 3, g, hp // g, g, wp // g).permute(0, 2, 4, 1, 3, 5).reshape(v, g * g, 3, -1)
 
-    def flat_cells(self, views: dict[str, torch.Tensor]) -> torch.Tensor:
-        """-> ``[V, g*g]`` bool: cells whose pixels' standard deviation (8-bit levels, the largest over the
-        channels and the reusing ViTs' views) is at most ``flat_std``."""
-        g, worst = self.plan.grid, None
-        for name in self.plan.vits:
-            enc = self.tower.config.encoder(name)
-            x = views[name]
-            hp, wp = enc.grid[0] * enc.patch_size, enc.grid[1] * enc.patch_size
-            std = torch.tensor(enc.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-            px = (x[..., :hp, :wp].float() * (std * 255.0))  # [V, 3, hp, wp], levels (offset irrelevant)
-            cells = px.reshape(px.shape[0], 3, g, hp // g, g, wp // g).permute(0, 2, 4, 1, 3, 5)
-            sd = cells.reshape(px.shape[0], g * g, 3, -1).std(-1).amax(-1)  # [V, g*g]
-            worst = sd if worst is None else torch.maximum(worst, sd)
-        return worst <= self.reuse.flat_std
+    def cell_change(self, cells: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`cell_pixels` of a frame and of the reference -> ``[V, g*g]``: each cell's mean absolute
+        change in 8-bit levels, the largest over the reusing ViTs."""
+        return torch.stack([(cells[n] - ref[n]).abs().mean((2, 3)) for n in self.plan.vits]).amax(0)
+
+    def flat_cells(self, cells: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`cell_pixels` of a frame -> ``[V, g*g]`` bool: cells whose pixels' standard deviation (8-bit
+        levels, the largest over the channels and the reusing ViTs) is at most ``flat_std``."""
+        return torch.stack([cells[n].std(-1).amax(-1) for n in self.plan.vits]).amax(0) <= self.reuse.flat_std
 
     def _rows(self, name: str, cells: torch.Tensor) -> torch.Tensor:
         """Kept cells [K] -> the token rows of ViT ``name`` to recompute: its class token, then the patches
@@ -276,8 +266,8 @@ class TemporalTower:
             patches = torch.cat([patches.new_zeros(1), patches])
         return patches
 
-    def _run(self, states: list[CameraState], views: list[dict[str, torch.Tensor]], plans: list[_Plan],
-             sizes) -> None:
+    def _run(self, states: list[CameraState], views: list[dict[str, torch.Tensor]],
+             cells: list[dict[str, torch.Tensor]], plans: list[_Plan], sizes) -> None:
         v, model = self.views_per_image, self.tower.model
         batch = {k: torch.cat([pv[k] for pv in views]) for k in views[0]}
         rows: dict[str, list] = {n: [] for n in self.plan.vits}
@@ -296,27 +286,18 @@ class TemporalTower:
             for s in states:  # forward_rows updates states in place: a failure may leave them mixed
                 s.reset()
             raise
-        g = self.plan.grid
-        for j, (s, p, pv, emb) in enumerate(zip(states, plans, views, per_image)):
+        for j, (s, p, c, emb) in enumerate(zip(states, plans, cells, per_image)):
             s.vit = {n: new[n][j * v:(j + 1) * v] for n in self.plan.vits}
             s.embedding = emb
-            flat = self.flat_cells(pv)
+            flat = self.flat_cells(c)
             if p.mode == "full":
-                s.ref = {n: pv[n].clone() for n in self.plan.vits}
-                s.flat, s.context = flat, torch.zeros(flat.shape, device=flat.device)
+                s.ref, s.flat, s.context = c, flat, torch.zeros(flat.shape, device=flat.device)
                 continue
             s.context = p.context
-            for i in range(v):  # a re-encoded cell is flat or not by its new pixels
+            for i in range(v):  # the re-encoded cells' pixels become their reference, and say if they are flat
                 s.flat[i, p.cells[i]] = flat[i, p.cells[i]]
-            for n in self.plan.vits:  # the re-encoded cells' pixels become their reference
-                x, ref = pv[n], s.ref[n]
-                enc = self.tower.config.encoder(n)
-                hp, wp = enc.grid[0] * enc.patch_size, enc.grid[1] * enc.patch_size
-                for i in range(v):
-                    mask = torch.zeros(g * g, dtype=torch.bool, device=x.device)
-                    mask[p.cells[i]] = True
-                    m = mask.view(g, g).repeat_interleave(hp // g, 0).repeat_interleave(wp // g, 1)  # [hp, wp]
-                    ref[i, :, :hp, :wp] = torch.where(m, x[i, :, :hp, :wp], ref[i, :, :hp, :wp])
+                for n in self.plan.vits:
+                    s.ref[n][i, p.cells[i]] = c[n][i, p.cells[i]]
 
 
 __all__ = ["TemporalReuse", "TemporalTower", "CameraState", "ReuseReport"]
